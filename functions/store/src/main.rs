@@ -1,0 +1,31 @@
+//! The `store` function. Routes:
+//! - `PUT /v1/tasks/{task_id}`: store a result (one conditional write)
+//! - `DELETE /v1/tasks/{task_id}`: forget a result
+//! - `PUT /v1/groups/{group_id}`: save a group
+//! - `DELETE /v1/groups/{group_id}`: delete a group
+
+use dynachord::http::{self, App, Route};
+use dynachord::{config::Config, service, store::DynamoStore};
+use lambda_http::{run, service_fn, Error, Request};
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    dynachord::init_tracing();
+    let config = Config::from_env()?;
+    let store = DynamoStore::from_config(&config).await?;
+    let app = App { config, store };
+    run(service_fn(|request: Request| {
+        let app = &app;
+        http::handle(app, request, move |incoming| async move {
+            let ns = &incoming.ns;
+            match incoming.route {
+                Route::PutTask(id) => service::store_task(app, ns, &id, &incoming.body).await,
+                Route::DeleteTask(id) => service::forget_task(app, ns, &id).await,
+                Route::PutGroup(id) => service::save_group(app, ns, &id, &incoming.body).await,
+                Route::DeleteGroup(id) => service::delete_group(app, ns, &id).await,
+                other => Err(other.not_here()),
+            }
+        })
+    }))
+    .await
+}

@@ -1,0 +1,128 @@
+//! The errors of each boundary. [`ApiError`] is what a caller sees: each
+//! variant maps once to a status and an `error.code`. [`StoreError`] is what
+//! the store reports; it becomes an [`ApiError`] in one `From`.
+
+use crate::ids::IdError;
+use crate::meta::MetaError;
+
+/// Everything that can go wrong with a request, as the caller sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadId(#[from] IdError),
+    #[error("{0}")]
+    BadMeta(#[from] MetaError),
+    #[error("{0}")]
+    BadBody(String),
+    #[error("{0}")]
+    BadQuery(String),
+    #[error("body is {size} bytes; the limit is {limit}")]
+    BodyTooLarge { size: usize, limit: usize },
+    #[error("batch has {count} ids; the limit is {limit}")]
+    BatchTooLarge { count: usize, limit: usize },
+    #[error("stored result would be {size} bytes after compression; the limit is {limit}")]
+    ResultTooLarge { size: usize, limit: usize },
+    #[error("no route for {method} {path}")]
+    NoRoute { method: String, path: String },
+    #[error("group {0} not found")]
+    GroupNotFound(String),
+    #[error("task {task_id} is already {stored}; a {refused} result does not replace it")]
+    Conflict { task_id: String, stored: String, refused: String },
+    #[error("request lacks API Gateway's IAM authorizer context")]
+    Unauthenticated,
+    #[error("DynamoDB is throttling; retry after {retry_after_secs} s")]
+    Throttled { retry_after_secs: u32 },
+    #[error("DynamoDB is unavailable; retry after {retry_after_secs} s")]
+    Unavailable { retry_after_secs: u32 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status and `error.code` of this error: the one mapping.
+    pub fn status_and_code(&self) -> (u16, &'static str) {
+        match self {
+            Self::BadId(_) => (400, "invalid_id"),
+            Self::BadMeta(_) => (400, "invalid_meta"),
+            Self::BadBody(_) => (400, "invalid_body"),
+            Self::BadQuery(_) => (400, "invalid_query"),
+            Self::BodyTooLarge { .. } => (413, "body_too_large"),
+            Self::BatchTooLarge { .. } => (413, "batch_too_large"),
+            Self::ResultTooLarge { .. } => (413, "result_too_large"),
+            Self::NoRoute { .. } => (404, "no_route"),
+            Self::GroupNotFound(_) => (404, "group_not_found"),
+            Self::Conflict { .. } => (409, "state_conflict"),
+            Self::Unauthenticated => (401, "unauthenticated"),
+            Self::Throttled { .. } => (503, "throttled"),
+            Self::Unavailable { .. } => (503, "unavailable"),
+            Self::Internal(_) => (500, "internal"),
+        }
+    }
+
+    /// Seconds for the `Retry-After` header, on the retryable errors.
+    pub fn retry_after(&self) -> Option<u32> {
+        match self {
+            Self::Throttled { retry_after_secs } | Self::Unavailable { retry_after_secs } => {
+                Some(*retry_after_secs)
+            }
+            _ => None,
+        }
+    }
+
+    /// `{"error": {"code", "message", ...}}`; a conflict also names the stored status.
+    pub fn to_json(&self) -> String {
+        let (_, code) = self.status_and_code();
+        let mut error = serde_json::json!({"code": code, "message": self.to_string()});
+        if let Self::Conflict { stored, .. } = self {
+            error["stored_status"] = stored.clone().into();
+        }
+        serde_json::json!({ "error": error }).to_string()
+    }
+}
+
+/// What the store reports. Throttling and unreachability are retried inside
+/// the store first; these are what is left when retries run out.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("item would be {size} bytes; the limit is {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("throttled after {attempts} attempts")]
+    Throttled { attempts: u32 },
+    #[error("DynamoDB unreachable: {0}")]
+    Unavailable(String),
+    #[error("DynamoDB error: {0}")]
+    Other(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Throttled { .. } => ApiError::Throttled { retry_after_secs: 1 },
+            StoreError::Unavailable(_) => ApiError::Unavailable { retry_after_secs: 2 },
+            StoreError::TooLarge { size, limit } => ApiError::ResultTooLarge { size, limit },
+            StoreError::Other(message) => ApiError::Internal(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_is_json_with_code_and_message() {
+        let e = ApiError::Conflict { task_id: "t".into(), stored: "SUCCESS".into(), refused: "STARTED".into() };
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(v["error"]["code"], "state_conflict");
+        assert_eq!(v["error"]["stored_status"], "SUCCESS");
+        assert!(v["error"]["message"].as_str().unwrap().contains("already SUCCESS"));
+        assert_eq!(e.status_and_code().0, 409);
+    }
+
+    #[test]
+    fn throttling_is_a_retryable_503() {
+        let e = ApiError::from(StoreError::Throttled { attempts: 6 });
+        assert_eq!(e.status_and_code(), (503, "throttled"));
+        assert_eq!(e.retry_after(), Some(1));
+    }
+}

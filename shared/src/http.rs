@@ -1,0 +1,231 @@
+//! HTTP glue for the functions: routes, request checks (auth, body cap,
+//! query) and one place where every outcome becomes a response.
+//!
+//! A function's `main` matches on [`Route`] for the routes it serves and
+//! passes everything else to [`Route::not_here`] (404, as API Gateway answers
+//! an unknown route).
+
+use lambda_http::request::RequestContext;
+use lambda_http::{Body, Request, RequestExt, Response};
+use std::future::Future;
+use std::time::Duration;
+
+use crate::config::AuthMode;
+use crate::error::ApiError;
+use crate::ids::{GroupId, Namespace, TaskId};
+pub use crate::service::{App, Reply};
+
+/// Header carrying how many DynamoDB requests served this request.
+pub const DDB_CALLS_HEADER: &str = "x-dynachord-ddb-calls";
+
+/// The v1 routes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    PutTask(TaskId),
+    /// With the long-poll `wait` from the query string.
+    GetTask(TaskId, Duration),
+    DeleteTask(TaskId),
+    BatchGet,
+    PutGroup(GroupId),
+    GetGroup(GroupId),
+    DeleteGroup(GroupId),
+}
+
+impl Route {
+    /// The answer of a function that does not serve this route.
+    pub fn not_here(self) -> ApiError {
+        let (method, path) = match self {
+            Route::PutTask(id) => ("PUT", format!("/v1/tasks/{id}")),
+            Route::GetTask(id, _) => ("GET", format!("/v1/tasks/{id}")),
+            Route::DeleteTask(id) => ("DELETE", format!("/v1/tasks/{id}")),
+            Route::BatchGet => ("POST", "/v1/tasks/batch-get".to_owned()),
+            Route::PutGroup(id) => ("PUT", format!("/v1/groups/{id}")),
+            Route::GetGroup(id) => ("GET", format!("/v1/groups/{id}")),
+            Route::DeleteGroup(id) => ("DELETE", format!("/v1/groups/{id}")),
+        };
+        ApiError::NoRoute { method: method.to_owned(), path }
+    }
+}
+
+/// A request that passed the checks every route shares.
+#[derive(Debug)]
+pub struct Incoming {
+    pub route: Route,
+    /// The caller's namespace: the prefix of every key it may touch.
+    pub ns: Namespace,
+    pub body: Vec<u8>,
+}
+
+/// Matches method and path to a route. Ids are validated here, so a handler
+/// only ever sees valid ones.
+pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -> Result<Route, ApiError> {
+    let no_route = || ApiError::NoRoute { method: method.to_owned(), path: path.to_owned() };
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    let task = |raw: &str| TaskId::parse(raw).map_err(ApiError::from);
+    let group = |raw: &str| GroupId::parse(raw).map_err(ApiError::from);
+    match (method, segments.as_slice()) {
+        ("POST", ["", "v1", "tasks", "batch-get"]) => Ok(Route::BatchGet),
+        ("PUT", ["", "v1", "tasks", id]) => Ok(Route::PutTask(task(id)?)),
+        ("GET", ["", "v1", "tasks", id]) => {
+            let wait = match wait {
+                None => None,
+                Some(raw) => Some(raw.trim().parse::<f64>().map_err(|_| {
+                    ApiError::BadQuery(format!("wait {raw:?} is not a number of seconds"))
+                })?),
+            };
+            Ok(Route::GetTask(task(id)?, crate::service::parse_wait(wait, max_wait)?))
+        }
+        ("DELETE", ["", "v1", "tasks", id]) => Ok(Route::DeleteTask(task(id)?)),
+        ("PUT", ["", "v1", "groups", id]) => Ok(Route::PutGroup(group(id)?)),
+        ("GET", ["", "v1", "groups", id]) => Ok(Route::GetGroup(group(id)?)),
+        ("DELETE", ["", "v1", "groups", id]) => Ok(Route::DeleteGroup(group(id)?)),
+        _ => Err(no_route()),
+    }
+}
+
+/// Whether the request carries API Gateway's IAM authorizer context.
+fn has_iam_identity(request: &Request) -> bool {
+    match request.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(context)) => {
+            context.authorizer.as_ref().and_then(|a| a.iam.as_ref()).is_some()
+        }
+        _ => false,
+    }
+}
+
+/// The checks every route shares, cheapest first and all before any work:
+/// auth, body size, route and ids.
+pub fn parse<S>(app: &App<S>, request: Request) -> Result<Incoming, ApiError> {
+    if app.config.auth_mode == AuthMode::Iam && !has_iam_identity(&request) {
+        return Err(ApiError::Unauthenticated);
+    }
+    let size = request.body().len();
+    if size > app.config.max_body_bytes {
+        return Err(ApiError::BodyTooLarge { size, limit: app.config.max_body_bytes });
+    }
+    let query = request.query_string_parameters();
+    let route = route(
+        request.method().as_str(),
+        request.uri().path(),
+        query.first("wait"),
+        app.config.max_wait,
+    )?;
+    let body = match request.into_body() {
+        Body::Empty => Vec::new(),
+        Body::Text(text) => text.into_bytes(),
+        Body::Binary(bytes) => bytes,
+        _ => Vec::new(),
+    };
+    Ok(Incoming { route, ns: app.config.namespace.clone(), body })
+}
+
+/// Serves one request: checks it, runs `serve` on it, and turns the outcome
+/// into a response with the DynamoDB call count. Never fails: every error is a
+/// JSON error response.
+pub async fn handle<'a, S, F, Fut>(app: &'a App<S>, request: Request, serve: F) -> Result<Response<Body>, std::convert::Infallible>
+where
+    F: FnOnce(Incoming) -> Fut,
+    Fut: Future<Output = Result<Reply, ApiError>> + 'a,
+{
+    let (outcome, calls) = crate::calls::counted(async move {
+        match parse(app, request) {
+            Ok(incoming) => serve(incoming).await,
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    Ok(respond(outcome, calls))
+}
+
+/// The response for an outcome: the reply, or the error's status and JSON.
+pub fn respond(outcome: Result<Reply, ApiError>, calls: u32) -> Response<Body> {
+    let (status, body, retry_after) = match outcome {
+        Ok(reply) => (reply.status, reply.body, None),
+        Err(err) => {
+            let (status, code) = err.status_and_code();
+            if status >= 500 {
+                tracing::error!(code, error = %err, "request failed");
+            }
+            (status, err.to_json(), err.retry_after())
+        }
+    };
+    let mut builder = Response::builder().status(status).header(DDB_CALLS_HEADER, calls);
+    if let Some(secs) = retry_after {
+        builder = builder.header("retry-after", secs);
+    }
+    let body = if body.is_empty() {
+        Body::Empty
+    } else {
+        builder = builder.header("content-type", "application/json");
+        Body::Text(body)
+    };
+    builder.body(body).expect("status and headers are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const MAX: Duration = Duration::from_secs(20);
+
+    #[test]
+    fn routes_and_ids() {
+        assert_eq!(route("POST", "/v1/tasks/batch-get", None, MAX).unwrap(), Route::BatchGet);
+        assert_eq!(
+            route("GET", "/v1/tasks/t-1", Some("2.5"), MAX).unwrap(),
+            Route::GetTask(TaskId::parse("t-1").unwrap(), Duration::from_millis(2500))
+        );
+        assert!(matches!(route("PUT", "/v1/groups/g1", None, MAX), Ok(Route::PutGroup(_))));
+        assert!(matches!(route("PATCH", "/v1/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
+        assert!(matches!(route("GET", "/v2/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
+        assert!(matches!(route("GET", "/v1/tasks/a%2Fb", None, MAX), Err(ApiError::BadId(_))));
+        for wait in ["-1", "21", "NaN", "soon", "inf"] {
+            assert!(matches!(route("GET", "/v1/tasks/t1", Some(wait), MAX), Err(ApiError::BadQuery(_))), "{wait}");
+        }
+    }
+
+    fn app(auth: &str) -> App<()> {
+        let auth = auth.to_owned();
+        let config = Config::from_lookup(|v| match v {
+            "TABLE_NAME" => Some("t".into()),
+            "AUTH_MODE" => Some(auth.clone()),
+            "MAX_BODY_BYTES" => Some("2048".into()),
+            _ => None,
+        })
+        .unwrap();
+        App { config, store: () }
+    }
+
+    fn request(method: &str, path: &str, body: &str) -> Request {
+        lambda_http::http::Request::builder()
+            .method(method)
+            .uri(format!("https://example.com{path}"))
+            .body(Body::Text(body.to_owned()))
+            .unwrap()
+    }
+
+    #[test]
+    fn iam_mode_refuses_requests_without_identity() {
+        let err = parse(&app("iam"), request("GET", "/v1/tasks/t1", "")).unwrap_err();
+        assert_eq!(err.status_and_code(), (401, "unauthenticated"));
+        assert!(parse(&app("none"), request("GET", "/v1/tasks/t1", "")).is_ok());
+    }
+
+    #[test]
+    fn body_is_capped_before_parsing() {
+        let err = parse(&app("none"), request("PUT", "/v1/tasks/t1", &"x".repeat(2049))).unwrap_err();
+        assert_eq!(err.status_and_code(), (413, "body_too_large"));
+    }
+
+    #[test]
+    fn errors_become_json_responses() {
+        let resp = respond(Err(ApiError::Throttled { retry_after_secs: 1 }), 6);
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert_eq!(resp.headers()[DDB_CALLS_HEADER], "6");
+        let Body::Text(body) = resp.body() else { panic!("json body") };
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "throttled");
+    }
+}

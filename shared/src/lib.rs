@@ -1,0 +1,48 @@
+//! dynachord's backend library: everything the Lambda functions do, testable
+//! without Lambda.
+//!
+//! A worker stores a Celery task result with one conditional write; clients read
+//! it back with a consistent read, long-poll until it is ready, or fetch many at
+//! once with parallel `BatchGetItem`. The functions in `functions/*` are thin:
+//! they build an [`http::App`] once and hand each request to [`http::handle`].
+//!
+//! # Layout
+//!
+//! - [`ids`]: validated identifiers (task ids, group ids, namespaces); an
+//!   invalid id cannot be constructed, so it never reaches a key.
+//! - [`meta`]: Celery task meta and states: what a worker stores and a client reads.
+//! - [`store`]: the [`store::ResultStore`] trait, its DynamoDB implementation,
+//!   the table schema, and retry/backoff for DynamoDB.
+//! - [`service`]: the operations behind the routes (store, fetch, long-poll,
+//!   batch-get, forget, groups), generic over the store.
+//! - [`http`]: routes, request parsing (auth, body cap, query), and the mapping
+//!   of every error to a status and a JSON body.
+//! - [`calls`]: counts the DynamoDB requests each HTTP request makes, reported
+//!   in the `x-dynachord-ddb-calls` header.
+//! - [`config`]: the one typed configuration, read from the environment at init.
+//! - [`error`]: the error types of each boundary.
+//! - [`time`]: wall-clock helpers (epoch seconds, Celery's `date_done` format).
+
+pub mod calls;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod ids;
+pub mod meta;
+pub mod service;
+pub mod store;
+pub mod time;
+
+/// Sets up tracing for a function: JSON lines, level from `RUST_LOG` (default
+/// `info`). Call once at the top of `main`.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_current_span(false)
+        .with_target(false)
+        .without_time()
+        .init();
+}

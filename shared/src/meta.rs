@@ -1,0 +1,300 @@
+//! Celery task meta: the document a worker stores and a client reads, in the
+//! field order Celery writes it (see `CELERY_WIRE.md`).
+//!
+//! Values a worker chooses (`result`, `args`, `kwargs`, `children`, ...) are
+//! kept as raw JSON text, never re-encoded, so any JSON value round-trips
+//! exactly: big integers, float spellings, unicode escapes, key order.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+
+use crate::ids::{GroupId, TaskId};
+
+/// Longest custom state name accepted.
+pub const MAX_STATE_LEN: usize = 64;
+
+/// A task state. Celery's built-in states, plus custom ones (`PROGRESS`, ...)
+/// as long as they are well-formed: `A-Z`, `0-9` and `_`, starting with a letter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum State {
+    Pending,
+    Received,
+    Started,
+    Retry,
+    Success,
+    Failure,
+    Revoked,
+    Custom(String),
+}
+
+impl State {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        Ok(match raw {
+            "PENDING" => Self::Pending,
+            "RECEIVED" => Self::Received,
+            "STARTED" => Self::Started,
+            "RETRY" => Self::Retry,
+            "SUCCESS" => Self::Success,
+            "FAILURE" => Self::Failure,
+            "REVOKED" => Self::Revoked,
+            _ => {
+                let well_formed = raw.len() <= MAX_STATE_LEN
+                    && raw.starts_with(|c: char| c.is_ascii_uppercase())
+                    && raw.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+                if !well_formed {
+                    return Err(format!(
+                        "unknown state {raw:?}: use a Celery state (PENDING, RECEIVED, STARTED, RETRY, \
+                         SUCCESS, FAILURE, REVOKED) or a custom one of A-Z, 0-9 and _ (at most {MAX_STATE_LEN})"
+                    ));
+                }
+                Self::Custom(raw.to_owned())
+            }
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Received => "RECEIVED",
+            Self::Started => "STARTED",
+            Self::Retry => "RETRY",
+            Self::Success => "SUCCESS",
+            Self::Failure => "FAILURE",
+            Self::Revoked => "REVOKED",
+            Self::Custom(name) => name,
+        }
+    }
+
+    /// Ready states are final for a client: SUCCESS, FAILURE, REVOKED.
+    pub fn is_ready(&self) -> bool {
+        READY_STATES.contains(&self.as_str())
+    }
+}
+
+/// The states in which a task is done (Celery's `READY_STATES`).
+pub const READY_STATES: [&str; 3] = ["SUCCESS", "FAILURE", "REVOKED"];
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for State {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for State {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        State::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+fn de_group_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<GroupId>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|raw| GroupId::parse(&raw).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn ser_group_id<S: serde::Serializer>(id: &Option<GroupId>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_some(id.as_ref().map(GroupId::as_str).unwrap_or_default())
+}
+
+/// The body of `PUT /v1/tasks/{task_id}`: Celery's task meta, plus
+/// `expires_in` (seconds) to override the deployment's result TTL.
+///
+/// Serialising it gives the meta as stored and served, in Celery's field
+/// order; `task_id` is always the one from the path.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskMeta {
+    pub status: State,
+    #[serde(default)]
+    pub result: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub traceback: Option<String>,
+    #[serde(default)]
+    pub children: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub date_done: Option<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_group_id",
+        serialize_with = "ser_group_id",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub group_id: Option<GroupId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kwargs: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default)]
+    pub task_id: Option<String>,
+    /// Request only: this result's time to live in seconds.
+    #[serde(default, skip_serializing)]
+    pub expires_in: Option<u64>,
+}
+
+/// Why a task meta body was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("body is not valid task meta: {0}")]
+    Invalid(#[from] serde_json::Error),
+    #[error("body task_id {body:?} does not match the path's {path:?}")]
+    TaskIdMismatch { body: String, path: String },
+    #[error("{field} must be {expected}")]
+    WrongShape { field: &'static str, expected: &'static str },
+}
+
+impl TaskMeta {
+    /// Parses and checks a store body for `task_id`; fills what Celery would
+    /// (`children` = `[]`, `date_done` for ready states) and pins `task_id`.
+    pub fn parse(body: &[u8], task_id: &TaskId) -> Result<Self, MetaError> {
+        let mut meta: TaskMeta = serde_json::from_slice(body)?;
+        if let Some(body_id) = &meta.task_id {
+            if body_id != task_id.as_str() {
+                return Err(MetaError::TaskIdMismatch {
+                    body: body_id.clone(),
+                    path: task_id.to_string(),
+                });
+            }
+        }
+        check_shape("children", &meta.children, "a list", b'[')?;
+        check_shape("args", &meta.args, "a list", b'[')?;
+        check_shape("kwargs", &meta.kwargs, "an object", b'{')?;
+        if meta.children.is_none() {
+            meta.children = Some(raw("[]"));
+        }
+        if meta.date_done.is_none() && meta.status.is_ready() {
+            meta.date_done = Some(crate::time::now_celery());
+        }
+        meta.task_id = Some(task_id.to_string());
+        Ok(meta)
+    }
+
+    /// The meta as stored and served (compact JSON, Celery's field order).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("task meta always serialises")
+    }
+}
+
+fn check_shape(
+    field: &'static str,
+    value: &Option<Box<RawValue>>,
+    expected: &'static str,
+    opener: u8,
+) -> Result<(), MetaError> {
+    match value {
+        Some(v) if v.get().as_bytes().first() != Some(&opener) => {
+            Err(MetaError::WrongShape { field, expected })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned()).expect("static JSON is valid")
+}
+
+/// What a task that was never stored, or has expired, reads as (Celery's
+/// PENDING meta): never an error.
+pub fn pending_json(task_id: &TaskId) -> String {
+    format!(
+        r#"{{"status":"PENDING","result":null,"traceback":null,"children":[],"date_done":null,"task_id":{}}}"#,
+        serde_json::to_string(task_id.as_str()).expect("a string serialises")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tid(s: &str) -> TaskId {
+        TaskId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn round_trips_any_json_result_exactly() {
+        let body = r#"{"status":"SUCCESS","result":{"big":123456789012345678901234567890,"f":1.0e3,"u":"\u00e9☃","e":"","n":[null,true,{}]},"traceback":null,"children":[],"date_done":"2026-11-22T23:15:35.403592+00:00","task_id":"t1"}"#;
+        let meta = TaskMeta::parse(body.as_bytes(), &tid("t1")).unwrap();
+        assert_eq!(meta.to_json(), body);
+    }
+
+    #[test]
+    fn keeps_celerys_field_order_for_extended_meta() {
+        let body = r#"{"task_id":"t1","queue":"celery","status":"SUCCESS","result":3,"name":"proj.tasks.add","args":[1,2],"kwargs":{},"worker":"celery@w1","retries":0,"parent_id":"p1","group_id":"g1","date_done":"2026-11-22T23:15:35.403592+00:00","traceback":null,"children":[]}"#;
+        let meta = TaskMeta::parse(body.as_bytes(), &tid("t1")).unwrap();
+        assert_eq!(
+            meta.to_json(),
+            r#"{"status":"SUCCESS","result":3,"traceback":null,"children":[],"date_done":"2026-11-22T23:15:35.403592+00:00","group_id":"g1","parent_id":"p1","name":"proj.tasks.add","args":[1,2],"kwargs":{},"worker":"celery@w1","retries":0,"queue":"celery","task_id":"t1"}"#
+        );
+    }
+
+    #[test]
+    fn fills_defaults_like_celery() {
+        let meta = TaskMeta::parse(br#"{"status":"FAILURE","result":{"exc_type":"ValueError","exc_message":["boom"],"exc_module":"builtins"}}"#, &tid("t1")).unwrap();
+        assert!(meta.date_done.as_deref().unwrap().ends_with("+00:00"));
+        let json: serde_json::Value = serde_json::from_str(&meta.to_json()).unwrap();
+        assert_eq!(json["children"], serde_json::json!([]));
+        assert_eq!(json["task_id"], "t1");
+        let started = TaskMeta::parse(br#"{"status":"STARTED","result":{"pid":1}}"#, &tid("t1")).unwrap();
+        assert_eq!(started.date_done, None, "only ready states get a date_done");
+    }
+
+    #[test]
+    fn states_known_custom_and_refused() {
+        assert!(State::parse("SUCCESS").unwrap().is_ready());
+        assert!(!State::parse("RETRY").unwrap().is_ready());
+        assert_eq!(State::parse("PROGRESS").unwrap(), State::Custom("PROGRESS".into()));
+        for bad in ["success", "", "1ABC", "A-B", "A B", &"A".repeat(MAX_STATE_LEN + 1)] {
+            assert!(State::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_bodies() {
+        let t1 = tid("t1");
+        for (body, needle) in [
+            (r#"{"status":"DONE!"}"#, "unknown state"),
+            (r#"{"result":1}"#, "missing field `status`"),
+            (r#"{"status":"SUCCESS","stauts":1}"#, "unknown field `stauts`"),
+            (r#"{"status":"SUCCESS","retries":"x"}"#, "invalid type"),
+            (r#"{"status":"SUCCESS","task_id":"t2"}"#, "does not match"),
+            (r#"{"status":"SUCCESS","children":{}}"#, "children must be a list"),
+            (r#"{"status":"SUCCESS","group_id":"a/b"}"#, "group id"),
+            (r#"{"status":"SUCCESS","expires_in":-1}"#, "invalid value"),
+            (r#"[1]"#, "invalid type"),
+            (r#"{"status":"SUCCESS""#, "EOF"),
+        ] {
+            let err = TaskMeta::parse(body.as_bytes(), &t1).unwrap_err().to_string();
+            assert!(err.contains(needle), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn pending_is_celerys_pending_meta() {
+        let v: serde_json::Value = serde_json::from_str(&pending_json(&tid("t-1"))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"status":"PENDING","result":null,"traceback":null,"children":[],"date_done":null,"task_id":"t-1"})
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! [`ResultStore`] on DynamoDB.
+//!
+//! Where each store invariant of DESIGN.md is enforced:
+//! - 1, one conditional write, no read before it: [`DynamoStore::put_task`].
+//! - 2, SUCCESS never overwritten, a ready state never replaced by a
+//!   non-ready one: [`write_condition`].
+//! - 3, expiry on every item, expired reads as missing: `expires_at` on every
+//!   write, [`decode`] on every read, and the `expires_at <= :now` arm of the
+//!   write condition (an expired item does not block a new write).
+//! - 4, consistent reads: every `GetItem` and `BatchGetItem` here.
+//! - 5, batch reads in chunks of 100 in parallel, unprocessed keys retried
+//!   with backoff, request order kept: [`DynamoStore::get_tasks`].
+//! - 6, throttling retried then 503: the SDK's retry config
+//!   ([`sdk_config`]) and [`classify`].
+
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_dynamodb::Client;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use futures::future::try_join_all;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use super::retry::Backoff;
+use super::schema::{attr, SK_ITEM};
+use super::{group_key, task_key, PutOutcome, ResultStore, Stored, TaskRecord};
+use crate::config::Config;
+use crate::error::StoreError;
+use crate::ids::{GroupId, Namespace, TaskId};
+use crate::meta::{State, READY_STATES};
+use crate::time::now_epoch;
+
+/// Keys per `BatchGetItem`: DynamoDB's limit.
+pub const BATCH_CHUNK: usize = 100;
+/// Documents larger than this are stored deflate-compressed.
+pub const COMPRESS_ABOVE: usize = 16 * 1024;
+/// Largest stored document after compression; DynamoDB's item limit is 400 KB
+/// and keys and attributes need room too.
+pub const MAX_ITEM_DOC: usize = 390 * 1024;
+
+type Item = HashMap<String, AttributeValue>;
+
+#[derive(Clone, Debug)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+    backoff: Backoff,
+}
+
+/// The SDK configuration the functions use: the environment's region,
+/// credentials and endpoint (`AWS_ENDPOINT_URL_DYNAMODB` locally), our retry
+/// attempts and backoff for throttling and transient errors, timeouts so an
+/// unreachable DynamoDB fails fast into a 503, and the call counter.
+pub async fn sdk_config(config: &Config) -> aws_sdk_dynamodb::Config {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(config.ddb_max_attempts)
+                .with_initial_backoff(config.ddb_initial_backoff)
+                .with_max_backoff(config.ddb_max_backoff),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .build(),
+        )
+        .load()
+        .await;
+    aws_sdk_dynamodb::config::Builder::from(&shared)
+        .interceptor(crate::calls::CountCalls)
+        .build()
+}
+
+impl DynamoStore {
+    pub fn new(client: Client, table: impl Into<String>, backoff: Backoff) -> Self {
+        Self { client, table: table.into(), backoff }
+    }
+
+    /// Builds the client from the environment; with `AUTO_CREATE_TABLE` also
+    /// creates the table.
+    pub async fn from_config(config: &Config) -> Result<Self, String> {
+        let client = Client::from_conf(sdk_config(config).await);
+        if config.auto_create_table {
+            super::schema::ensure_table(&client, &config.table_name).await?;
+        }
+        Ok(Self::new(client, config.table_name.clone(), Backoff::from_config(config)))
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn key(pk: String) -> Item {
+        HashMap::from([
+            (attr::PK.to_owned(), AttributeValue::S(pk)),
+            (attr::SK.to_owned(), AttributeValue::S(SK_ITEM.to_owned())),
+        ])
+    }
+
+    async fn get_item(&self, pk: String) -> Result<Option<Item>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(pk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(e, self.backoff.max_attempts))?;
+        Ok(out.item)
+    }
+
+    async fn delete_item(&self, pk: String) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(pk)))
+            .send()
+            .await
+            .map_err(|e| classify(e, self.backoff.max_attempts))?;
+        Ok(())
+    }
+
+    /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
+    /// unprocessed keys with backoff until done or out of attempts.
+    async fn get_chunk(&self, pks: &[String]) -> Result<HashMap<String, Item>, StoreError> {
+        let mut found = HashMap::with_capacity(pks.len());
+        let mut pending: Vec<Item> = pks.iter().map(|pk| Self::key(pk.clone())).collect();
+        let mut attempt = 0;
+        while !pending.is_empty() {
+            attempt += 1;
+            if attempt > 1 {
+                if attempt > self.backoff.max_attempts {
+                    return Err(StoreError::Throttled { attempts: attempt - 1 });
+                }
+                tokio::time::sleep(self.backoff.delay(attempt - 1)).await;
+            }
+            let request = KeysAndAttributes::builder()
+                .set_keys(Some(std::mem::take(&mut pending)))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| StoreError::Other(e.to_string()))?;
+            let mut out = self
+                .client
+                .batch_get_item()
+                .request_items(&self.table, request)
+                .send()
+                .await
+                .map_err(|e| classify(e, self.backoff.max_attempts))?;
+            for item in out.responses.as_mut().and_then(|r| r.remove(&self.table)).unwrap_or_default() {
+                if let Some(AttributeValue::S(pk)) = item.get(attr::PK) {
+                    found.insert(pk.clone(), item);
+                }
+            }
+            if let Some(mut unprocessed) = out.unprocessed_keys.and_then(|mut u| u.remove(&self.table)) {
+                pending = std::mem::take(&mut unprocessed.keys);
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// The write condition of a store (invariant 2): the item is absent or
+/// expired, or its stored status lets the new one replace it.
+/// - a ready state (SUCCESS, FAILURE, REVOKED) replaces anything but SUCCESS;
+/// - a non-ready state replaces only non-ready states.
+///
+/// Returns the expression and its values.
+pub fn write_condition(new: &State, now: i64) -> (String, Vec<(String, AttributeValue)>) {
+    let mut values = vec![(":now".to_owned(), AttributeValue::N(now.to_string()))];
+    let guard = if new.is_ready() {
+        values.push((":success".to_owned(), AttributeValue::S("SUCCESS".into())));
+        "#status <> :success".to_owned()
+    } else {
+        let names: Vec<String> = READY_STATES.iter().map(|s| format!(":{}", s.to_lowercase())).collect();
+        for (name, state) in names.iter().zip(READY_STATES) {
+            values.push((name.clone(), AttributeValue::S(state.into())));
+        }
+        format!("NOT (#status IN ({}))", names.join(", "))
+    };
+    (format!("attribute_not_exists(#pk) OR #expires_at <= :now OR {guard}"), values)
+}
+
+/// The document attribute: plain JSON, or deflate-compressed when large.
+fn encode_doc(json: &str) -> Result<(&'static str, AttributeValue), StoreError> {
+    if json.len() <= COMPRESS_ABOVE {
+        return Ok((attr::DOC, AttributeValue::S(json.to_owned())));
+    }
+    let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(json.as_bytes()).map_err(|e| StoreError::Other(e.to_string()))?;
+    let compressed = encoder.finish().map_err(|e| StoreError::Other(e.to_string()))?;
+    if compressed.len() > MAX_ITEM_DOC {
+        return Err(StoreError::TooLarge { size: compressed.len(), limit: MAX_ITEM_DOC });
+    }
+    Ok((attr::DOC_Z, AttributeValue::B(Blob::new(compressed))))
+}
+
+fn decode_doc(item: &Item) -> Option<String> {
+    match (item.get(attr::DOC), item.get(attr::DOC_Z)) {
+        (Some(AttributeValue::S(json)), _) => Some(json.clone()),
+        (_, Some(AttributeValue::B(blob))) => {
+            let mut json = String::new();
+            flate2::read::DeflateDecoder::new(blob.as_ref()).read_to_string(&mut json).ok()?;
+            Some(json)
+        }
+        _ => None,
+    }
+}
+
+fn expires_at(item: &Item) -> Option<i64> {
+    match item.get(attr::EXPIRES_AT) {
+        Some(AttributeValue::N(n)) => n.parse().ok(),
+        _ => None,
+    }
+}
+
+/// An item as the service sees it: `None` when expired (invariant 3) or
+/// unreadable.
+fn decode(item: &Item, now: i64) -> Option<Stored> {
+    if expires_at(item).is_some_and(|at| at <= now) {
+        return None;
+    }
+    let status = match item.get(attr::STATUS) {
+        Some(AttributeValue::S(s)) => State::parse(s).ok()?,
+        _ => return None,
+    };
+    Some(Stored { status, json: decode_doc(item)? })
+}
+
+const THROTTLING_CODES: [&str; 5] = [
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "Throttling",
+    "TransactionInProgressException",
+];
+
+/// Maps an SDK error (after the SDK's own retries) to what the caller should
+/// hear: throttling and unreachability are retryable 503s, the rest 500.
+pub fn classify<E, R>(err: SdkError<E, R>, attempts: u32) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    if err.code().is_some_and(|code| THROTTLING_CODES.contains(&code)) {
+        return StoreError::Throttled { attempts };
+    }
+    let detail = aws_sdk_dynamodb::error::DisplayErrorContext(&err).to_string();
+    match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            StoreError::Unavailable(detail)
+        }
+        _ if matches!(err.code(), Some("InternalServerError" | "ServiceUnavailable")) => StoreError::Unavailable(detail),
+        _ => StoreError::Other(detail),
+    }
+}
+
+impl ResultStore for DynamoStore {
+    async fn put_task(&self, ns: &Namespace, record: &TaskRecord) -> Result<PutOutcome, StoreError> {
+        let (doc_attr, doc) = encode_doc(&record.json)?;
+        let mut item = Self::key(task_key(ns, &record.task_id));
+        item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
+        item.insert(doc_attr.into(), doc);
+        item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
+        if let Some(group_id) = &record.group_id {
+            item.insert(attr::GROUP_ID.into(), AttributeValue::S(group_id.to_string()));
+        }
+        if let Some(index) = record.group_index {
+            item.insert(attr::GROUP_INDEX.into(), AttributeValue::N(index.to_string()));
+        }
+        let (condition, values) = write_condition(&record.status, now_epoch());
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression(condition)
+            .expression_attribute_names("#pk", attr::PK)
+            .expression_attribute_names("#status", attr::STATUS)
+            .expression_attribute_names("#expires_at", attr::EXPIRES_AT)
+            .set_expression_attribute_values(Some(values.into_iter().collect()))
+            // On refusal DynamoDB returns the stored item: the 409 needs no extra read.
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(PutOutcome::Stored),
+            Err(err) => match err.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(refusal)) => {
+                    let stored = match refusal.item.as_ref().and_then(|i| i.get(attr::STATUS)) {
+                        Some(AttributeValue::S(s)) => s.clone(),
+                        _ => "unknown".to_owned(),
+                    };
+                    Ok(PutOutcome::Refused { stored })
+                }
+                _ => Err(classify(err, self.backoff.max_attempts)),
+            },
+        }
+    }
+
+    async fn get_task(&self, ns: &Namespace, id: &TaskId) -> Result<Option<Stored>, StoreError> {
+        let item = self.get_item(task_key(ns, id)).await?;
+        Ok(item.and_then(|item| decode(&item, now_epoch())))
+    }
+
+    async fn get_tasks(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Vec<Option<Stored>>, StoreError> {
+        // BatchGetItem refuses duplicate keys: fetch each key once, then put
+        // the answers back in request order.
+        let keys: Vec<String> = ids.iter().map(|id| task_key(ns, id)).collect();
+        let mut unique: Vec<String> = Vec::with_capacity(keys.len());
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
+        for key in &keys {
+            if seen.insert(key.as_str()) {
+                unique.push(key.clone());
+            }
+        }
+        // Chunks run concurrently within this task (not spawned), so the call
+        // counter of the request sees them.
+        let chunks = try_join_all(unique.chunks(BATCH_CHUNK).map(|chunk| self.get_chunk(chunk))).await?;
+        let mut found: HashMap<String, Item> = HashMap::with_capacity(unique.len());
+        for chunk in chunks {
+            found.extend(chunk);
+        }
+        let now = now_epoch();
+        Ok(keys.iter().map(|key| found.get(key).and_then(|item| decode(item, now))).collect())
+    }
+
+    async fn delete_task(&self, ns: &Namespace, id: &TaskId) -> Result<(), StoreError> {
+        self.delete_item(task_key(ns, id)).await
+    }
+
+    async fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> Result<(), StoreError> {
+        let (doc_attr, doc) = encode_doc(json)?;
+        let mut item = Self::key(group_key(ns, id));
+        item.insert(doc_attr.into(), doc);
+        item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(expires_at.to_string()));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| classify(e, self.backoff.max_attempts))?;
+        Ok(())
+    }
+
+    async fn get_group(&self, ns: &Namespace, id: &GroupId) -> Result<Option<String>, StoreError> {
+        let now = now_epoch();
+        let item = self.get_item(group_key(ns, id)).await?;
+        Ok(item.filter(|item| !expires_at(item).is_some_and(|at| at <= now)).and_then(|item| decode_doc(&item)))
+    }
+
+    async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
+        self.delete_item(group_key(ns, id)).await
+    }
+}

@@ -1,0 +1,99 @@
+//! The table: one definition for the local stack (`AUTO_CREATE_TABLE`,
+//! `devstack`) and the deployed one (`infra/template.yaml`, which a test
+//! compares against [`TABLE`]).
+
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType, StreamSpecification,
+    StreamViewType, TimeToLiveSpecification,
+};
+use aws_sdk_dynamodb::Client;
+use std::time::Duration;
+
+/// Attribute names, shared by every item kind.
+pub mod attr {
+    pub const PK: &str = "pk";
+    pub const SK: &str = "sk";
+    /// TTL attribute: epoch seconds.
+    pub const EXPIRES_AT: &str = "expires_at";
+    /// Top-level status, for conditions and stream filters.
+    pub const STATUS: &str = "status";
+    /// The meta or group JSON, as served.
+    pub const DOC: &str = "doc";
+    /// The same, deflate-compressed, when large.
+    pub const DOC_Z: &str = "doc_z";
+    pub const GROUP_ID: &str = "group_id";
+    pub const GROUP_INDEX: &str = "group_index";
+}
+
+/// The sort key of single-item records (task results, groups).
+pub const SK_ITEM: &str = "_";
+
+/// What the table looks like, as data, for comparison with the template.
+pub struct TableSpec {
+    pub hash_key: &'static str,
+    pub range_key: &'static str,
+    pub ttl_attribute: &'static str,
+    pub stream_view: &'static str,
+}
+
+pub const TABLE: TableSpec = TableSpec {
+    hash_key: attr::PK,
+    range_key: attr::SK,
+    ttl_attribute: attr::EXPIRES_AT,
+    stream_view: "NEW_AND_OLD_IMAGES",
+};
+
+/// Creates the table if it does not exist, waits until it is active, and
+/// turns TTL on. Safe to call from several processes at once.
+pub async fn ensure_table(client: &Client, name: &str) -> Result<(), String> {
+    let key = |n: &str, t| KeySchemaElement::builder().attribute_name(n).key_type(t).build();
+    let def = |n: &str| {
+        AttributeDefinition::builder().attribute_name(n).attribute_type(ScalarAttributeType::S).build()
+    };
+    let created = client
+        .create_table()
+        .table_name(name)
+        .key_schema(key(TABLE.hash_key, KeyType::Hash).map_err(|e| e.to_string())?)
+        .key_schema(key(TABLE.range_key, KeyType::Range).map_err(|e| e.to_string())?)
+        .attribute_definitions(def(TABLE.hash_key).map_err(|e| e.to_string())?)
+        .attribute_definitions(def(TABLE.range_key).map_err(|e| e.to_string())?)
+        .billing_mode(BillingMode::PayPerRequest)
+        .stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(StreamViewType::from(TABLE.stream_view))
+                .build()
+                .map_err(|e| e.to_string())?,
+        )
+        .send()
+        .await;
+    if let Err(err) = created {
+        let in_use = err.as_service_error().is_some_and(|e| e.is_resource_in_use_exception());
+        if !in_use {
+            return Err(format!("creating table {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&err)));
+        }
+    }
+    for _ in 0..100 {
+        let described = client.describe_table().table_name(name).send().await;
+        let active = described
+            .ok()
+            .and_then(|d| d.table)
+            .and_then(|t| t.table_status)
+            .is_some_and(|s| s.as_str() == "ACTIVE");
+        if active {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ttl = TimeToLiveSpecification::builder()
+        .enabled(true)
+        .attribute_name(TABLE.ttl_attribute)
+        .build()
+        .map_err(|e| e.to_string())?;
+    match client.update_time_to_live().table_name(name).time_to_live_specification(ttl).send().await {
+        Ok(_) => Ok(()),
+        // Enabling TTL twice is refused with a validation error; it is on.
+        Err(err) if format!("{:?}", err).contains("TimeToLive is already enabled") => Ok(()),
+        Err(err) => Err(format!("enabling TTL on {name}: {}", aws_sdk_dynamodb::error::DisplayErrorContext(&err))),
+    }
+}
