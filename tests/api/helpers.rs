@@ -1,0 +1,138 @@
+//! Typed request helpers so a test reads like the scenario.
+
+use reqwest::Method;
+use serde_json::Value;
+
+/// A client of the local stack with ids of its own.
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    prefix: String,
+}
+
+/// A response: status, the DynamoDB calls it cost, and the JSON body (Null when empty).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub ddb_calls: Option<u32>,
+    pub retry_after: Option<String>,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Resp {
+    /// The `error.code` of an error response.
+    pub fn code(&self) -> &str {
+        self.json["error"]["code"].as_str().unwrap_or("")
+    }
+
+    #[track_caller]
+    pub fn expect(self, status: u16) -> Self {
+        assert_eq!(self.status, status, "unexpected response: {}", self.text);
+        self
+    }
+
+    /// Asserts a JSON error with this status and code and a message.
+    #[track_caller]
+    pub fn expect_error(self, status: u16, code: &str) -> Self {
+        assert_eq!((self.status, self.code()), (status, code), "unexpected response: {}", self.text);
+        assert!(self.json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.text);
+        self
+    }
+}
+
+impl Api {
+    pub fn new() -> Self {
+        let base = std::env::var("DYNACHORD_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9000".into());
+        Self {
+            http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
+            base,
+            prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+        }
+    }
+
+    /// An id no other test uses.
+    pub fn id(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    pub async fn call(&self, method: Method, path: &str, body: Option<String>) -> Resp {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        let response = request.send().await.unwrap_or_else(|e| {
+            panic!("no local stack at {}: {e}. Run ./dev test, or ./dev up in another terminal", self.base)
+        });
+        let status = response.status().as_u16();
+        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let ddb_calls = header("x-dynachord-ddb-calls").and_then(|v| v.parse().ok());
+        let retry_after = header("retry-after");
+        let text = response.text().await.unwrap();
+        let json = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) };
+        Resp { status, ddb_calls, retry_after, text, json }
+    }
+
+    pub async fn put_task(&self, id: &str, meta: Value) -> Resp {
+        self.put_task_raw(id, &meta.to_string()).await
+    }
+
+    pub async fn put_task_raw(&self, id: &str, body: &str) -> Resp {
+        self.call(Method::PUT, &format!("/v1/tasks/{id}"), Some(body.to_owned())).await
+    }
+
+    pub async fn get_task(&self, id: &str) -> Resp {
+        self.call(Method::GET, &format!("/v1/tasks/{id}"), None).await
+    }
+
+    pub async fn get_task_wait(&self, id: &str, wait: f64) -> Resp {
+        self.call(Method::GET, &format!("/v1/tasks/{id}?wait={wait}"), None).await
+    }
+
+    pub async fn forget(&self, id: &str) -> Resp {
+        self.call(Method::DELETE, &format!("/v1/tasks/{id}"), None).await
+    }
+
+    pub async fn batch_get(&self, ids: &[String], wait: Option<f64>) -> Resp {
+        let mut body = serde_json::json!({ "task_ids": ids });
+        if let Some(wait) = wait {
+            body["wait"] = wait.into();
+        }
+        self.batch_get_raw(&body.to_string()).await
+    }
+
+    pub async fn batch_get_raw(&self, body: &str) -> Resp {
+        self.call(Method::POST, "/v1/tasks/batch-get", Some(body.to_owned())).await
+    }
+
+    pub async fn put_group(&self, id: &str, body: &str) -> Resp {
+        self.call(Method::PUT, &format!("/v1/groups/{id}"), Some(body.to_owned())).await
+    }
+
+    pub async fn get_group(&self, id: &str) -> Resp {
+        self.call(Method::GET, &format!("/v1/groups/{id}"), None).await
+    }
+
+    pub async fn delete_group(&self, id: &str) -> Resp {
+        self.call(Method::DELETE, &format!("/v1/groups/{id}"), None).await
+    }
+
+    /// Stores `n` SUCCESS results `{"i": k}` under fresh ids, 16 at a time.
+    pub async fn store_many(&self, name: &str, n: usize) -> Vec<String> {
+        use futures::StreamExt;
+        let ids: Vec<String> = (0..n).map(|i| self.id(&format!("{name}-{i}"))).collect();
+        futures::stream::iter(ids.iter().enumerate())
+            .map(|(i, id)| async move {
+                self.put_task(id, serde_json::json!({"status": "SUCCESS", "result": {"i": i}})).await.expect(200);
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<()>>()
+            .await;
+        ids
+    }
+}
+
+/// A Celery-shaped SUCCESS meta.
+pub fn success(result: Value) -> Value {
+    serde_json::json!({"status": "SUCCESS", "result": result, "traceback": null, "children": []})
+}
