@@ -358,3 +358,177 @@ impl ResultStore for DynamoStore {
         self.delete_item(group_key(ns, id)).await
     }
 }
+
+/// The real SDK client against a scripted HTTP layer: retries, backoff and
+/// error mapping as they run in production, with throttling DynamoDB Local
+/// cannot produce.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calls::{counted, CountCalls};
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    use aws_smithy_http_client::test_util::infallible_client_fn;
+    use serde_json::{json, Value};
+    use std::sync::{Arc, Mutex};
+
+    const TABLE: &str = "results";
+
+    fn store(max_attempts: u32, respond: impl Fn(Value) -> (u16, Value) + Send + Sync + 'static) -> DynamoStore {
+        let http = infallible_client_fn(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
+            let body: Value = serde_json::from_slice(req.body().bytes().unwrap_or(b"{}")).unwrap_or(Value::Null);
+            let (status, reply) = respond(body);
+            lambda_http::http::Response::builder().status(status).body(reply.to_string()).unwrap()
+        });
+        let config = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("a", "b", None, None, "test"))
+            .http_client(http)
+            .retry_config(RetryConfig::standard().with_max_attempts(max_attempts).with_initial_backoff(Duration::from_millis(1)))
+            .interceptor(CountCalls)
+            .build();
+        let backoff = Backoff { max_attempts, initial: Duration::from_millis(1), max: Duration::from_millis(5) };
+        DynamoStore::new(Client::from_conf(config), TABLE, backoff)
+    }
+
+    fn throttled() -> (u16, Value) {
+        (400, json!({"__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException", "message": "slow down"}))
+    }
+
+    fn item(pk: &str) -> Value {
+        json!({"pk": {"S": pk}, "sk": {"S": "_"}, "status": {"S": "SUCCESS"}, "doc": {"S": format!("{{\"pk\":\"{pk}\"}}")}, "expires_at": {"N": "99999999999"}})
+    }
+
+    fn requested_keys(body: &Value) -> Vec<String> {
+        body["RequestItems"][TABLE]["Keys"]
+            .as_array()
+            .map(|keys| keys.iter().map(|k| k["pk"]["S"].as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    fn ids(n: usize) -> Vec<TaskId> {
+        (0..n).map(|i| TaskId::parse(&format!("t{i}")).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn throttling_is_retried_then_reported_after_the_configured_attempts() {
+        let store = store(3, |_| throttled());
+        let (result, calls) = counted(store.get_task(&Namespace::default(), &ids(1)[0])).await;
+        assert!(matches!(result, Err(StoreError::Throttled { .. })), "{result:?}");
+        assert_eq!(calls, 3, "one request per configured attempt");
+        let api = crate::error::ApiError::from(result.unwrap_err());
+        assert_eq!((api.status_and_code().0, api.retry_after()), (503, Some(1)));
+    }
+
+    #[tokio::test]
+    async fn a_throttled_store_that_recovers_is_acknowledged() {
+        let seen = Arc::new(Mutex::new(0));
+        let counter = seen.clone();
+        let store = store(5, move |_| {
+            let mut n = counter.lock().unwrap();
+            *n += 1;
+            if *n <= 2 { throttled() } else { (200, json!({})) }
+        });
+        let record = TaskRecord {
+            task_id: ids(1)[0].clone(),
+            status: State::Success,
+            json: "{}".into(),
+            expires_at: 1,
+            group_id: None,
+            group_index: None,
+        };
+        let (result, calls) = counted(store.put_task(&Namespace::default(), &record)).await;
+        assert_eq!(result.unwrap(), PutOutcome::Stored);
+        assert_eq!(calls, 3);
+    }
+
+    #[tokio::test]
+    async fn unprocessed_keys_are_retried_and_order_and_duplicates_are_kept() {
+        let requests = Arc::new(Mutex::new(Vec::<Vec<String>>::new()));
+        let log = requests.clone();
+        // Each call answers the first half of its keys and leaves the rest unprocessed.
+        let store = store(10, move |body| {
+            let keys = requested_keys(&body);
+            log.lock().unwrap().push(keys.clone());
+            let (done, rest) = keys.split_at(keys.len().div_ceil(2));
+            let rest: Vec<Value> = rest.iter().map(|pk| json!({"pk": {"S": pk}, "sk": {"S": "_"}})).collect();
+            let mut reply = json!({"Responses": {TABLE: done.iter().map(|pk| item(pk)).collect::<Vec<_>>()}});
+            if !rest.is_empty() {
+                reply["UnprocessedKeys"] = json!({TABLE: {"Keys": rest, "ConsistentRead": true}});
+            }
+            (200, reply)
+        });
+        let mut wanted = ids(250);
+        wanted.push(wanted[7].clone());
+        wanted.insert(0, wanted[249].clone());
+        let (result, calls) = counted(store.get_tasks(&Namespace::default(), &wanted)).await;
+        let got = result.unwrap();
+        assert_eq!(got.len(), wanted.len());
+        for (id, stored) in wanted.iter().zip(&got) {
+            let json = &stored.as_ref().expect("every key is found in the end").json;
+            assert!(json.contains(&format!("default/task/{id}\"")), "{id}: {json}");
+        }
+        let requests = requests.lock().unwrap();
+        assert_eq!(calls as usize, requests.len());
+        for keys in requests.iter() {
+            assert!(keys.len() <= BATCH_CHUNK, "chunks of at most 100");
+            let unique: std::collections::HashSet<_> = keys.iter().collect();
+            assert_eq!(unique.len(), keys.len(), "no duplicate keys in a request");
+        }
+        let first_round: usize = requests.iter().take(3).map(Vec::len).sum();
+        assert_eq!(first_round, 250, "250 distinct keys go out as 3 chunks first");
+    }
+
+    #[tokio::test]
+    async fn keys_left_unprocessed_past_the_attempts_are_throttling() {
+        let store = store(4, |body| {
+            let keys: Vec<Value> = requested_keys(&body).iter().map(|pk| json!({"pk": {"S": pk}, "sk": {"S": "_"}})).collect();
+            (200, json!({"Responses": {TABLE: []}, "UnprocessedKeys": {TABLE: {"Keys": keys}}}))
+        });
+        let (result, calls) = counted(store.get_tasks(&Namespace::default(), &ids(3))).await;
+        assert!(matches!(result, Err(StoreError::Throttled { attempts: 4 })), "{result:?}");
+        assert_eq!(calls, 4);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_dynamodb_is_unavailable_not_an_internal_error() {
+        // A real HTTP client to a port where nothing listens (no scripted layer).
+        let sdk = aws_sdk_dynamodb::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url("http://127.0.0.1:9")
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("a", "b", None, None, "test"))
+            .retry_config(RetryConfig::standard().with_max_attempts(2).with_initial_backoff(Duration::from_millis(1)))
+            .build();
+        let backoff = Backoff { max_attempts: 2, initial: Duration::from_millis(1), max: Duration::from_millis(5) };
+        let store = DynamoStore::new(Client::from_conf(sdk), "t", backoff);
+        let result = store.get_task(&Namespace::default(), &ids(1)[0]).await;
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
+        assert_eq!(crate::error::ApiError::from(result.unwrap_err()).status_and_code(), (503, "unavailable"));
+    }
+
+    #[test]
+    fn the_write_condition_guards_success_and_ready_states() {
+        let (ready, values) = write_condition(&State::Failure, 5);
+        assert_eq!(ready, "attribute_not_exists(#pk) OR #expires_at <= :now OR #status <> :success");
+        assert_eq!(values.len(), 2);
+        let (not_ready, values) = write_condition(&State::Started, 5);
+        assert_eq!(
+            not_ready,
+            "attribute_not_exists(#pk) OR #expires_at <= :now OR NOT (#status IN (:success, :failure, :revoked))"
+        );
+        assert_eq!(values.len(), 4);
+    }
+
+    #[test]
+    fn documents_compress_when_large_and_decode_back() {
+        let small = "{\"a\":1}";
+        let big = format!("[{}]", vec!["\"same text\""; 5000].join(","));
+        for json in [small.to_owned(), big] {
+            let (name, value) = encode_doc(&json).unwrap();
+            assert_eq!(name == attr::DOC_Z, json.len() > COMPRESS_ABOVE);
+            let item = HashMap::from([(name.to_owned(), value)]);
+            assert_eq!(decode_doc(&item).unwrap(), json);
+        }
+    }
+}
