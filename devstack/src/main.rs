@@ -7,13 +7,22 @@
 //! answers, prints the endpoint, and on Ctrl-C (or SIGTERM) stops every
 //! process it started, by PID. `./dev up` installs what it needs and runs it.
 //!
+//! It also starts moto's server for SQS (chord callbacks go there, to queues
+//! under `http://127.0.0.1:5000/123456789012/`; the queue `celery` is
+//! created) and the stream pump that feeds `chord-join` (see [`pump`]).
+//!
 //! Settings (flags or environment): `--port`/`DYNACHORD_PORT` (9000),
-//! `--dynamodb-port`/`DYNAMODB_PORT` (8000), `--table`/`TABLE_NAME`
-//! (`dynachord-local`), `--concurrency` (instances per function, 8),
-//! `--data-dir DIR` (keep DynamoDB data on disk; default in memory),
-//! `--reload` (rebuild functions when the code changes).
+//! `--dynamodb-port`/`DYNAMODB_PORT` (8000), `--sqs-port`/`SQS_PORT` (5000),
+//! `--table`/`TABLE_NAME` (`dynachord-local`), `--concurrency` (instances
+//! per function, 8), `--data-dir DIR` (keep DynamoDB data on disk; default in
+//! memory), `--reload` (rebuild functions when the code changes); for the
+//! pump: `--batch-size` (100), `--batch-window-ms` (0), `--pumps N` (1; more
+//! tail the stream side by side, each delivering every record), `--replay`
+//! (deliver every batch twice).
 //! Any of the service's own variables (`MAX_WAIT_SECONDS`, `DDB_MAX_ATTEMPTS`,
 //! ...) set in the environment are passed on to the functions.
+
+mod pump;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,7 +30,11 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 11] = [
+const PASSED_ON: [&str; 15] = [
+    "CHORD_LEASE_SECONDS",
+    "CALLBACK_MAX_BYTES",
+    "CALLBACK_DEFAULT_QUEUE",
+    "CALLBACK_QUEUE_URLS",
     "NAMESPACE",
     "RESULT_TTL_SECONDS",
     "MAX_RESULT_TTL_SECONDS",
@@ -38,6 +51,11 @@ const PASSED_ON: [&str; 11] = [
 struct Settings {
     port: u16,
     dynamodb_port: u16,
+    sqs_port: u16,
+    batch_size: usize,
+    batch_window: Duration,
+    pumps: usize,
+    replay: bool,
     table: String,
     concurrency: u32,
     data_dir: Option<PathBuf>,
@@ -46,7 +64,8 @@ struct Settings {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: devstack up [--port N] [--dynamodb-port N] [--table NAME] [--concurrency N] [--data-dir DIR] [--reload]"
+        "usage: devstack up [--port N] [--dynamodb-port N] [--sqs-port N] [--table NAME] [--concurrency N] \
+         [--data-dir DIR] [--reload] [--batch-size N] [--batch-window-ms N] [--pumps N] [--replay]"
     );
     std::process::exit(2)
 }
@@ -58,6 +77,11 @@ fn settings(args: &[String]) -> Settings {
     let mut s = Settings {
         port: env_port("DYNACHORD_PORT", 9000),
         dynamodb_port: env_port("DYNAMODB_PORT", 8000),
+        sqs_port: env_port("SQS_PORT", 5000),
+        batch_size: 100,
+        batch_window: Duration::ZERO,
+        pumps: 1,
+        replay: false,
         table: std::env::var("TABLE_NAME").unwrap_or_else(|_| "dynachord-local".into()),
         concurrency: 8,
         data_dir: None,
@@ -73,6 +97,11 @@ fn settings(args: &[String]) -> Settings {
             "--concurrency" => s.concurrency = value().parse().unwrap_or_else(|_| usage()),
             "--data-dir" => s.data_dir = Some(PathBuf::from(value())),
             "--reload" => s.reload = true,
+            "--sqs-port" => s.sqs_port = value().parse().unwrap_or_else(|_| usage()),
+            "--batch-size" => s.batch_size = value().parse().unwrap_or_else(|_| usage()),
+            "--batch-window-ms" => s.batch_window = Duration::from_millis(value().parse().unwrap_or_else(|_| usage())),
+            "--pumps" => s.pumps = value().parse().unwrap_or_else(|_| usage()),
+            "--replay" => s.replay = true,
             _ => usage(),
         }
     }
@@ -169,7 +198,7 @@ async fn up(s: Settings) -> Result<(), String> {
     std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
     let ready_file = state.join("stack.ready");
     let _ = std::fs::remove_file(&ready_file);
-    for (what, port) in [("DynamoDB Local", s.dynamodb_port), ("the service", s.port)] {
+    for (what, port) in [("DynamoDB Local", s.dynamodb_port), ("the service", s.port), ("SQS (moto)", s.sqs_port)] {
         if port_open(port).await {
             return Err(format!("port {port} for {what} is in use: stop what runs there or choose another port"));
         }
@@ -214,8 +243,25 @@ async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: 
     dynachord::store::schema::ensure_table(&client, &s.table).await?;
     eprintln!("devstack: table {} ready", s.table);
 
+    // SQS for chord callbacks: moto's server, and the default queue.
+    let mut moto = Command::new("moto_server");
+    moto.args(["-H", "127.0.0.1", "-p", &s.sqs_port.to_string()]);
+    let child = spawn("moto (SQS)", moto, &state.join("moto.log"))?;
+    eprintln!("devstack: moto (SQS) pid {} on port {}", child.id().unwrap_or(0), s.sqs_port);
+    procs.0.push(("moto (SQS)", child));
+    let sqs_url = format!("http://127.0.0.1:{}", s.sqs_port);
+    let sqs = aws_sdk_sqs::Client::from_conf(
+        aws_sdk_sqs::config::Builder::from(&local_config(&sqs_url).await).build(),
+    );
+    wait_until("moto (SQS)", Duration::from_secs(60), procs, || async {
+        sqs.create_queue().queue_name("celery").send().await.is_ok()
+    })
+    .await?;
+
     // The functions' environment.
     let mut env = vec![
+        format!("AWS_ENDPOINT_URL_SQS={sqs_url}"),
+        format!("CALLBACK_QUEUE_URL_PREFIX={sqs_url}/123456789012/"),
         format!("TABLE_NAME={}", s.table),
         "AUTH_MODE=none".to_owned(),
         format!("AWS_ENDPOINT_URL_DYNAMODB={dynamodb_url}"),
@@ -253,6 +299,7 @@ async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: 
     let http = reqwest::Client::new();
     let probe = "devstack-probe";
     let checks = [
+        ("chord-join", http.post(format!("{base}/2015-03-31/functions/chord-join/invocations")).body(r#"{"Records":[]}"#)),
         ("fetch", http.get(format!("{base}/v1/tasks/{probe}"))),
         ("store", http.delete(format!("{base}/v1/tasks/{probe}"))),
         ("batch-fetch", http.post(format!("{base}/v1/tasks/batch-get")).body(r#"{"task_ids":[]}"#)),
@@ -265,8 +312,31 @@ async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: 
         .await?;
     }
 
+    // The stream pumps, in this process: they stop with it.
+    let streams = aws_sdk_dynamodbstreams::Client::from_conf(
+        aws_sdk_dynamodbstreams::config::Builder::from(&local_config(&dynamodb_url).await).build(),
+    );
+    for n in 0..s.pumps {
+        let config = pump::PumpConfig {
+            name: format!("pump {}", n + 1),
+            table: s.table.clone(),
+            invoke_url: format!("{base}/2015-03-31/functions/chord-join/invocations"),
+            batch_size: s.batch_size,
+            window: s.batch_window,
+            replay: s.replay,
+        };
+        tokio::spawn(pump::run(client.clone(), streams.clone(), config));
+    }
+    eprintln!(
+        "devstack: {} stream pump(s) feeding chord-join (batch {}, window {} ms{})",
+        s.pumps,
+        s.batch_size,
+        s.batch_window.as_millis(),
+        if s.replay { ", every batch delivered twice" } else { "" }
+    );
+
     std::fs::write(ready_file, format!("{base}\n")).map_err(|e| e.to_string())?;
-    println!("dynachord is up: {base}/v1/...  (DynamoDB Local {dynamodb_url}, table {})", s.table);
+    println!("dynachord is up: {base}/v1/...  (DynamoDB Local {dynamodb_url}, table {}; SQS {sqs_url})", s.table);
     println!("logs: .local/watch.log, .local/dynamodb.log. Ctrl-C stops everything.");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -312,12 +382,15 @@ where
     Ok(())
 }
 
-async fn local_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+async fn local_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(endpoint)
         .region(aws_config::Region::new("us-east-1"))
         .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "devstack"))
         .load()
-        .await;
-    aws_sdk_dynamodb::Client::new(&config)
+        .await
+}
+
+async fn local_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    aws_sdk_dynamodb::Client::new(&local_config(endpoint).await)
 }

@@ -26,6 +26,8 @@ pub enum ApiError {
     NoRoute { method: String, path: String },
     #[error("group {0} not found")]
     GroupNotFound(String),
+    #[error("chord {0} not found: no part of it has been counted yet")]
+    ChordNotFound(String),
     #[error("task {task_id} is already {stored}; a {refused} result does not replace it")]
     Conflict { task_id: String, stored: String, refused: String },
     #[error("request lacks API Gateway's IAM authorizer context")]
@@ -51,6 +53,7 @@ impl ApiError {
             Self::ResultTooLarge { .. } => (413, "result_too_large"),
             Self::NoRoute { .. } => (404, "no_route"),
             Self::GroupNotFound(_) => (404, "group_not_found"),
+            Self::ChordNotFound(_) => (404, "chord_not_found"),
             Self::Conflict { .. } => (409, "state_conflict"),
             Self::Unauthenticated => (401, "unauthenticated"),
             Self::Throttled { .. } => (503, "throttled"),

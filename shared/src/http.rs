@@ -29,6 +29,7 @@ pub enum Route {
     PutGroup(GroupId),
     GetGroup(GroupId),
     DeleteGroup(GroupId),
+    GetChord(GroupId),
 }
 
 impl Route {
@@ -42,6 +43,7 @@ impl Route {
             Route::PutGroup(id) => ("PUT", format!("/v1/groups/{id}")),
             Route::GetGroup(id) => ("GET", format!("/v1/groups/{id}")),
             Route::DeleteGroup(id) => ("DELETE", format!("/v1/groups/{id}")),
+            Route::GetChord(id) => ("GET", format!("/v1/chords/{id}")),
         };
         ApiError::NoRoute { method: method.to_owned(), path }
     }
@@ -79,6 +81,7 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
         ("PUT", ["", "v1", "groups", id]) => Ok(Route::PutGroup(group(id)?)),
         ("GET", ["", "v1", "groups", id]) => Ok(Route::GetGroup(group(id)?)),
         ("DELETE", ["", "v1", "groups", id]) => Ok(Route::DeleteGroup(group(id)?)),
+        ("GET", ["", "v1", "chords", id]) => Ok(Route::GetChord(group(id)?)),
         _ => Err(no_route()),
     }
 }

@@ -13,6 +13,8 @@
 //! - [`meta`]: Celery task meta and states: what a worker stores and a client reads.
 //! - [`store`]: the [`store::ResultStore`] trait, its DynamoDB implementation,
 //!   the table schema, and retry/backoff for DynamoDB.
+//! - [`chord`]: the chord join from DynamoDB Streams (the `chord-join` function).
+//! - [`dispatch`]: callback targets: Celery task messages on SQS, Lambda invokes.
 //! - [`service`]: the operations behind the routes (store, fetch, long-poll,
 //!   batch-get, forget, groups), generic over the store.
 //! - [`http`]: routes, request parsing (auth, body cap, query), and the mapping
@@ -24,7 +26,9 @@
 //! - [`time`]: wall-clock helpers (epoch seconds, Celery's `date_done` format).
 
 pub mod calls;
+pub mod chord;
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod ids;

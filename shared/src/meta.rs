@@ -151,6 +151,21 @@ pub struct TaskMeta {
     /// Request only: this result's time to live in seconds.
     #[serde(default, skip_serializing)]
     pub expires_in: Option<u64>,
+    /// Request only: the chord this task is a part of (`request.chord` and
+    /// `chord_size` from the worker). Kept on the part's item, never served.
+    #[serde(default, skip_serializing)]
+    pub chord: Option<ChordSpec>,
+}
+
+/// Largest chord accepted.
+pub const MAX_CHORD_SIZE: u32 = 100_000;
+
+/// A part's chord: how many parts, and the callback signature.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChordSpec {
+    pub size: u32,
+    pub callback: Box<RawValue>,
 }
 
 /// Why a task meta body was refused.
@@ -162,6 +177,8 @@ pub enum MetaError {
     TaskIdMismatch { body: String, path: String },
     #[error("{field} must be {expected}")]
     WrongShape { field: &'static str, expected: &'static str },
+    #[error("chord: {0}")]
+    BadChord(String),
 }
 
 impl TaskMeta {
@@ -180,6 +197,9 @@ impl TaskMeta {
         check_shape("children", &meta.children, "a list", b'[')?;
         check_shape("args", &meta.args, "a list", b'[')?;
         check_shape("kwargs", &meta.kwargs, "an object", b'{')?;
+        if let Some(chord) = &meta.chord {
+            check_chord(chord, meta.group_id.is_some(), meta.group_index)?;
+        }
         if meta.children.is_none() {
             meta.children = Some(raw("[]"));
         }
@@ -194,6 +214,21 @@ impl TaskMeta {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("task meta always serialises")
     }
+}
+
+fn check_chord(chord: &ChordSpec, has_group: bool, index: Option<u32>) -> Result<(), MetaError> {
+    let bad = |m: String| Err(MetaError::BadChord(m));
+    if !(1..=MAX_CHORD_SIZE).contains(&chord.size) {
+        return bad(format!("size {} is outside 1..={MAX_CHORD_SIZE}", chord.size));
+    }
+    let Some(index) = index.filter(|_| has_group) else {
+        return bad("a chord part needs group_id and group_index".into());
+    };
+    if index >= chord.size {
+        return bad(format!("group_index {index} is not below the chord size {}", chord.size));
+    }
+    crate::chord::Signature::parse(chord.callback.get()).map_err(MetaError::BadChord)?;
+    Ok(())
 }
 
 fn check_shape(
@@ -283,6 +318,11 @@ mod tests {
             (r#"{"status":"SUCCESS","expires_in":-1}"#, "invalid value"),
             (r#"[1]"#, "invalid type"),
             (r#"{"status":"SUCCESS""#, "EOF"),
+            (r#"{"status":"SUCCESS","chord":{"size":2,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#, "needs group_id"),
+            (r#"{"status":"SUCCESS","group_id":"g","group_index":2,"chord":{"size":2,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#, "not below"),
+            (r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":0,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#, "outside"),
+            (r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":1,"callback":{"task":"t"}}}"#, "task_id"),
+            (r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":1,"callback":[]}}"#, "callback"),
         ] {
             let err = TaskMeta::parse(body.as_bytes(), &t1).unwrap_err().to_string();
             assert!(err.contains(needle), "{body}: {err}");

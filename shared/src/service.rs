@@ -67,6 +67,7 @@ pub async fn store_task<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &TaskI
         expires_at: expires_at(&app.config, meta.expires_in)?,
         group_id: meta.group_id.clone(),
         group_index: meta.group_index,
+        chord: meta.chord.as_ref().map(|c| (c.size, c.callback.get().to_owned())),
     };
     match app.store.put_task(ns, &record).await? {
         PutOutcome::Stored => Ok(Reply::ok(
@@ -202,6 +203,25 @@ pub async fn restore_group<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Gr
     match app.store.get_group(ns, id).await? {
         Some(doc) => Ok(Reply::ok(doc)),
         None => Err(ApiError::GroupNotFound(id.to_string())),
+    }
+}
+
+/// `GET /v1/chords/{group_id}`: a chord's progress, or 404 before its first
+/// part has been counted.
+pub async fn chord_status<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &GroupId) -> Result<Reply, ApiError> {
+    match app.store.get_chord(ns, id).await? {
+        Some(chord) => Ok(Reply::ok(
+            serde_json::json!({
+                "group_id": id.as_str(),
+                "size": chord.size,
+                "done": chord.done.min(chord.size),
+                "state": chord.state,
+                "callback_id": chord.callback_id,
+                "error": chord.error,
+            })
+            .to_string(),
+        )),
+        None => Err(ApiError::ChordNotFound(id.to_string())),
     }
 }
 

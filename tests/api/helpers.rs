@@ -15,7 +15,6 @@ pub struct Api {
 pub struct Resp {
     pub status: u16,
     pub ddb_calls: Option<u32>,
-    pub retry_after: Option<String>,
     pub text: String,
     pub json: Value,
 }
@@ -67,10 +66,9 @@ impl Api {
         let status = response.status().as_u16();
         let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let ddb_calls = header("x-dynachord-ddb-calls").and_then(|v| v.parse().ok());
-        let retry_after = header("retry-after");
         let text = response.text().await.unwrap();
         let json = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) };
-        Resp { status, ddb_calls, retry_after, text, json }
+        Resp { status, ddb_calls, text, json }
     }
 
     pub async fn put_task(&self, id: &str, meta: Value) -> Resp {

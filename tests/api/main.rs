@@ -6,8 +6,10 @@
 //! parallel and in any order on one table.
 
 mod helpers;
+mod sqs;
 
 mod batch;
+mod chords;
 mod errors;
 mod groups;
 mod longpoll;

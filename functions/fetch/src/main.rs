@@ -1,6 +1,7 @@
 //! The `fetch` function. Routes:
 //! - `GET /v1/tasks/{task_id}?wait=S`: a result, long-polling up to S seconds
 //! - `GET /v1/groups/{group_id}`: restore a saved group
+//! - `GET /v1/chords/{group_id}`: a chord's progress
 
 use dynachord::http::{self, App, Route};
 use dynachord::{config::Config, service, store::DynamoStore};
@@ -19,6 +20,7 @@ async fn main() -> Result<(), Error> {
             match incoming.route {
                 Route::GetTask(id, wait) => service::fetch_task(app, ns, &id, wait).await,
                 Route::GetGroup(id) => service::restore_group(app, ns, &id).await,
+                Route::GetChord(id) => service::chord_status(app, ns, &id).await,
                 other => Err(other.not_here()),
             }
         })

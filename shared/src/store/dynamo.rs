@@ -55,7 +55,18 @@ pub struct DynamoStore {
 /// attempts and backoff for throttling and transient errors, timeouts so an
 /// unreachable DynamoDB fails fast into a 503, and the call counter.
 pub async fn sdk_config(config: &Config) -> aws_sdk_dynamodb::Config {
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+    dynamodb_config(&shared_config(config).await)
+}
+
+/// The DynamoDB client configuration over a shared one: adds the call counter.
+pub fn dynamodb_config(shared: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Config {
+    aws_sdk_dynamodb::config::Builder::from(shared).interceptor(crate::calls::CountCalls).build()
+}
+
+/// The AWS configuration every client of a function shares: region,
+/// credentials and endpoints from the environment, our retries and timeouts.
+pub async fn shared_config(config: &Config) -> aws_config::SdkConfig {
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
         .retry_config(
             RetryConfig::standard()
                 .with_max_attempts(config.ddb_max_attempts)
@@ -69,10 +80,7 @@ pub async fn sdk_config(config: &Config) -> aws_sdk_dynamodb::Config {
                 .build(),
         )
         .load()
-        .await;
-    aws_sdk_dynamodb::config::Builder::from(&shared)
-        .interceptor(crate::calls::CountCalls)
-        .build()
+        .await
 }
 
 impl DynamoStore {
@@ -83,7 +91,12 @@ impl DynamoStore {
     /// Builds the client from the environment; with `AUTO_CREATE_TABLE` also
     /// creates the table.
     pub async fn from_config(config: &Config) -> Result<Self, String> {
-        let client = Client::from_conf(sdk_config(config).await);
+        Self::from_shared(config, &shared_config(config).await).await
+    }
+
+    /// As [`DynamoStore::from_config`], over an already loaded AWS configuration.
+    pub async fn from_shared(config: &Config, shared: &aws_config::SdkConfig) -> Result<Self, String> {
+        let client = Client::from_conf(dynamodb_config(shared));
         if config.auto_create_table {
             super::schema::ensure_table(&client, &config.table_name).await?;
         }
@@ -94,6 +107,18 @@ impl DynamoStore {
         &self.client
     }
 
+    pub(crate) fn table(&self) -> &str {
+        &self.table
+    }
+
+    pub(crate) fn attempts(&self) -> u32 {
+        self.backoff.max_attempts
+    }
+
+    pub(crate) fn backoff(&self) -> Backoff {
+        self.backoff
+    }
+
     fn key(pk: String) -> Item {
         HashMap::from([
             (attr::PK.to_owned(), AttributeValue::S(pk)),
@@ -101,12 +126,20 @@ impl DynamoStore {
         ])
     }
 
-    async fn get_item(&self, pk: String) -> Result<Option<Item>, StoreError> {
+    pub(crate) async fn get_item(&self, pk: String) -> Result<Option<Item>, StoreError> {
+        self.get_item_at(pk, SK_ITEM).await
+    }
+
+    pub(crate) async fn get_item_at(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
+        let key = HashMap::from([
+            (attr::PK.to_owned(), AttributeValue::S(pk)),
+            (attr::SK.to_owned(), AttributeValue::S(sk.to_owned())),
+        ]);
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
-            .set_key(Some(Self::key(pk)))
+            .set_key(Some(key))
             .consistent_read(true)
             .send()
             .await
@@ -272,6 +305,10 @@ impl ResultStore for DynamoStore {
         if let Some(index) = record.group_index {
             item.insert(attr::GROUP_INDEX.into(), AttributeValue::N(index.to_string()));
         }
+        if let Some((size, callback)) = &record.chord {
+            item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(size.to_string()));
+            item.insert(attr::CHORD_CALLBACK.into(), AttributeValue::S(callback.clone()));
+        }
         let (condition, values) = write_condition(&record.status, now_epoch());
         let result = self
             .client
@@ -357,6 +394,10 @@ impl ResultStore for DynamoStore {
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
         self.delete_item(group_key(ns, id)).await
     }
+
+    async fn get_chord(&self, ns: &Namespace, id: &GroupId) -> Result<Option<super::ChordState>, StoreError> {
+        self.chord_state(ns, id).await
+    }
 }
 
 /// The real SDK client against a scripted HTTP layer: retries, backoff and
@@ -436,6 +477,7 @@ mod tests {
             expires_at: 1,
             group_id: None,
             group_index: None,
+            chord: None,
         };
         let (result, calls) = counted(store.put_task(&Namespace::default(), &record)).await;
         assert_eq!(result.unwrap(), PutOutcome::Stored);

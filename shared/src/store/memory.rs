@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{group_key, task_key, PutOutcome, ResultStore, Stored, TaskRecord};
+use super::{group_key, task_key, ChordState, PutOutcome, ResultStore, Stored, TaskRecord};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::time::now_epoch;
@@ -74,5 +74,9 @@ impl ResultStore for MemoryStore {
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
         self.items.lock().unwrap().remove(&group_key(ns, id));
         Ok(())
+    }
+
+    async fn get_chord(&self, _ns: &Namespace, _id: &GroupId) -> Result<Option<ChordState>, StoreError> {
+        Ok(None)
     }
 }

@@ -4,6 +4,7 @@
 //! Keys: every key starts with the caller's namespace, so tenants never share
 //! an item: `<ns>/task/<task_id>`, `<ns>/group/<group_id>`.
 
+pub mod chords;
 pub mod dynamo;
 pub mod retry;
 pub mod schema;
@@ -37,6 +38,8 @@ pub struct TaskRecord {
     pub expires_at: i64,
     pub group_id: Option<GroupId>,
     pub group_index: Option<u32>,
+    /// A chord part's chord: size and callback signature (JSON).
+    pub chord: Option<(u32, String)>,
 }
 
 /// The outcome of a store that reached DynamoDB.
@@ -61,11 +64,42 @@ pub trait ResultStore: Send + Sync {
     fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn get_group(&self, ns: &Namespace, id: &GroupId) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
     fn delete_group(&self, ns: &Namespace, id: &GroupId) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// A chord's progress; `None` until its first part has been counted.
+    fn get_chord(&self, ns: &Namespace, id: &GroupId) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
+}
+
+/// A chord's state item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordState {
+    pub size: u32,
+    pub done: u32,
+    /// `open`, `joining`, `dispatched` or `failed`.
+    pub state: String,
+    pub callback: String,
+    pub callback_id: String,
+    pub error: Option<String>,
+}
+
+impl ChordState {
+    pub fn is_final(&self) -> bool {
+        self.state == "dispatched" || self.state == "failed"
+    }
 }
 
 /// The partition key of a task result.
 pub fn task_key(ns: &Namespace, id: &TaskId) -> String {
     format!("{}/task/{}", ns.as_str(), id)
+}
+
+/// The namespace and task id of a task key (from a stream record).
+pub fn parse_task_key(pk: &str) -> Option<(Namespace, TaskId)> {
+    let (ns, id) = pk.split_once("/task/")?;
+    Some((Namespace::parse(ns).ok()?, TaskId::parse(id).ok()?))
+}
+
+/// The partition key of a chord's state and part items.
+pub fn chord_key(ns: &Namespace, id: &GroupId) -> String {
+    format!("{}/chord/{}", ns.as_str(), id)
 }
 
 /// The partition key of a saved group.

@@ -23,7 +23,27 @@ pub mod attr {
     pub const DOC_Z: &str = "doc_z";
     pub const GROUP_ID: &str = "group_id";
     pub const GROUP_INDEX: &str = "group_index";
+    /// On a chord part: the chord's size and callback signature (JSON).
+    pub const CHORD_SIZE: &str = "chord_size";
+    pub const CHORD_CALLBACK: &str = "chord_callback";
+    /// On a chord's state item.
+    pub const SIZE: &str = "size";
+    pub const DONE: &str = "done";
+    pub const STATE: &str = "state";
+    pub const CALLBACK: &str = "callback";
+    pub const CALLBACK_ID: &str = "callback_id";
+    pub const TOKEN: &str = "token";
+    pub const LEASE_UNTIL: &str = "lease_until";
+    pub const ERROR: &str = "error";
+    /// On a chord's part item.
+    pub const TASK_ID: &str = "task_id";
 }
+
+/// The sort key of a chord's state item.
+pub const SK_CHORD_STATE: &str = "state";
+/// The sort key prefix of a chord's part items; the index is zero-padded so
+/// parts sort in `group_index` order.
+pub const SK_PART_PREFIX: &str = "part#";
 
 /// The sort key of single-item records (task results, groups).
 pub const SK_ITEM: &str = "_";

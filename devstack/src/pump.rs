@@ -1,0 +1,242 @@
+//! The stream pump: plays Lambda's DynamoDB Streams event source mapping on
+//! the local stack. It tails the table's stream on DynamoDB Local and invokes
+//! `chord-join` through cargo lambda watch's invoke endpoint with Lambda's
+//! event format, honouring the batch size and batching window; when the
+//! function reports `batchItemFailures` it retries from the first failed
+//! sequence number, and when the invocation fails it retries the whole batch,
+//! with backoff, as Lambda does.
+//!
+//! For tests it can deliver every batch twice (`replay`), and several pumps
+//! can tail one stream side by side: every record then reaches the function
+//! more than once, which the join must absorb.
+
+use aws_sdk_dynamodbstreams::types::{AttributeValue, Record, ShardIteratorType};
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+#[derive(Clone)]
+pub struct PumpConfig {
+    pub name: String,
+    pub table: String,
+    pub invoke_url: String,
+    pub batch_size: usize,
+    pub window: Duration,
+    pub replay: bool,
+}
+
+/// DynamoDB JSON (`{"S": "..."}`) for a stream attribute value.
+fn attr_json(value: &AttributeValue) -> Value {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    match value {
+        AttributeValue::S(s) => json!({ "S": s }),
+        AttributeValue::N(n) => json!({ "N": n }),
+        AttributeValue::B(b) => json!({ "B": b64(b.as_ref()) }),
+        AttributeValue::Bool(b) => json!({ "BOOL": b }),
+        AttributeValue::Null(n) => json!({ "NULL": n }),
+        AttributeValue::Ss(v) => json!({ "SS": v }),
+        AttributeValue::Ns(v) => json!({ "NS": v }),
+        AttributeValue::Bs(v) => json!({ "BS": v.iter().map(|b| b64(b.as_ref())).collect::<Vec<_>>() }),
+        AttributeValue::L(items) => json!({ "L": items.iter().map(attr_json).collect::<Vec<_>>() }),
+        AttributeValue::M(map) => json!({ "M": image_json(map) }),
+        _ => Value::Null,
+    }
+}
+
+fn image_json(image: &HashMap<String, AttributeValue>) -> Value {
+    Value::Object(image.iter().map(|(k, v)| (k.clone(), attr_json(v))).collect::<Map<_, _>>())
+}
+
+/// A stream record as Lambda hands it to a function.
+fn lambda_record(record: &Record, stream_arn: &str) -> Value {
+    let change = record.dynamodb.as_ref();
+    let image = |f: fn(&aws_sdk_dynamodbstreams::types::StreamRecord) -> Option<&HashMap<String, AttributeValue>>| {
+        change.and_then(f).map(image_json)
+    };
+    let mut dynamodb = json!({
+        "ApproximateCreationDateTime": change.and_then(|c| c.approximate_creation_date_time).map_or(0.0, |t| t.secs() as f64),
+        "Keys": image(|c| c.keys.as_ref()).unwrap_or(json!({})),
+        "SequenceNumber": change.and_then(|c| c.sequence_number.clone()),
+        "SizeBytes": change.and_then(|c| c.size_bytes).unwrap_or(0),
+        "StreamViewType": change.and_then(|c| c.stream_view_type.as_ref()).map(|v| v.as_str().to_owned()),
+    });
+    if let Some(new) = image(|c| c.new_image.as_ref()) {
+        dynamodb["NewImage"] = new;
+    }
+    if let Some(old) = image(|c| c.old_image.as_ref()) {
+        dynamodb["OldImage"] = old;
+    }
+    json!({
+        "eventID": record.event_id,
+        "eventName": record.event_name.as_ref().map(|n| n.as_str().to_owned()),
+        "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb",
+        "awsRegion": "us-east-1",
+        "dynamodb": dynamodb,
+        "eventSourceARN": stream_arn,
+    })
+}
+
+fn sequence(record: &Record) -> String {
+    record.dynamodb.as_ref().and_then(|c| c.sequence_number.clone()).unwrap_or_default()
+}
+
+/// Sequence numbers are decimal strings of varying length.
+fn seq_key(seq: &str) -> (usize, &str) {
+    (seq.len(), seq)
+}
+
+enum Outcome {
+    Done,
+    /// Retry from this sequence number on.
+    RetryFrom(String),
+    Failed(String),
+}
+
+async fn invoke(http: &reqwest::Client, url: &str, records: &[Record], arn: &str) -> Outcome {
+    let event = json!({ "Records": records.iter().map(|r| lambda_record(r, arn)).collect::<Vec<_>>() });
+    let response = match http.post(url).json(&event).timeout(Duration::from_secs(300)).send().await {
+        Ok(r) => r,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let status = response.status();
+    let function_error = response.headers().contains_key("x-amz-function-error");
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() || function_error || body.get("errorType").is_some() {
+        return Outcome::Failed(format!("{status}: {body}"));
+    }
+    let failed = body["batchItemFailures"].as_array().cloned().unwrap_or_default();
+    let first = failed.iter().filter_map(|f| f["itemIdentifier"].as_str()).min_by_key(|s| seq_key(s));
+    match first {
+        Some(seq) => Outcome::RetryFrom(seq.to_owned()),
+        None if failed.is_empty() => Outcome::Done,
+        // A failure without an identifier fails the whole batch (Lambda's rule).
+        None => Outcome::Failed("batchItemFailures without itemIdentifier".into()),
+    }
+}
+
+struct Shard {
+    iterator: Option<String>,
+    buffer: Vec<Record>,
+    first_buffered: Option<Instant>,
+    retry_at: Option<Instant>,
+    failures: u32,
+}
+
+/// Runs one pump until the process ends.
+pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams::Client, config: PumpConfig) {
+    let http = reqwest::Client::new();
+    let arn = loop {
+        match ddb.describe_table().table_name(&config.table).send().await {
+            Ok(out) => {
+                if let Some(arn) = out.table.and_then(|t| t.latest_stream_arn) {
+                    break arn;
+                }
+            }
+            Err(e) => eprintln!("{}: describe table: {e}", config.name),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let mut shards: HashMap<String, Shard> = HashMap::new();
+    let mut finished: std::collections::HashSet<String> = Default::default();
+    let mut last_describe = Instant::now() - Duration::from_secs(60);
+    loop {
+        if last_describe.elapsed() > Duration::from_secs(2) {
+            last_describe = Instant::now();
+            if let Ok(out) = streams.describe_stream().stream_arn(&arn).send().await {
+                for shard in out.stream_description.and_then(|d| d.shards).unwrap_or_default() {
+                    let Some(id) = shard.shard_id else { continue };
+                    if shards.contains_key(&id) || finished.contains(&id) {
+                        continue;
+                    }
+                    let iterator = streams
+                        .get_shard_iterator()
+                        .stream_arn(&arn)
+                        .shard_id(&id)
+                        .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                        .send()
+                        .await
+                        .ok()
+                        .and_then(|o| o.shard_iterator);
+                    shards.insert(id, Shard { iterator, buffer: Vec::new(), first_buffered: None, retry_at: None, failures: 0 });
+                }
+            }
+        }
+        let mut idle = true;
+        for (id, shard) in shards.iter_mut() {
+            // Read more while the batch is not full.
+            if shard.buffer.len() < config.batch_size {
+                if let Some(iterator) = shard.iterator.clone() {
+                    match streams.get_records().shard_iterator(iterator).limit(1000).send().await {
+                        Ok(out) => {
+                            let records = out.records.unwrap_or_default();
+                            if !records.is_empty() {
+                                idle = false;
+                                shard.first_buffered.get_or_insert_with(Instant::now);
+                                shard.buffer.extend(records);
+                            }
+                            shard.iterator = out.next_shard_iterator;
+                        }
+                        Err(e) => eprintln!("{}: get records on {id}: {e}", config.name),
+                    }
+                }
+            }
+            if shard.buffer.is_empty() || shard.retry_at.is_some_and(|at| Instant::now() < at) {
+                continue;
+            }
+            let full = shard.buffer.len() >= config.batch_size;
+            let waited = shard.first_buffered.is_some_and(|t| t.elapsed() >= config.window);
+            if !(full || waited || shard.iterator.is_none()) {
+                continue;
+            }
+            idle = false;
+            let n = shard.buffer.len().min(config.batch_size);
+            let deliveries = if config.replay { 2 } else { 1 };
+            let mut outcome = Outcome::Done;
+            for _ in 0..deliveries {
+                outcome = invoke(&http, &config.invoke_url, &shard.buffer[..n], &arn).await;
+                if !matches!(outcome, Outcome::Done) {
+                    break;
+                }
+            }
+            match outcome {
+                Outcome::Done => {
+                    shard.buffer.drain(..n);
+                    shard.failures = 0;
+                    shard.retry_at = None;
+                }
+                Outcome::RetryFrom(seq) => {
+                    // Records before the first failure are done; retry from it.
+                    let keep_from = shard.buffer[..n]
+                        .iter()
+                        .position(|r| seq_key(&sequence(r)) >= seq_key(&seq))
+                        .unwrap_or(n);
+                    shard.buffer.drain(..keep_from);
+                    shard.failures += 1;
+                    shard.retry_at = Some(Instant::now() + backoff(shard.failures));
+                }
+                Outcome::Failed(why) => {
+                    shard.failures += 1;
+                    eprintln!("{}: chord-join invocation failed ({why}); retrying the batch", config.name);
+                    shard.retry_at = Some(Instant::now() + backoff(shard.failures));
+                }
+            }
+            shard.first_buffered = if shard.buffer.is_empty() { None } else { Some(Instant::now()) };
+        }
+        shards.retain(|id, shard| {
+            let done = shard.iterator.is_none() && shard.buffer.is_empty();
+            if done {
+                finished.insert(id.clone());
+            }
+            !done
+        });
+        if idle {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis((100u64 << failures.min(6)).min(5000))
+}

@@ -1,0 +1,282 @@
+//! The chord's items in DynamoDB: one state item (`size`, `done`, `state`,
+//! callback, claim token and lease) and one item per counted part, under the
+//! chord's key. See [`crate::chord`] for the join built on them.
+
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use super::dynamo::{classify, DynamoStore};
+use super::schema::{attr, SK_CHORD_STATE, SK_PART_PREFIX};
+use super::{chord_key, ChordState};
+use crate::chord::Part;
+use crate::error::StoreError;
+use crate::ids::{GroupId, Namespace, TaskId};
+use crate::time::now_epoch;
+
+/// Parts per transaction: DynamoDB allows 100 actions, one is the counter.
+pub const PARTS_PER_TRANSACTION: usize = 99;
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn key(pk: &str, sk: &str) -> Item {
+    HashMap::from([(attr::PK.to_owned(), s(pk)), (attr::SK.to_owned(), s(sk))])
+}
+
+fn get_s(item: &Item, name: &str) -> Option<String> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn get_n(item: &Item, name: &str) -> Option<i64> {
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().ok(),
+        _ => None,
+    }
+}
+
+fn part_sk(index: u32) -> String {
+    format!("{SK_PART_PREFIX}{index:010}")
+}
+
+fn transaction_error(e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, aws_smithy_runtime_api::http::Response>) -> Option<Vec<Option<String>>> {
+    match e.as_service_error() {
+        Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
+            Some(c.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect())
+        }
+        _ => None,
+    }
+}
+
+impl DynamoStore {
+    /// Counts parts once each, however often they are delivered: per chunk of
+    /// 99, one transaction puts the part items (`attribute_not_exists`) and
+    /// adds their number to `done`, registering the chord on first use (first
+    /// writer's size and callback win). Parts already counted are dropped from
+    /// a cancelled transaction and the rest tried again. Returns how many
+    /// parts were new.
+    pub async fn count_parts(&self, ns: &Namespace, gid: &GroupId, parts: &[Part]) -> Result<u32, StoreError> {
+        let pk = chord_key(ns, gid);
+        // One action per item in a transaction: a batch may hold a part twice.
+        let unique: BTreeMap<u32, &Part> = parts.iter().map(|p| (p.index, p)).collect();
+        let unique: Vec<&Part> = unique.into_values().collect();
+        let mut counted = 0;
+        for chunk in unique.chunks(PARTS_PER_TRANSACTION) {
+            counted += self.count_chunk(&pk, chunk.to_vec()).await?;
+        }
+        Ok(counted)
+    }
+
+    async fn count_chunk(&self, pk: &str, mut parts: Vec<&Part>) -> Result<u32, StoreError> {
+        let backoff = self.backoff();
+        let mut attempt = 0;
+        while !parts.is_empty() {
+            attempt += 1;
+            let first = parts[0];
+            let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0).max(now_epoch() + 3600);
+            let mut actions = Vec::with_capacity(parts.len() + 1);
+            for part in &parts {
+                let mut item = key(pk, &part_sk(part.index));
+                item.insert(attr::TASK_ID.into(), s(part.task_id.as_str()));
+                item.insert(attr::EXPIRES_AT.into(), n(expires_at));
+                let put = Put::builder()
+                    .table_name(self.table())
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(#pk)")
+                    .expression_attribute_names("#pk", attr::PK)
+                    .build()
+                    .map_err(|e| StoreError::Other(e.to_string()))?;
+                actions.push(TransactWriteItem::builder().put(put).build());
+            }
+            let callback_id = crate::chord::Signature::parse(&first.callback)
+                .map(|s| s.task_id.to_string())
+                .unwrap_or_default();
+            let update = Update::builder()
+                .table_name(self.table())
+                .set_key(Some(key(pk, SK_CHORD_STATE)))
+                .update_expression(
+                    "SET #size = if_not_exists(#size, :size), #cb = if_not_exists(#cb, :cb), \
+                     #cbid = if_not_exists(#cbid, :cbid), #state = if_not_exists(#state, :open), \
+                     #exp = if_not_exists(#exp, :exp) ADD #done :k",
+                )
+                .expression_attribute_names("#size", attr::SIZE)
+                .expression_attribute_names("#cb", attr::CALLBACK)
+                .expression_attribute_names("#cbid", attr::CALLBACK_ID)
+                .expression_attribute_names("#state", attr::STATE)
+                .expression_attribute_names("#exp", attr::EXPIRES_AT)
+                .expression_attribute_names("#done", attr::DONE)
+                .expression_attribute_values(":size", n(first.size))
+                .expression_attribute_values(":cb", s(first.callback.clone()))
+                .expression_attribute_values(":cbid", s(callback_id))
+                .expression_attribute_values(":open", s("open"))
+                .expression_attribute_values(":exp", n(expires_at))
+                .expression_attribute_values(":k", n(parts.len()))
+                .build()
+                .map_err(|e| StoreError::Other(e.to_string()))?;
+            actions.push(TransactWriteItem::builder().update(update).build());
+            match self.client().transact_write_items().set_transact_items(Some(actions)).send().await {
+                Ok(_) => return Ok(parts.len() as u32),
+                Err(err) => {
+                    let Some(reasons) = transaction_error(&err) else {
+                        return Err(classify(err, self.attempts()));
+                    };
+                    let counted_before: Vec<bool> =
+                        reasons.iter().map(|r| r.as_deref() == Some("ConditionalCheckFailed")).collect();
+                    if counted_before.iter().any(|&c| c) {
+                        // Drop the parts that were already counted; try the rest at once.
+                        let mut i = 0;
+                        parts.retain(|_| {
+                            let keep = !counted_before.get(i).copied().unwrap_or(false);
+                            i += 1;
+                            keep
+                        });
+                        continue;
+                    }
+                    // A conflicting transaction on the same state item (another
+                    // invocation counting this chord): back off and try again.
+                    if attempt >= backoff.max_attempts {
+                        return Err(StoreError::Throttled { attempts: attempt });
+                    }
+                    tokio::time::sleep(backoff.delay(attempt)).await;
+                }
+            }
+        }
+        Ok(0)
+    }
+
+    /// The chord's state item, read consistently.
+    pub async fn chord_state(&self, ns: &Namespace, gid: &GroupId) -> Result<Option<ChordState>, StoreError> {
+        let item = self.get_item_at(chord_key(ns, gid), SK_CHORD_STATE).await?;
+        Ok(item.map(|item| ChordState {
+            size: get_n(&item, attr::SIZE).unwrap_or(0) as u32,
+            done: get_n(&item, attr::DONE).unwrap_or(0) as u32,
+            state: get_s(&item, attr::STATE).unwrap_or_else(|| "open".into()),
+            callback: get_s(&item, attr::CALLBACK).unwrap_or_default(),
+            callback_id: get_s(&item, attr::CALLBACK_ID).unwrap_or_default(),
+            error: get_s(&item, attr::ERROR),
+        }))
+    }
+
+    /// Claims the join: open → joining with `token` and a lease, or takes over
+    /// a claim whose lease ran out. `false` when someone else holds it or it
+    /// is done.
+    pub async fn claim_chord(&self, ns: &Namespace, gid: &GroupId, token: &str, lease: Duration) -> Result<bool, StoreError> {
+        let now = now_epoch();
+        let result = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .update_expression("SET #state = :joining, #token = :token, #lease = :lease")
+            .condition_expression("#done >= #size AND (#state = :open OR (#state = :joining AND #lease < :now))")
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#done", attr::DONE)
+            .expression_attribute_names("#size", attr::SIZE)
+            .expression_attribute_values(":joining", s("joining"))
+            .expression_attribute_values(":open", s("open"))
+            .expression_attribute_values(":token", s(token))
+            .expression_attribute_values(":lease", n(now + lease.as_secs().max(1) as i64))
+            .expression_attribute_values(":now", n(now))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(classify(e, self.attempts())),
+        }
+    }
+
+    /// Gives a claim back (joining → open) so a retry may claim it at once.
+    pub async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<(), StoreError> {
+        self.client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .update_expression("SET #state = :open REMOVE #token, #lease")
+            .condition_expression("#token = :token")
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_values(":open", s("open"))
+            .expression_attribute_values(":token", s(token))
+            .send()
+            .await
+            .map(|_| ())
+            .or_else(|e| match e.as_service_error() {
+                Some(se) if se.is_conditional_check_failed_exception() => Ok(()),
+                _ => Err(classify(e, self.attempts())),
+            })
+    }
+
+    /// Marks the chord `dispatched` or `failed`, if `token` still holds the claim.
+    pub async fn finish_chord(&self, ns: &Namespace, gid: &GroupId, token: &str, state: &str, error: Option<&str>) -> Result<bool, StoreError> {
+        let mut request = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .condition_expression("#token = :token")
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_values(":state", s(state))
+            .expression_attribute_values(":token", s(token));
+        request = match error {
+            Some(error) => request
+                .update_expression("SET #state = :state, #error = :error REMOVE #lease")
+                .expression_attribute_names("#error", attr::ERROR)
+                .expression_attribute_values(":error", s(error)),
+            None => request.update_expression("SET #state = :state REMOVE #lease"),
+        };
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(classify(e, self.attempts())),
+        }
+    }
+
+    /// The counted parts' task ids in `group_index` order (one consistent
+    /// Query, paged).
+    pub async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
+        let mut ids = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client()
+                .query()
+                .table_name(self.table())
+                .key_condition_expression("#pk = :pk AND begins_with(#sk, :part)")
+                .expression_attribute_names("#pk", attr::PK)
+                .expression_attribute_names("#sk", attr::SK)
+                .expression_attribute_values(":pk", s(chord_key(ns, gid)))
+                .expression_attribute_values(":part", s(SK_PART_PREFIX))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| classify(e, self.attempts()))?;
+            for item in out.items.unwrap_or_default() {
+                if let Some(id) = get_s(&item, attr::TASK_ID).and_then(|id| TaskId::parse(&id).ok()) {
+                    ids.push(id);
+                }
+            }
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok(ids),
+            }
+        }
+    }
+}

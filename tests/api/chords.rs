@@ -1,0 +1,187 @@
+//! Chords joined on the server from the stream, the callback dispatched once.
+//! `./dev test` runs the stack with two pumps that each deliver every batch
+//! twice, so every chord here is joined under redelivery.
+
+use crate::helpers::Api;
+use crate::sqs::Queue;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+struct Chord {
+    gid: String,
+    callback_id: String,
+    callback: Value,
+}
+
+impl Chord {
+    fn new(api: &Api, queue: &Queue, options: Value) -> Self {
+        let gid = api.id("g");
+        let callback_id = api.id("cb");
+        let mut opts = json!({"task_id": callback_id, "reply_to": "oid-1", "group_id": gid, "queue": queue.name});
+        opts.as_object_mut().unwrap().extend(options.as_object().cloned().unwrap_or_default());
+        let callback = json!({"task": "proj.tasks.tsum", "args": [], "kwargs": {}, "options": opts, "subtask_type": null, "immutable": false});
+        Self { gid, callback_id, callback }
+    }
+
+    fn part(&self, task_id: &str, index: usize, size: usize, status: &str, result: Value) -> Value {
+        json!({
+            "status": status, "result": result, "traceback": null, "children": [],
+            "group_id": self.gid, "group_index": index, "task_id": task_id,
+            "chord": {"size": size, "callback": self.callback},
+        })
+    }
+
+    /// Stores `size` SUCCESS parts with `result(i)` (raw JSON text, so any
+    /// number survives), `parallel` at a time, in shuffled order.
+    async fn store_parts(&self, api: &Api, size: usize, parallel: usize, result: impl Fn(usize) -> String) {
+        let mut order: Vec<usize> = (0..size).collect();
+        order.reverse();
+        order.rotate_left(size / 3);
+        let parts: Vec<(String, String)> = order
+            .iter()
+            .map(|&i| {
+                let id = api.id(&format!("p{i}"));
+                let body = self.part(&id, i, size, "SUCCESS", json!("@result@")).to_string();
+                (id, body.replace("\"@result@\"", &result(i)))
+            })
+            .collect();
+        futures::stream::iter(parts)
+            .map(|(id, body)| async move { api.put_task_raw(&id, &body).await.expect(200) })
+            .buffer_unordered(parallel)
+            .collect::<Vec<_>>()
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_chord_of_3_calls_back_once_with_results_in_index_order() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({}));
+    chord.store_parts(&api, 3, 1, |i| format!(r#"{{"i":{i},"big":123456789012345678901234567890}}"#)).await;
+    let messages = queue.expect(Duration::from_secs(60), Duration::from_secs(4)).await;
+    assert_eq!(messages.len(), 1, "exactly one callback: {messages:?}");
+    let m = &messages[0];
+    assert_eq!((m.headers["task"].as_str(), m.headers["id"].as_str()), (Some("proj.tasks.tsum"), Some(chord.callback_id.as_str())));
+    assert_eq!(m.headers["group"], json!(chord.gid));
+    assert_eq!(m.properties["correlation_id"], json!(chord.callback_id));
+    assert_eq!(m.properties["reply_to"], "oid-1");
+    assert_eq!(m.properties["delivery_info"]["routing_key"], json!(queue.name));
+    let results: Vec<u64> = m.body[0][0].as_array().unwrap().iter().map(|r| r["i"].as_u64().unwrap()).collect();
+    assert_eq!(results, [0, 1, 2], "results in group_index order");
+    assert_eq!(m.body[1], json!({}));
+    assert!(m.raw_body.contains(r#"{"i":0,"big":123456789012345678901234567890}"#), "results exact: {}", m.raw_body);
+    let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    assert_eq!(status.json, json!({"group_id": chord.gid, "size": 3, "done": 3, "state": "dispatched", "callback_id": chord.callback_id, "error": null}));
+}
+
+#[tokio::test]
+async fn callback_args_follow_the_results_unless_immutable() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let mut chord = Chord::new(&api, &queue, json!({}));
+    chord.callback["args"] = json!(["extra", 7]);
+    chord.callback["kwargs"] = json!({"scale": 2});
+    chord.store_parts(&api, 2, 2, |i| i.to_string()).await;
+    let m = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].body[0], json!([[0, 1], "extra", 7]));
+    assert_eq!(m[0].body[1], json!({"scale": 2}));
+    assert_eq!(m[0].headers["argsrepr"], "([0, 1], 'extra', 7)");
+
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let mut chord = Chord::new(&api, &queue, json!({}));
+    chord.callback["args"] = json!(["only"]);
+    chord.callback["immutable"] = json!(true);
+    chord.store_parts(&api, 2, 2, |i| i.to_string()).await;
+    let m = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].body[0], json!(["only"]));
+}
+
+#[tokio::test]
+async fn a_chord_of_10000_parts_calls_back_once_complete_and_in_order() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({}));
+    chord.store_parts(&api, 10_000, 32, |i| i.to_string()).await;
+    let messages = queue.expect(Duration::from_secs(300), Duration::from_secs(5)).await;
+    assert_eq!(messages.len(), 1, "exactly one callback");
+    let results = messages[0].body[0][0].as_array().unwrap();
+    assert_eq!(results.len(), 10_000);
+    assert!(results.iter().enumerate().all(|(i, r)| r.as_u64() == Some(i as u64)), "complete and in index order");
+    let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    assert_eq!((status.json["done"].as_u64(), status.json["state"].as_str()), (Some(10_000), Some("dispatched")));
+}
+
+#[tokio::test]
+async fn a_failed_part_fails_the_chord_like_celery() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let errback = json!({"task": "proj.tasks.on_error", "args": [], "kwargs": {}, "options": {"queue": queue.name}, "immutable": false});
+    let chord = Chord::new(&api, &queue, json!({"link_error": [errback]}));
+    let failure = json!({"exc_type": "ValueError", "exc_message": ["boom", 42], "exc_module": "builtins"});
+    let ids: Vec<String> = (0..4).map(|i| api.id(&format!("p{i}"))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let (status, result) = match i {
+            1 => ("FAILURE", failure.clone()),
+            3 => ("REVOKED", json!({"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"})),
+            _ => ("SUCCESS", json!(i)),
+        };
+        api.put_task(id, chord.part(id, i, 4, status, result)).await.expect(200);
+    }
+    let messages = queue.expect(Duration::from_secs(60), Duration::from_secs(4)).await;
+    assert_eq!(messages.len(), 1, "the errback only, never the callback: {messages:?}");
+    assert_eq!(messages[0].headers["task"], "proj.tasks.on_error");
+    assert_eq!(messages[0].body[0], json!([chord.callback_id]), "old-style errback: the failed task's id");
+    let cb = api.get_task(&chord.callback_id).await.expect(200);
+    assert_eq!(cb.json["status"], "FAILURE");
+    assert_eq!(
+        cb.json["result"],
+        json!({"exc_type": "ChordError", "exc_message": [format!("Dependency {} raised ValueError('boom', 42)", ids[1])], "exc_module": "celery.exceptions"})
+    );
+    let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    assert_eq!(status.json["state"], "failed");
+}
+
+#[tokio::test]
+async fn a_callback_too_large_for_its_queue_fails_the_chord_clearly() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({}));
+    // Three results of 120 KB: the message is over SQS's 256 KiB.
+    chord.store_parts(&api, 3, 3, |i| format!("\"{}\"", i.to_string().repeat(120_000))).await;
+    let mut status = Value::Null;
+    for _ in 0..120 {
+        status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.json;
+        if status["state"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(status["error"].as_str().unwrap().contains("accepts at most 262144"), "{status}");
+    let cb = api.get_task(&chord.callback_id).await.expect(200);
+    assert_eq!(cb.json["status"], "FAILURE");
+    assert_eq!(cb.json["result"]["exc_type"], "ChordError");
+    assert!(queue.drain(Duration::from_secs(2)).await.is_empty(), "nothing half-sent");
+}
+
+#[tokio::test]
+async fn chord_status_of_an_unknown_chord_is_404_and_bad_chords_are_refused() {
+    let api = Api::new();
+    api.call(reqwest::Method::GET, &format!("/v1/chords/{}", api.id("nope")), None).await.expect_error(404, "chord_not_found");
+    let id = api.id("p");
+    let cb = json!({"task": "t", "options": {"task_id": api.id("cb")}});
+    for body in [
+        json!({"status": "SUCCESS", "chord": {"size": 2, "callback": cb}}),
+        json!({"status": "SUCCESS", "group_id": "g", "group_index": 5, "chord": {"size": 2, "callback": cb}}),
+        json!({"status": "SUCCESS", "group_id": "g", "group_index": 0, "chord": {"size": 2, "callback": {"task": "t"}}}),
+        json!({"status": "SUCCESS", "group_id": "g", "group_index": 0, "chord": {"size": 2}}),
+    ] {
+        api.put_task(&id, body).await.expect_error(400, "invalid_meta");
+    }
+    assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
+}
