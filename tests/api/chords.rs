@@ -185,3 +185,57 @@ async fn chord_status_of_an_unknown_chord_is_404_and_bad_chords_are_refused() {
     }
     assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
 }
+
+#[tokio::test]
+async fn a_claim_left_by_a_crashed_invocation_heals_after_its_lease() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({}));
+    let p0 = api.id("p0");
+    api.put_task(&p0, chord.part(&p0, 0, 2, "SUCCESS", json!(0))).await.expect(200);
+    let status_path = format!("/v1/chords/{}", chord.gid);
+    for _ in 0..100 {
+        if api.call(reqwest::Method::GET, &status_path, None).await.json["done"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Fault injection: leave the state an invocation that claimed the chord and
+    // died before dispatching leaves behind (joining, its token, a lease).
+    let dynamodb = aws_sdk_dynamodb::Client::new(
+        &aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8000".into()))
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "tests"))
+            .load()
+            .await,
+    );
+    let lease_until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3;
+    dynamodb
+        .update_item()
+        .table_name(std::env::var("TABLE_NAME").unwrap_or_else(|_| "dynachord-local".into()))
+        .key("pk", AttributeValue::S(format!("default/chord/{}", chord.gid)))
+        .key("sk", AttributeValue::S("state".into()))
+        .update_expression("SET #s = :joining, #t = :token, #l = :lease")
+        .expression_attribute_names("#s", "state")
+        .expression_attribute_names("#t", "token")
+        .expression_attribute_names("#l", "lease_until")
+        .expression_attribute_values(":joining", AttributeValue::S("joining".into()))
+        .expression_attribute_values(":token", AttributeValue::S("crashed-invocation".into()))
+        .expression_attribute_values(":lease", AttributeValue::N(lease_until.to_string()))
+        .send()
+        .await
+        .unwrap();
+    let p1 = api.id("p1");
+    let stored_at = std::time::Instant::now();
+    api.put_task(&p1, chord.part(&p1, 1, 2, "SUCCESS", json!(1))).await.expect(200);
+    let messages = queue.expect(Duration::from_secs(60), Duration::ZERO).await;
+    let arrived = stored_at.elapsed();
+    assert_eq!(messages.len(), 1, "the stream's retry dispatched it once the lease ran out");
+    assert_eq!(messages[0].body[0], json!([[0, 1]]));
+    assert!(arrived >= Duration::from_millis(1500), "not before the crashed claim's lease ran out: {arrived:?}");
+    assert!(queue.drain(Duration::from_secs(4)).await.is_empty(), "and only once");
+    let status = api.call(reqwest::Method::GET, &status_path, None).await.expect(200);
+    assert_eq!(status.json["state"], "dispatched");
+}
