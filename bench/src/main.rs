@@ -3,8 +3,15 @@
 //! DynamoDB requests per operation (from the `x-dynachord-ddb-calls` header),
 //! and the ratio service/raw. Medians over rounds; the machine is shared.
 //!
-//! `./dev bench [--n 1000] [--rounds 3]` builds it, starts the local stack if
-//! none is up, and runs it.
+//! Then chords (`--chords 1000,10000`): DynamoDB requests per part (the
+//! stores' from the response header, chord-join's from its log line per
+//! chord), and the time from the last part's store to the callback landing on
+//! SQS; beside it, in the same run on the same DynamoDB Local, Celery 5.7's own
+//! DynamoDB backend joining a chord of the same size
+//! (`bench/celery_dynamodb_chord.py`).
+//!
+//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000]` builds it,
+//! starts the local stack if none is up, and runs it.
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
@@ -18,6 +25,7 @@ use std::time::{Duration, Instant};
 struct Args {
     n: usize,
     rounds: usize,
+    chords: Vec<usize>,
     endpoint: String,
     dynamodb: String,
     table: String,
@@ -28,6 +36,7 @@ fn args() -> Args {
     let mut a = Args {
         n: 1000,
         rounds: 3,
+        chords: vec![1000, 10_000],
         endpoint: env("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000"),
         dynamodb: env("DYNAMODB_ENDPOINT", "http://127.0.0.1:8000"),
         table: env("TABLE_NAME", "dynachord-local"),
@@ -35,12 +44,16 @@ fn args() -> Args {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
-        let value = it.next().and_then(|v| v.parse().ok());
+        let raw = it.next().cloned().unwrap_or_default();
+        let value = raw.parse().ok();
         match (flag.as_str(), value) {
             ("--n", Some(v)) => a.n = v,
             ("--rounds", Some(v)) => a.rounds = v,
+            ("--chords", _) => {
+                a.chords = raw.split(',').filter(|s| !s.is_empty()).filter_map(|s| s.trim().parse().ok()).collect()
+            }
             _ => {
-                eprintln!("usage: bench [--n 1000] [--rounds 3]");
+                eprintln!("usage: bench [--n 1000] [--rounds 3] [--chords 1000,10000]");
                 std::process::exit(2)
             }
         }
@@ -247,4 +260,117 @@ async fn main() {
     row(&format!("raw: BatchGetItem {n} keys, chunks in parallel"), m("raw batch parallel"), n, Some(n.div_ceil(100) as f64), None);
     row(&format!("raw: BatchGetItem {n} keys, chunks in sequence"), m("raw batch sequential"), n, Some(n.div_ceil(100) as f64), None);
     println!("\n(ddb/op for batch-get is per call; targets: store = 1 request, batch-get <= 1.5x raw parallel BatchGetItem)");
+
+    if !a.chords.is_empty() {
+        println!("\nchords: last part stored -> callback on SQS, against Celery 5.7's DynamoDB backend joining the same size");
+        println!(
+            "{:>7} {:>12} {:>12} {:>12} {:>14} {:>12} {:>14} {:>8}",
+            "parts", "store/part", "join/part", "ddb/part", "last->queue s", "celery s", "celery ddb", "speedup"
+        );
+        for &n in &a.chords {
+            chord_bench(&service, &sdk, n).await;
+        }
+        println!("(ddb/part: DynamoDB requests per part, amortised: each store's, plus chord-join's from its log;");
+        println!(" celery ddb: requests of Celery's on_chord_part_return for the last part alone; target: ddb/part <= 2, speedup >= 5x at 1000)");
+    }
+}
+
+/// One chord of `n` parts through the service, then Celery's join of the same size.
+async fn chord_bench(service: &Service, sdk: &aws_config::SdkConfig, n: usize) {
+    use futures::StreamExt;
+    let sqs_endpoint = std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let sqs = aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(sdk).endpoint_url(&sqs_endpoint).build());
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let queue = format!("bench-{tag}");
+    let url = sqs.create_queue().queue_name(&queue).send().await.expect("SQS answers").queue_url.unwrap();
+    let gid = format!("bench-{tag}-g");
+    let callback = serde_json::json!({"task": "bench.tsum", "args": [], "kwargs": {}, "immutable": false,
+        "options": {"task_id": format!("bench-{tag}-cb"), "queue": queue}});
+    let part = |i: usize| {
+        let id = format!("bench-{tag}-p{i}");
+        let body = serde_json::json!({"status": "SUCCESS", "result": i, "group_id": gid, "group_index": i,
+            "chord": {"size": n, "callback": callback}});
+        service.http.put(format!("{}/v1/tasks/{id}", service.base)).body(body.to_string())
+    };
+    // All parts but the last, 16 at a time; wait until chord-join has counted them.
+    let store_calls: u32 = futures::stream::iter(0..n - 1)
+        .map(|i| async move { service.send(part(i)).await.1 })
+        .buffer_unordered(16)
+        .collect::<Vec<u32>>()
+        .await
+        .into_iter()
+        .sum();
+    let status_url = format!("{}/v1/chords/{gid}", service.base);
+    let started = Instant::now();
+    loop {
+        let (body, _) = service.send(service.http.get(&status_url)).await;
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if status["done"].as_u64() == Some(n as u64 - 1) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "chord-join did not count the parts: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The measured step: the last part's store until the callback is on the queue.
+    let started = Instant::now();
+    let last_calls = service.send(part(n - 1)).await.1;
+    loop {
+        let got = sqs.receive_message().queue_url(&url).wait_time_seconds(1).send().await.unwrap();
+        if got.messages.is_some_and(|m| !m.is_empty()) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "no callback");
+    }
+    let landed = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let join_calls = join_calls_from_log(&gid);
+    let store_per_part = (store_calls + last_calls) as f64 / n as f64;
+    let join_per_part = join_calls.map(|c| c as f64 / n as f64);
+    let celery = celery_join(n);
+    let fmt = |v: Option<f64>, p: usize| v.map_or("n/a".to_owned(), |v| format!("{v:.p$}"));
+    let ok = celery.as_ref().ok();
+    println!(
+        "{n:>7} {store_per_part:>12.3} {:>12} {:>12} {landed:>14.3} {:>12} {:>14} {:>8}",
+        fmt(join_per_part, 3),
+        fmt(join_per_part.map(|j| j + store_per_part), 3),
+        ok.map_or("failed".to_owned(), |c| format!("{:.3}", c.0)),
+        ok.map_or("-".to_owned(), |c| c.1.to_string()),
+        ok.map_or("-".to_owned(), |c| format!("{:.1}x", c.0 / landed)),
+    );
+    if let Err(why) = celery {
+        println!("        Celery's DynamoDB backend could not join {n} parts: {why}");
+    }
+}
+
+/// chord-join's DynamoDB requests for one chord, summed from its log lines
+/// (`chord advanced ... ddb_calls`) in the local stack's `.local/watch.log`.
+fn join_calls_from_log(gid: &str) -> Option<u64> {
+    let log = std::fs::read_to_string(".local/watch.log").ok()?;
+    let total = log
+        .lines()
+        .filter(|l| l.contains("chord advanced") && l.contains(gid))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+        .filter(|v| v["fields"]["chord"] == gid)
+        .filter_map(|v| v["fields"]["ddb_calls"].as_u64())
+        .sum();
+    Some(total)
+}
+
+/// Celery 5.7's DynamoDB backend joining a chord of `n`: (seconds, DynamoDB
+/// requests), or why it could not.
+fn celery_join(n: usize) -> Result<(f64, u64), String> {
+    let out = std::process::Command::new(".venv/bin/python")
+        .args(["bench/celery_dynamodb_chord.py", "--n", &n.to_string()])
+        .output()
+        .map_err(|e| format!("not run: {e}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        return Err(stderr.lines().last().unwrap_or("no output").to_owned());
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).map_err(|e| e.to_string())?;
+    match (v["seconds"].as_f64(), v["ddb_requests_last_part"].as_u64()) {
+        (Some(secs), Some(calls)) => Ok((secs, calls)),
+        _ => Err(format!("unexpected output: {v}")),
+    }
 }
