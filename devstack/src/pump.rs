@@ -82,7 +82,7 @@ fn sequence(record: &Record) -> String {
     record.dynamodb.as_ref().and_then(|c| c.sequence_number.clone()).unwrap_or_default()
 }
 
-/// Sequence numbers are decimal strings of varying length.
+/// Sequence numbers are decimal strings of varying length: order by length, then text.
 fn seq_key(seq: &str) -> (usize, &str) {
     (seq.len(), seq)
 }
@@ -207,11 +207,12 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
                     shard.retry_at = None;
                 }
                 Outcome::RetryFrom(seq) => {
-                    // Records before the first failure are done; retry from it.
+                    // Records before the first failure are done; retry from it
+                    // (an identifier not in the batch retries all of it, as Lambda does).
                     let keep_from = shard.buffer[..n]
                         .iter()
-                        .position(|r| seq_key(&sequence(r)) >= seq_key(&seq))
-                        .unwrap_or(n);
+                        .position(|r| sequence(r) == seq)
+                        .unwrap_or(0);
                     shard.buffer.drain(..keep_from);
                     shard.failures += 1;
                     shard.retry_at = Some(Instant::now() + backoff(shard.failures));

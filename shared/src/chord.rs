@@ -169,6 +169,8 @@ pub struct Joiner {
     pub target: Target,
     /// How long a claim holds before another invocation may take it over.
     pub lease: Duration,
+    /// Lifetime of the ChordError stored on a failed chord's callback.
+    pub result_ttl: Duration,
 }
 
 impl Joiner {
@@ -188,6 +190,7 @@ impl Joiner {
             store: DynamoStore::from_shared(&config, &shared).await?,
             target: Target::new(targets, &shared),
             lease: Duration::from_secs(lease),
+            result_ttl: config.result_ttl,
         })
     }
 
@@ -323,7 +326,7 @@ impl Joiner {
             task_id: sig.task_id.clone(),
             status: State::Failure,
             json: meta.to_string(),
-            expires_at: now_epoch() + 86_400,
+            expires_at: now_epoch() + self.result_ttl.as_secs() as i64,
             group_id: None,
             group_index: None,
             chord: None,

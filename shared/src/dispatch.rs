@@ -318,6 +318,63 @@ mod tests {
         assert_eq!(inner[2]["chord"], Value::Null);
     }
 
+    /// The real Lambda and SQS clients over a scripted HTTP layer that records requests.
+    fn target(config: TargetConfig) -> (Target, std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>) {
+        use aws_smithy_http_client::test_util::infallible_client_fn;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let http = infallible_client_fn(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
+            let invocation = req.headers().get("x-amz-invocation-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let body = String::from_utf8_lossy(req.body().bytes().unwrap_or_default()).into_owned();
+            log.lock().unwrap().push((req.uri().to_string(), invocation, body));
+            lambda_http::http::Response::builder().status(202).body("").unwrap()
+        });
+        let shared = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+                aws_sdk_sqs::config::Credentials::new("a", "b", None, None, "test"),
+            ))
+            .http_client(http)
+            .build();
+        (Target::new(config, &shared), seen)
+    }
+
+    #[tokio::test]
+    async fn the_lambda_target_invokes_asynchronously_with_the_joined_results() {
+        let config = TargetConfig::from_lookup(|v| match v {
+            "CALLBACK_TARGET" => Some("lambda".into()),
+            "CALLBACK_LAMBDA_FUNCTION" => Some("on-chord".into()),
+            "CALLBACK_MAX_BYTES" => Some("200".into()),
+            _ => None,
+        })
+        .unwrap();
+        let (target, seen) = target(config);
+        let sig = Signature::parse(r#"{"task":"t","options":{"task_id":"cb"}}"#).unwrap();
+        let cx = MessageContext { group_id: "g1", parent_id: None, root_id: None };
+        let event = r#"{"chord_id":"g1","results":[1,2]}"#;
+        target.send(&sig, "[[1,2]]", || event.to_owned(), &cx).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1);
+        let (uri, invocation, body) = &seen[0];
+        assert!(uri.contains("/functions/on-chord/invocations"), "{uri}");
+        assert_eq!(invocation, "Event", "asynchronous invoke");
+        assert_eq!(body, event);
+        let big = format!(r#"{{"results":"{}"}}"#, "x".repeat(300));
+        let err = target.send(&sig, "[]", || big, &cx).await.unwrap_err();
+        assert!(matches!(err, DispatchError::TooLarge { limit: 200, .. }) && err.is_permanent(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_sqs_target_needs_a_queue_url_and_respects_the_cap() {
+        let (target, seen) = target(TargetConfig::from_lookup(|_| None).unwrap());
+        let sig = Signature::parse(r#"{"task":"t","options":{"task_id":"cb","queue":"proj.high"}}"#).unwrap();
+        let cx = MessageContext { group_id: "g1", parent_id: None, root_id: None };
+        let err = target.send(&sig, "[[1]]", String::new, &cx).await.unwrap_err();
+        assert!(matches!(&err, DispatchError::UnknownQueue(q) if q == "proj.high") && err.is_permanent());
+        assert!(seen.lock().unwrap().is_empty(), "nothing sent");
+    }
+
     #[test]
     fn queue_urls_come_from_the_map_or_the_prefix() {
         let config = TargetConfig::from_lookup(|v| match v {

@@ -108,9 +108,13 @@ async fn custom_states_are_stored_and_not_ready() {
 async fn expired_results_read_as_pending_and_do_not_block_new_writes() {
     let api = Api::new();
     let id = api.id("exp");
-    api.put_task(&id, json!({"status": "SUCCESS", "result": "short-lived", "expires_in": 1})).await.expect(200);
+    // Expiry has whole-second resolution: a few seconds leave the first read
+    // inside the lifetime on a loaded machine, then sleep past the stored instant.
+    let stored = api.put_task(&id, json!({"status": "SUCCESS", "result": "short-lived", "expires_in": 4})).await.expect(200);
     assert_eq!(api.get_task(&id).await.json["status"], "SUCCESS");
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let expires_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(stored.json["expires_at"].as_u64().unwrap());
+    let left = expires_at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(left + std::time::Duration::from_millis(1100)).await;
     // DynamoDB deletes expired items late (DynamoDB Local never does): the read must treat it as missing.
     let got = api.get_task(&id).await.expect(200);
     assert_eq!(got.json["status"], "PENDING");
