@@ -1,0 +1,77 @@
+"""The table the local stack creates is the table infra/template.yaml deploys.
+
+One source of truth for keys, attribute types, TTL attribute and stream view:
+shared/src/store/schema.rs creates the local table; this compares it, as
+DynamoDB Local describes it, with the template's table resource.
+"""
+
+import os
+import pathlib
+
+import boto3
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_template():
+    class CfnLoader(yaml.SafeLoader):
+        pass
+
+    def tag(loader, suffix, node):  # !Ref, !GetAtt, !If ... kept as data
+        if isinstance(node, yaml.ScalarNode):
+            return {suffix: loader.construct_scalar(node)}
+        if isinstance(node, yaml.SequenceNode):
+            return {suffix: loader.construct_sequence(node, deep=True)}
+        return {suffix: loader.construct_mapping(node, deep=True)}
+
+    CfnLoader.add_multi_constructor("!", tag)
+    return yaml.load((ROOT / "infra" / "template.yaml").read_text(), Loader=CfnLoader)
+
+
+def test_local_table_matches_the_templates_table():
+    table = load_template()["Resources"]["ResultsTable"]["Properties"]
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=os.environ.get("DYNAMODB_ENDPOINT", "http://127.0.0.1:8000"),
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
+    name = os.environ.get("TABLE_NAME", "dynachord-local")
+    local = client.describe_table(TableName=name)["Table"]
+
+    def keys(schema):
+        return sorted((k["AttributeName"], k["KeyType"]) for k in schema)
+
+    def attributes(defs):
+        return sorted((a["AttributeName"], a["AttributeType"]) for a in defs)
+
+    assert keys(local["KeySchema"]) == keys(table["KeySchema"])
+    assert attributes(local["AttributeDefinitions"]) == attributes(table["AttributeDefinitions"])
+    assert local["StreamSpecification"]["StreamEnabled"]
+    assert local["StreamSpecification"]["StreamViewType"] == table["StreamSpecification"]["StreamViewType"]
+    ttl = client.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+    assert ttl["AttributeName"] == table["TimeToLiveSpecification"]["AttributeName"]
+    assert ttl["TimeToLiveStatus"] in ("ENABLED", "ENABLING")
+    assert table["TimeToLiveSpecification"]["Enabled"] is True
+
+
+def test_every_v1_route_is_in_the_template_and_the_local_router():
+    resources = load_template()["Resources"]
+    routes = sorted(
+        (event["Properties"]["Method"], event["Properties"]["Path"])
+        for resource in resources.values()
+        if resource["Type"] == "AWS::Serverless::Function"
+        for event in resource["Properties"].get("Events", {}).values()
+        if event["Type"] == "HttpApi"
+    )
+    assert routes == sorted([
+        ("PUT", "/v1/tasks/{task_id}"), ("GET", "/v1/tasks/{task_id}"), ("DELETE", "/v1/tasks/{task_id}"),
+        ("POST", "/v1/tasks/batch-get"),
+        ("PUT", "/v1/groups/{group_id}"), ("GET", "/v1/groups/{group_id}"), ("DELETE", "/v1/groups/{group_id}"),
+        ("GET", "/v1/chords/{group_id}"),
+    ])
+    cargo = (ROOT / "Cargo.toml").read_text()
+    for _, path in routes:
+        assert f'"{path}"' in cargo, f"{path} missing from cargo lambda watch's router"
