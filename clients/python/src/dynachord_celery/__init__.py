@@ -1,0 +1,10 @@
+"""dynachord for Celery: a result backend on dynachord's HTTP API.
+
+    result_backend = "dynachord+https://<api-id>.execute-api.<region>.amazonaws.com"
+"""
+
+from .backend import DynachordBackend
+from .client import Client, ClientOptions, DynachordError, DynachordUnavailable
+
+__all__ = ["Client", "ClientOptions", "DynachordBackend", "DynachordError", "DynachordUnavailable"]
+__version__ = "0.1.0"

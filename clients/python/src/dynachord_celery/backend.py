@@ -1,0 +1,272 @@
+"""Celery result backend for dynachord.
+
+    result_backend = "dynachord+https://<api-id>.execute-api.<region>.amazonaws.com"
+    result_backend = "dynachord+http://127.0.0.1:9000"      # the local stack
+
+What it does differently from Celery's key-value backends:
+
+- a store is one HTTP call and one conditional write on the server (no read
+  first; SUCCESS is never overwritten, a refused store is not an error);
+- ``AsyncResult.get()`` long-polls on the server instead of polling;
+- ``GroupResult.get()``/``join_native()`` fetch all results with batch-get;
+- chords are joined on the server: each header part carries its chord when
+  it stores its result, the service counts the parts, joins the results in
+  order and sends the callback once. Workers never poll, never count and
+  never send the callback; there is no ``celery.chord_unlock``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Iterator, Mapping, Optional
+
+from celery import states
+from celery.backends.base import BaseBackend
+from celery.exceptions import ImproperlyConfigured
+from celery.result import result_from_tuple
+
+from .client import Client, ClientOptions, DynachordError, DynachordUnavailable
+
+logger = logging.getLogger(__name__)
+
+#: The task meta fields the service stores (Celery's, extended ones included).
+META_FIELDS = (
+    "status", "result", "traceback", "children", "date_done", "group_id", "group_index",
+    "parent_id", "root_id", "name", "args", "kwargs", "worker", "retries", "queue", "task_id",
+)
+
+#: Most ids in one batch-get call (the service's MAX_BATCH_IDS default).
+BATCH_IDS = 1000
+
+
+class DynachordBackend(BaseBackend):
+    """A Celery result backend on dynachord's HTTP API.
+
+    Options go in ``result_backend_transport_options`` (see
+    :class:`~dynachord_celery.client.ClientOptions`), for example
+    ``{"region": "eu-west-1", "max_retries": 8}``.
+    """
+
+    supports_native_join = True
+    supports_autoexpire = True
+    persistent = True
+
+    def __init__(self, app: Any, url: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(app, url=url, **kwargs)
+        if not url:
+            raise ImproperlyConfigured(
+                "dynachord needs the service's URL: result_backend = 'dynachord+https://<host>'"
+            )
+        if self.serializer != "json":
+            raise ImproperlyConfigured(
+                f"dynachord stores results as JSON documents; result_serializer is {self.serializer!r}, "
+                "set it to 'json'"
+            )
+        raw = app.conf.get("result_backend_transport_options") or {}
+        try:
+            self.client = Client(url, ClientOptions.from_mapping(raw))
+        except ValueError as exc:
+            raise ImproperlyConfigured(str(exc)) from exc
+        self.url = self.client.endpoint
+
+    def exception_safe_to_retry(self, exc: BaseException) -> bool:
+        # For result_backend_always_retry: the client already retried these.
+        return isinstance(exc, DynachordUnavailable)
+
+    # -- tasks ---------------------------------------------------------------
+
+    def _expires_in(self) -> Optional[int]:
+        return None if not self.expires else max(1, int(self.expires))
+
+    def _store_result(
+        self, task_id: str, result: Any, state: str, traceback: Optional[str] = None,
+        request: Any = None, **kwargs: Any,
+    ) -> Any:
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        body = {k: meta[k] for k in META_FIELDS if k in meta}
+        if request is not None:
+            if getattr(request, "group", None) and getattr(request, "group_index", None) is not None:
+                body["group_index"] = request.group_index
+            chord = self._chord_of(request, state)
+            if chord is not None:
+                body["chord"] = chord
+        body["task_id"] = task_id
+        expires_in = self._expires_in()
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        self.client.put_task(task_id, body)
+        return result
+
+    def _chord_of(self, request: Any, state: str) -> Optional[dict[str, Any]]:
+        """The chord a header part reports on reaching a ready state: its size
+        and the callback, routed as Celery would route it."""
+        callback = getattr(request, "chord", None)
+        if not callback or state not in states.READY_STATES:
+            return None
+        if not getattr(request, "group", None) or getattr(request, "group_index", None) is None:
+            raise ImproperlyConfigured(
+                f"task {request.id} is a chord part without group_id/group_index; "
+                "dynachord joins chords of flat groups sent by Celery 5.1 or later"
+            )
+        size = callback.get("chord_size")
+        if size is None:
+            raise ImproperlyConfigured(f"task {request.id}'s chord has no chord_size (Celery 5.1 or later sets it)")
+        callback = copy.deepcopy(dict(callback))
+        self._route(callback)
+        return {"size": size, "callback": callback}
+
+    def _route(self, sig: dict[str, Any]) -> None:
+        """Names the queue a signature the service will send goes to, from
+        this app's routes (the service falls back to its default queue
+        otherwise), and likewise for its errbacks and callbacks."""
+        options = sig.get("options")
+        if not isinstance(options, dict):
+            options = sig["options"] = {}
+        if not options.get("queue"):
+            route = self.app.amqp.router.route(
+                {k: v for k, v in options.items() if k in ("queue", "exchange", "routing_key")},
+                sig.get("task"),
+            )
+            queue = route.get("queue")
+            name = getattr(queue, "name", queue)
+            if name:
+                options["queue"] = name
+        for key in ("link", "link_error"):
+            linked = options.get(key)
+            for child in linked if isinstance(linked, list) else [linked] if linked else []:
+                if isinstance(child, dict) and child.get("task"):
+                    self._route(child)
+
+    def _decode(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.meta_from_decoded(meta))
+
+    def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
+        return self._decode(self.client.get_task(task_id))
+
+    def task_result_exists(self, task_id: str) -> bool:
+        return bool(self._get_task_meta_for(task_id)["status"] != states.PENDING)
+
+    def _forget(self, task_id: str) -> None:
+        self.client.forget(task_id)
+
+    def wait_for(
+        self, task_id: str, timeout: Optional[float] = None, interval: float = 0.5,
+        no_ack: bool = True, on_interval: Any = None,
+    ) -> dict[str, Any]:
+        """Waits on the server (long-poll), not by polling from here."""
+        self._ensure_not_eager()
+        cached = self._cache.get(task_id)
+        if cached is not None and cached["status"] in states.READY_STATES:
+            return dict(cached)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = self.client.options.max_wait if deadline is None else deadline - time.monotonic()
+            meta = self._decode(self.client.get_task(task_id, wait=max(0.0, left)))
+            if meta["status"] in states.READY_STATES:
+                if meta["status"] == states.SUCCESS:
+                    self._cache[task_id] = meta
+                return meta
+            if on_interval:
+                on_interval()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self.TimeoutError("The operation timed out.")
+
+    def get_many(
+        self, task_ids: Any, timeout: Optional[float] = None, interval: float = 0.5, no_ack: bool = True,
+        on_message: Any = None, on_interval: Any = None, max_iterations: Optional[int] = None,
+        READY_STATES: frozenset[str] = states.READY_STATES,
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yields ``(task_id, meta)`` as tasks become ready: batch-get calls of
+        up to 1,000 ids, each long-polling on the server."""
+        ids = list(dict.fromkeys(task_ids))
+        waiting = []
+        for task_id in ids:
+            cached = self._cache.get(task_id)
+            if cached is not None and cached["status"] in READY_STATES:
+                yield task_id, cached
+            else:
+                waiting.append(task_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        iterations = 0
+        while waiting:
+            left = self.client.options.max_wait if deadline is None else max(0.0, deadline - time.monotonic())
+            still = []
+            for start in range(0, len(waiting), BATCH_IDS):
+                chunk = waiting[start:start + BATCH_IDS]
+                # Only the first chunk waits: later ones are read right after it.
+                metas = self.client.batch_get(chunk, wait=left if start == 0 else 0.0)
+                for task_id, raw in zip(chunk, metas):
+                    if raw.get("status") in READY_STATES:
+                        meta = self._decode(raw)
+                        self._cache[task_id] = meta
+                        if on_message is not None:
+                            on_message(meta)
+                        yield task_id, meta
+                    else:
+                        still.append(task_id)
+            waiting = still
+            if not waiting:
+                break
+            if on_interval:
+                on_interval()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self.TimeoutError(f"Operation timed out ({timeout})")
+            iterations += 1
+            if max_iterations and iterations >= max_iterations:
+                break
+
+    # -- groups ----------------------------------------------------------------
+
+    def _save_group(self, group_id: str, result: Any) -> Any:
+        self.client.save_group(group_id, result.as_tuple(), self._expires_in())
+        return result
+
+    def _restore_group(self, group_id: str) -> Optional[dict[str, Any]]:
+        meta = self.client.get_group(group_id)
+        if meta is None:
+            return None
+        meta["result"] = result_from_tuple(meta["result"], self.app)
+        return meta
+
+    def _delete_group(self, group_id: str) -> None:
+        self.client.delete_group(group_id)
+
+    # -- chords: joined on the server -----------------------------------------
+
+    def apply_chord(self, header_result_args: Any, body: Any, **kwargs: Any) -> None:
+        """Called by ``chord.run`` after the header is frozen, before any part
+        is sent: records the header's size on the callback signature, which
+        every part's message carries (``request.chord``), so each part can
+        report the chord when it stores its result. Nothing else: the service
+        joins and sends the callback (no chord_unlock task)."""
+        self.ensure_chords_allowed()
+        _group_id, results = header_result_args
+        body["chord_size"] = len(results)
+
+    def set_chord_size(self, group_id: str, chord_size: int) -> None:
+        """Not needed: the size travels with each part (see :meth:`apply_chord`);
+        Celery calls this only before sending the last part."""
+
+    def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
+        """The part's store already counted it; the service joins the chord."""
+
+    def add_to_chord(self, chord_id: str, result: Any) -> None:
+        raise NotImplementedError(
+            "dynachord joins chords of a fixed size; Task.add_to_chord and replacing a chord part "
+            "with a group are not supported"
+        )
+
+    def chord_status(self, group_id: str) -> Optional[dict[str, Any]]:
+        """The server's view of a chord: size, done, state, callback_id."""
+        return self.client.chord(group_id)
+
+    def as_uri(self, include_password: bool = False) -> str:
+        return f"dynachord+{self.client.endpoint}"
+
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: Optional[Mapping[str, Any]] = None) -> Any:
+        return super().__reduce__(args, dict(kwargs or {}, url=self.client.endpoint))
+
+
+__all__ = ["DynachordBackend", "DynachordError", "DynachordUnavailable"]

@@ -1,0 +1,310 @@
+"""A small HTTP client for dynachord's v1 API.
+
+One ``requests.Session`` per process (connections are reused; a forked child
+opens its own), SigV4 signing for deployed APIs (IAM auth) through botocore's
+credential chain, timeouts on every call, and retries with exponential
+backoff and full jitter on throttling (429), unavailability (502/503/504, with
+``Retry-After`` honoured) and connection errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional
+from urllib.parse import quote, urlencode, urlsplit
+
+import requests
+from kombu.utils import json as kjson
+
+logger = logging.getLogger(__name__)
+
+#: Statuses worth another attempt: throttled, or the service is (briefly) unavailable.
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+
+_EXECUTE_API_HOST = re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com$")
+
+
+class DynachordError(Exception):
+    """An error answer from dynachord (or no answer at all).
+
+    ``status`` is the HTTP status (0 when the service could not be reached),
+    ``code`` and ``message`` the service's ``error.code`` and ``error.message``.
+    """
+
+    def __init__(self, method: str, path: str, status: int, code: str, message: str) -> None:
+        super().__init__(f"dynachord {method} {path}: {status} {code}: {message}")
+        self.method, self.path = method, path
+        self.status, self.code, self.message = status, code, message
+
+
+class DynachordUnavailable(DynachordError):
+    """Throttled or unreachable after every retry; safe to try again later."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How the client talks to the service. All of them have sane defaults."""
+
+    #: Sign requests with SigV4 (service ``execute-api``). ``None``: sign when
+    #: the endpoint is an ``execute-api`` host, never for plain ``http``.
+    sign: Optional[bool] = None
+    #: The API's region; by default from the ``execute-api`` host name, else
+    #: the AWS configuration (``AWS_REGION``, profile).
+    region: Optional[str] = None
+    #: Seconds to connect, and to read an answer (a long-poll adds its wait).
+    connect_timeout: float = 3.05
+    read_timeout: float = 15.0
+    #: Attempts after the first on a retryable answer or connection error.
+    max_retries: int = 6
+    #: Backoff: the n-th retry waits a random time up to min(cap, base * 2**n).
+    backoff_base: float = 0.05
+    backoff_cap: float = 5.0
+    #: Longest long-poll the service accepts in one request (MAX_WAIT_SECONDS).
+    max_wait: float = 20.0
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "ClientOptions":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown dynachord option(s) {unknown}; known: {sorted(known)}")
+        return cls(**raw)
+
+
+def parse_endpoint(url: str) -> str:
+    """The service's base URL from a backend URL.
+
+    ``dynachord+https://host`` reaches Celery as ``https://host``; a bare
+    ``dynachord://host`` means HTTPS. Paths are kept (custom domains with a
+    base path); a trailing slash is dropped.
+    """
+    if url.startswith("dynachord+"):
+        url = url[len("dynachord+"):]
+    elif url.startswith("dynachord://"):
+        url = "https://" + url[len("dynachord://"):]
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"dynachord endpoint must be http(s)://host[:port][/path], got {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"dynachord endpoint takes no query or fragment: {url!r}")
+    return url.rstrip("/")
+
+
+def _region_of(host: str) -> Optional[str]:
+    match = _EXECUTE_API_HOST.match(host)
+    return match.group(1) if match else None
+
+
+class Client:
+    """dynachord's v1 API. Thread-safe; fork-safe (sessions are per process)."""
+
+    def __init__(self, endpoint: str, options: ClientOptions = ClientOptions()) -> None:
+        self.endpoint = parse_endpoint(endpoint)
+        self.options = options
+        host = urlsplit(self.endpoint).hostname or ""
+        self._sign = options.sign if options.sign is not None else _region_of(host) is not None
+        self._region = options.region or _region_of(host)
+        self._local = threading.local()
+        self._signer: Any = None
+        if self._sign:
+            self._signer = self._make_signer()
+
+    # -- transport ---------------------------------------------------------
+
+    def _make_signer(self) -> Any:
+        import botocore.session
+        from botocore.auth import SigV4Auth
+
+        session = botocore.session.get_session()
+        region = self._region or session.get_config_variable("region")
+        if not region:
+            raise ValueError(
+                "dynachord: cannot tell the API's region; set the 'region' option "
+                "(result_backend_transport_options) or AWS_REGION"
+            )
+        credentials = session.get_credentials()
+        if credentials is None:
+            raise ValueError(
+                "dynachord: no AWS credentials found (environment, profile, or role) "
+                "to sign requests to an IAM-authorised API"
+            )
+        self._region = region
+        return lambda: SigV4Auth(credentials.get_frozen_credentials(), "execute-api", region)
+
+    def _session(self) -> requests.Session:
+        # One session per thread and process: requests' Session is not
+        # guaranteed thread-safe, and sockets must not cross a fork.
+        pid = os.getpid()
+        session: Optional[requests.Session] = getattr(self._local, "session", None)
+        if session is None or getattr(self._local, "pid", None) != pid:
+            session = requests.Session()
+            session.headers["User-Agent"] = "dynachord-celery/0.1"
+            self._local.session, self._local.pid = session, pid
+        return session
+
+    def _headers(self, method: str, url: str, body: Optional[bytes]) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self._signer is not None:
+            from botocore.awsrequest import AWSRequest
+
+            request = AWSRequest(method=method, url=url, data=body or b"", headers=headers)
+            self._signer().add_auth(request)
+            headers = dict(request.headers.items())
+        return headers
+
+    def _backoff(self, attempt: int, retry_after: Optional[str]) -> float:
+        pause = random.uniform(0, min(self.options.backoff_cap, self.options.backoff_base * 2**attempt))
+        if retry_after:
+            try:
+                pause = max(pause, min(float(retry_after), self.options.backoff_cap))
+            except ValueError:
+                pass
+        return pause
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: Optional[Mapping[str, Any]] = None,
+        extra_read_timeout: float = 0.0,
+        ok: Iterable[int] = (200, 204),
+    ) -> requests.Response:
+        """Sends one API call, retrying what is retryable; returns an ``ok``
+        answer or raises :class:`DynachordError`."""
+        url = self.endpoint + path + ("?" + urlencode(params) if params else "")
+        data = None if body is None else _dumps(body).encode("utf-8")
+        timeout = (self.options.connect_timeout, self.options.read_timeout + extra_read_timeout)
+        ok = frozenset(ok)
+        attempt = 0
+        while True:
+            try:
+                response = self._session().request(
+                    method, url, data=data, headers=self._headers(method, url, data), timeout=timeout
+                )
+            except requests.RequestException as exc:
+                if attempt >= self.options.max_retries:
+                    raise DynachordUnavailable(method, path, 0, "unreachable", str(exc)) from exc
+                pause, why = self._backoff(attempt, None), f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code in ok:
+                    return response
+                if response.status_code not in RETRYABLE_STATUSES or attempt >= self.options.max_retries:
+                    raise _error(method, path, response)
+                pause = self._backoff(attempt, response.headers.get("Retry-After"))
+                why = f"status {response.status_code}"
+            attempt += 1
+            logger.debug("dynachord %s %s: %s; retry %d in %.2fs", method, path, why, attempt, pause)
+            time.sleep(pause)
+
+    # -- the v1 API ---------------------------------------------------------
+
+    def put_task(self, task_id: str, meta: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+        """Stores task meta. Returns the service's receipt, or ``None`` when the
+        store was refused because the task already holds a state that must not
+        be replaced (409: e.g. SUCCESS is never overwritten)."""
+        response = self.request("PUT", _task_path(task_id), body=meta, ok=(200, 409))
+        if response.status_code == 409:
+            logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
+            return None
+        return dict(response.json())
+
+    def get_task(self, task_id: str, wait: float = 0.0) -> dict[str, Any]:
+        """The task's meta (``PENDING`` when unknown or expired); with ``wait``,
+        the service long-polls up to that many seconds until it is ready."""
+        wait = self._clamp_wait(wait)
+        params = {"wait": _seconds(wait)} if wait > 0 else None
+        response = self.request("GET", _task_path(task_id), params=params, extra_read_timeout=wait)
+        return dict(_loads(response.text))
+
+    def batch_get(self, task_ids: list[str], wait: float = 0.0) -> list[dict[str, Any]]:
+        """Metas of ``task_ids`` in request order (one call, at most the
+        service's MAX_BATCH_IDS ids); with ``wait``, until all are ready."""
+        wait = self._clamp_wait(wait)
+        body: dict[str, Any] = {"task_ids": task_ids}
+        if wait > 0:
+            body["wait"] = round(wait, 3)
+        response = self.request("POST", "/v1/tasks/batch-get", body=body, extra_read_timeout=wait)
+        return list(_loads(response.text)["results"])
+
+    def forget(self, task_id: str) -> None:
+        self.request("DELETE", _task_path(task_id))
+
+    def save_group(self, group_id: str, result: Any, expires_in: Optional[int] = None) -> None:
+        body: dict[str, Any] = {"result": result}
+        if expires_in is not None:
+            body["expires_in"] = expires_in
+        self.request("PUT", _group_path(group_id), body=body)
+
+    def get_group(self, group_id: str) -> Optional[dict[str, Any]]:
+        """The saved group (``{"result": ...}``), or ``None`` if there is none."""
+        response = self._get_or_none(_group_path(group_id), "group_not_found")
+        return None if response is None else dict(_loads(response.text))
+
+    def delete_group(self, group_id: str) -> None:
+        self.request("DELETE", _group_path(group_id))
+
+    def chord(self, group_id: str) -> Optional[dict[str, Any]]:
+        """A chord's progress (size, done, state, callback_id), or ``None``
+        before its first part has been counted."""
+        response = self._get_or_none("/v1/chords/" + quote(group_id, safe=""), "chord_not_found")
+        return None if response is None else dict(response.json())
+
+    def _get_or_none(self, path: str, not_found: str) -> Optional[requests.Response]:
+        """GET, with the service's own "no such thing" 404 as ``None``; any
+        other 404 (a wrong endpoint or base path) is an error."""
+        response = self.request("GET", path, ok=(200, 404))
+        if response.status_code == 200:
+            return response
+        if _error_code(response) != not_found:
+            raise _error("GET", path, response)
+        return None
+
+    def _clamp_wait(self, wait: float) -> float:
+        return max(0.0, min(float(wait), self.options.max_wait))
+
+
+def _dumps(value: Any) -> str:
+    """JSON as Celery's json serializer writes it (datetimes, UUIDs, ... tagged)."""
+    return str(kjson.dumps(value))  # type: ignore[no-untyped-call]
+
+
+def _loads(text: str) -> Any:
+    return kjson.loads(text)  # type: ignore[no-untyped-call]
+
+
+def _seconds(wait: float) -> str:
+    return f"{wait:.3f}".rstrip("0").rstrip(".")
+
+
+def _task_path(task_id: str) -> str:
+    return "/v1/tasks/" + quote(task_id, safe="")
+
+
+def _group_path(group_id: str) -> str:
+    return "/v1/groups/" + quote(group_id, safe="")
+
+
+def _error_code(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def _error(method: str, path: str, response: requests.Response) -> DynachordError:
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", (response.text or response.reason or "")[:500]
+    cls = DynachordUnavailable if response.status_code in RETRYABLE_STATUSES else DynachordError
+    return cls(method, path, response.status_code, code, message)

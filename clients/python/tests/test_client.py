@@ -1,0 +1,189 @@
+"""Unit tests of the client: endpoints, retries, errors and signing, against a
+scripted HTTP server on loopback (the real service is exercised end to end
+by the repository's tests/python/test_celery_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import pytest
+from celery import Celery
+from celery.app.backends import by_url
+from celery.exceptions import ImproperlyConfigured
+
+from dynachord_celery import Client, ClientOptions, DynachordBackend, DynachordError, DynachordUnavailable
+from dynachord_celery.client import parse_endpoint
+
+FAST = dict(backoff_base=0.001, backoff_cap=0.01)
+
+
+class Script:
+    """Answers requests from a list of (status, headers, body), recording them."""
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[int, dict[str, str], Any]] = []
+        self.seen: list[dict[str, Any]] = []
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, Script]]:
+    script = Script()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            script.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body})
+            status, headers, payload = script.answers.pop(0) if script.answers else (500, {}, {"error": {"code": "script_empty", "message": "no answer scripted"}})
+            data = b"" if payload is None else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_endpoints_from_backend_urls() -> None:
+    assert parse_endpoint("dynachord+http://127.0.0.1:9000") == "http://127.0.0.1:9000"
+    assert parse_endpoint("https://abc123.execute-api.eu-west-1.amazonaws.com/") == "https://abc123.execute-api.eu-west-1.amazonaws.com"
+    assert parse_endpoint("dynachord://results.example.com/prod") == "https://results.example.com/prod"
+    for bad in ("ftp://host", "http://", "http://host?x=1", "127.0.0.1:9000"):
+        with pytest.raises(ValueError, match="dynachord endpoint"):
+            parse_endpoint(bad)
+
+
+def test_celery_finds_the_backend_by_its_url_scheme() -> None:
+    app = Celery("t", set_as_current=False)
+    cls, url = by_url("dynachord+http://127.0.0.1:9000", app.loader)
+    assert cls is DynachordBackend
+    assert url == "http://127.0.0.1:9000"
+    app.conf.result_backend = "dynachord+http://127.0.0.1:9000"
+    assert isinstance(app.backend, DynachordBackend)
+    assert app.backend.as_uri() == "dynachord+http://127.0.0.1:9000"
+
+
+def test_non_json_serializers_and_unknown_options_are_refused() -> None:
+    app = Celery("t", set_as_current=False, result_backend="dynachord+http://127.0.0.1:9000")
+    app.conf.result_serializer = "pickle"
+    app.conf.accept_content = ["pickle", "json"]
+    with pytest.raises(ImproperlyConfigured, match="result_serializer"):
+        _ = app.backend
+    app2 = Celery("t", set_as_current=False, result_backend="dynachord+http://127.0.0.1:9000")
+    app2.conf.result_backend_transport_options = {"retires": 3}
+    with pytest.raises(ImproperlyConfigured, match="unknown dynachord option"):
+        _ = app2.backend
+
+
+def test_throttling_is_retried_honouring_retry_after(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [
+        (503, {"Retry-After": "0"}, {"error": {"code": "throttled", "message": "slow down"}}),
+        (429, {}, {"message": "Too Many Requests"}),
+        (200, {}, {"status": "SUCCESS", "result": 3, "task_id": "t1"}),
+    ]
+    client = Client(url, ClientOptions(**FAST))
+    assert client.get_task("t1")["result"] == 3
+    assert [s["path"] for s in script.seen] == ["/v1/tasks/t1"] * 3
+
+
+def test_retries_end_in_a_clear_unavailable_error(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [(503, {"Retry-After": "0"}, {"error": {"code": "throttled", "message": "DynamoDB is throttling"}})] * 3
+    client = Client(url, ClientOptions(max_retries=2, **FAST))
+    with pytest.raises(DynachordUnavailable) as err:
+        client.get_task("t1")
+    assert (err.value.status, err.value.code) == (503, "throttled")
+    assert "DynamoDB is throttling" in str(err.value)
+    assert len(script.seen) == 3
+
+
+def test_an_unreachable_service_is_unavailable_after_retries() -> None:
+    client = Client("http://127.0.0.1:9", ClientOptions(max_retries=1, connect_timeout=0.5, **FAST))
+    with pytest.raises(DynachordUnavailable) as err:
+        client.get_task("t1")
+    assert (err.value.status, err.value.code) == (0, "unreachable")
+
+
+def test_bad_input_is_not_retried_and_says_why(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [(400, {}, {"error": {"code": "bad_body", "message": "args must be a list"}})]
+    with pytest.raises(DynachordError) as err:
+        Client(url, ClientOptions(**FAST)).put_task("t1", {"status": "SUCCESS", "args": 1})
+    assert not isinstance(err.value, DynachordUnavailable)
+    assert (err.value.status, err.value.code, err.value.message) == (400, "bad_body", "args must be a list")
+    assert len(script.seen) == 1
+
+
+def test_a_refused_overwrite_is_not_an_error(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [(409, {}, {"error": {"code": "state_conflict", "message": "SUCCESS is final"}})]
+    assert Client(url, ClientOptions(**FAST)).put_task("t1", {"status": "STARTED"}) is None
+
+
+def test_only_the_services_own_404_means_no_such_group(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [
+        (404, {}, {"error": {"code": "group_not_found", "message": "no group g1"}}),
+        (404, {}, {"message": "Not Found"}),
+    ]
+    client = Client(url, ClientOptions(**FAST))
+    assert client.get_group("g1") is None
+    with pytest.raises(DynachordError) as err:
+        client.get_group("g1")
+    assert err.value.status == 404
+
+
+def test_long_polls_ask_the_server_to_wait_capped_at_its_maximum(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [(200, {}, {"status": "PENDING", "result": None}), (200, {}, {"results": []})]
+    client = Client(url, ClientOptions(max_wait=20, **FAST))
+    client.get_task("a b/c", wait=60)
+    client.batch_get([], wait=1.5)
+    assert script.seen[0]["path"] == "/v1/tasks/a%20b%2Fc?wait=20"
+    assert json.loads(script.seen[1]["body"]) == {"task_ids": [], "wait": 1.5}
+
+
+def test_execute_api_hosts_are_signed_with_sigv4(server: tuple[str, Script], monkeypatch: pytest.MonkeyPatch) -> None:
+    url, script = server
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    script.answers = [(200, {}, {"status": "PENDING", "result": None})]
+    client = Client(url, ClientOptions(sign=True, region="eu-west-1", **FAST))
+    client.get_task("t1")
+    auth = script.seen[0]["headers"]["Authorization"]
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert "/eu-west-1/execute-api/aws4_request" in auth
+    assert "X-Amz-Date" in script.seen[0]["headers"]
+    # Plain http to loopback is not signed unless asked.
+    assert not Client(url)._sign
+    assert Client("https://abc123.execute-api.us-east-2.amazonaws.com")._region == "us-east-2"
+
+
+def test_signing_without_credentials_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ValueError, match="no AWS credentials"):
+        Client("https://abc123.execute-api.us-east-1.amazonaws.com")

@@ -1,0 +1,45 @@
+"""The Celery app of the end-to-end tests: SQS broker (moto's server), result
+backend dynachord (the local stack). Run by a real `celery worker` and
+imported by the tests, which send its tasks."""
+
+import os
+
+from celery import Celery
+
+app = Celery("e2e_tasks")
+app.conf.update(
+    broker_url="sqs://local:local@",
+    broker_transport_options={"region": "us-east-1", "polling_interval": 0.1, "wait_time_seconds": 1},
+    result_backend="dynachord+" + os.environ.get("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000"),
+    result_extended=True,
+    # Each test run has its own queue, so runs never take each other's tasks.
+    task_default_queue=os.environ["E2E_QUEUE"],
+    worker_prefetch_multiplier=8,
+)
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def mul(x, y):
+    return x * y
+
+
+@app.task
+def collect(values, tag):
+    """A chord callback that shows what it was given, in order."""
+    return {"tag": tag, "values": values}
+
+
+@app.task
+def fail(message):
+    raise ValueError(message, 42)
+
+
+@app.task
+def record_error(task_id, note):
+    """An (old-style) errback: called with the failed task's id."""
+    return {"failed": task_id, "note": note}

@@ -1,0 +1,174 @@
+"""Celery on dynachord, end to end: a real `celery worker` (Celery 5.7, SQS
+broker on moto's server) with the dynachord result backend on the local
+stack (./dev test starts it). Tasks, failures, groups, chains, chords joined
+by the server and called back through SQS, saved groups, forget, expiry.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+# The app reads these when it is imported, here and in the worker.
+RUN = uuid.uuid4().hex[:10]
+os.environ.setdefault("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000")
+os.environ["E2E_QUEUE"] = f"e2e-{RUN}"
+os.environ["AWS_ENDPOINT_URL_SQS"] = os.environ.get("SQS_ENDPOINT", "http://127.0.0.1:5000")
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+E2E_DIR = Path(__file__).parent / "e2e"
+sys.path.insert(0, str(E2E_DIR))
+
+from celery import Celery, chain, chord, group  # noqa: E402
+from celery.exceptions import ChordError  # noqa: E402
+from celery.result import AsyncResult, GroupResult  # noqa: E402
+
+import e2e_tasks  # noqa: E402
+from e2e_tasks import add, app, collect, fail, mul, record_error  # noqa: E402
+from dynachord_celery import DynachordBackend  # noqa: E402
+
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def worker():
+    """A real worker process, stopped by its PID when the module is done
+    (also when a test failed); its log is shown if it did not start."""
+    log = tempfile.NamedTemporaryFile(prefix="celery-e2e-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "e2e_tasks", "worker", "--pool=threads", "--concurrency=8",
+         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO",
+         "-n", f"e2e-{RUN}@localhost"],
+        cwd=E2E_DIR, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        try:
+            # The worker has declared its queue and runs tasks.
+            assert add.delay(1, 1).get(timeout=TIMEOUT) == 2
+        except Exception:
+            print(Path(log.name).read_text()[-5000:])
+            raise
+        yield Path(log.name)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
+def test_the_app_uses_dynachord():
+    assert isinstance(app.backend, DynachordBackend)
+    assert app.backend.url == os.environ["DYNACHORD_ENDPOINT"]
+
+
+def test_a_task_and_its_extended_result(worker):
+    result = add.delay(20, 22)
+    assert result.get(timeout=TIMEOUT) == 42
+    assert result.state == "SUCCESS"
+    assert (result.name, result.args, result.kwargs, result.queue) == ("e2e_tasks.add", [20, 22], {}, e2e_tasks.app.conf.task_default_queue)
+    assert result.date_done is not None
+
+
+def test_a_failing_task_raises_its_exception(worker):
+    result = fail.delay("boom")
+    with pytest.raises(ValueError) as err:
+        result.get(timeout=TIMEOUT)
+    assert err.value.args == ("boom", 42)
+    assert result.state == "FAILURE"
+    assert "ValueError" in result.traceback
+
+
+def test_a_group_is_fetched_with_batch_get(worker):
+    result = group(add.s(i, i) for i in range(20))()
+    assert result.supports_native_join
+    assert result.get(timeout=TIMEOUT) == [2 * i for i in range(20)]
+
+
+def test_a_chain(worker):
+    assert chain(add.s(1, 2), add.s(3), mul.s(2))().get(timeout=TIMEOUT) == 12
+
+
+@pytest.mark.parametrize("size", [3, 500])
+def test_a_chord_is_joined_by_the_server_and_called_back_through_sqs(worker, size):
+    tag = f"chord-{size}-{uuid.uuid4().hex[:6]}"
+    result = chord(add.s(i, i) for i in range(size))(collect.s(tag))
+    got = result.get(timeout=TIMEOUT)
+    assert got == {"tag": tag, "values": [2 * i for i in range(size)]}
+    status = app.backend.chord_status(result.parent.id)
+    assert (status["size"], status["done"], status["state"], status["callback_id"]) == (size, size, "dispatched", result.id)
+    # The worker ran the callback once, from the message the service sent,
+    # and no chord_unlock task polled for it.
+    log = worker.read_text()
+    assert len(re.findall(rf"Task e2e_tasks\.collect\[{result.id}\] received", log)) == 1
+    assert "chord_unlock" not in log
+
+
+def test_a_chord_with_a_failed_part_fails_its_callback_and_calls_the_errback(worker):
+    errback_id = f"errback-{uuid.uuid4().hex}"
+    callback = collect.s("never").on_error(record_error.s("chord failed").set(task_id=errback_id))
+    result = chord([add.s(1, 1), fail.s("part broke"), add.s(2, 2)])(callback)
+    # As with any Celery backend, get() on the chord's result raises the
+    # header's error if it has seen it already, else the callback's
+    # ChordError; the callback's own result holds the ChordError.
+    with pytest.raises((ValueError, ChordError)):
+        result.get(timeout=TIMEOUT)
+    with pytest.raises(ChordError) as err:
+        AsyncResult(result.id, app=app).get(timeout=TIMEOUT)
+    failed_part = result.parent.results[1].id
+    assert f"Dependency {failed_part} raised ValueError" in str(err.value)
+    assert result.state == "FAILURE"
+    assert AsyncResult(errback_id, app=app).get(timeout=TIMEOUT) == {"failed": result.id, "note": "chord failed"}
+    assert app.backend.chord_status(result.parent.id)["state"] == "failed"
+
+
+def test_a_saved_group_is_restored_and_deleted(worker):
+    result = group(add.s(i, 1) for i in range(5))()
+    result.save()
+    restored = GroupResult.restore(result.id, app=app)
+    assert [r.id for r in restored.results] == [r.id for r in result.results]
+    assert restored.get(timeout=TIMEOUT) == [1, 2, 3, 4, 5]
+    result.delete()
+    assert GroupResult.restore(result.id, app=app) is None
+
+
+def test_forget(worker):
+    result = add.delay(2, 3)
+    assert result.get(timeout=TIMEOUT) == 5
+    result.forget()
+    assert AsyncResult(result.id, app=app).state == "PENDING"
+
+
+def test_results_expire_after_result_expires():
+    short = Celery("short", set_as_current=False)
+    short.conf.update(result_backend=app.conf.result_backend, result_expires=2)
+    task_id = f"expiring-{uuid.uuid4().hex}"
+    short.backend.store_result(task_id, {"v": 1}, "SUCCESS")
+    assert AsyncResult(task_id, app=short).get(timeout=5) == {"v": 1}
+    time.sleep(3.5)
+    assert AsyncResult(task_id, app=short).state == "PENDING"
+
+
+def test_get_waits_on_the_server_and_returns_as_soon_as_the_result_is_stored():
+    task_id = f"late-{uuid.uuid4().hex}"
+    backend = app.backend
+    pending = AsyncResult(task_id, app=app)
+    started = time.monotonic()
+    with pytest.raises(app.backend.TimeoutError):
+        pending.get(timeout=1)
+    assert time.monotonic() - started < 5
+    threading.Timer(1.0, lambda: backend.store_result(task_id, "late", "SUCCESS")).start()
+    started = time.monotonic()
+    assert AsyncResult(task_id, app=app).get(timeout=15) == "late"
+    assert time.monotonic() - started < 5
