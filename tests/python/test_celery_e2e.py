@@ -44,7 +44,7 @@ def worker():
     (also when a test failed); its log is shown if it did not start."""
     log = tempfile.NamedTemporaryFile(prefix="celery-e2e-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "e2e_tasks", "worker", "--pool=threads", "--concurrency=8",
+        [sys.executable, "-m", "celery", "-A", "e2e_tasks", "worker", "--pool=prefork", "--concurrency=4",
          "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO",
          "-n", f"e2e-{RUN}@localhost"],
         cwd=E2E_DIR, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
