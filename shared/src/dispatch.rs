@@ -19,12 +19,15 @@ pub enum DispatchError {
     TooLarge { size: usize, limit: usize, target: &'static str },
     #[error("no queue URL for queue {0:?}: set CALLBACK_QUEUE_URLS or CALLBACK_QUEUE_URL_PREFIX")]
     UnknownQueue(String),
+    #[error("{target} {name:?} does not exist")]
+    NoSuchTarget { target: &'static str, name: String },
     #[error("sending the callback failed: {0}")]
     Send(String),
 }
 
 impl DispatchError {
-    /// Whether trying again may help (a send failure) or not (too large, no queue).
+    /// Whether trying again may help (a send failure) or not (too large, no
+    /// queue URL, a queue or function that does not exist).
     pub fn is_permanent(&self) -> bool {
         !matches!(self, Self::Send(_))
     }
@@ -252,7 +255,12 @@ impl Target {
                 .payload(aws_sdk_lambda::primitives::Blob::new(payload))
                 .send()
                 .await
-                .map_err(|e| DispatchError::Send(aws_sdk_lambda::error::DisplayErrorContext(&e).to_string()))?;
+                .map_err(|e| match e.as_service_error() {
+                    Some(s) if s.is_resource_not_found_exception() => {
+                        DispatchError::NoSuchTarget { target: "Lambda function", name: function.clone() }
+                    }
+                    _ => DispatchError::Send(aws_sdk_lambda::error::DisplayErrorContext(&e).to_string()),
+                })?;
             return Ok(());
         }
         let queue = sig.options.get("queue").and_then(Value::as_str).unwrap_or(&self.config.default_queue).to_owned();
@@ -264,10 +272,10 @@ impl Target {
             // FIFO queues drop a second message with the same id within 5 minutes.
             request = request.message_group_id(cx.group_id).message_deduplication_id(sig.task_id.as_str());
         }
-        request
-            .send()
-            .await
-            .map_err(|e| DispatchError::Send(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string()))?;
+        request.send().await.map_err(|e| match e.as_service_error() {
+            Some(s) if s.is_queue_does_not_exist() => DispatchError::NoSuchTarget { target: "SQS queue", name: url.clone() },
+            _ => DispatchError::Send(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string()),
+        })?;
         Ok(())
     }
 }

@@ -153,6 +153,22 @@ async fn a_callback_too_large_for_its_queue_fails_the_chord_clearly() {
     let chord = Chord::new(&api, &queue, json!({}));
     // Three results of 120 KB: the message is over SQS's 256 KiB.
     chord.store_parts(&api, 3, 3, |i| format!("\"{}\"", i.to_string().repeat(120_000))).await;
+    assert_fails_clearly(&api, &chord, "accepts at most 262144").await;
+    assert!(queue.drain(Duration::from_secs(2)).await.is_empty(), "nothing half-sent");
+}
+
+#[tokio::test]
+async fn a_callback_to_a_queue_that_does_not_exist_fails_the_chord_without_retrying_forever() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({"queue": api.id("no-such-queue")}));
+    chord.store_parts(&api, 2, 2, |i| i.to_string()).await;
+    assert_fails_clearly(&api, &chord, "does not exist").await;
+}
+
+/// Waits for the chord to fail with `reason` in its error, recorded on the
+/// callback's task as Celery's ChordError.
+async fn assert_fails_clearly(api: &Api, chord: &Chord, reason: &str) {
     let mut status = Value::Null;
     for _ in 0..120 {
         status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.json;
@@ -162,11 +178,11 @@ async fn a_callback_too_large_for_its_queue_fails_the_chord_clearly() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert_eq!(status["state"], "failed", "{status}");
-    assert!(status["error"].as_str().unwrap().contains("accepts at most 262144"), "{status}");
+    assert!(status["error"].as_str().unwrap().contains(reason), "{status}");
     let cb = api.get_task(&chord.callback_id).await.expect(200);
     assert_eq!(cb.json["status"], "FAILURE");
     assert_eq!(cb.json["result"]["exc_type"], "ChordError");
-    assert!(queue.drain(Duration::from_secs(2)).await.is_empty(), "nothing half-sent");
+    assert!(cb.json["result"]["exc_message"][0].as_str().unwrap().contains(reason), "{}", cb.json);
 }
 
 #[tokio::test]
