@@ -56,12 +56,21 @@ impl Signature {
     /// Parses a signature; without `options.task_id`, `fallback_id` is used if given.
     pub fn from_value(raw: Value, fallback_id: Option<&str>) -> Result<Self, String> {
         let obj = raw.as_object().ok_or("callback must be a signature object")?;
-        let task = obj.get("task").and_then(Value::as_str).ok_or("callback needs a \"task\" name")?.to_owned();
+        let task = obj.get("task").and_then(Value::as_str).filter(|t| !t.is_empty());
+        let task = task.ok_or("callback needs a \"task\" name")?.to_owned();
         let options = match obj.get("options") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(o)) => o.clone(),
             Some(_) => return Err("callback options must be an object".into()),
         };
+        match options.get("queue") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(q)) if !q.is_empty() => {}
+            Some(_) => return Err("callback options.queue must be a queue name or null".into()),
+        }
+        if !matches!(options.get("link_error"), None | Some(Value::Null | Value::Array(_) | Value::Object(_))) {
+            return Err("callback options.link_error must be a signature, a list of them, or null".into());
+        }
         let task_id = options
             .get("task_id")
             .and_then(Value::as_str)
@@ -78,7 +87,11 @@ impl Signature {
             Some(Value::Object(k)) => k.clone(),
             Some(_) => return Err("callback kwargs must be an object".into()),
         };
-        let immutable = obj.get("immutable").and_then(Value::as_bool).unwrap_or(false);
+        let immutable = match obj.get("immutable") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("callback immutable must be true, false or null".into()),
+        };
         Ok(Self { task, task_id, args, kwargs, options, immutable, raw })
     }
 }
@@ -398,5 +411,35 @@ mod tests {
         assert!(Signature::parse(r#"{"options":{"task_id":"cb"}}"#).is_err());
         assert!(Signature::parse(r#"{"task":"t","options":{"task_id":"a/b"}}"#).is_err());
         assert!(Signature::from_value(json!({"task": "e"}), Some("x")).is_ok());
+    }
+
+    #[test]
+    fn signature_fields_of_the_wrong_type_are_refused() {
+        let with = |extra: Value| {
+            let mut sig = json!({"task": "t", "options": {"task_id": "cb"}});
+            for (k, v) in extra.as_object().unwrap() {
+                if k == "queue" || k == "link_error" {
+                    sig["options"][k] = v.clone();
+                } else {
+                    sig[k] = v.clone();
+                }
+            }
+            Signature::from_value(sig, None)
+        };
+        for bad in [
+            json!({"task": ""}),
+            json!({"immutable": {}}),
+            json!({"immutable": "yes"}),
+            json!({"args": {}}),
+            json!({"kwargs": []}),
+            json!({"queue": ""}),
+            json!({"queue": 7}),
+            json!({"link_error": "x"}),
+        ] {
+            assert!(with(bad.clone()).is_err(), "{bad} must be refused");
+        }
+        for good in [json!({"immutable": null}), json!({"queue": "q"}), json!({"queue": null}), json!({"link_error": [{"task": "e"}]})] {
+            assert!(with(good.clone()).is_ok(), "{good} must be accepted");
+        }
     }
 }
