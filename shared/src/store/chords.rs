@@ -3,6 +3,7 @@
 //! chord's key. See [`crate::chord`] for the join built on them.
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -173,26 +174,37 @@ impl DynamoStore {
     /// is done.
     pub async fn claim_chord(&self, ns: &Namespace, gid: &GroupId, token: &str, lease: Duration) -> Result<bool, StoreError> {
         let now = now_epoch();
-        let result = self
-            .client()
-            .update_item()
-            .table_name(self.table())
-            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+        let request = self
+            .update_claim(ns, gid, token)
             .update_expression("SET #state = :joining, #token = :token, #lease = :lease")
             .condition_expression("#done >= #size AND (#state = :open OR (#state = :joining AND #lease < :now))")
-            .expression_attribute_names("#state", attr::STATE)
-            .expression_attribute_names("#token", attr::TOKEN)
-            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .expression_attribute_names("#done", attr::DONE)
             .expression_attribute_names("#size", attr::SIZE)
             .expression_attribute_values(":joining", s("joining"))
             .expression_attribute_values(":open", s("open"))
-            .expression_attribute_values(":token", s(token))
             .expression_attribute_values(":lease", n(now + lease.as_secs().max(1) as i64))
-            .expression_attribute_values(":now", n(now))
-            .send()
-            .await;
-        match result {
+            .expression_attribute_values(":now", n(now));
+        self.send_conditional(request).await
+    }
+
+    /// An update of the chord's state item that names its state, claim token
+    /// and lease (`#state`, `#token`, `#lease`, `:token`); every claim
+    /// transition uses all three.
+    fn update_claim(&self, ns: &Namespace, gid: &GroupId, token: &str) -> UpdateItemFluentBuilder {
+        self.client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_values(":token", s(token))
+    }
+
+    /// Sends a conditional update: `true` if it applied, `false` if its
+    /// condition did not hold.
+    async fn send_conditional(&self, request: UpdateItemFluentBuilder) -> Result<bool, StoreError> {
+        match request.send().await {
             Ok(_) => Ok(true),
             Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
             Err(e) => Err(classify(e, self.attempts())),
@@ -201,39 +213,21 @@ impl DynamoStore {
 
     /// Gives a claim back (joining → open) so a retry may claim it at once.
     pub async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<(), StoreError> {
-        self.client()
-            .update_item()
-            .table_name(self.table())
-            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+        let request = self
+            .update_claim(ns, gid, token)
             .update_expression("SET #state = :open REMOVE #token, #lease")
             .condition_expression("#token = :token")
-            .expression_attribute_names("#state", attr::STATE)
-            .expression_attribute_names("#token", attr::TOKEN)
-            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
-            .expression_attribute_values(":open", s("open"))
-            .expression_attribute_values(":token", s(token))
-            .send()
-            .await
-            .map(|_| ())
-            .or_else(|e| match e.as_service_error() {
-                Some(se) if se.is_conditional_check_failed_exception() => Ok(()),
-                _ => Err(classify(e, self.attempts())),
-            })
+            .expression_attribute_values(":open", s("open"));
+        // Someone else's claim (or none) is left alone.
+        self.send_conditional(request).await.map(|_| ())
     }
 
     /// Marks the chord `dispatched` or `failed`, if `token` still holds the claim.
     pub async fn finish_chord(&self, ns: &Namespace, gid: &GroupId, token: &str, state: &str, error: Option<&str>) -> Result<bool, StoreError> {
         let mut request = self
-            .client()
-            .update_item()
-            .table_name(self.table())
-            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .update_claim(ns, gid, token)
             .condition_expression("#token = :token")
-            .expression_attribute_names("#state", attr::STATE)
-            .expression_attribute_names("#token", attr::TOKEN)
-            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
-            .expression_attribute_values(":state", s(state))
-            .expression_attribute_values(":token", s(token));
+            .expression_attribute_values(":state", s(state));
         request = match error {
             Some(error) => request
                 .update_expression("SET #state = :state, #error = :error REMOVE #lease")
@@ -241,11 +235,7 @@ impl DynamoStore {
                 .expression_attribute_values(":error", s(error)),
             None => request.update_expression("SET #state = :state REMOVE #lease"),
         };
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(classify(e, self.attempts())),
-        }
+        self.send_conditional(request).await
     }
 
     /// The counted parts' task ids in `group_index` order (one consistent
