@@ -6,26 +6,16 @@ by the server and called back through SQS, saved groups, forget, expiry.
 
 import os
 import re
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
-# The app reads these when it is imported, here and in the worker.
+from worker_process import celery_worker, use_local_stack
+
 RUN = uuid.uuid4().hex[:10]
-os.environ.setdefault("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000")
-os.environ["E2E_QUEUE"] = f"e2e-{RUN}"
-os.environ["AWS_ENDPOINT_URL_SQS"] = os.environ.get("SQS_ENDPOINT", "http://127.0.0.1:5000")
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
-os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-E2E_DIR = Path(__file__).parent / "e2e"
-sys.path.insert(0, str(E2E_DIR))
+use_local_stack(RUN)
 
 from celery import Celery, chain, chord, group  # noqa: E402
 from celery.exceptions import ChordError  # noqa: E402
@@ -39,33 +29,17 @@ TIMEOUT = 120
 
 
 @pytest.fixture(scope="module")
-def worker():
-    """A real worker process, stopped by its PID when the module is done
-    (also when a test failed); its log is shown if it did not start."""
-    log = tempfile.NamedTemporaryFile(prefix="celery-e2e-", suffix=".log", delete=False)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "e2e_tasks", "worker", "--pool=prefork", "--concurrency=4",
-         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO",
-         "-n", f"e2e-{RUN}@localhost"],
-        cwd=E2E_DIR, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
-    try:
+def worker(request):
+    """A real worker for the module; its log is shown if it did not start
+    or a test failed."""
+    with celery_worker(request, f"e2e-{RUN}", dict(os.environ)) as w:
         try:
             # The worker has declared its queue and runs tasks.
             assert add.delay(1, 1).get(timeout=TIMEOUT) == 2
         except Exception:
-            print(Path(log.name).read_text()[-5000:])
+            print(w.text()[-5000:])
             raise
-        yield Path(log.name)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        os.unlink(log.name)
+        yield w.log
 
 
 def test_the_app_uses_dynachord():

@@ -187,3 +187,17 @@ def test_signing_without_credentials_says_so(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ValueError, match="no AWS credentials"):
         Client("https://abc123.execute-api.us-east-1.amazonaws.com")
+
+
+def test_the_sqs_fix_reads_kombus_error_answer_as_no_messages() -> None:
+    from kombu.transport.SQS import Channel
+
+    from dynachord_celery.sqs_fix import survive_sqs_server_errors
+
+    assert survive_sqs_server_errors()
+    patched = Channel._on_messages_ready
+    assert survive_sqs_server_errors() and Channel._on_messages_ready is patched  # once only
+    # kombu's _on_list_ready answers [] for a 5xx, a timeout or a 599.
+    assert patched(object(), "https://sqs/q", "q", []) == 0
+    # A real answer still goes to kombu: no messages is 0, as before.
+    assert patched(object(), "https://sqs/q", "q", {"Messages": []}) == 0

@@ -1,0 +1,69 @@
+"""A real `celery worker` process for the tests: the e2e app
+(tests/python/e2e/e2e_tasks.py), prefork, its output in a log file; stopped
+by its PID when the test or module is done, also when one failed, and its
+log's tail shown when a test of its scope failed."""
+
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def use_local_stack(run: str) -> None:
+    """The environment the e2e app reads when it is imported, here and in
+    its workers: the local stack's endpoint, moto's SQS, and a queue of this
+    run's own (so runs never take each other's tasks). Also makes e2e_tasks
+    importable."""
+    os.environ.setdefault("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000")
+    os.environ.setdefault("E2E_QUEUE", f"e2e-{run}")
+    os.environ["AWS_ENDPOINT_URL_SQS"] = os.environ.get("SQS_ENDPOINT", "http://127.0.0.1:5000")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    if str(E2E_DIR) not in sys.path:
+        sys.path.insert(0, str(E2E_DIR))
+
+
+class Worker:
+    def __init__(self, proc: subprocess.Popen, log: Path):
+        self.proc = proc
+        self.log = log
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextmanager
+def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterator[Worker]:
+    failed_before = request.session.testsfailed
+    fd, log_name = tempfile.mkstemp(prefix="celery-worker-", suffix=".log")
+    log = Path(log_name)
+    with os.fdopen(fd, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "e2e_tasks", "worker", "--pool=prefork",
+             f"--concurrency={concurrency}", "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "--loglevel=INFO", "-n", f"{name}@localhost"],
+            cwd=E2E_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    worker = Worker(proc, log)
+    try:
+        yield worker
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if request.session.testsfailed > failed_before:
+            capture = request.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled():
+                print(f"\n--- worker {name}: last 200 lines of its log (exit code {proc.returncode}) ---")
+                print("\n".join(worker.text().splitlines()[-200:]))
+        log.unlink()
