@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 15] = [
+const PASSED_ON: [&str; 16] = [
     "CHORD_LEASE_SECONDS",
     "CALLBACK_MAX_BYTES",
     "CALLBACK_DEFAULT_QUEUE",
@@ -46,7 +46,24 @@ const PASSED_ON: [&str; 15] = [
     "DDB_MAX_BACKOFF_MS",
     "RUST_LOG",
     "AUTH_MODE",
+    "TENANTS",
 ];
+
+/// The local stack's tenants: two callers, for the tenant-isolation tests
+/// (which send API Gateway events with these identities). Requests without a
+/// caller, as everything through the router on port 9000 is, are in
+/// `NAMESPACE`.
+const LOCAL_TENANTS: &str = r#"{"arn:aws:iam::111111111111:user/tenant-a": "tenant-a", "arn:aws:iam::222222222222:user/tenant-b": "tenant-b"}"#;
+
+/// One `VAR=value` line of the functions' env file; values with quotes,
+/// spaces or `#` are single-quoted (taken literally).
+fn env_line(var: &str, value: &str) -> String {
+    if value.contains(['"', ' ', '#', '\\', '$']) && !value.contains('\'') {
+        format!("{var}='{value}'")
+    } else {
+        format!("{var}={value}")
+    }
+}
 
 struct Settings {
     port: u16,
@@ -268,11 +285,12 @@ async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: 
         "AWS_ACCESS_KEY_ID=local".to_owned(),
         "AWS_SECRET_ACCESS_KEY=local".to_owned(),
         "AWS_REGION=us-east-1".to_owned(),
+        env_line("TENANTS", LOCAL_TENANTS),
     ];
     for var in PASSED_ON {
         if let Ok(value) = std::env::var(var) {
             env.retain(|line| !line.starts_with(&format!("{var}=")));
-            env.push(format!("{var}={value}"));
+            env.push(env_line(var, &value));
         }
     }
     let env_file = state.join("functions.env");

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use crate::ids::Namespace;
+use crate::tenants::TenantMap;
 
 /// Whether requests must carry API Gateway's IAM authorizer context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,8 +20,11 @@ pub enum AuthMode {
 pub struct Config {
     /// `TABLE_NAME` (required): the DynamoDB table.
     pub table_name: String,
-    /// `NAMESPACE` (default `default`): the key prefix of this deployment's tenant.
+    /// `NAMESPACE` (default `default`): the key prefix of every caller when
+    /// `TENANTS` is unset, and of requests without a caller (`AUTH_MODE=none`).
     pub namespace: Namespace,
+    /// `TENANTS` (default none): caller identity → namespace (see [`crate::tenants`]).
+    pub tenants: TenantMap,
     /// `RESULT_TTL_SECONDS` (default 86400, Celery's `result_expires`).
     pub result_ttl: Duration,
     /// `MAX_RESULT_TTL_SECONDS` (default 30 days): the largest `expires_in` a request may ask for.
@@ -80,6 +84,10 @@ impl Config {
             Some(raw) => Namespace::parse(&raw).map_err(|message| ConfigError { var: "NAMESPACE", message })?,
             None => Namespace::default(),
         };
+        let tenants = match var("TENANTS") {
+            Some(raw) => TenantMap::parse(&raw).map_err(|message| ConfigError { var: "TENANTS", message })?,
+            None => TenantMap::default(),
+        };
         let auth_mode = match var("AUTH_MODE").as_deref().map(str::trim) {
             None | Some("iam") => AuthMode::Iam,
             Some("none") => AuthMode::None,
@@ -101,6 +109,7 @@ impl Config {
         let config = Config {
             table_name,
             namespace,
+            tenants,
             result_ttl: Duration::from_secs(num("RESULT_TTL_SECONDS", DAY, 1, 365 * DAY)?),
             max_result_ttl: Duration::from_secs(num("MAX_RESULT_TTL_SECONDS", 30 * DAY, 1, 365 * DAY)?),
             max_wait: Duration::from_secs(num("MAX_WAIT_SECONDS", 20, 0, 900)?),

@@ -32,6 +32,8 @@ pub enum ApiError {
     Conflict { task_id: String, stored: String, refused: String },
     #[error("request lacks API Gateway's IAM authorizer context")]
     Unauthenticated,
+    #[error("caller {0} is not mapped to a tenant (TENANTS)")]
+    UnknownTenant(String),
     #[error("DynamoDB is throttling; retry after {retry_after_secs} s")]
     Throttled { retry_after_secs: u32 },
     #[error("DynamoDB is unavailable; retry after {retry_after_secs} s")]
@@ -56,6 +58,7 @@ impl ApiError {
             Self::ChordNotFound(_) => (404, "chord_not_found"),
             Self::Conflict { .. } => (409, "state_conflict"),
             Self::Unauthenticated => (401, "unauthenticated"),
+            Self::UnknownTenant(_) => (403, "unknown_tenant"),
             Self::Throttled { .. } => (503, "throttled"),
             Self::Unavailable { .. } => (503, "unavailable"),
             Self::Internal(_) => (500, "internal"),

@@ -10,9 +10,10 @@ use lambda_http::{Body, Request, RequestExt, Response};
 use std::future::Future;
 use std::time::Duration;
 
-use crate::config::AuthMode;
+use crate::config::{AuthMode, Config};
 use crate::error::ApiError;
 use crate::ids::{GroupId, Namespace, TaskId};
+use crate::tenants::Caller;
 pub use crate::service::{App, Reply};
 
 /// Header carrying how many DynamoDB requests served this request.
@@ -86,22 +87,33 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
     }
 }
 
-/// Whether the request carries API Gateway's IAM authorizer context.
-fn has_iam_identity(request: &Request) -> bool {
+/// The caller, from API Gateway's IAM authorizer context (which API Gateway
+/// writes; a caller cannot set it); `None` without that context.
+fn caller(request: &Request) -> Option<Caller> {
     match request.request_context_ref() {
         Some(RequestContext::ApiGatewayV2(context)) => {
-            context.authorizer.as_ref().and_then(|a| a.iam.as_ref()).is_some()
+            let iam = context.authorizer.as_ref()?.iam.as_ref()?;
+            Some(Caller { user_arn: iam.user_arn.clone(), account_id: iam.account_id.clone() })
         }
-        _ => false,
+        _ => None,
+    }
+}
+
+/// The namespace every key of this request lives in: the caller's tenant
+/// (`TENANTS`), else the deployment's `NAMESPACE`.
+fn namespace(config: &Config, request: &Request) -> Result<Namespace, ApiError> {
+    match caller(request) {
+        Some(_) if config.tenants.is_empty() => Ok(config.namespace.clone()),
+        Some(who) => config.tenants.resolve(&who).cloned().ok_or_else(|| ApiError::UnknownTenant(who.describe())),
+        None if config.auth_mode == AuthMode::Iam => Err(ApiError::Unauthenticated),
+        None => Ok(config.namespace.clone()),
     }
 }
 
 /// The checks every route shares, cheapest first and all before any work:
-/// auth, body size, route and ids.
+/// auth and tenant, body size, route and ids.
 pub fn parse<S>(app: &App<S>, request: Request) -> Result<Incoming, ApiError> {
-    if app.config.auth_mode == AuthMode::Iam && !has_iam_identity(&request) {
-        return Err(ApiError::Unauthenticated);
-    }
+    let ns = namespace(&app.config, &request)?;
     let size = request.body().len();
     if size > app.config.max_body_bytes {
         return Err(ApiError::BodyTooLarge { size, limit: app.config.max_body_bytes });
@@ -119,7 +131,7 @@ pub fn parse<S>(app: &App<S>, request: Request) -> Result<Incoming, ApiError> {
         Body::Binary(bytes) => bytes,
         _ => Vec::new(),
     };
-    Ok(Incoming { route, ns: app.config.namespace.clone(), body })
+    Ok(Incoming { route, ns, body })
 }
 
 /// Serves one request: checks it, runs `serve` on it, and turns the outcome
@@ -213,6 +225,56 @@ mod tests {
         let err = parse(&app("iam"), request("GET", "/v1/tasks/t1", "")).unwrap_err();
         assert_eq!(err.status_and_code(), (401, "unauthenticated"));
         assert!(parse(&app("none"), request("GET", "/v1/tasks/t1", "")).is_ok());
+    }
+
+    /// An API Gateway (HTTP API) event for GET /v1/tasks/t1 whose IAM
+    /// authorizer context names `arn`, and a header that tries to pick a tenant.
+    fn signed_request(arn: &str) -> Request {
+        let account = arn.split(':').nth(4).unwrap();
+        let event = serde_json::json!({
+            "version": "2.0", "routeKey": "GET /v1/tasks/{task_id}", "rawPath": "/v1/tasks/t1", "rawQueryString": "",
+            "headers": {"x-dynachord-namespace": "tenant-b", "x-amz-namespace": "tenant-b"},
+            "requestContext": {
+                "accountId": "000000000000", "apiId": "api", "domainName": "example.com", "domainPrefix": "api",
+                "http": {"method": "GET", "path": "/v1/tasks/t1", "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "t"},
+                "requestId": "r", "routeKey": "GET /v1/tasks/{task_id}", "stage": "$default", "time": "23/Nov/2026:00:00:00 +0000", "timeEpoch": 0,
+                "authorizer": {"iam": {"accessKey": "AKIA", "accountId": account, "callerId": "AIDA", "principalOrgId": null, "userArn": arn, "userId": "AIDA"}}
+            },
+            "isBase64Encoded": false
+        });
+        lambda_http::request::from_str(&event.to_string()).unwrap()
+    }
+
+    fn app_with_tenants(auth: &str, tenants: Option<&str>) -> App<()> {
+        let (auth, tenants) = (auth.to_owned(), tenants.map(str::to_owned));
+        let config = Config::from_lookup(|v| match v {
+            "TABLE_NAME" => Some("t".into()),
+            "AUTH_MODE" => Some(auth.clone()),
+            "TENANTS" => tenants.clone(),
+            _ => None,
+        })
+        .unwrap();
+        App { config, store: () }
+    }
+
+    #[test]
+    fn the_namespace_comes_from_the_callers_identity_never_a_header() {
+        let tenants = Some(r#"{"arn:aws:iam::111111111111:user/a": "tenant-a", "222222222222": "tenant-b"}"#);
+        for auth in ["iam", "none"] {
+            let app = app_with_tenants(auth, tenants);
+            let ns = |arn: &str| parse(&app, signed_request(arn)).map(|i| i.ns.as_str().to_owned());
+            assert_eq!(ns("arn:aws:iam::111111111111:user/a").unwrap(), "tenant-a", "{auth}");
+            assert_eq!(ns("arn:aws:iam::222222222222:user/anyone").unwrap(), "tenant-b", "{auth}");
+            let err = ns("arn:aws:iam::333333333333:user/c").unwrap_err();
+            assert_eq!(err.status_and_code(), (403, "unknown_tenant"));
+            assert!(err.to_string().contains("arn:aws:iam::333333333333:user/c"));
+        }
+        // Without TENANTS every caller shares NAMESPACE, whatever it sends.
+        let single = app_with_tenants("iam", None);
+        assert_eq!(parse(&single, signed_request("arn:aws:iam::111111111111:user/a")).unwrap().ns.as_str(), "default");
+        // Without a caller: 401 in IAM mode, NAMESPACE with AUTH_MODE=none.
+        let open = app_with_tenants("none", tenants);
+        assert_eq!(parse(&open, request("GET", "/v1/tasks/t1", "")).unwrap().ns.as_str(), "default");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //!   of every error to a status and a JSON body.
 //! - [`calls`]: counts the DynamoDB requests each HTTP request makes, reported
 //!   in the `x-dynachord-ddb-calls` header.
+//! - [`tenants`]: the caller's namespace, from its IAM identity (`TENANTS`).
 //! - [`config`]: the one typed configuration, read from the environment at init.
 //! - [`error`]: the error types of each boundary.
 //! - [`time`]: wall-clock helpers (epoch seconds, Celery's `date_done` format).
@@ -35,6 +36,7 @@ pub mod ids;
 pub mod meta;
 pub mod service;
 pub mod store;
+pub mod tenants;
 pub mod time;
 
 /// Sets up tracing for a function: JSON lines, level from `RUST_LOG` (default

@@ -8,14 +8,14 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-struct Chord {
-    gid: String,
-    callback_id: String,
-    callback: Value,
+pub(crate) struct Chord {
+    pub(crate) gid: String,
+    pub(crate) callback_id: String,
+    pub(crate) callback: Value,
 }
 
 impl Chord {
-    fn new(api: &Api, queue: &Queue, options: Value) -> Self {
+    pub(crate) fn new(api: &Api, queue: &Queue, options: Value) -> Self {
         let gid = api.id("g");
         let callback_id = api.id("cb");
         let mut opts = json!({"task_id": callback_id, "reply_to": "oid-1", "group_id": gid, "queue": queue.name});
@@ -24,7 +24,7 @@ impl Chord {
         Self { gid, callback_id, callback }
     }
 
-    fn part(&self, task_id: &str, index: usize, size: usize, status: &str, result: Value) -> Value {
+    pub(crate) fn part(&self, task_id: &str, index: usize, size: usize, status: &str, result: Value) -> Value {
         json!({
             "status": status, "result": result, "traceback": null, "children": [],
             "group_id": self.gid, "group_index": index, "task_id": task_id,

@@ -1,7 +1,7 @@
 //! Bad input: a clear 4xx with `error.code`/`error.message`, never a 500,
 //! and nothing stored changes.
 
-use crate::helpers::{success, Api};
+use crate::helpers::{api_gateway_event, success, Api};
 use serde_json::json;
 
 /// Stores a sentinel result, runs `bad` against its id, and checks the
@@ -135,21 +135,10 @@ async fn unknown_routes_and_methods_are_404() {
 /// and answers 500 itself, so the event goes straight to the function here.
 #[tokio::test]
 async fn a_body_that_is_not_utf8_is_a_400_from_the_function() {
-    use base64::Engine;
     let api = Api::new();
     let id = api.id("binary");
-    let event = json!({
-        "version": "2.0", "routeKey": "PUT /v1/tasks/{task_id}", "rawPath": format!("/v1/tasks/{id}"),
-        "rawQueryString": "", "headers": {"content-type": "application/json"},
-        "requestContext": {"accountId": "123456789012", "apiId": "local", "domainName": "localhost",
-            "domainPrefix": "localhost", "http": {"method": "PUT", "path": format!("/v1/tasks/{id}"),
-            "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "test"}, "requestId": id,
-            "routeKey": "PUT /v1/tasks/{task_id}", "stage": "$default", "time": "23/Nov/2026:09:00:00 +0000",
-            "timeEpoch": 1_795_000_000_000u64},
-        "pathParameters": {"task_id": id},
-        "body": base64::engine::general_purpose::STANDARD.encode([0xff, 0xfe, 0x00, b'{']),
-        "isBase64Encoded": true,
-    });
+    let event = api_gateway_event("PUT", &format!("/v1/tasks/{id}"), "", Some(&[0xff, 0xfe, 0x00, b'{']), None);
+    assert_eq!(event["isBase64Encoded"], true);
     let resp = api.call(reqwest::Method::POST, "/2015-03-31/functions/store/invocations", Some(event.to_string())).await.expect(200);
     assert_eq!(resp.json["statusCode"], 400, "{}", resp.text);
     let body: serde_json::Value = serde_json::from_str(resp.json["body"].as_str().unwrap()).unwrap();

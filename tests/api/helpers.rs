@@ -8,6 +8,9 @@ pub struct Api {
     http: reqwest::Client,
     base: String,
     prefix: String,
+    /// When set, requests go to the functions as API Gateway events whose IAM
+    /// authorizer context names this caller (see [`Api::as_caller`]).
+    caller: Option<String>,
 }
 
 /// A response: status, the DynamoDB calls it cost, and the JSON body (Null when empty).
@@ -47,7 +50,17 @@ impl Api {
             http: reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap(),
             base,
             prefix: uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            caller: None,
         }
+    }
+
+    /// The same client (same ids) acting as the IAM caller `arn`. cargo lambda
+    /// watch's router sends no authorizer context, so each request goes to
+    /// its function's invoke endpoint as the event API Gateway would send
+    /// after IAM authorization: the function sees exactly what it sees on
+    /// AWS, and DynamoDB Local is the real one.
+    pub fn as_caller(&self, arn: &str) -> Self {
+        Self { http: self.http.clone(), base: self.base.clone(), prefix: self.prefix.clone(), caller: Some(arn.to_owned()) }
     }
 
     /// An id no other test uses.
@@ -56,6 +69,14 @@ impl Api {
     }
 
     pub async fn call(&self, method: Method, path: &str, body: Option<String>) -> Resp {
+        match &self.caller {
+            Some(arn) => self.invoke_as(arn, method, path, body).await,
+            None => self.send_http(method, path, body).await,
+        }
+    }
+
+    /// The request over HTTP to cargo lambda watch, as a worker sends it.
+    async fn send_http(&self, method: Method, path: &str, body: Option<String>) -> Resp {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(body) = body {
             request = request.header("content-type", "application/json").body(body);
@@ -69,6 +90,31 @@ impl Api {
         let text = response.text().await.unwrap();
         let json = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) };
         Resp { status, ddb_calls, text, json }
+    }
+
+    /// Sends an API Gateway (HTTP API, payload 2.0) event to the function
+    /// serving `method path`, and reads its answer back as a response.
+    async fn invoke_as(&self, arn: &str, method: Method, path: &str, body: Option<String>) -> Resp {
+        let (raw_path, query) = path.split_once('?').unwrap_or((path, ""));
+        let function = match (method.as_str(), raw_path) {
+            ("POST", "/v1/tasks/batch-get") => "batch-fetch",
+            ("GET", _) => "fetch",
+            _ => "store",
+        };
+        let event = api_gateway_event(method.as_str(), raw_path, query, body.as_deref().map(str::as_bytes), Some(arn));
+        let invoked = self
+            .send_http(Method::POST, &format!("/2015-03-31/functions/{function}/invocations"), Some(event.to_string()))
+            .await;
+        assert_eq!(invoked.status, 200, "invoke {function}: {}", invoked.text);
+        let answer = &invoked.json;
+        let text = answer["body"].as_str().unwrap_or("").to_owned();
+        let header = |name: &str| answer["headers"][name].as_str().map(str::to_owned);
+        Resp {
+            status: answer["statusCode"].as_u64().expect("a statusCode") as u16,
+            ddb_calls: header("x-dynachord-ddb-calls").and_then(|v| v.parse().ok()),
+            json: if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) },
+            text,
+        }
     }
 
     pub async fn put_task(&self, id: &str, meta: Value) -> Resp {
@@ -133,4 +179,46 @@ impl Api {
 /// A Celery-shaped SUCCESS meta.
 pub fn success(result: Value) -> Value {
     serde_json::json!({"status": "SUCCESS", "result": result, "traceback": null, "children": []})
+}
+
+/// The event API Gateway's HTTP API (payload format 2.0) sends a function for
+/// `method path?query` with `body`; with `caller`, the IAM authorizer context
+/// of that caller (API Gateway writes it after checking the signature; a
+/// client cannot set it). A body that is not UTF-8 is base64-encoded, as API
+/// Gateway does.
+pub fn api_gateway_event(method: &str, path: &str, query: &str, body: Option<&[u8]>, caller: Option<&str>) -> Value {
+    use base64::Engine;
+    let mut event = serde_json::json!({
+        "version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": query,
+        "headers": {"content-type": "application/json"},
+        "requestContext": {"accountId": "123456789012", "apiId": "local", "domainName": "localhost",
+            "domainPrefix": "localhost", "http": {"method": method, "path": path,
+            "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": "dynachord-tests"}, "requestId": uuid::Uuid::new_v4().to_string(),
+            "routeKey": "$default", "stage": "$default", "time": "23/Nov/2026:09:00:00 +0000",
+            "timeEpoch": 1_795_000_000_000u64},
+        "isBase64Encoded": false,
+    });
+    if !query.is_empty() {
+        let params: serde_json::Map<String, Value> = query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(k, v)| (k.to_owned(), Value::from(v)))
+            .collect();
+        event["queryStringParameters"] = Value::Object(params);
+    }
+    match body.map(std::str::from_utf8) {
+        None => {}
+        Some(Ok(text)) => event["body"] = text.into(),
+        Some(Err(_)) => {
+            event["body"] = base64::engine::general_purpose::STANDARD.encode(body.unwrap()).into();
+            event["isBase64Encoded"] = true.into();
+        }
+    }
+    if let Some(arn) = caller {
+        let account = arn.split(':').nth(4).unwrap_or("");
+        event["requestContext"]["authorizer"] = serde_json::json!({"iam": {
+            "accessKey": "AKIALOCAL", "accountId": account, "callerId": "AIDALOCAL", "cognitoIdentity": null,
+            "principalOrgId": null, "userArn": arn, "userId": "AIDALOCAL"}});
+    }
+    event
 }

@@ -15,3 +15,4 @@ mod groups;
 mod longpoll;
 mod races;
 mod tasks;
+mod tenants;
