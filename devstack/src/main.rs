@@ -22,9 +22,11 @@
 //! Any of the service's own variables (`MAX_WAIT_SECONDS`, `DDB_MAX_ATTEMPTS`,
 //! ...) set in the environment are passed on to the functions.
 
+mod faults;
 mod pump;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
@@ -77,12 +79,18 @@ struct Settings {
     concurrency: u32,
     data_dir: Option<PathBuf>,
     reload: bool,
+    /// `--faults PORT`: the fault proxy (see [`faults`]) between the
+    /// functions and DynamoDB Local, with its control endpoint.
+    faults_port: Option<u16>,
+    /// `--state-dir DIR` (default `.local`): logs, the env file, `stack.ready`.
+    state_dir: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: devstack up [--port N] [--dynamodb-port N] [--sqs-port N] [--table NAME] [--concurrency N] \
-         [--data-dir DIR] [--reload] [--batch-size N] [--batch-window-ms N] [--pumps N] [--replay]"
+         [--data-dir DIR] [--reload] [--batch-size N] [--batch-window-ms N] [--pumps N] [--replay] \
+         [--faults PORT] [--state-dir DIR]"
     );
     std::process::exit(2)
 }
@@ -103,6 +111,8 @@ fn settings(args: &[String]) -> Settings {
         concurrency: 8,
         data_dir: None,
         reload: false,
+        faults_port: None,
+        state_dir: PathBuf::from(".local"),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -119,6 +129,8 @@ fn settings(args: &[String]) -> Settings {
             "--batch-window-ms" => s.batch_window = Duration::from_millis(value().parse().unwrap_or_else(|_| usage())),
             "--pumps" => s.pumps = value().parse().unwrap_or_else(|_| usage()),
             "--replay" => s.replay = true,
+            "--faults" => s.faults_port = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--state-dir" => s.state_dir = PathBuf::from(value()),
             _ => usage(),
         }
     }
@@ -211,45 +223,70 @@ async fn port_open(port: u16) -> bool {
 
 async fn up(s: Settings) -> Result<(), String> {
     let root = std::env::current_dir().map_err(|e| e.to_string())?;
-    let state = root.join(".local");
+    let state = root.join(&s.state_dir);
     std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
     let ready_file = state.join("stack.ready");
     let _ = std::fs::remove_file(&ready_file);
-    for (what, port) in [("DynamoDB Local", s.dynamodb_port), ("the service", s.port), ("SQS (moto)", s.sqs_port)] {
+    let mut ports = vec![("DynamoDB Local", s.dynamodb_port), ("the service", s.port), ("SQS (moto)", s.sqs_port)];
+    ports.extend(s.faults_port.map(|port| ("the fault proxy", port)));
+    for (what, port) in ports {
         if port_open(port).await {
             return Err(format!("port {port} for {what} is in use: stop what runs there or choose another port"));
         }
     }
     let mut procs = Processes(Vec::new());
-    let result = run(&s, &root, &state, &ready_file, &mut procs).await;
+    let mut dynamo = None;
+    let result = run(&s, &root, &state, &ready_file, &mut procs, &mut dynamo).await;
     let _ = std::fs::remove_file(&ready_file);
     procs.stop().await;
+    if let Some(dynamo) = dynamo {
+        dynamo.stop().await;
+    }
     eprintln!("devstack: stopped");
     result
 }
 
-async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: &mut Processes) -> Result<(), String> {
+async fn run(
+    s: &Settings,
+    root: &Path,
+    state: &Path,
+    ready_file: &Path,
+    procs: &mut Processes,
+    dynamo: &mut Option<Arc<faults::Dynamo>>,
+) -> Result<(), String> {
     // DynamoDB Local.
     let jar = find_jar(root)?;
     let lib = jar.parent().expect("jar has a folder").join("DynamoDBLocal_lib");
-    let mut java = Command::new("java");
-    java.arg(format!("-Djava.library.path={}", lib.display()))
-        .arg("-jar")
-        .arg(&jar)
-        .arg("-sharedDb")
-        .args(["-port", &s.dynamodb_port.to_string()]);
-    match &s.data_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            java.arg("-dbPath").arg(dir);
-        }
-        None => {
-            java.arg("-inMemory");
-        }
+    if let Some(dir) = &s.data_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
-    let child = spawn("DynamoDB Local", java, &state.join("dynamodb.log"))?;
+    let (port, data_dir, log) = (s.dynamodb_port, s.data_dir.clone(), state.join("dynamodb.log"));
+    let start_dynamodb = move || {
+        let mut java = Command::new("java");
+        java.arg(format!("-Djava.library.path={}", lib.display()))
+            .arg("-jar")
+            .arg(&jar)
+            .arg("-sharedDb")
+            .args(["-port", &port.to_string()]);
+        match &data_dir {
+            Some(dir) => java.arg("-dbPath").arg(dir),
+            None => java.arg("-inMemory"),
+        };
+        spawn("DynamoDB Local", java, &log)
+    };
+    let child = start_dynamodb()?;
     eprintln!("devstack: DynamoDB Local pid {} on port {}", child.id().unwrap_or(0), s.dynamodb_port);
-    procs.0.push(("DynamoDB Local", child));
+    match s.faults_port {
+        // The fault proxy stops and starts it; devstack stops it at the end.
+        Some(_) => {
+            *dynamo = Some(Arc::new(faults::Dynamo {
+                child: tokio::sync::Mutex::new(Some(child)),
+                start: Box::new(start_dynamodb),
+                port: s.dynamodb_port,
+            }))
+        }
+        None => procs.0.push(("DynamoDB Local", child)),
+    }
 
     let dynamodb_url = format!("http://127.0.0.1:{}", s.dynamodb_port);
     let client = local_client(&dynamodb_url).await;
@@ -275,13 +312,23 @@ async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: 
     })
     .await?;
 
+    // The functions reach DynamoDB Local directly, or through the fault proxy.
+    let functions_dynamodb_url = match (s.faults_port, dynamo.as_ref()) {
+        (Some(port), Some(dynamo)) => {
+            faults::serve(port, dynamodb_url.clone(), dynamo.clone()).await?;
+            eprintln!("devstack: fault proxy on port {port} in front of DynamoDB Local");
+            format!("http://127.0.0.1:{port}")
+        }
+        _ => dynamodb_url.clone(),
+    };
+
     // The functions' environment.
     let mut env = vec![
         format!("AWS_ENDPOINT_URL_SQS={sqs_url}"),
         format!("CALLBACK_QUEUE_URL_PREFIX={sqs_url}/123456789012/"),
         format!("TABLE_NAME={}", s.table),
         "AUTH_MODE=none".to_owned(),
-        format!("AWS_ENDPOINT_URL_DYNAMODB={dynamodb_url}"),
+        format!("AWS_ENDPOINT_URL_DYNAMODB={functions_dynamodb_url}"),
         "AWS_ACCESS_KEY_ID=local".to_owned(),
         "AWS_SECRET_ACCESS_KEY=local".to_owned(),
         "AWS_REGION=us-east-1".to_owned(),
@@ -355,7 +402,8 @@ async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: 
 
     std::fs::write(ready_file, format!("{base}\n")).map_err(|e| e.to_string())?;
     println!("dynachord is up: {base}/v1/...  (DynamoDB Local {dynamodb_url}, table {}; SQS {sqs_url})", s.table);
-    println!("logs: .local/watch.log, .local/dynamodb.log. Ctrl-C stops everything.");
+    let logs = s.state_dir.display();
+    println!("logs: {logs}/watch.log, {logs}/dynamodb.log. Ctrl-C stops everything.");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -365,7 +413,7 @@ async fn run(s: &Settings, root: &Path, state: &Path, ready_file: &Path, procs: 
             _ = term.recv() => return Ok(()),
             _ = tick.tick() => {
                 if let Some(name) = exited(procs) {
-                    return Err(format!("{name} exited; see .local/*.log"));
+                    return Err(format!("{name} exited; see the logs in --state-dir (default .local)"));
                 }
             }
         }
@@ -386,10 +434,10 @@ where
     let mut said = false;
     while !check().await {
         if let Some(name) = exited(procs) {
-            return Err(format!("{name} exited while waiting for {what}; see .local/*.log"));
+            return Err(format!("{name} exited while waiting for {what}; see the logs in --state-dir (default .local)"));
         }
         if started.elapsed() > limit {
-            return Err(format!("{what} did not answer within {} s; see .local/*.log", limit.as_secs()));
+            return Err(format!("{what} did not answer within {} s; see the logs in --state-dir (default .local)", limit.as_secs()));
         }
         if !said && started.elapsed() > Duration::from_secs(5) {
             eprintln!("devstack: waiting for {what} (its first request may compile it)...");
