@@ -57,14 +57,8 @@ async fn unknown_state_names_are_refused_custom_ones_must_be_well_formed() {
 }
 
 #[tokio::test]
-async fn invalid_and_over_long_ids_are_refused() {
+async fn invalid_ids_are_refused() {
     let api = Api::new();
-    let longest = "a".repeat(128);
-    api.put_task(&longest, success(json!(1))).await.expect(200);
-    api.forget(&longest).await.expect(204);
-    let too_long = "a".repeat(129);
-    api.put_task(&too_long, success(json!(1))).await.expect_error(400, "invalid_id");
-    api.get_task(&too_long).await.expect_error(400, "invalid_id");
     for bad in ["a%20b", "a%2Fb", "%C3%A9", "a%23b"] {
         api.put_task(bad, success(json!(1))).await.expect_error(400, "invalid_id");
         api.get_task(bad).await.expect_error(400, "invalid_id");
@@ -72,46 +66,19 @@ async fn invalid_and_over_long_ids_are_refused() {
         api.put_group(bad, r#"{"result": []}"#).await.expect_error(400, "invalid_id");
     }
     api.batch_get_raw(&json!({"task_ids": ["ok", "a/b"]}).to_string()).await.expect_error(400, "invalid_body");
-    api.batch_get(&[too_long], None).await.expect_error(400, "invalid_body");
 }
 
 #[tokio::test]
-async fn bodies_over_the_cap_are_refused_before_parsing() {
+async fn bad_batch_bodies_are_refused() {
     let api = Api::new();
-    unchanged_after(&api, "cap", async |id| {
-        // 1 MiB is the default cap; one byte over is refused, valid JSON or not.
-        let over = format!(r#"{{"status":"SUCCESS","result":"{}"}}"#, "x".repeat((1 << 20) - 31));
-        assert_eq!(over.len(), (1 << 20) + 1);
-        api.put_task_raw(id, &over).await.expect_error(413, "body_too_large");
-    })
-    .await;
-    let at_cap = format!(r#"{{"status":"SUCCESS","result":"{}"}}"#, "y".repeat((1 << 20) - 32));
-    assert_eq!(at_cap.len(), 1 << 20);
-    let id = api.id("at-cap");
-    api.put_task_raw(&id, &at_cap).await.expect(200);
-}
-
-#[tokio::test]
-async fn batches_over_the_cap_and_bad_batch_bodies_are_refused() {
-    let api = Api::new();
-    let ids: Vec<String> = (0..1001).map(|i| api.id(&i.to_string())).collect();
-    api.batch_get(&ids, None).await.expect_error(413, "batch_too_large");
-    api.batch_get(&ids[..1000], None).await.expect(200);
     for body in ["{", "[]", r#"{"task_ids": "t1"}"#, r#"{"ids": ["t1"]}"#, r#"{"task_ids": ["t1"], "extra": 1}"#, r#"{"task_ids": [1]}"#] {
         api.batch_get_raw(body).await.expect_error(400, "invalid_body");
     }
     assert_eq!(api.batch_get(&[], None).await.expect(200).json, json!({"results": []}));
-}
-
-#[tokio::test]
-async fn waits_outside_the_cap_are_refused() {
-    let api = Api::new();
     let id = api.id("w");
-    for wait in ["-1", "20.5", "abc", "NaN", "inf"] {
+    for wait in ["-1", "abc", "NaN", "inf"] {
         api.call(reqwest::Method::GET, &format!("/v1/tasks/{id}?wait={wait}"), None).await.expect_error(400, "invalid_query");
     }
-    api.batch_get(&[id.clone()], Some(21.0)).await.expect_error(400, "invalid_query");
-    api.get_task_wait(&id, 0.0).await.expect(200);
 }
 
 #[tokio::test]
