@@ -7,6 +7,9 @@
 //!
 //! Control, on the same port (DynamoDB's API only uses `POST /`):
 //!
+//! SQS calls (`X-Amz-Target: AmazonSQS.*`, the chord callbacks) go through it
+//! too, to moto's server.
+//!
 //! - `PUT /__faults/rules/{name}` with `{"match": "...", "error": E, "share":
 //!   0.5, "limit": 10}`: calls whose body contains `match` (a test's own id
 //!   prefix, so tests running side by side never meet each other's faults)
@@ -15,8 +18,12 @@
 //!   `ThrottlingException` or `ProvisionedThroughputExceededException` (the
 //!   call is answered 400 with that error and never reaches DynamoDB), or
 //!   `UnprocessedKeys` (a BatchGetItem is forwarded, then each matching key
-//!   is taken out of `Responses` and returned in `UnprocessedKeys`).
-//! - `GET /__faults/rules/{name}`: `{"matched": n, "injected": k}`.
+//!   is taken out of `Responses` and returned in `UnprocessedKeys`), or
+//!   `Hold`, for SQS calls only (the call is never forwarded and never answered: the caller
+//!   waits, as on a hung connection, until it gives up or is killed; after
+//!   120 s the proxy drops the connection).
+//! - `GET /__faults/rules/{name}`: `{"matched": n, "injected": k,
+//!   "held_from": [client ports of held calls]}`.
 //! - `DELETE /__faults/rules/{name}`.
 //! - `POST /__faults/dynamodb/stop` and `/start`: DynamoDB Local stopped (by
 //!   its PID) or started again on the same port and data directory; `start`
@@ -42,6 +49,8 @@ struct Rule {
     limit: Option<u64>,
     matched: u64,
     injected: u64,
+    /// The client ports of the calls a Hold rule holds.
+    held_from: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +58,7 @@ enum FaultKind {
     Throttling,
     ProvisionedThroughput,
     UnprocessedKeys,
+    Hold,
 }
 
 impl Rule {
@@ -108,25 +118,32 @@ impl Dynamo {
 
 struct Proxy {
     upstream: String,
+    sqs_upstream: String,
     http: reqwest::Client,
     rules: Mutex<HashMap<String, Rule>>,
     dynamo: Arc<Dynamo>,
 }
 
 /// Serves the proxy on `port` until the process ends.
-pub async fn serve(port: u16, upstream: String, dynamo: Arc<Dynamo>) -> Result<(), String> {
+pub async fn serve(port: u16, upstream: String, sqs_upstream: String, dynamo: Arc<Dynamo>) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .map_err(|e| format!("fault proxy on port {port}: {e}"))?;
-    let proxy = Arc::new(Proxy { upstream, http: reqwest::Client::new(), rules: Mutex::new(HashMap::new()), dynamo });
+    let proxy = Arc::new(Proxy {
+        upstream,
+        sqs_upstream,
+        http: reqwest::Client::new(),
+        rules: Mutex::new(HashMap::new()),
+        dynamo,
+    });
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, peer)) = listener.accept().await else { continue };
             let proxy = proxy.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
                     let proxy = proxy.clone();
-                    async move { proxy.handle(request).await }
+                    async move { proxy.handle(request, peer.port()).await }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 // An Err from the service (DynamoDB Local down) ends the
@@ -149,7 +166,7 @@ fn reply(status: StatusCode, body: Value) -> Reply {
 }
 
 impl Proxy {
-    async fn handle(&self, request: Request<Incoming>) -> Result<Reply, String> {
+    async fn handle(&self, request: Request<Incoming>, peer_port: u16) -> Result<Reply, String> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         let path = parts.uri.path().to_owned();
@@ -157,7 +174,7 @@ impl Proxy {
             return Ok(self.control(&parts.method, control, &body).await);
         }
         let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-        let fault = self.fault_for(&body, &target);
+        let fault = self.fault_for(&body, &target, peer_port);
         match fault {
             Some(FaultKind::Throttling) => return Ok(dynamodb_error("com.amazon.coral.availability#ThrottlingException", "Rate of requests exceeds the allowed throughput (injected)")),
             Some(FaultKind::ProvisionedThroughput) => {
@@ -166,9 +183,14 @@ impl Proxy {
                     "The level of configured provisioned throughput for the table was exceeded (injected)",
                 ))
             }
+            Some(FaultKind::Hold) => {
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                return Err("held call dropped".into());
+            }
             _ => {}
         }
-        let mut forward = self.http.request(parts.method.clone(), format!("{}{}", self.upstream, parts.uri));
+        let upstream = if target.starts_with("AmazonSQS.") { &self.sqs_upstream } else { &self.upstream };
+        let mut forward = self.http.request(parts.method.clone(), format!("{upstream}{}", parts.uri));
         for (name, value) in &parts.headers {
             if name != "host" && name != "content-length" {
                 forward = forward.header(name, value);
@@ -191,19 +213,27 @@ impl Proxy {
     }
 
     /// The fault, if any, a rule puts on this call. UnprocessedKeys rules
-    /// only apply to BatchGetItem; the others to any call.
-    fn fault_for(&self, body: &[u8], target: &str) -> Option<FaultKind> {
+    /// only apply to BatchGetItem, Hold rules to SQS calls; the others to any call.
+    fn fault_for(&self, body: &[u8], target: &str, peer_port: u16) -> Option<FaultKind> {
         let mut rules = self.rules.lock().expect("rules lock");
         let mut names: Vec<&String> = rules.keys().collect();
         names.sort();
         let name = names.into_iter().find(|name| {
             let rule = &rules[*name];
-            (rule.error != FaultKind::UnprocessedKeys || target.ends_with(".BatchGetItem"))
-                && contains(body, &rule.needle)
+            let applies = match rule.error {
+                FaultKind::UnprocessedKeys => target.ends_with(".BatchGetItem"),
+                FaultKind::Hold => target.starts_with("AmazonSQS."),
+                _ => true,
+            };
+            applies && contains(body, &rule.needle)
         })?;
         let name = name.clone();
         let rule = rules.get_mut(&name).expect("rule present");
-        rule.fire().then_some(rule.error)
+        let fired = rule.fire();
+        if fired && rule.error == FaultKind::Hold {
+            rule.held_from.push(peer_port);
+        }
+        fired.then_some(rule.error)
     }
 
     /// Moves every requested key that contains a matching rule's needle from
@@ -249,7 +279,10 @@ impl Proxy {
                 Err(message) => reply(StatusCode::BAD_REQUEST, json!({"error": message})),
             },
             (&Method::GET, ["rules", name]) => match self.rules.lock().expect("rules lock").get(*name) {
-                Some(rule) => reply(StatusCode::OK, json!({"matched": rule.matched, "injected": rule.injected})),
+                Some(rule) => reply(
+                    StatusCode::OK,
+                    json!({"matched": rule.matched, "injected": rule.injected, "held_from": rule.held_from}),
+                ),
                 None => reply(StatusCode::NOT_FOUND, json!({"error": "no such rule"})),
             },
             (&Method::DELETE, ["rules", name]) => {
@@ -276,13 +309,26 @@ fn parse_rule(body: &[u8]) -> Result<Rule, String> {
         Some("ThrottlingException") => FaultKind::Throttling,
         Some("ProvisionedThroughputExceededException") => FaultKind::ProvisionedThroughput,
         Some("UnprocessedKeys") => FaultKind::UnprocessedKeys,
-        other => return Err(format!("\"error\" {other:?} is not ThrottlingException, ProvisionedThroughputExceededException or UnprocessedKeys")),
+        Some("Hold") => FaultKind::Hold,
+        other => {
+            return Err(format!(
+                "\"error\" {other:?} is not ThrottlingException, ProvisionedThroughputExceededException, UnprocessedKeys or Hold"
+            ))
+        }
     };
     let share = v["share"].as_f64().unwrap_or(1.0);
     if !(share > 0.0 && share <= 1.0) {
         return Err(format!("\"share\" {share} is not in (0, 1]"));
     }
-    Ok(Rule { needle: needle.as_bytes().to_vec(), error, share, limit: v["limit"].as_u64(), matched: 0, injected: 0 })
+    Ok(Rule {
+        needle: needle.as_bytes().to_vec(),
+        error,
+        share,
+        limit: v["limit"].as_u64(),
+        matched: 0,
+        injected: 0,
+        held_from: Vec::new(),
+    })
 }
 
 fn dynamodb_error(kind: &str, message: &str) -> Reply {
@@ -323,6 +369,7 @@ mod tests {
     fn held_back_keys_move_to_unprocessed_keys() {
         let proxy = Proxy {
             upstream: String::new(),
+            sqs_upstream: String::new(),
             http: reqwest::Client::new(),
             rules: Mutex::new(HashMap::from([(
                 "r".to_owned(),

@@ -84,13 +84,15 @@ struct Settings {
     faults_port: Option<u16>,
     /// `--state-dir DIR` (default `.local`): logs, the env file, `stack.ready`.
     state_dir: PathBuf,
+    /// `--invoke-timeout-secs N` (default 300): the pump's limit on one chord-join invocation.
+    invoke_timeout: Duration,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: devstack up [--port N] [--dynamodb-port N] [--sqs-port N] [--table NAME] [--concurrency N] \
          [--data-dir DIR] [--reload] [--batch-size N] [--batch-window-ms N] [--pumps N] [--replay] \
-         [--faults PORT] [--state-dir DIR]"
+         [--faults PORT] [--state-dir DIR] [--invoke-timeout-secs N]"
     );
     std::process::exit(2)
 }
@@ -113,6 +115,7 @@ fn settings(args: &[String]) -> Settings {
         reload: false,
         faults_port: None,
         state_dir: PathBuf::from(".local"),
+        invoke_timeout: Duration::from_secs(300),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -131,6 +134,7 @@ fn settings(args: &[String]) -> Settings {
             "--replay" => s.replay = true,
             "--faults" => s.faults_port = Some(value().parse().unwrap_or_else(|_| usage())),
             "--state-dir" => s.state_dir = PathBuf::from(value()),
+            "--invoke-timeout-secs" => s.invoke_timeout = Duration::from_secs(value().parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -312,19 +316,19 @@ async fn run(
     })
     .await?;
 
-    // The functions reach DynamoDB Local directly, or through the fault proxy.
-    let functions_dynamodb_url = match (s.faults_port, dynamo.as_ref()) {
+    // The functions reach DynamoDB Local and SQS directly, or through the fault proxy.
+    let (functions_dynamodb_url, functions_sqs_url) = match (s.faults_port, dynamo.as_ref()) {
         (Some(port), Some(dynamo)) => {
-            faults::serve(port, dynamodb_url.clone(), dynamo.clone()).await?;
-            eprintln!("devstack: fault proxy on port {port} in front of DynamoDB Local");
-            format!("http://127.0.0.1:{port}")
+            faults::serve(port, dynamodb_url.clone(), sqs_url.clone(), dynamo.clone()).await?;
+            eprintln!("devstack: fault proxy on port {port} in front of DynamoDB Local and SQS");
+            (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"))
         }
-        _ => dynamodb_url.clone(),
+        _ => (dynamodb_url.clone(), sqs_url.clone()),
     };
 
     // The functions' environment.
     let mut env = vec![
-        format!("AWS_ENDPOINT_URL_SQS={sqs_url}"),
+        format!("AWS_ENDPOINT_URL_SQS={functions_sqs_url}"),
         format!("CALLBACK_QUEUE_URL_PREFIX={sqs_url}/123456789012/"),
         format!("TABLE_NAME={}", s.table),
         "AUTH_MODE=none".to_owned(),
@@ -389,6 +393,7 @@ async fn run(
             batch_size: s.batch_size,
             window: s.batch_window,
             replay: s.replay,
+            invoke_timeout: s.invoke_timeout,
         };
         tokio::spawn(pump::run(client.clone(), streams.clone(), config));
     }

@@ -24,6 +24,9 @@ pub struct PumpConfig {
     pub batch_size: usize,
     pub window: Duration,
     pub replay: bool,
+    /// How long an invocation may take before it counts as failed (Lambda's
+    /// function timeout; a killed invocation may never answer locally).
+    pub invoke_timeout: Duration,
 }
 
 /// DynamoDB JSON (`{"S": "..."}`) for a stream attribute value.
@@ -94,9 +97,9 @@ enum Outcome {
     Failed(String),
 }
 
-async fn invoke(http: &reqwest::Client, url: &str, records: &[Record], arn: &str) -> Outcome {
+async fn invoke(http: &reqwest::Client, url: &str, records: &[Record], arn: &str, timeout: Duration) -> Outcome {
     let event = json!({ "Records": records.iter().map(|r| lambda_record(r, arn)).collect::<Vec<_>>() });
-    let response = match http.post(url).json(&event).timeout(Duration::from_secs(300)).send().await {
+    let response = match http.post(url).json(&event).timeout(timeout).send().await {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(e.to_string()),
     };
@@ -118,6 +121,9 @@ async fn invoke(http: &reqwest::Client, url: &str, records: &[Record], arn: &str
 
 struct Shard {
     iterator: Option<String>,
+    /// The last record read into the buffer: where a new iterator resumes
+    /// when this one stops working (DynamoDB Local restarted, say).
+    last_read: Option<String>,
     buffer: Vec<Record>,
     first_buffered: Option<Instant>,
     retry_at: Option<Instant>,
@@ -159,7 +165,10 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
                         .await
                         .ok()
                         .and_then(|o| o.shard_iterator);
-                    shards.insert(id, Shard { iterator, buffer: Vec::new(), first_buffered: None, retry_at: None, failures: 0 });
+                    shards.insert(
+                        id,
+                        Shard { iterator, last_read: None, buffer: Vec::new(), first_buffered: None, retry_at: None, failures: 0 },
+                    );
                 }
             }
         }
@@ -171,14 +180,30 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
                     match streams.get_records().shard_iterator(iterator).limit(1000).send().await {
                         Ok(out) => {
                             let records = out.records.unwrap_or_default();
-                            if !records.is_empty() {
+                            if let Some(last) = records.last() {
                                 idle = false;
+                                shard.last_read = Some(sequence(last));
                                 shard.first_buffered.get_or_insert_with(Instant::now);
                                 shard.buffer.extend(records);
                             }
                             shard.iterator = out.next_shard_iterator;
                         }
-                        Err(e) => eprintln!("{}: get records on {id}: {e}", config.name),
+                        Err(e) => {
+                            eprintln!("{}: get records on {id}: {e}; getting a new iterator", config.name);
+                            // Resume after the last record read (from the start
+                            // if none), as Lambda's event source mapping does.
+                            let request = streams.get_shard_iterator().stream_arn(&arn).shard_id(id.as_str());
+                            let request = match &shard.last_read {
+                                Some(seq) => request
+                                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                                    .sequence_number(seq),
+                                None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+                            };
+                            if let Ok(fresh) = request.send().await {
+                                shard.iterator = fresh.shard_iterator;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
                     }
                 }
             }
@@ -195,7 +220,7 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
             let deliveries = if config.replay { 2 } else { 1 };
             let mut outcome = Outcome::Done;
             for _ in 0..deliveries {
-                outcome = invoke(&http, &config.invoke_url, &shard.buffer[..n], &arn).await;
+                outcome = invoke(&http, &config.invoke_url, &shard.buffer[..n], &arn, config.invoke_timeout).await;
                 if !matches!(outcome, Outcome::Done) {
                     break;
                 }

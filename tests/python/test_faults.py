@@ -10,7 +10,8 @@ stops DynamoDB Local for the whole fault stack, so the module's tests run
 one after another (as pytest runs them) and never on the main stack.
 
 The functions run with DDB_MAX_ATTEMPTS=8: seven throttled attempts in a row
-still succeed, eight give 503.
+still succeed, eight give 503. Chord claims have a 3 s lease
+(CHORD_LEASE_SECONDS), and the stream pump gives an invocation 15 s.
 """
 
 import concurrent.futures
@@ -32,6 +33,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ATTEMPTS = 8
+LEASE = 3
 
 
 def free_port():
@@ -45,9 +47,11 @@ def lower_keys(headers):
 
 
 class Stack:
-    def __init__(self, base, control):
+    def __init__(self, base, control, sqs, pid):
         self.base = base
         self.control = control
+        self.sqs = sqs
+        self.pid = pid
 
     def call(self, method, path, body=None, timeout=60):
         data = None if body is None else json.dumps(body).encode()
@@ -78,17 +82,19 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(request):
     """The fault stack, stopped by its PID at the end (also when a test
-    failed); its logs are shown if it does not come up."""
+    failed); its logs are shown if it does not come up or a test failed."""
+    failed_before = request.session.testsfailed
     work = Path(tempfile.mkdtemp(prefix="dynachord-faults-"))
-    port, control = free_port(), free_port()
+    port, control, sqs = free_port(), free_port(), free_port()
     args = [
         str(ROOT / "target/debug/devstack"), "up", "--port", str(port), "--dynamodb-port", str(free_port()),
-        "--sqs-port", str(free_port()), "--faults", str(control), "--data-dir", str(work / "data"),
+        "--sqs-port", str(sqs), "--faults", str(control), "--data-dir", str(work / "data"),
         "--state-dir", str(work / "state"), "--table", "dynachord-faults", "--concurrency", "4",
+        "--invoke-timeout-secs", "15",
     ]
-    env = dict(os.environ, DDB_MAX_ATTEMPTS=str(ATTEMPTS), DDB_MAX_BACKOFF_MS="200",
+    env = dict(os.environ, DDB_MAX_ATTEMPTS=str(ATTEMPTS), DDB_MAX_BACKOFF_MS="200", CHORD_LEASE_SECONDS=str(LEASE),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     log = open(work / "devstack.log", "w")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -100,7 +106,7 @@ def stack():
                 logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in [work / "devstack.log", *sorted((work / "state").glob("*.log"))] if p.exists())
                 pytest.fail(f"the fault stack did not come up (exit {proc.poll()}):\n{logs}")
             time.sleep(0.5)
-        yield Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{control}")
+        yield Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{control}", f"http://127.0.0.1:{sqs}", proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -109,6 +115,13 @@ def stack():
             proc.kill()
             proc.wait()
         log.close()
+        if request.session.testsfailed > failed_before:
+            capture = request.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled():
+                for path in [work / "devstack.log", work / "state" / "watch.log"]:
+                    if path.exists():
+                        print(f"\n--- the fault stack's {path.name}, last 80 lines ---")
+                        print("\n".join(path.read_text(errors="replace").splitlines()[-80:]))
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
@@ -246,3 +259,91 @@ def test_dynamodb_down_gives_503_loses_nothing_acknowledged_and_recovers_by_itse
         got = [r["result"] for r in json.loads(text)["results"]]
         assert got == [acknowledged[i] for i in chunk]
     print(f"\nDynamoDB down: {outcomes['200']} stores acknowledged (all read back), {outcomes['503']} answered 503 unavailable")
+
+
+def descendants(pid):
+    """Every process below `pid`, from /proc."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_with_connection(stack_pid, client_port, server_port):
+    """The process below `stack_pid` that owns the loopback connection from
+    `client_port` to `server_port`."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{client_port:04X}" and fields[2] == f"0100007F:{server_port:04X}":
+            inode = fields[9]
+    assert inode, f"no connection from port {client_port} to {server_port}"
+    for pid in descendants(stack_pid):
+        try:
+            if any(os.readlink(fd) == f"socket:[{inode}]" for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return pid
+        except OSError:
+            continue
+    raise AssertionError("no process of the fault stack owns the held connection")
+
+
+def test_a_chord_join_killed_between_claim_and_dispatch_is_healed_by_the_stream_retry(stack):
+    import base64
+
+    import boto3
+
+    prefix = f"kill-{uuid.uuid4().hex[:10]}"
+    queue, gid, callback_id = f"{prefix}-q", f"{prefix}-g", f"{prefix}-cb"
+    sqs = boto3.client("sqs", endpoint_url=stack.sqs, region_name="us-east-1",
+                       aws_access_key_id="local", aws_secret_access_key="local")
+    url = sqs.create_queue(QueueName=queue)["QueueUrl"]
+    # chord-join's first SendMessage to this queue is held: never forwarded,
+    # never answered. The invocation has claimed the chord by then.
+    stack.rule(queue, match=queue, error="Hold", limit=1)
+    callback = {"task": "proj.tasks.tsum", "args": [], "kwargs": {}, "immutable": False,
+                "options": {"task_id": callback_id, "queue": queue}}
+    for i in range(3):
+        part = {"status": "SUCCESS", "result": i, "group_id": gid, "group_index": i,
+                "chord": {"size": 3, "callback": callback}}
+        assert stack.call("PUT", f"/v1/tasks/{prefix}-p{i}", part)[0] == 200
+    deadline = time.monotonic() + 60
+    while stack.injected(queue) < 1:
+        assert time.monotonic() < deadline, "chord-join never sent the callback"
+        time.sleep(0.1)
+    code, _, text = stack.call("GET", f"/v1/chords/{gid}")
+    assert (code, json.loads(text).get("state")) == (200, "joining"), text
+    # Kill the invocation there, by PID, as a crash or a timeout would.
+    with urllib.request.urlopen(f"{stack.control}/__faults/rules/{queue}", timeout=10) as resp:
+        [held_port] = json.loads(resp.read())["held_from"]
+    victim = process_with_connection(stack.pid, held_port, int(stack.control.rsplit(":", 1)[1]))
+    assert Path(f"/proc/{victim}/cmdline").read_bytes().split(b"\0")[0].endswith(b"chord-join")
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    # The pump retries the batch; the claim's lease runs out; a new invocation
+    # takes over and sends the callback, once.
+    messages = []
+    deadline = time.monotonic() + 120
+    while not messages and time.monotonic() < deadline:
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    assert messages, "the chord was never dispatched after the kill"
+    healed_after = time.monotonic() - killed_at
+    settle = time.monotonic() + 6
+    while time.monotonic() < settle:
+        messages += sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    assert len(messages) == 1, f"{len(messages)} callbacks"
+    envelope = json.loads(base64.b64decode(messages[0]["Body"]))
+    assert envelope["headers"]["id"] == callback_id
+    assert json.loads(base64.b64decode(envelope["body"]))[0] == [[0, 1, 2]]
+    status = json.loads(stack.call("GET", f"/v1/chords/{gid}")[2])
+    assert (status["state"], status["done"]) == ("dispatched", 3), status
+    stack.clear(queue)
+    print(f"\nchord-join killed between claim and dispatch: healed, one callback, {healed_after:.1f} s after the kill")

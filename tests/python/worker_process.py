@@ -51,8 +51,12 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
             cwd=E2E_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     worker = Worker(proc, log)
+    raised = False
     try:
         yield worker
+    except BaseException:
+        raised = True
+        raise
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -61,7 +65,7 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if request.session.testsfailed > failed_before:
+        if raised or request.session.testsfailed > failed_before:
             capture = request.config.pluginmanager.getplugin("capturemanager")
             with capture.global_and_fixture_disabled():
                 print(f"\n--- worker {name}: last 200 lines of its log (exit code {proc.returncode}) ---")
