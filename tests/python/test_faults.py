@@ -238,10 +238,11 @@ def test_dynamodb_down_gives_503_loses_nothing_acknowledged_and_recovers_by_itse
         time.sleep(3)
         stack.dynamodb("start")
         # The same function processes serve again, with no restart.
-        deadline = time.monotonic() + 60
+        back = time.monotonic()
         while stack.call("GET", f"/v1/tasks/{some_acked}")[0] != 200:
-            assert time.monotonic() < deadline, "the service did not resume within 60 s of DynamoDB's return"
-            time.sleep(0.2)
+            assert time.monotonic() < back + 60, "the service did not resume within 60 s of DynamoDB's return"
+            time.sleep(0.1)
+        resumed_after = time.monotonic() - back
         time.sleep(2)
     finally:
         stop.set()
@@ -258,7 +259,8 @@ def test_dynamodb_down_gives_503_loses_nothing_acknowledged_and_recovers_by_itse
         assert status == 200, text
         got = [r["result"] for r in json.loads(text)["results"]]
         assert got == [acknowledged[i] for i in chunk]
-    print(f"\nDynamoDB down: {outcomes['200']} stores acknowledged (all read back), {outcomes['503']} answered 503 unavailable")
+    print(f"\nDynamoDB down: {outcomes['200']} stores acknowledged (all read back), {outcomes['503']} answered 503 unavailable;"
+          f" served again {resumed_after:.2f} s after DynamoDB Local answered")
 
 
 def descendants(pid):
