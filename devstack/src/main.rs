@@ -18,7 +18,13 @@
 //! memory), `--reload` (rebuild functions when the code changes); for the
 //! pump: `--batch-size` (100), `--batch-window-ms` (0), `--pumps N` (1; more
 //! tail the stream side by side, each delivering every record), `--replay`
-//! (deliver every batch twice).
+//! (deliver every batch twice), `--invoke-timeout-secs` (300: Lambda's
+//! function timeout, for one chord-join invocation). `--state-dir DIR`
+//! (`.local`) holds logs, the functions' env file and `stack.ready`, so a
+//! second stack can run beside the first; `--faults PORT` puts the fault
+//! proxy between the functions and DynamoDB Local and SQS (see [`faults`]).
+//! The functions get `TENANTS` mapping two local test callers (see
+//! `LOCAL_TENANTS`).
 //! Any of the service's own variables (`MAX_WAIT_SECONDS`, `DDB_MAX_ATTEMPTS`,
 //! ...) set in the environment are passed on to the functions.
 
@@ -80,7 +86,7 @@ struct Settings {
     data_dir: Option<PathBuf>,
     reload: bool,
     /// `--faults PORT`: the fault proxy (see [`faults`]) between the
-    /// functions and DynamoDB Local, with its control endpoint.
+    /// functions and DynamoDB Local and SQS, with its control endpoint.
     faults_port: Option<u16>,
     /// `--state-dir DIR` (default `.local`): logs, the env file, `stack.ready`.
     state_dir: PathBuf,

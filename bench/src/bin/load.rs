@@ -9,9 +9,11 @@
 //! - every chord's callback arrives exactly once, with its parts' results
 //!   complete and in order (no duplicate, none lost);
 //! - no request answered anything but 200 (a 503 is counted and fails the
-//!   run). A request with no answer at all within 30 s is sent again, as a
-//!   worker's client would, at most twice, and counted: cargo lambda watch has
-//!   been seen to leave one request of a long run unanswered.
+//!   run). A request with no answer at all within 30 s, or answered with a
+//!   5xx of cargo lambda watch's own (not the service's JSON error), is sent
+//!   again, as a worker's client would, at most twice, and counted: in long
+//!   runs the local router has been seen to leave a request unanswered, and to
+//!   answer a few batch-gets 500 itself while it starts function instances.
 //!
 //! It prints throughput and the p50/p99 latency of stores and fetches beside
 //! the raw DynamoDB Local figures. Figures only, never asserted: the machine
@@ -217,31 +219,40 @@ async fn service_run(a: &Args, work: Arc<Vec<Work>>, tally: Arc<Mutex<Tally>>) -
 /// Attempts per request when the local router does not answer in time.
 const ATTEMPTS: usize = 3;
 
-/// Sends a request; one that gets no answer within the client's timeout is
-/// sent again (counted in `retried`), up to [`ATTEMPTS`] in all. Returns the
-/// answer and the attempt that got it.
+/// Sends a request and reads its answer. A request that gets no answer
+/// within the client's timeout, or a 5xx that is not the service's own (the
+/// local router's, cargo lambda watch's: its body has no `error.code`), is
+/// sent again (counted in `retried`), up to [`ATTEMPTS`] in all, as a
+/// worker's client would. Returns the attempt that got the answer, its
+/// status and its body.
 async fn send(
     request: impl Fn() -> reqwest::RequestBuilder,
     retried: &AtomicUsize,
-) -> Result<(usize, reqwest::Response), String> {
+) -> Result<(usize, u16, String), String> {
     for attempt in 1..=ATTEMPTS {
+        let last = attempt == ATTEMPTS;
         match request().send().await {
-            Ok(response) => return Ok((attempt, response)),
-            Err(e) if e.is_timeout() && attempt < ATTEMPTS => {
-                retried.fetch_add(1, Ordering::Relaxed);
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let text = response.text().await.map_err(|e| e.to_string())?;
+                let from_the_router = status >= 500 && !text.contains(r#""error":{"code""#);
+                if !(from_the_router && !last) {
+                    return Ok((attempt, status, text));
+                }
             }
+            Err(e) if e.is_timeout() && !last => {}
             Err(e) => return Err(e.to_string()),
         }
+        retried.fetch_add(1, Ordering::Relaxed);
     }
     unreachable!("the last attempt returns")
 }
 
 /// Stores one result, as a worker's client does; a 409 naming a stored
-/// SUCCESS after a retry means the unanswered attempt landed.
+/// SUCCESS after a retry means an unanswered attempt landed.
 async fn store(http: &reqwest::Client, base: &str, w: &Work, retried: &AtomicUsize) -> Result<(), String> {
-    let (attempt, r) = send(|| http.put(format!("{base}/v1/tasks/{}", w.id)).body(w.body.clone()), retried).await?;
-    let status = r.status();
-    let text = r.text().await.unwrap_or_default();
+    let (attempt, status, text) =
+        send(|| http.put(format!("{base}/v1/tasks/{}", w.id)).body(w.body.clone()), retried).await?;
     let landed_before = status == 409 && attempt > 1 && text.contains(r#""stored_status":"SUCCESS""#);
     if status == 200 || landed_before {
         Ok(())
@@ -252,35 +263,31 @@ async fn store(http: &reqwest::Client, base: &str, w: &Work, retried: &AtomicUsi
 
 /// Reads one result back.
 async fn fetch(http: &reqwest::Client, base: &str, id: &str, retried: &AtomicUsize) -> Result<Value, String> {
-    let (_, r) = send(|| http.get(format!("{base}/v1/tasks/{id}")), retried).await?;
-    match r.status().as_u16() {
-        200 => r.json().await.map_err(|e| e.to_string()),
-        status => Err(format!("{status} {}", r.text().await.unwrap_or_default())),
+    match send(|| http.get(format!("{base}/v1/tasks/{id}")), retried).await? {
+        (_, 200, text) => serde_json::from_str(&text).map_err(|e| e.to_string()),
+        (_, status, text) => Err(format!("{status} {text}")),
     }
 }
 
 /// Every acknowledged result again, 1,000 per batch-get.
-async fn verify_all(a: &Args, acked: &[Work]) -> Vec<String> {
+async fn verify_all(a: &Args, acked: &[Work], retried: &AtomicUsize) -> Vec<String> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
-    let retried = AtomicUsize::new(0);
     let mut lost = Vec::new();
     for chunk in acked.chunks(1000) {
         let ids: Vec<&str> = chunk.iter().map(|w| w.id.as_str()).collect();
         let body = json!({"task_ids": ids}).to_string();
         let url = format!("{}/v1/tasks/batch-get", a.endpoint);
-        let resp = match send(|| http.post(&url).body(body.clone()), &retried).await {
-            Ok((_, resp)) => resp,
+        let body: Value = match send(|| http.post(&url).body(body.clone()), retried).await {
+            Ok((_, 200, text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
+            Ok((_, status, text)) => {
+                lost.push(format!("batch-get: {status} {text}"));
+                continue;
+            }
             Err(e) => {
                 lost.push(format!("batch-get of {} ids: {e}", ids.len()));
                 continue;
             }
         };
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if status != 200 {
-            lost.push(format!("batch-get: {status} {body}"));
-            continue;
-        }
         let results = body["results"].as_array().cloned().unwrap_or_default();
         if results.len() != chunk.len() {
             lost.push(format!("batch-get of {} ids answered {} results", chunk.len(), results.len()));
@@ -408,7 +415,8 @@ async fn main() {
 
     let (acked, took) = service_run(&a, work.clone(), tally.clone()).await;
     eprintln!("service run done in {:.1} s; reading every acknowledged result back", took.as_secs_f64());
-    let lost = verify_all(&a, &acked).await;
+    let verify_retried = AtomicUsize::new(0);
+    let lost = verify_all(&a, &acked, &verify_retried).await;
     eprintln!("waiting for {} chord callbacks", chords.len());
     let (duplicates, missing, wrong) = collect_callbacks(&sqs, &url, &chords).await;
     eprintln!("raw DynamoDB Local baseline: {} clients", a.clients);
@@ -429,8 +437,8 @@ async fn main() {
     );
     println!("\nchecks:");
     println!(
-        "  acknowledged stores: {} of {}; failed requests: {}; sent again after no answer in 30 s: {}",
-        acked.len(), work.len(), tally.failures.len(), tally.retried
+        "  acknowledged stores: {} of {}; failed requests: {}; sent again (no answer in 30 s, or the local router's own 5xx): {}",
+        acked.len(), work.len(), tally.failures.len(), tally.retried + verify_retried.load(Ordering::Relaxed)
     );
     println!("  lost or changed after the run (batch-get of all {}): {}", acked.len(), lost.len());
     println!("  chords: {} callbacks expected, {} missing, {} duplicated, {} wrong", chords.len(), missing, duplicates, wrong.len());
