@@ -3,12 +3,10 @@
 //! DynamoDB's throttling errors or holds back batch keys as UnprocessedKeys,
 //! and stops and restarts DynamoDB Local on request. Started by
 //! `devstack up --faults PORT`; the functions' `AWS_ENDPOINT_URL_DYNAMODB`
-//! then points here.
+//! then points here. Their SQS calls (`X-Amz-Target: AmazonSQS.*`, the chord
+//! callbacks) come here too and go on to moto's server, so a rule can hold one.
 //!
 //! Control, on the same port (DynamoDB's API only uses `POST /`):
-//!
-//! SQS calls (`X-Amz-Target: AmazonSQS.*`, the chord callbacks) go through it
-//! too, to moto's server.
 //!
 //! - `PUT /__faults/rules/{name}` with `{"match": "...", "error": E, "share":
 //!   0.5, "limit": 10}`: calls whose body contains `match` (a test's own id
@@ -19,9 +17,9 @@
 //!   call is answered 400 with that error and never reaches DynamoDB), or
 //!   `UnprocessedKeys` (a BatchGetItem is forwarded, then each matching key
 //!   is taken out of `Responses` and returned in `UnprocessedKeys`), or
-//!   `Hold`, for SQS calls only (the call is never forwarded and never answered: the caller
-//!   waits, as on a hung connection, until it gives up or is killed; after
-//!   120 s the proxy drops the connection).
+//!   `Hold`, for SQS calls only (the call is never forwarded and never
+//!   answered: the caller waits, as on a hung connection, until it gives up
+//!   or is killed; after 120 s the proxy drops the connection).
 //! - `GET /__faults/rules/{name}`: `{"matched": n, "injected": k,
 //!   "held_from": [client ports of held calls]}`.
 //! - `DELETE /__faults/rules/{name}`.

@@ -97,6 +97,22 @@ enum Outcome {
     Failed(String),
 }
 
+/// An iterator on `shard_id` that starts after the record with sequence
+/// number `after`, or at the shard's oldest record when `after` is None.
+async fn shard_iterator(
+    streams: &aws_sdk_dynamodbstreams::Client,
+    arn: &str,
+    shard_id: &str,
+    after: Option<&str>,
+) -> Option<String> {
+    let request = streams.get_shard_iterator().stream_arn(arn).shard_id(shard_id);
+    let request = match after {
+        Some(seq) => request.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).sequence_number(seq),
+        None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+    };
+    request.send().await.ok().and_then(|o| o.shard_iterator)
+}
+
 async fn invoke(http: &reqwest::Client, url: &str, records: &[Record], arn: &str, timeout: Duration) -> Outcome {
     let event = json!({ "Records": records.iter().map(|r| lambda_record(r, arn)).collect::<Vec<_>>() });
     let response = match http.post(url).json(&event).timeout(timeout).send().await {
@@ -156,15 +172,7 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
                     if shards.contains_key(&id) || finished.contains(&id) {
                         continue;
                     }
-                    let iterator = streams
-                        .get_shard_iterator()
-                        .stream_arn(&arn)
-                        .shard_id(&id)
-                        .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                        .send()
-                        .await
-                        .ok()
-                        .and_then(|o| o.shard_iterator);
+                    let iterator = shard_iterator(&streams, &arn, &id, None).await;
                     shards.insert(
                         id,
                         Shard { iterator, last_read: None, buffer: Vec::new(), first_buffered: None, retry_at: None, failures: 0 },
@@ -192,15 +200,8 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
                             eprintln!("{}: get records on {id}: {e}; getting a new iterator", config.name);
                             // Resume after the last record read (from the start
                             // if none), as Lambda's event source mapping does.
-                            let request = streams.get_shard_iterator().stream_arn(&arn).shard_id(id.as_str());
-                            let request = match &shard.last_read {
-                                Some(seq) => request
-                                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                                    .sequence_number(seq),
-                                None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
-                            };
-                            if let Ok(fresh) = request.send().await {
-                                shard.iterator = fresh.shard_iterator;
+                            if let Some(fresh) = shard_iterator(&streams, &arn, id, shard.last_read.as_deref()).await {
+                                shard.iterator = Some(fresh);
                             }
                             tokio::time::sleep(Duration::from_millis(200)).await;
                         }

@@ -14,6 +14,7 @@ still succeed, eight give 503. Chord claims have a 3 s lease
 (CHORD_LEASE_SECONDS), and the stream pump gives an invocation 15 s.
 """
 
+import base64
 import concurrent.futures
 import json
 import os
@@ -30,6 +31,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from log_tail import show_tail
 
 ROOT = Path(__file__).resolve().parents[2]
 ATTEMPTS = 8
@@ -116,12 +118,9 @@ def stack(request):
             proc.wait()
         log.close()
         if request.session.testsfailed > failed_before:
-            capture = request.config.pluginmanager.getplugin("capturemanager")
-            with capture.global_and_fixture_disabled():
-                for path in [work / "devstack.log", work / "state" / "watch.log"]:
-                    if path.exists():
-                        print(f"\n--- the fault stack's {path.name}, last 80 lines ---")
-                        print("\n".join(path.read_text(errors="replace").splitlines()[-80:]))
+            for path in [work / "devstack.log", work / "state" / "watch.log"]:
+                if path.exists():
+                    show_tail(request, f"the fault stack's {path.name}", path.read_text(errors="replace"), 80)
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
@@ -299,8 +298,6 @@ def process_with_connection(stack_pid, client_port, server_port):
 
 
 def test_a_chord_join_killed_between_claim_and_dispatch_is_healed_by_the_stream_retry(stack):
-    import base64
-
     import boto3
 
     prefix = f"kill-{uuid.uuid4().hex[:10]}"

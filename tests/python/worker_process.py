@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from log_tail import show_tail
+
 E2E_DIR = Path(__file__).parent / "e2e"
 
 
@@ -66,8 +68,5 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
                 proc.kill()
                 proc.wait()
         if raised or request.session.testsfailed > failed_before:
-            capture = request.config.pluginmanager.getplugin("capturemanager")
-            with capture.global_and_fixture_disabled():
-                print(f"\n--- worker {name}: last 200 lines of its log (exit code {proc.returncode}) ---")
-                print("\n".join(worker.text().splitlines()[-200:]))
+            show_tail(request, f"worker {name}'s log (exit code {proc.returncode})", worker.text(), 200)
         log.unlink()
