@@ -4,10 +4,23 @@ cargo lambda watch cannot put a body that is not UTF-8 into the API Gateway
 event it builds and answers 500 itself, before any function runs; API
 Gateway sends such a body base64-encoded and the functions answer it 400
 (tested in the integration suite by invoking the function with that event).
-Exactly that failure is set aside; every other one stands.
+Exactly that failure is set aside.
+
+The emulator also, rarely and not reproducibly, answers a request 500 itself
+(the same problem body, no function error in its log) when its hand-off to
+a function instance fails under concurrent requests. Such a failure is set
+aside only when the same request, sent again once, gets the service's own
+answer (below 500, and a JSON `error.code` unless it is a 200): the input is
+then shown to be handled. Every other failure stands, and each set-aside one
+is printed.
 """
 
+import sys
+
+import requests
 import schemathesis
+
+_replayed: dict = {}
 
 
 def _not_utf8(body) -> bool:
@@ -25,10 +38,32 @@ def _not_utf8(body) -> bool:
     return False
 
 
+def _served_when_sent_again(request) -> bool:
+    """Sends `request` again, once per failed response; True when the
+    service itself answers it."""
+    key = id(request)
+    if key not in _replayed:
+        try:
+            again = requests.Session().send(request, timeout=65)
+            body = again.json() if again.content else None
+            ok = again.status_code < 500 and (again.status_code == 200 or "code" in (body or {}).get("error", {}))
+            verdict = f"{again.status_code}"
+        except (requests.RequestException, ValueError, AttributeError) as e:
+            ok, verdict = False, repr(e)
+        print(f"fuzz_hooks: the emulator answered {request.method} {request.path_url[:80]} 500 itself;"
+              f" sent again: {verdict} ({'set aside' if ok else 'stands'})", file=sys.stderr)
+        _replayed[key] = (request, ok)
+    return _replayed[key][1]
+
+
 @schemathesis.hook
 def filter_failure(context, failure, case, response):
     emulator_500 = response.status_code == 500 and b"httpstatuses.com/500" in response.content
-    return not (emulator_500 and _not_utf8(response.request.body))
+    if not emulator_500:
+        return True
+    if _not_utf8(response.request.body):
+        return False
+    return not _served_when_sent_again(response.request)
 
 
 @schemathesis.hook
