@@ -85,11 +85,8 @@ impl Service {
     async fn send(&self, req: reqwest::RequestBuilder) -> (String, u32) {
         let resp = req.send().await.expect("the local stack answers");
         let status = resp.status();
-        let calls = resp
-            .headers()
-            .get("x-dynachord-ddb-calls")
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(0);
+        let calls =
+            resp.headers().get("x-dynachord-ddb-calls").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
         let body = resp.text().await.unwrap();
         assert!(status.is_success(), "{status}: {body}");
         (body, calls)
@@ -219,7 +216,10 @@ async fn main() {
         .load()
         .await;
     let raw = Raw { client: Client::new(&sdk), table: a.table.clone() };
-    println!("dynachord bench: n = {}, rounds = {}, service {}, DynamoDB Local {}", a.n, a.rounds, a.endpoint, a.dynamodb);
+    println!(
+        "dynachord bench: n = {}, rounds = {}, service {}, DynamoDB Local {}",
+        a.n, a.rounds, a.endpoint, a.dynamodb
+    );
 
     let mut t: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut calls: HashMap<&str, u32> = HashMap::new();
@@ -251,15 +251,41 @@ async fn main() {
     let per_op = |k: &str, ops: usize| calls.get(k).map(|&c| c as f64 / ops as f64);
     let n = a.n;
     println!("\n{:<48} {:>9} {:>10} {:>10} {:>8}", "what (median)", "seconds", "ms/item", "ddb/op", "vs raw");
-    row(&format!("service: store {n} results, sequential"), m("store"), n, per_op("store", n * a.rounds), Some(m("raw put")));
+    row(
+        &format!("service: store {n} results, sequential"),
+        m("store"),
+        n,
+        per_op("store", n * a.rounds),
+        Some(m("raw put")),
+    );
     row(&format!("raw: PutItem x {n}, sequential"), m("raw put"), n, Some(1.0), None);
     row(&format!("service: fetch {n} one by one"), m("fetch"), n, per_op("fetch", n * a.rounds), Some(m("raw get")));
     row(&format!("raw: GetItem x {n}, consistent, sequential"), m("raw get"), n, Some(1.0), None);
     let batches = t["batch"].len();
-    row(&format!("service: batch-get {n} in one call"), m("batch"), n, per_op("batch", batches), Some(m("raw batch parallel")));
-    row(&format!("raw: BatchGetItem {n} keys, chunks in parallel"), m("raw batch parallel"), n, Some(n.div_ceil(100) as f64), None);
-    row(&format!("raw: BatchGetItem {n} keys, chunks in sequence"), m("raw batch sequential"), n, Some(n.div_ceil(100) as f64), None);
-    println!("\n(ddb/op for batch-get is per call; targets: store = 1 request, batch-get <= 1.5x raw parallel BatchGetItem)");
+    row(
+        &format!("service: batch-get {n} in one call"),
+        m("batch"),
+        n,
+        per_op("batch", batches),
+        Some(m("raw batch parallel")),
+    );
+    row(
+        &format!("raw: BatchGetItem {n} keys, chunks in parallel"),
+        m("raw batch parallel"),
+        n,
+        Some(n.div_ceil(100) as f64),
+        None,
+    );
+    row(
+        &format!("raw: BatchGetItem {n} keys, chunks in sequence"),
+        m("raw batch sequential"),
+        n,
+        Some(n.div_ceil(100) as f64),
+        None,
+    );
+    println!(
+        "\n(ddb/op for batch-get is per call; targets: store = 1 request, batch-get <= 1.5x raw parallel BatchGetItem)"
+    );
 
     if !a.chords.is_empty() {
         println!("\nchords: last part stored -> callback on SQS, against Celery 5.7's DynamoDB backend joining the same size");
@@ -279,7 +305,8 @@ async fn main() {
 async fn chord_bench(service: &Service, sdk: &aws_config::SdkConfig, n: usize) {
     use futures::StreamExt;
     let sqs_endpoint = std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let sqs = aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(sdk).endpoint_url(&sqs_endpoint).build());
+    let sqs =
+        aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(sdk).endpoint_url(&sqs_endpoint).build());
     let tag = uuid::Uuid::new_v4().simple().to_string()[..10].to_owned();
     let queue = format!("bench-{tag}");
     let url = sqs.create_queue().queue_name(&queue).send().await.expect("SQS answers").queue_url.unwrap();

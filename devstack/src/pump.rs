@@ -175,7 +175,14 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
                     let iterator = shard_iterator(&streams, &arn, &id, None).await;
                     shards.insert(
                         id,
-                        Shard { iterator, last_read: None, buffer: Vec::new(), first_buffered: None, retry_at: None, failures: 0 },
+                        Shard {
+                            iterator,
+                            last_read: None,
+                            buffer: Vec::new(),
+                            first_buffered: None,
+                            retry_at: None,
+                            failures: 0,
+                        },
                     );
                 }
             }
@@ -235,10 +242,7 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
                 Outcome::RetryFrom(seq) => {
                     // Records before the first failure are done; retry from it
                     // (an identifier not in the batch retries all of it, as Lambda does).
-                    let keep_from = shard.buffer[..n]
-                        .iter()
-                        .position(|r| sequence(r) == seq)
-                        .unwrap_or(0);
+                    let keep_from = shard.buffer[..n].iter().position(|r| sequence(r) == seq).unwrap_or(0);
                     shard.buffer.drain(..keep_from);
                     shard.failures += 1;
                     shard.retry_at = Some(Instant::now() + backoff(shard.failures));

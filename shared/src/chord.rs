@@ -191,7 +191,8 @@ impl Joiner {
     /// callback target (`CALLBACK_*`), and `CHORD_LEASE_SECONDS` (default 60).
     pub async fn from_env() -> Result<Self, String> {
         let config = crate::config::Config::from_env().map_err(|e| e.to_string())?;
-        let targets = crate::dispatch::TargetConfig::from_lookup(|v| std::env::var(v).ok()).map_err(|e| e.to_string())?;
+        let targets =
+            crate::dispatch::TargetConfig::from_lookup(|v| std::env::var(v).ok()).map_err(|e| e.to_string())?;
         let lease = match std::env::var("CHORD_LEASE_SECONDS") {
             Err(_) => 60,
             Ok(raw) => raw.trim().parse::<u64>().ok().filter(|&s| s >= 1).ok_or_else(|| {
@@ -272,7 +273,14 @@ impl Joiner {
         joined
     }
 
-    async fn join(&self, ns: &Namespace, gid: &GroupId, callback: &str, token: &str, last: &TaskId) -> Result<(), JoinError> {
+    async fn join(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        callback: &str,
+        token: &str,
+        last: &TaskId,
+    ) -> Result<(), JoinError> {
         let sig = Signature::parse(callback).map_err(|e| JoinError::Inconsistent(gid.to_string(), e))?;
         let ids = self.store.chord_part_ids(ns, gid).await?;
         let metas = self.store.get_tasks(ns, &ids).await?;
@@ -329,7 +337,15 @@ impl Joiner {
 
     /// Fails the chord as Celery does: the callback's task stored as FAILURE
     /// with a ChordError, its errbacks sent, the callback never sent.
-    async fn fail(&self, ns: &Namespace, gid: &GroupId, sig: &Signature, token: &str, message: String, cx: &MessageContext<'_>) -> Result<(), JoinError> {
+    async fn fail(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        sig: &Signature,
+        token: &str,
+        message: String,
+        cx: &MessageContext<'_>,
+    ) -> Result<(), JoinError> {
         let error = json!({"exc_type": "ChordError", "exc_message": [message], "exc_module": "celery.exceptions"});
         let meta = json!({
             "status": "FAILURE", "result": error, "traceback": null, "children": [],
@@ -353,7 +369,9 @@ impl Joiner {
         };
         for raw in errbacks {
             let fallback = uuid::Uuid::new_v4().to_string();
-            let Ok(errback) = Signature::from_value(raw, Some(&fallback)) else { continue };
+            let Ok(errback) = Signature::from_value(raw, Some(&fallback)) else {
+                continue;
+            };
             // Old-style errback call: the failed task's id first.
             let mut args = vec![Value::String(sig.task_id.to_string())];
             args.extend(errback.args.iter().cloned());
@@ -399,13 +417,18 @@ mod tests {
 
     #[test]
     fn results_are_taken_raw() {
-        assert_eq!(result_of(r#"{"status":"SUCCESS","result":{"n":1.50,"big":123456789012345678901234567890}}"#), r#"{"n":1.50,"big":123456789012345678901234567890}"#);
+        assert_eq!(
+            result_of(r#"{"status":"SUCCESS","result":{"n":1.50,"big":123456789012345678901234567890}}"#),
+            r#"{"n":1.50,"big":123456789012345678901234567890}"#
+        );
         assert_eq!(result_of(r#"{"status":"SUCCESS"}"#), "null");
     }
 
     #[test]
     fn signatures_need_a_task_and_a_task_id() {
-        let sig = Signature::parse(r#"{"task":"t.sum","args":[1],"kwargs":{},"options":{"task_id":"cb"},"immutable":true}"#).unwrap();
+        let sig =
+            Signature::parse(r#"{"task":"t.sum","args":[1],"kwargs":{},"options":{"task_id":"cb"},"immutable":true}"#)
+                .unwrap();
         assert_eq!((sig.task.as_str(), sig.task_id.as_str(), sig.immutable), ("t.sum", "cb", true));
         assert!(Signature::parse(r#"{"task":"t"}"#).is_err());
         assert!(Signature::parse(r#"{"options":{"task_id":"cb"}}"#).is_err());
@@ -438,7 +461,12 @@ mod tests {
         ] {
             assert!(with(bad.clone()).is_err(), "{bad} must be refused");
         }
-        for good in [json!({"immutable": null}), json!({"queue": "q"}), json!({"queue": null}), json!({"link_error": [{"task": "e"}]})] {
+        for good in [
+            json!({"immutable": null}),
+            json!({"queue": "q"}),
+            json!({"queue": null}),
+            json!({"link_error": [{"task": "e"}]}),
+        ] {
             assert!(with(good.clone()).is_ok(), "{good} must be accepted");
         }
     }

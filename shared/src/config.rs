@@ -67,19 +67,17 @@ impl Config {
         let var = |name: &'static str| lookup(name).filter(|v| !v.trim().is_empty());
         let num = |name: &'static str, default: u64, min: u64, max: u64| -> Result<u64, ConfigError> {
             let Some(raw) = var(name) else { return Ok(default) };
-            let value: u64 = raw.trim().parse().map_err(|_| ConfigError {
-                var: name,
-                message: format!("{raw:?} is not a whole number"),
-            })?;
+            let value: u64 = raw
+                .trim()
+                .parse()
+                .map_err(|_| ConfigError { var: name, message: format!("{raw:?} is not a whole number") })?;
             if !(min..=max).contains(&value) {
                 return Err(ConfigError { var: name, message: format!("{value} is outside {min}..={max}") });
             }
             Ok(value)
         };
-        let table_name = var("TABLE_NAME").ok_or(ConfigError {
-            var: "TABLE_NAME",
-            message: "is not set; it names the DynamoDB table".into(),
-        })?;
+        let table_name = var("TABLE_NAME")
+            .ok_or(ConfigError { var: "TABLE_NAME", message: "is not set; it names the DynamoDB table".into() })?;
         let namespace = match var("NAMESPACE") {
             Some(raw) => Namespace::parse(&raw).map_err(|message| ConfigError { var: "NAMESPACE", message })?,
             None => Namespace::default(),

@@ -188,10 +188,9 @@ impl TargetConfig {
         };
         let mut queue_urls = HashMap::new();
         for pair in var("CALLBACK_QUEUE_URLS").unwrap_or_default().split(',').filter(|p| !p.trim().is_empty()) {
-            let (name, url) = pair.split_once('=').ok_or(ConfigError {
-                var: "CALLBACK_QUEUE_URLS",
-                message: format!("{pair:?} is not name=url"),
-            })?;
+            let (name, url) = pair
+                .split_once('=')
+                .ok_or(ConfigError { var: "CALLBACK_QUEUE_URLS", message: format!("{pair:?} is not name=url") })?;
             queue_urls.insert(name.trim().to_owned(), url.trim().to_owned());
         }
         let max_bytes = match var("CALLBACK_MAX_BYTES") {
@@ -244,7 +243,13 @@ impl Target {
 
     /// Sends the task `sig` with `args` (JSON array text). On the Lambda
     /// target, `event` is sent instead: a JSON document for non-Celery users.
-    pub async fn send(&self, sig: &Signature, args: &str, event: impl FnOnce() -> String, cx: &MessageContext<'_>) -> Result<(), DispatchError> {
+    pub async fn send(
+        &self,
+        sig: &Signature,
+        args: &str,
+        event: impl FnOnce() -> String,
+        cx: &MessageContext<'_>,
+    ) -> Result<(), DispatchError> {
         if let Some(function) = &self.config.lambda_function {
             let payload = event();
             self.check_size(payload.len(), "Lambda async invoke")?;
@@ -273,7 +278,9 @@ impl Target {
             request = request.message_group_id(cx.group_id).message_deduplication_id(sig.task_id.as_str());
         }
         request.send().await.map_err(|e| match e.as_service_error() {
-            Some(s) if s.is_queue_does_not_exist() => DispatchError::NoSuchTarget { target: "SQS queue", name: url.clone() },
+            Some(s) if s.is_queue_does_not_exist() => {
+                DispatchError::NoSuchTarget { target: "SQS queue", name: url.clone() }
+            }
             _ => DispatchError::Send(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string()),
         })?;
         Ok(())
@@ -320,7 +327,10 @@ mod tests {
         assert_eq!(envelope["properties"]["body_encoding"], "base64");
         assert_eq!(envelope["content-type"], "application/json");
         let inner = String::from_utf8(B64.decode(envelope["body"].as_str().unwrap()).unwrap()).unwrap();
-        assert!(inner.starts_with("[[[1,2,123456789012345678901234567890],7],{\"k\":1},"), "results stay exact: {inner}");
+        assert!(
+            inner.starts_with("[[[1,2,123456789012345678901234567890],7],{\"k\":1},"),
+            "results stay exact: {inner}"
+        );
         let inner: Value = serde_json::from_str(&inner).unwrap();
         assert_eq!(inner[2]["errbacks"], json!([{"task": "proj.err"}]));
         assert_eq!(inner[2]["chord"], Value::Null);
@@ -332,7 +342,8 @@ mod tests {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
         let http = infallible_client_fn(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
-            let invocation = req.headers().get("x-amz-invocation-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let invocation =
+                req.headers().get("x-amz-invocation-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             let body = String::from_utf8_lossy(req.body().bytes().unwrap_or_default()).into_owned();
             log.lock().unwrap().push((req.uri().to_string(), invocation, body));
             lambda_http::http::Response::builder().status(202).body("").unwrap()

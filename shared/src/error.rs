@@ -68,9 +68,7 @@ impl ApiError {
     /// Seconds for the `Retry-After` header, on the retryable errors.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Throttled { retry_after_secs } | Self::Unavailable { retry_after_secs } => {
-                Some(*retry_after_secs)
-            }
+            Self::Throttled { retry_after_secs } | Self::Unavailable { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }

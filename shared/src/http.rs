@@ -13,8 +13,8 @@ use std::time::Duration;
 use crate::config::{AuthMode, Config};
 use crate::error::ApiError;
 use crate::ids::{GroupId, Namespace, TaskId};
-use crate::tenants::Caller;
 pub use crate::service::{App, Reply};
+use crate::tenants::Caller;
 
 /// Header carrying how many DynamoDB requests served this request.
 pub const DDB_CALLS_HEADER: &str = "x-dynachord-ddb-calls";
@@ -72,9 +72,11 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
         ("GET", ["", "v1", "tasks", id]) => {
             let wait = match wait {
                 None => None,
-                Some(raw) => Some(raw.trim().parse::<f64>().map_err(|_| {
-                    ApiError::BadQuery(format!("wait {raw:?} is not a number of seconds"))
-                })?),
+                Some(raw) => Some(
+                    raw.trim()
+                        .parse::<f64>()
+                        .map_err(|_| ApiError::BadQuery(format!("wait {raw:?} is not a number of seconds")))?,
+                ),
             };
             Ok(Route::GetTask(task(id)?, crate::service::parse_wait(wait, max_wait)?))
         }
@@ -119,12 +121,7 @@ pub fn parse<S>(app: &App<S>, request: Request) -> Result<Incoming, ApiError> {
         return Err(ApiError::BodyTooLarge { size, limit: app.config.max_body_bytes });
     }
     let query = request.query_string_parameters();
-    let route = route(
-        request.method().as_str(),
-        request.uri().path(),
-        query.first("wait"),
-        app.config.max_wait,
-    )?;
+    let route = route(request.method().as_str(), request.uri().path(), query.first("wait"), app.config.max_wait)?;
     let body = match request.into_body() {
         Body::Empty => Vec::new(),
         Body::Text(text) => text.into_bytes(),
@@ -137,7 +134,11 @@ pub fn parse<S>(app: &App<S>, request: Request) -> Result<Incoming, ApiError> {
 /// Serves one request: checks it, runs `serve` on it, and turns the outcome
 /// into a response with the DynamoDB call count. Never fails: every error is a
 /// JSON error response.
-pub async fn handle<'a, S, F, Fut>(app: &'a App<S>, request: Request, serve: F) -> Result<Response<Body>, std::convert::Infallible>
+pub async fn handle<'a, S, F, Fut>(
+    app: &'a App<S>,
+    request: Request,
+    serve: F,
+) -> Result<Response<Body>, std::convert::Infallible>
 where
     F: FnOnce(Incoming) -> Fut,
     Fut: Future<Output = Result<Reply, ApiError>> + 'a,

@@ -80,9 +80,7 @@ impl Namespace {
         if ok {
             Ok(Self(raw.to_owned()))
         } else {
-            Err(format!(
-                "namespace {raw:?} must be 1 to 63 characters of a-z, 0-9 and -"
-            ))
+            Err(format!("namespace {raw:?} must be 1 to 63 characters of a-z, 0-9 and -"))
         }
     }
 
@@ -111,10 +109,7 @@ mod tests {
     #[test]
     fn refuses_empty_long_and_odd_ids() {
         assert_eq!(TaskId::parse(""), Err(IdError::Empty { kind: "task id" }));
-        assert!(matches!(
-            TaskId::parse(&"a".repeat(MAX_ID_LEN + 1)),
-            Err(IdError::TooLong { len: 129, .. })
-        ));
+        assert!(matches!(TaskId::parse(&"a".repeat(MAX_ID_LEN + 1)), Err(IdError::TooLong { len: 129, .. })));
         for bad in ["a/b", "a b", "a#b", "é", "a%2Fb", "a\nb"] {
             assert!(matches!(TaskId::parse(bad), Err(IdError::BadChar { .. })), "{bad}");
         }

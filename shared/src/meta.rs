@@ -95,9 +95,7 @@ impl<'de> Deserialize<'de> for State {
 }
 
 fn de_group_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<GroupId>, D::Error> {
-    Option::<String>::deserialize(d)?
-        .map(|raw| GroupId::parse(&raw).map_err(serde::de::Error::custom))
-        .transpose()
+    Option::<String>::deserialize(d)?.map(|raw| GroupId::parse(&raw).map_err(serde::de::Error::custom)).transpose()
 }
 
 fn ser_group_id<S: serde::Serializer>(id: &Option<GroupId>, s: S) -> Result<S::Ok, S::Error> {
@@ -188,10 +186,7 @@ impl TaskMeta {
         let mut meta: TaskMeta = serde_json::from_slice(body)?;
         if let Some(body_id) = &meta.task_id {
             if body_id != task_id.as_str() {
-                return Err(MetaError::TaskIdMismatch {
-                    body: body_id.clone(),
-                    path: task_id.to_string(),
-                });
+                return Err(MetaError::TaskIdMismatch { body: body_id.clone(), path: task_id.to_string() });
             }
         }
         check_shape("children", &meta.children, "a list", b'[')?;
@@ -238,9 +233,7 @@ fn check_shape(
     opener: u8,
 ) -> Result<(), MetaError> {
     match value {
-        Some(v) if v.get().as_bytes().first() != Some(&opener) => {
-            Err(MetaError::WrongShape { field, expected })
-        }
+        Some(v) if v.get().as_bytes().first() != Some(&opener) => Err(MetaError::WrongShape { field, expected }),
         _ => Ok(()),
     }
 }
@@ -318,10 +311,22 @@ mod tests {
             (r#"{"status":"SUCCESS","expires_in":-1}"#, "invalid value"),
             (r#"[1]"#, "invalid type"),
             (r#"{"status":"SUCCESS""#, "EOF"),
-            (r#"{"status":"SUCCESS","chord":{"size":2,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#, "needs group_id"),
-            (r#"{"status":"SUCCESS","group_id":"g","group_index":2,"chord":{"size":2,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#, "not below"),
-            (r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":0,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#, "outside"),
-            (r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":1,"callback":{"task":"t"}}}"#, "task_id"),
+            (
+                r#"{"status":"SUCCESS","chord":{"size":2,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#,
+                "needs group_id",
+            ),
+            (
+                r#"{"status":"SUCCESS","group_id":"g","group_index":2,"chord":{"size":2,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#,
+                "not below",
+            ),
+            (
+                r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":0,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#,
+                "outside",
+            ),
+            (
+                r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":1,"callback":{"task":"t"}}}"#,
+                "task_id",
+            ),
             (r#"{"status":"SUCCESS","group_id":"g","group_index":0,"chord":{"size":1,"callback":[]}}"#, "callback"),
         ] {
             let err = TaskMeta::parse(body.as_bytes(), &t1).unwrap_err().to_string();

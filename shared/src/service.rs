@@ -58,7 +58,12 @@ fn expires_at(config: &Config, expires_in: Option<u64>) -> Result<i64, ApiError>
 
 /// `PUT /v1/tasks/{task_id}`: one conditional write. A refusal is a 409 that
 /// names the stored status; the stored item is untouched.
-pub async fn store_task<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &TaskId, body: &[u8]) -> Result<Reply, ApiError> {
+pub async fn store_task<S: ResultStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &TaskId,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     let meta = TaskMeta::parse(body, id)?;
     let record = TaskRecord {
         task_id: id.clone(),
@@ -79,17 +84,20 @@ pub async fn store_task<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &TaskI
             })
             .to_string(),
         )),
-        PutOutcome::Refused { stored } => Err(ApiError::Conflict {
-            task_id: id.to_string(),
-            stored,
-            refused: record.status.to_string(),
-        }),
+        PutOutcome::Refused { stored } => {
+            Err(ApiError::Conflict { task_id: id.to_string(), stored, refused: record.status.to_string() })
+        }
     }
 }
 
 /// `GET /v1/tasks/{task_id}?wait=S`: the stored meta, or PENDING. With a wait,
 /// reads again until the task is ready or the wait is over.
-pub async fn fetch_task<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &TaskId, wait: Duration) -> Result<Reply, ApiError> {
+pub async fn fetch_task<S: ResultStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &TaskId,
+    wait: Duration,
+) -> Result<Reply, ApiError> {
     let deadline = Instant::now() + wait;
     let mut pause = POLL_FIRST;
     loop {
@@ -144,7 +152,8 @@ pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u
             results[i] = stored;
         }
     }
-    let mut body = String::with_capacity(results.iter().map(|r| r.as_ref().map_or(128, |s| s.json.len() + 1)).sum::<usize>() + 16);
+    let mut body =
+        String::with_capacity(results.iter().map(|r| r.as_ref().map_or(128, |s| s.json.len() + 1)).sum::<usize>() + 16);
     body.push_str(r#"{"results":["#);
     for (i, (id, stored)) in ids.iter().zip(results).enumerate() {
         if i > 0 {
@@ -166,10 +175,7 @@ pub fn parse_wait(wait: Option<f64>, max_wait: Duration) -> Result<Duration, Api
         Some(secs) if secs.is_finite() && secs >= 0.0 && secs <= max_wait.as_secs_f64() => {
             Ok(Duration::from_secs_f64(secs))
         }
-        Some(secs) => Err(ApiError::BadQuery(format!(
-            "wait {secs} is outside 0..={} seconds",
-            max_wait.as_secs()
-        ))),
+        Some(secs) => Err(ApiError::BadQuery(format!("wait {secs} is outside 0..={} seconds", max_wait.as_secs()))),
     }
 }
 
@@ -189,7 +195,12 @@ struct GroupRequest {
 
 /// `PUT /v1/groups/{group_id}`: `GroupResult.save`, the body Celery stores
 /// (`{"result": <GroupResult.as_tuple()>}`). A later save replaces it.
-pub async fn save_group<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &GroupId, body: &[u8]) -> Result<Reply, ApiError> {
+pub async fn save_group<S: ResultStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &GroupId,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     let request: GroupRequest =
         serde_json::from_slice(body).map_err(|e| ApiError::BadBody(format!("body is not a saved group: {e}")))?;
     let expires_at = expires_at(&app.config, request.expires_in)?;
@@ -309,7 +320,9 @@ mod tests {
         let err = batch_fetch(&app, &Namespace::default(), body.as_bytes()).await.unwrap_err();
         assert!(matches!(err, ApiError::BatchTooLarge { count: 1001, limit: 1000 }));
         assert_eq!(app.store.reads(), 0);
-        for bad in [r#"{"task_ids":["ok","a/b"]}"#, r#"{"task_ids":"a"}"#, r#"{"ids":[]}"#, r#"{"task_ids":[],"wait":99}"#] {
+        for bad in
+            [r#"{"task_ids":["ok","a/b"]}"#, r#"{"task_ids":"a"}"#, r#"{"ids":[]}"#, r#"{"task_ids":[],"wait":99}"#]
+        {
             assert!(batch_fetch(&app, &Namespace::default(), bad.as_bytes()).await.is_err(), "{bad}");
         }
         assert_eq!(app.store.reads(), 0);

@@ -143,10 +143,7 @@ mod tests {
 
     #[test]
     fn only_sts_assumed_role_sessions_have_a_role() {
-        assert_eq!(
-            role_of_session("arn:aws:sts::1:assumed-role/r/s"),
-            Some("arn:aws:sts::1:assumed-role/r")
-        );
+        assert_eq!(role_of_session("arn:aws:sts::1:assumed-role/r/s"), Some("arn:aws:sts::1:assumed-role/r"));
         assert_eq!(role_of_session("arn:aws:iam::1:role/r"), None);
         assert_eq!(role_of_session("arn:aws:sts::1:assumed-role/r"), None);
         assert_eq!(role_of_session("arn:aws:iam::1:user/assumed-role/r/s"), None);

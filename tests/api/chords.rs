@@ -63,7 +63,10 @@ async fn a_chord_of_3_calls_back_once_with_results_in_index_order() {
     let messages = queue.expect(Duration::from_secs(60), Duration::from_secs(4)).await;
     assert_eq!(messages.len(), 1, "exactly one callback: {messages:?}");
     let m = &messages[0];
-    assert_eq!((m.headers["task"].as_str(), m.headers["id"].as_str()), (Some("proj.tasks.tsum"), Some(chord.callback_id.as_str())));
+    assert_eq!(
+        (m.headers["task"].as_str(), m.headers["id"].as_str()),
+        (Some("proj.tasks.tsum"), Some(chord.callback_id.as_str()))
+    );
     assert_eq!(m.headers["group"], json!(chord.gid));
     assert_eq!(m.properties["correlation_id"], json!(chord.callback_id));
     assert_eq!(m.properties["reply_to"], "oid-1");
@@ -73,7 +76,10 @@ async fn a_chord_of_3_calls_back_once_with_results_in_index_order() {
     assert_eq!(m.body[1], json!({}));
     assert!(m.raw_body.contains(r#"{"i":0,"big":123456789012345678901234567890}"#), "results exact: {}", m.raw_body);
     let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
-    assert_eq!(status.json, json!({"group_id": chord.gid, "size": 3, "done": 3, "state": "dispatched", "callback_id": chord.callback_id, "error": null}));
+    assert_eq!(
+        status.json,
+        json!({"group_id": chord.gid, "size": 3, "done": 3, "state": "dispatched", "callback_id": chord.callback_id, "error": null})
+    );
 }
 
 #[tokio::test]
@@ -127,7 +133,10 @@ async fn a_failed_part_fails_the_chord_like_celery() {
     for (i, id) in ids.iter().enumerate() {
         let (status, result) = match i {
             1 => ("FAILURE", failure.clone()),
-            3 => ("REVOKED", json!({"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"})),
+            3 => (
+                "REVOKED",
+                json!({"exc_type": "TaskRevokedError", "exc_message": ["revoked"], "exc_module": "celery.exceptions"}),
+            ),
             _ => ("SUCCESS", json!(i)),
         };
         api.put_task(id, chord.part(id, i, 4, status, result)).await.expect(200);
@@ -188,7 +197,9 @@ async fn assert_fails_clearly(api: &Api, chord: &Chord, reason: &str) {
 #[tokio::test]
 async fn chord_status_of_an_unknown_chord_is_404_and_bad_chords_are_refused() {
     let api = Api::new();
-    api.call(reqwest::Method::GET, &format!("/v1/chords/{}", api.id("nope")), None).await.expect_error(404, "chord_not_found");
+    api.call(reqwest::Method::GET, &format!("/v1/chords/{}", api.id("nope")), None)
+        .await
+        .expect_error(404, "chord_not_found");
     let id = api.id("p");
     let cb = json!({"task": "t", "options": {"task_id": api.id("cb")}});
     for body in [

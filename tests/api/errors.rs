@@ -71,13 +71,22 @@ async fn invalid_ids_are_refused() {
 #[tokio::test]
 async fn bad_batch_bodies_are_refused() {
     let api = Api::new();
-    for body in ["{", "[]", r#"{"task_ids": "t1"}"#, r#"{"ids": ["t1"]}"#, r#"{"task_ids": ["t1"], "extra": 1}"#, r#"{"task_ids": [1]}"#] {
+    for body in [
+        "{",
+        "[]",
+        r#"{"task_ids": "t1"}"#,
+        r#"{"ids": ["t1"]}"#,
+        r#"{"task_ids": ["t1"], "extra": 1}"#,
+        r#"{"task_ids": [1]}"#,
+    ] {
         api.batch_get_raw(body).await.expect_error(400, "invalid_body");
     }
     assert_eq!(api.batch_get(&[], None).await.expect(200).json, json!({"results": []}));
     let id = api.id("w");
     for wait in ["-1", "abc", "NaN", "inf"] {
-        api.call(reqwest::Method::GET, &format!("/v1/tasks/{id}?wait={wait}"), None).await.expect_error(400, "invalid_query");
+        api.call(reqwest::Method::GET, &format!("/v1/tasks/{id}?wait={wait}"), None)
+            .await
+            .expect_error(400, "invalid_query");
     }
 }
 
@@ -106,7 +115,10 @@ async fn a_body_that_is_not_utf8_is_a_400_from_the_function() {
     let id = api.id("binary");
     let event = api_gateway_event("PUT", &format!("/v1/tasks/{id}"), "", Some(&[0xff, 0xfe, 0x00, b'{']), None);
     assert_eq!(event["isBase64Encoded"], true);
-    let resp = api.call(reqwest::Method::POST, "/2015-03-31/functions/store/invocations", Some(event.to_string())).await.expect(200);
+    let resp = api
+        .call(reqwest::Method::POST, "/2015-03-31/functions/store/invocations", Some(event.to_string()))
+        .await
+        .expect(200);
     assert_eq!(resp.json["statusCode"], 400, "{}", resp.text);
     let body: serde_json::Value = serde_json::from_str(resp.json["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["error"]["code"], "invalid_meta");

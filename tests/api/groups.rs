@@ -25,7 +25,9 @@ async fn bad_group_bodies_change_nothing() {
     let gid = api.id("g");
     let saved = r#"{"result":[["x",null],[]]}"#;
     api.put_group(&gid, saved).await.expect(200);
-    for body in ["", "{", "[]", r#"{"results": []}"#, r#"{"result": [], "extra": 1}"#, r#"{"result": [], "expires_in": 0}"#] {
+    for body in
+        ["", "{", "[]", r#"{"results": []}"#, r#"{"result": [], "extra": 1}"#, r#"{"result": [], "expires_in": 0}"#]
+    {
         api.put_group(&gid, body).await.expect_error(400, "invalid_body");
     }
     assert_eq!(api.get_group(&gid).await.text, saved);

@@ -60,7 +60,12 @@ impl Api {
     /// after IAM authorization: the function sees exactly what it sees on
     /// AWS, and DynamoDB Local is the real one.
     pub fn as_caller(&self, arn: &str) -> Self {
-        Self { http: self.http.clone(), base: self.base.clone(), prefix: self.prefix.clone(), caller: Some(arn.to_owned()) }
+        Self {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            prefix: self.prefix.clone(),
+            caller: Some(arn.to_owned()),
+        }
     }
 
     /// An id no other test uses.

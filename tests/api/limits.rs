@@ -77,7 +77,10 @@ async fn long_poll_wait() {
     // A ready result answers at once, whatever the wait.
     for wait in [0.0, MAX_WAIT_SECONDS] {
         assert_eq!(api.get_task_wait(&id, wait).await.expect(200).json["result"], "ready");
-        assert_eq!(api.batch_get(std::slice::from_ref(&id), Some(wait)).await.expect(200).json["results"][0]["result"], "ready");
+        assert_eq!(
+            api.batch_get(std::slice::from_ref(&id), Some(wait)).await.expect(200).json["results"][0]["result"],
+            "ready"
+        );
     }
     for past in [MAX_WAIT_SECONDS + 0.001, -0.001] {
         refused_before_work(api.get_task_wait(&id, past).await, 400, "invalid_query");
@@ -102,12 +105,19 @@ async fn result_ttl() {
     let now = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     for at in [1, MAX_RESULT_TTL_SECONDS] {
         let before = now();
-        let stored = api.put_task(&api.id(&format!("ttl-{at}")), json!({"status": "STARTED", "expires_in": at})).await.expect(200);
+        let stored = api
+            .put_task(&api.id(&format!("ttl-{at}")), json!({"status": "STARTED", "expires_in": at}))
+            .await
+            .expect(200);
         let expires_at = stored.json["expires_at"].as_u64().unwrap();
         assert!((before + at..=now() + at).contains(&expires_at), "{at}: {}", stored.text);
     }
     for past in [0, MAX_RESULT_TTL_SECONDS + 1] {
-        refused_before_work(api.put_task(&id, json!({"status": "SUCCESS", "expires_in": past})).await, 400, "invalid_body");
+        refused_before_work(
+            api.put_task(&id, json!({"status": "SUCCESS", "expires_in": past})).await,
+            400,
+            "invalid_body",
+        );
     }
     assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
 }

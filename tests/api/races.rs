@@ -13,7 +13,12 @@ async fn race(api: &Api, id: &str, states: &[&str]) -> Vec<(String, usize, u16, 
         let state = states[writer % states.len()];
         async move {
             let resp = api.put_task(id, json!({"status": state, "result": {"writer": writer}})).await;
-            (state.to_owned(), writer, resp.status, resp.json["error"]["stored_status"].as_str().unwrap_or("").to_owned())
+            (
+                state.to_owned(),
+                writer,
+                resp.status,
+                resp.json["error"]["stored_status"].as_str().unwrap_or("").to_owned(),
+            )
         }
     });
     join_all(writes).await
@@ -26,7 +31,8 @@ async fn twenty_writers_racing_end_with_exactly_one_success() {
         let id = api.id(&format!("race{round}"));
         let outcomes = race(&api, &id, &STATES).await;
         assert!(outcomes.iter().all(|(_, _, status, _)| *status == 200 || *status == 409), "{outcomes:?}");
-        let won: Vec<usize> = outcomes.iter().filter(|(s, _, st, _)| s == "SUCCESS" && *st == 200).map(|o| o.1).collect();
+        let won: Vec<usize> =
+            outcomes.iter().filter(|(s, _, st, _)| s == "SUCCESS" && *st == 200).map(|o| o.1).collect();
         assert_eq!(won.len(), 1, "exactly one SUCCESS is acknowledged: {outcomes:?}");
         let stored = api.get_task(&id).await.expect(200);
         assert_eq!(stored.json["status"], "SUCCESS");
@@ -46,7 +52,8 @@ async fn racing_without_success_ends_failed_never_started() {
     for round in 0..3 {
         let id = api.id(&format!("nosuccess{round}"));
         let outcomes = race(&api, &id, &["STARTED", "RETRY", "FAILURE"]).await;
-        let failures: Vec<usize> = outcomes.iter().filter(|(s, _, st, _)| s == "FAILURE" && *st == 200).map(|o| o.1).collect();
+        let failures: Vec<usize> =
+            outcomes.iter().filter(|(s, _, st, _)| s == "FAILURE" && *st == 200).map(|o| o.1).collect();
         assert!(!failures.is_empty(), "{outcomes:?}");
         let stored = api.get_task(&id).await.expect(200);
         assert_eq!(stored.json["status"], "FAILURE", "a late STARTED/RETRY never replaces FAILURE");

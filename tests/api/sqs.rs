@@ -44,9 +44,23 @@ impl Queue {
         let mut out = Vec::new();
         while Instant::now() < deadline {
             let wait = (deadline - Instant::now()).as_secs().clamp(1, 5) as i32;
-            let got = self.client.receive_message().queue_url(&self.url).max_number_of_messages(10).wait_time_seconds(wait).send().await.unwrap();
+            let got = self
+                .client
+                .receive_message()
+                .queue_url(&self.url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(wait)
+                .send()
+                .await
+                .unwrap();
             for m in got.messages.unwrap_or_default() {
-                self.client.delete_message().queue_url(&self.url).receipt_handle(m.receipt_handle.unwrap()).send().await.unwrap();
+                self.client
+                    .delete_message()
+                    .queue_url(&self.url)
+                    .receipt_handle(m.receipt_handle.unwrap())
+                    .send()
+                    .await
+                    .unwrap();
                 out.push(decode(&m.body.unwrap()));
             }
         }
@@ -69,7 +83,8 @@ impl Queue {
 }
 
 fn decode(body: &str) -> TaskMessage {
-    let envelope: Value = serde_json::from_slice(&B64.decode(body).expect("message body is base64")).expect("envelope is JSON");
+    let envelope: Value =
+        serde_json::from_slice(&B64.decode(body).expect("message body is base64")).expect("envelope is JSON");
     assert_eq!(envelope["properties"]["body_encoding"], "base64");
     assert_eq!(envelope["content-type"], "application/json");
     let inner = String::from_utf8(B64.decode(envelope["body"].as_str().unwrap()).unwrap()).unwrap();

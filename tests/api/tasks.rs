@@ -18,7 +18,11 @@ async fn stores_and_fetches_extended_celery_meta() {
     assert_eq!(stored.json["status"], "SUCCESS");
     let got = api.get_task(&id).await.expect(200);
     assert_eq!(got.json, meta);
-    assert!(got.text.starts_with(r#"{"status":"SUCCESS","result":3,"traceback":null"#), "Celery's field order: {}", got.text);
+    assert!(
+        got.text.starts_with(r#"{"status":"SUCCESS","result":3,"traceback":null"#),
+        "Celery's field order: {}",
+        got.text
+    );
 }
 
 #[tokio::test]
@@ -62,7 +66,10 @@ async fn unknown_ids_read_as_pending_never_as_errors() {
     let api = Api::new();
     let id = api.id("never-stored");
     let got = api.get_task(&id).await.expect(200);
-    assert_eq!(got.json, json!({"status": "PENDING", "result": null, "traceback": null, "children": [], "date_done": null, "task_id": id}));
+    assert_eq!(
+        got.json,
+        json!({"status": "PENDING", "result": null, "traceback": null, "children": [], "date_done": null, "task_id": id})
+    );
 }
 
 #[tokio::test]
@@ -71,7 +78,8 @@ async fn success_is_never_overwritten() {
     let id = api.id("s");
     api.put_task(&id, success(json!("first"))).await.expect(200);
     for status in ["SUCCESS", "FAILURE", "REVOKED", "STARTED", "RETRY", "PENDING", "PROGRESS"] {
-        let refused = api.put_task(&id, json!({"status": status, "result": "second"})).await.expect_error(409, "state_conflict");
+        let refused =
+            api.put_task(&id, json!({"status": status, "result": "second"})).await.expect_error(409, "state_conflict");
         assert_eq!(refused.json["error"]["stored_status"], "SUCCESS");
         assert_eq!(refused.ddb_calls, Some(1), "a refusal needs no extra read");
     }
@@ -110,9 +118,11 @@ async fn expired_results_read_as_pending_and_do_not_block_new_writes() {
     let id = api.id("exp");
     // Expiry has whole-second resolution: a few seconds leave the first read
     // inside the lifetime on a loaded machine, then sleep past the stored instant.
-    let stored = api.put_task(&id, json!({"status": "SUCCESS", "result": "short-lived", "expires_in": 4})).await.expect(200);
+    let stored =
+        api.put_task(&id, json!({"status": "SUCCESS", "result": "short-lived", "expires_in": 4})).await.expect(200);
     assert_eq!(api.get_task(&id).await.json["status"], "SUCCESS");
-    let expires_at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(stored.json["expires_at"].as_u64().unwrap());
+    let expires_at =
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(stored.json["expires_at"].as_u64().unwrap());
     let left = expires_at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
     tokio::time::sleep(left + std::time::Duration::from_millis(1100)).await;
     // DynamoDB deletes expired items late (DynamoDB Local never does): the read must treat it as missing.

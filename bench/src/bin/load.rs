@@ -165,19 +165,23 @@ async fn service_run(
     tally: Arc<Mutex<Tally>>,
     retried: Arc<AtomicUsize>,
 ) -> (Vec<Work>, Duration) {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(a.clients)
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let http =
+        reqwest::Client::builder().pool_max_idle_per_host(a.clients).timeout(Duration::from_secs(30)).build().unwrap();
     let next = Arc::new(AtomicUsize::new(0));
     let acked = Arc::new(Mutex::new(Vec::with_capacity(work.len())));
     let started = Instant::now();
     let progress = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..a.clients)
         .map(|_| {
-            let (http, work, next, acked, tally, progress, retried) =
-                (http.clone(), work.clone(), next.clone(), acked.clone(), tally.clone(), progress.clone(), retried.clone());
+            let (http, work, next, acked, tally, progress, retried) = (
+                http.clone(),
+                work.clone(),
+                next.clone(),
+                acked.clone(),
+                tally.clone(),
+                progress.clone(),
+                retried.clone(),
+            );
             let base = a.endpoint.clone();
             tokio::spawn(async move {
                 loop {
@@ -317,8 +321,13 @@ async fn collect_callbacks(
         let got = sqs.receive_message().queue_url(url).max_number_of_messages(10).wait_time_seconds(1).send().await;
         let messages = got.map(|g| g.messages.unwrap_or_default()).unwrap_or_default();
         for m in messages {
-            let _ = sqs.delete_message().queue_url(url).receipt_handle(m.receipt_handle.unwrap_or_default()).send().await;
-            let envelope: Value = B64.decode(m.body.unwrap_or_default()).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+            let _ =
+                sqs.delete_message().queue_url(url).receipt_handle(m.receipt_handle.unwrap_or_default()).send().await;
+            let envelope: Value = B64
+                .decode(m.body.unwrap_or_default())
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null);
             let id = envelope["headers"]["id"].as_str().unwrap_or("").to_owned();
             let body: Value = envelope["body"]
                 .as_str()
@@ -373,7 +382,8 @@ async fn raw_run(a: &Args, client: aws_sdk_dynamodb::Client, work: Arc<Vec<Work>
                     client.put_item().table_name(&table).set_item(Some(item)).send().await.expect("raw PutItem");
                     let put_ms = t.elapsed().as_secs_f64() * 1000.0;
                     let t = Instant::now();
-                    let got = client.get_item().table_name(&table).set_key(Some(key)).consistent_read(true).send().await;
+                    let got =
+                        client.get_item().table_name(&table).set_key(Some(key)).consistent_read(true).send().await;
                     let get_ms = t.elapsed().as_secs_f64() * 1000.0;
                     assert!(got.expect("raw GetItem").item.is_some());
                     let mut times = times.lock().unwrap();
@@ -410,7 +420,13 @@ async fn main() {
     let parts = chords.len() * a.chord_size;
     println!(
         "dynachord load: {} clients, {} results ({} in {} chords of {}), service {}, DynamoDB Local {}",
-        a.clients, work.len(), parts, chords.len(), a.chord_size, a.endpoint, a.dynamodb
+        a.clients,
+        work.len(),
+        parts,
+        chords.len(),
+        a.chord_size,
+        a.endpoint,
+        a.dynamodb
     );
     let work = Arc::new(work);
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -427,15 +443,31 @@ async fn main() {
     let tally = Arc::try_unwrap(tally).ok().expect("clients are done").into_inner().unwrap();
     let n = work.len() as f64;
     println!("\nservice (HTTP, cargo lambda watch, debug or release as built) and raw DynamoDB Local, same run:");
-    println!("  service: {} stores + {} fetches in {:.2} s: {:.0} results/s", tally.store_ms.len(), tally.fetch_ms.len(), took.as_secs_f64(), n / took.as_secs_f64());
-    println!("  raw:     {} PutItem + {} GetItem in {:.2} s: {:.0} results/s", raw_puts.len(), raw_gets.len(), raw_took.as_secs_f64(), n / raw_took.as_secs_f64());
+    println!(
+        "  service: {} stores + {} fetches in {:.2} s: {:.0} results/s",
+        tally.store_ms.len(),
+        tally.fetch_ms.len(),
+        took.as_secs_f64(),
+        n / took.as_secs_f64()
+    );
+    println!(
+        "  raw:     {} PutItem + {} GetItem in {:.2} s: {:.0} results/s",
+        raw_puts.len(),
+        raw_gets.len(),
+        raw_took.as_secs_f64(),
+        n / raw_took.as_secs_f64()
+    );
     let (s50, s99) = summary("service store (PUT)", tally.store_ms);
     let (r50, r99) = summary("raw PutItem", raw_puts);
     let (f50, f99) = summary("service fetch (GET)", tally.fetch_ms);
     let (g50, g99) = summary("raw GetItem (consistent)", raw_gets);
     println!(
         "  ratios service/raw: store p50 {:.1}x p99 {:.1}x; fetch p50 {:.1}x p99 {:.1}x; throughput {:.2}x",
-        s50 / r50, s99 / r99, f50 / g50, f99 / g99, raw_took.as_secs_f64() / took.as_secs_f64()
+        s50 / r50,
+        s99 / r99,
+        f50 / g50,
+        f99 / g99,
+        raw_took.as_secs_f64() / took.as_secs_f64()
     );
     println!("\nchecks:");
     println!(
@@ -443,7 +475,13 @@ async fn main() {
         acked.len(), work.len(), tally.failures.len(), sent_again.load(Ordering::Relaxed)
     );
     println!("  lost or changed after the run (batch-get of all {}): {}", acked.len(), lost.len());
-    println!("  chords: {} callbacks expected, {} missing, {} duplicated, {} wrong", chords.len(), missing, duplicates, wrong.len());
+    println!(
+        "  chords: {} callbacks expected, {} missing, {} duplicated, {} wrong",
+        chords.len(),
+        missing,
+        duplicates,
+        wrong.len()
+    );
     let mut problems: Vec<String> = tally.failures.into_iter().chain(lost).chain(wrong).collect();
     if missing > 0 {
         problems.push(format!("{missing} chord callbacks never arrived"));

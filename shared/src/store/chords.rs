@@ -51,7 +51,9 @@ fn part_sk(index: u32) -> String {
     format!("{SK_PART_PREFIX}{index:010}")
 }
 
-fn transaction_error(e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, aws_smithy_runtime_api::http::Response>) -> Option<Vec<Option<String>>> {
+fn transaction_error(
+    e: &aws_sdk_dynamodb::error::SdkError<TransactWriteItemsError, aws_smithy_runtime_api::http::Response>,
+) -> Option<Vec<Option<String>>> {
     match e.as_service_error() {
         Some(TransactWriteItemsError::TransactionCanceledException(c)) => {
             Some(c.cancellation_reasons().iter().map(|r| r.code().map(str::to_owned)).collect())
@@ -100,9 +102,8 @@ impl DynamoStore {
                     .map_err(|e| StoreError::Other(e.to_string()))?;
                 actions.push(TransactWriteItem::builder().put(put).build());
             }
-            let callback_id = crate::chord::Signature::parse(&first.callback)
-                .map(|s| s.task_id.to_string())
-                .unwrap_or_default();
+            let callback_id =
+                crate::chord::Signature::parse(&first.callback).map(|s| s.task_id.to_string()).unwrap_or_default();
             let update = Update::builder()
                 .table_name(self.table())
                 .set_key(Some(key(pk, SK_CHORD_STATE)))
@@ -172,7 +173,13 @@ impl DynamoStore {
     /// Claims the join: open → joining with `token` and a lease, or takes over
     /// a claim whose lease ran out. `false` when someone else holds it or it
     /// is done.
-    pub async fn claim_chord(&self, ns: &Namespace, gid: &GroupId, token: &str, lease: Duration) -> Result<bool, StoreError> {
+    pub async fn claim_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
         let now = now_epoch();
         let request = self
             .update_claim(ns, gid, token)
@@ -223,7 +230,14 @@ impl DynamoStore {
     }
 
     /// Marks the chord `dispatched` or `failed`, if `token` still holds the claim.
-    pub async fn finish_chord(&self, ns: &Namespace, gid: &GroupId, token: &str, state: &str, error: Option<&str>) -> Result<bool, StoreError> {
+    pub async fn finish_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        state: &str,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError> {
         let mut request = self
             .update_claim(ns, gid, token)
             .condition_expression("#token = :token")

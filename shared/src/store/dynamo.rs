@@ -287,7 +287,9 @@ where
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             StoreError::Unavailable(detail)
         }
-        _ if matches!(err.code(), Some("InternalServerError" | "ServiceUnavailable")) => StoreError::Unavailable(detail),
+        _ if matches!(err.code(), Some("InternalServerError" | "ServiceUnavailable")) => {
+            StoreError::Unavailable(detail)
+        }
         _ => StoreError::Other(detail),
     }
 }
@@ -425,7 +427,9 @@ mod tests {
             .region(Region::new("us-east-1"))
             .credentials_provider(Credentials::new("a", "b", None, None, "test"))
             .http_client(http)
-            .retry_config(RetryConfig::standard().with_max_attempts(max_attempts).with_initial_backoff(Duration::from_millis(1)))
+            .retry_config(
+                RetryConfig::standard().with_max_attempts(max_attempts).with_initial_backoff(Duration::from_millis(1)),
+            )
             .interceptor(CountCalls)
             .build();
         let backoff = Backoff { max_attempts, initial: Duration::from_millis(1), max: Duration::from_millis(5) };
@@ -433,7 +437,10 @@ mod tests {
     }
 
     fn throttled() -> (u16, Value) {
-        (400, json!({"__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException", "message": "slow down"}))
+        (
+            400,
+            json!({"__type": "com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException", "message": "slow down"}),
+        )
     }
 
     fn item(pk: &str) -> Value {
@@ -468,7 +475,11 @@ mod tests {
         let store = store(5, move |_| {
             let mut n = counter.lock().unwrap();
             *n += 1;
-            if *n <= 2 { throttled() } else { (200, json!({})) }
+            if *n <= 2 {
+                throttled()
+            } else {
+                (200, json!({}))
+            }
         });
         let record = TaskRecord {
             task_id: ids(1)[0].clone(),
@@ -524,7 +535,8 @@ mod tests {
     #[tokio::test]
     async fn keys_left_unprocessed_past_the_attempts_are_throttling() {
         let store = store(4, |body| {
-            let keys: Vec<Value> = requested_keys(&body).iter().map(|pk| json!({"pk": {"S": pk}, "sk": {"S": "_"}})).collect();
+            let keys: Vec<Value> =
+                requested_keys(&body).iter().map(|pk| json!({"pk": {"S": pk}, "sk": {"S": "_"}})).collect();
             (200, json!({"Responses": {TABLE: []}, "UnprocessedKeys": {TABLE: {"Keys": keys}}}))
         });
         let (result, calls) = counted(store.get_tasks(&Namespace::default(), &ids(3))).await;

@@ -48,24 +48,48 @@ pub enum PutOutcome {
     Stored,
     /// The stored state does not let this write replace it (a SUCCESS, or a
     /// ready state facing a non-ready one); nothing was changed.
-    Refused { stored: String },
+    Refused {
+        stored: String,
+    },
 }
 
 /// The operations the service needs from storage. Every read is strongly
 /// consistent and treats expired items as missing.
 pub trait ResultStore: Send + Sync {
     /// One conditional write, no read before it (invariants 1 and 2).
-    fn put_task(&self, ns: &Namespace, record: &TaskRecord) -> impl Future<Output = Result<PutOutcome, StoreError>> + Send;
+    fn put_task(
+        &self,
+        ns: &Namespace,
+        record: &TaskRecord,
+    ) -> impl Future<Output = Result<PutOutcome, StoreError>> + Send;
     /// `None` when the task was never stored, was forgotten, or has expired.
     fn get_task(&self, ns: &Namespace, id: &TaskId) -> impl Future<Output = Result<Option<Stored>, StoreError>> + Send;
     /// Results in the order of `ids`; duplicates allowed; `None` as in [`ResultStore::get_task`].
-    fn get_tasks(&self, ns: &Namespace, ids: &[TaskId]) -> impl Future<Output = Result<Vec<Option<Stored>>, StoreError>> + Send;
+    fn get_tasks(
+        &self,
+        ns: &Namespace,
+        ids: &[TaskId],
+    ) -> impl Future<Output = Result<Vec<Option<Stored>>, StoreError>> + Send;
     fn delete_task(&self, ns: &Namespace, id: &TaskId) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> impl Future<Output = Result<(), StoreError>> + Send;
-    fn get_group(&self, ns: &Namespace, id: &GroupId) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    fn put_group(
+        &self,
+        ns: &Namespace,
+        id: &GroupId,
+        json: &str,
+        expires_at: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn get_group(
+        &self,
+        ns: &Namespace,
+        id: &GroupId,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
     fn delete_group(&self, ns: &Namespace, id: &GroupId) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// A chord's progress; `None` until its first part has been counted.
-    fn get_chord(&self, ns: &Namespace, id: &GroupId) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
+    fn get_chord(
+        &self,
+        ns: &Namespace,
+        id: &GroupId,
+    ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
 }
 
 /// A chord's state item.

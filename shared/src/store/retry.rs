@@ -17,11 +17,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn from_config(config: &Config) -> Self {
-        Self {
-            max_attempts: config.ddb_max_attempts,
-            initial: config.ddb_initial_backoff,
-            max: config.ddb_max_backoff,
-        }
+        Self { max_attempts: config.ddb_max_attempts, initial: config.ddb_initial_backoff, max: config.ddb_max_backoff }
     }
 
     /// The delay before retry number `retry` (1 for the first retry): a

@@ -67,9 +67,7 @@ pub const TABLE: TableSpec = TableSpec {
 /// turns TTL on. Safe to call from several processes at once.
 pub async fn ensure_table(client: &Client, name: &str) -> Result<(), String> {
     let key = |n: &str, t| KeySchemaElement::builder().attribute_name(n).key_type(t).build();
-    let def = |n: &str| {
-        AttributeDefinition::builder().attribute_name(n).attribute_type(ScalarAttributeType::S).build()
-    };
+    let def = |n: &str| AttributeDefinition::builder().attribute_name(n).attribute_type(ScalarAttributeType::S).build();
     let created = client
         .create_table()
         .table_name(name)
@@ -95,11 +93,8 @@ pub async fn ensure_table(client: &Client, name: &str) -> Result<(), String> {
     }
     for _ in 0..100 {
         let described = client.describe_table().table_name(name).send().await;
-        let active = described
-            .ok()
-            .and_then(|d| d.table)
-            .and_then(|t| t.table_status)
-            .is_some_and(|s| s.as_str() == "ACTIVE");
+        let active =
+            described.ok().and_then(|d| d.table).and_then(|t| t.table_status).is_some_and(|s| s.as_str() == "ACTIVE");
         if active {
             break;
         }
