@@ -1,100 +1,52 @@
 //! The chord join, driven by DynamoDB Streams (the `chord-join` function).
+//! `docs/ARCHITECTURE.md` follows a record through it; `docs/INVARIANTS.md`
+//! lists what it promises (C1 to C8) and the tests that hold it to them.
 //!
 //! A chord part is a task result stored with `group_id`, `group_index` and
 //! `chord: {size, callback}`; the chord travels on the part's own item, so a
 //! store stays one write. For each batch of stream records:
 //! 1. keep records where a chord part is ready (SUCCESS, FAILURE, REVOKED);
-//! 2. per chord, count each part once: one `TransactWriteItems` of up to 99
-//!    part items (`attribute_not_exists`) plus `ADD done :k` on the chord's
-//!    state item, which the first part registers (first writer wins);
-//! 3. when `done >= size`, claim the dispatch with a conditional write
-//!    (open → joining, a token, a lease); only the claimer joins;
-//! 4. join: read the parts in `group_index` order, BatchGet their results;
+//! 2. per chord, count each part once ([`ChordStore::count_parts`]), and
+//!    keep the chord's items alive as long as its newest part;
+//! 3. when `done >= size`, claim the join with a conditional write (open →
+//!    joining, a token, a lease longer than chord-join's timeout); only the
+//!    claimer joins;
+//! 4. join: check that exactly `size` parts were counted, read their
+//!    results in `group_index` order, summing their sizes as they arrive so
+//!    a callback too large for its target fails before it is built;
 //!    a FAILURE/REVOKED part fails the chord with Celery's ChordError (the
-//!    callback's task stored as FAILURE, its errbacks sent), otherwise the
-//!    callback is sent with `args = [results] + callback.args`;
-//! 5. mark the chord dispatched (conditional on the token).
+//!    callback's task stored as FAILURE, its errbacks sent, each once);
+//! 5. re-check the claim with a conditional write just before sending, send,
+//!    then mark the chord dispatched (retried with backoff). Once a send has
+//!    succeeded the claim is never given back.
 //!
-//! A crash between claim and mark is healed by the stream's retry: the part
-//! records come again, count nothing new, and claim the chord once the lease
-//! has run out. Records of a chord that failed here are reported in
-//! `batchItemFailures`, so one bad chord never blocks or replays the others.
+//! Errors retrying cannot fix fail the chord at once; other errors give the
+//! claim back and count an attempt on the chord's state item, and after
+//! `CHORD_MAX_ATTEMPTS` the chord fails clearly. So a chord's records are
+//! reported in `batchItemFailures` a bounded number of times, and one bad
+//! chord never holds its stream shard for ever.
+//!
+//! The join is generic over a [`ChordStore`] and a [`CallbackSink`], so its
+//! hardest cases are unit tests with in-memory fakes (below).
 
 use aws_lambda_events::event::dynamodb::{Event, EventRecord};
 use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
-use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::dispatch::{DispatchError, MessageContext, Target};
+use crate::celery::{chord_error_message, MessageContext, Signature};
+use crate::config::{ChordConfig, Config};
+use crate::dispatch::{CallbackSink, DispatchError, Outgoing, Target};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::State;
-use crate::store::{DynamoStore, ResultStore, TaskRecord};
+use crate::metrics;
+use crate::store::{
+    chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, DynamoStore, TaskRecord,
+};
 use crate::time::{now_celery, now_epoch};
-
-/// A Celery signature, as a worker sends it in `request.chord`.
-#[derive(Debug, Clone)]
-pub struct Signature {
-    pub task: String,
-    pub task_id: TaskId,
-    pub args: Vec<Value>,
-    pub kwargs: Map<String, Value>,
-    pub options: Map<String, Value>,
-    pub immutable: bool,
-    /// The signature as received.
-    pub raw: Value,
-}
-
-impl Signature {
-    /// Parses a callback signature; it must name its task and pre-assigned `options.task_id`.
-    pub fn parse(json: &str) -> Result<Self, String> {
-        let raw: Value = serde_json::from_str(json).map_err(|e| format!("callback is not JSON: {e}"))?;
-        Self::from_value(raw, None)
-    }
-
-    /// Parses a signature; without `options.task_id`, `fallback_id` is used if given.
-    pub fn from_value(raw: Value, fallback_id: Option<&str>) -> Result<Self, String> {
-        let obj = raw.as_object().ok_or("callback must be a signature object")?;
-        let task = obj.get("task").and_then(Value::as_str).filter(|t| !t.is_empty());
-        let task = task.ok_or("callback needs a \"task\" name")?.to_owned();
-        let options = match obj.get("options") {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(o)) => o.clone(),
-            Some(_) => return Err("callback options must be an object".into()),
-        };
-        match options.get("queue") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(q)) if !q.is_empty() => {}
-            Some(_) => return Err("callback options.queue must be a queue name or null".into()),
-        }
-        if !matches!(options.get("link_error"), None | Some(Value::Null | Value::Array(_) | Value::Object(_))) {
-            return Err("callback options.link_error must be a signature, a list of them, or null".into());
-        }
-        let task_id = options
-            .get("task_id")
-            .and_then(Value::as_str)
-            .or(fallback_id)
-            .ok_or("callback needs options.task_id (Celery pre-assigns it)")?;
-        let task_id = TaskId::parse(task_id).map_err(|e| format!("callback options.task_id: {e}"))?;
-        let args = match obj.get("args") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a.clone(),
-            Some(_) => return Err("callback args must be a list".into()),
-        };
-        let kwargs = match obj.get("kwargs") {
-            None | Some(Value::Null) => Map::new(),
-            Some(Value::Object(k)) => k.clone(),
-            Some(_) => return Err("callback kwargs must be an object".into()),
-        };
-        let immutable = match obj.get("immutable") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => return Err("callback immutable must be true, false or null".into()),
-        };
-        Ok(Self { task, task_id, args, kwargs, options, immutable, raw })
-    }
-}
 
 /// A chord part entering a ready state, read from a stream record.
 #[derive(Debug, Clone)]
@@ -102,11 +54,8 @@ pub struct Part {
     pub sequence: String,
     pub ns: Namespace,
     pub group_id: GroupId,
-    pub index: u32,
-    pub task_id: TaskId,
-    pub size: u32,
-    pub callback: String,
-    pub expires_at: i64,
+    pub chord: ChordRegistration,
+    pub part: ChordPart,
 }
 
 /// The image's attributes as DynamoDB JSON: `{"name": {"S": "..."}}`.
@@ -121,49 +70,32 @@ fn attr_str<'a>(image: &'a Value, name: &str, kind: &str) -> Option<&'a str> {
 /// The part a record carries, if it is a chord part in a ready state;
 /// anything else is `None` (ignored, not an error).
 pub fn part_of(record: &EventRecord) -> Option<Part> {
+    use crate::store::schema::attr;
     if record.event_name == "REMOVE" {
         return None;
     }
     let image = image_json(record);
-    let status = State::parse(attr_str(&image, crate::store::schema::attr::STATUS, "S")?).ok()?;
+    let status = State::parse(attr_str(&image, attr::STATUS, "S")?).ok()?;
     if !status.is_ready() {
         return None;
     }
-    use crate::store::schema::attr;
     let size: u32 = attr_str(&image, attr::CHORD_SIZE, "N")?.parse().ok()?;
     let callback = attr_str(&image, attr::CHORD_CALLBACK, "S")?.to_owned();
     let group_id = GroupId::parse(attr_str(&image, attr::GROUP_ID, "S")?).ok()?;
     let index: u32 = attr_str(&image, attr::GROUP_INDEX, "N")?.parse().ok()?;
     let (ns, task_id) = crate::store::parse_task_key(attr_str(&image, attr::PK, "S")?)?;
     let expires_at = attr_str(&image, attr::EXPIRES_AT, "N").and_then(|n| n.parse().ok()).unwrap_or(0);
+    let callback_id = Signature::parse(&callback).map(|s| s.task_id.to_string()).unwrap_or_default();
     Some(Part {
         sequence: record.change.sequence_number.clone().unwrap_or_default(),
         ns,
         group_id,
-        index,
-        task_id,
-        size,
-        callback,
-        expires_at,
+        chord: ChordRegistration { size, callback, callback_id },
+        part: ChordPart { index, task_id, expires_at },
     })
 }
 
-/// Celery's ChordError text for the first failed part: `Dependency <id> raised <repr>`.
-pub fn chord_error_message(task_id: &TaskId, meta_json: &str) -> String {
-    let meta: Value = serde_json::from_str(meta_json).unwrap_or(Value::Null);
-    let result = &meta["result"];
-    let exc_type = result["exc_type"].as_str().unwrap_or(match meta["status"].as_str() {
-        Some("REVOKED") => "TaskRevokedError",
-        _ => "Exception",
-    });
-    let args = match &result["exc_message"] {
-        Value::Array(items) => items.iter().map(crate::dispatch::py_repr).collect::<Vec<_>>().join(", "),
-        Value::Null => String::new(),
-        other => crate::dispatch::py_repr(other),
-    };
-    format!("Dependency {task_id} raised {exc_type}({args})")
-}
-
+/// Why a chord did not advance this time; its records are retried.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
     #[error(transparent)]
@@ -172,51 +104,95 @@ pub enum JoinError {
     Dispatch(#[from] DispatchError),
     #[error("chord {0} is being joined by another invocation")]
     Busy(String),
-    #[error("chord {0}: {1}")]
-    Inconsistent(String, String),
+    #[error("chord {0}: state item missing after counting")]
+    Missing(String),
+    /// The callback went out but the chord could not be marked dispatched;
+    /// a later invocation finishes the mark, and sends nothing.
+    #[error("chord {0}: callback sent, marking it dispatched failed: {1}")]
+    Unmarked(String, StoreError),
 }
 
-/// The chord-join function's state: the store and where callbacks go.
-pub struct Joiner {
-    pub store: DynamoStore,
-    pub target: Target,
-    /// How long a claim holds before another invocation may take it over.
-    pub lease: Duration,
+/// How a failing chord treats an errback whose send may succeed if retried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum OnTransient {
+    /// Stop, give the claim back, and try again later.
+    Retry,
+    /// The chord is out of attempts: log it and go on with the next.
+    Skip,
+}
+
+/// Attempts at marking a chord dispatched after its callback went out, and
+/// the first pause between them (doubling).
+const MARK_ATTEMPTS: u32 = 6;
+const MARK_FIRST_PAUSE: Duration = Duration::from_millis(100);
+
+/// Part results are read in windows sized to hold about this many bytes,
+/// so a chord's memory stays bounded whatever its results add up to.
+const READ_WINDOW_BYTES: usize = 8 << 20;
+
+/// The chord-join function's state: the store, where callbacks go, and the
+/// join's settings.
+pub struct Joiner<S, T> {
+    pub store: S,
+    pub sink: T,
+    pub config: ChordConfig,
     /// Lifetime of the ChordError stored on a failed chord's callback.
     pub result_ttl: Duration,
+    /// The largest callback message the target accepts (`CALLBACK_MAX_BYTES`).
+    pub max_message_bytes: usize,
+    /// Chords whose callback went out but whose mark failed: chord key →
+    /// the claim's token. The next invocation in this process finishes the
+    /// mark instead of joining again.
+    unmarked: Mutex<HashMap<String, String>>,
 }
 
-impl Joiner {
-    /// Builds the joiner from the environment: the service's `Config`, the
-    /// callback target (`CALLBACK_*`), and `CHORD_LEASE_SECONDS` (default 60).
+impl Joiner<DynamoStore, Target> {
+    /// Builds the joiner from the environment (see [`Config`]).
     pub async fn from_env() -> Result<Self, String> {
-        let config = crate::config::Config::from_env().map_err(|e| e.to_string())?;
-        let targets =
-            crate::dispatch::TargetConfig::from_lookup(|v| std::env::var(v).ok()).map_err(|e| e.to_string())?;
-        let lease = match std::env::var("CHORD_LEASE_SECONDS") {
-            Err(_) => 60,
-            Ok(raw) => raw.trim().parse::<u64>().ok().filter(|&s| s >= 1).ok_or_else(|| {
-                format!("configuration: CHORD_LEASE_SECONDS: {raw:?} is not a whole number of seconds")
-            })?,
-        };
+        let config = Config::from_env().map_err(|e| e.to_string())?;
         let shared = crate::store::dynamo::shared_config(&config).await;
-        Ok(Self {
-            store: DynamoStore::from_shared(&config, &shared).await?,
-            target: Target::new(targets, &shared),
-            lease: Duration::from_secs(lease),
+        let store = DynamoStore::from_shared(&config, &shared).await?;
+        let sink = Target::new(config.callbacks.clone(), &shared);
+        Ok(Self::new(store, sink, &config))
+    }
+}
+
+impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
+    pub fn new(store: S, sink: T, config: &Config) -> Self {
+        Self {
+            store,
+            sink,
+            config: config.chord.clone(),
             result_ttl: config.result_ttl,
-        })
+            max_message_bytes: config.callbacks.max_bytes,
+            unmarked: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Handles one batch of stream records; the failures name the records to retry.
     pub async fn handle(&self, event: Event) -> DynamoDbEventResponse {
+        let parts: Vec<Part> = event.records.iter().filter_map(part_of).collect();
+        let mut response = DynamoDbEventResponse::default();
+        response.batch_item_failures = self
+            .handle_parts(parts)
+            .await
+            .into_iter()
+            .map(|sequence| {
+                let mut failure = DynamoDbBatchItemFailure::default();
+                failure.item_identifier = Some(sequence);
+                failure
+            })
+            .collect();
+        response
+    }
+
+    /// Advances every chord the parts belong to, concurrently; returns the
+    /// sequence numbers of the parts whose chord should be tried again.
+    pub async fn handle_parts(&self, parts: Vec<Part>) -> Vec<String> {
         let mut chords: BTreeMap<(String, String), Vec<Part>> = BTreeMap::new();
-        for record in &event.records {
-            if let Some(part) = part_of(record) {
-                chords.entry((part.ns.as_str().to_owned(), part.group_id.to_string())).or_default().push(part);
-            }
+        for part in parts {
+            chords.entry((part.ns.as_str().to_owned(), part.group_id.to_string())).or_default().push(part);
         }
-        // Chords advance concurrently, within this task.
         let outcomes = futures::future::join_all(chords.into_values().map(|parts| async move {
             // Each chord counts its own DynamoDB requests (the benchmark reads this line).
             let (outcome, calls) = crate::calls::counted(self.advance(&parts)).await;
@@ -231,121 +207,200 @@ impl Joiner {
                     JoinError::Busy(_) => tracing::info!(chord = %parts[0].group_id, "{err}; will retry"),
                     _ => tracing::error!(chord = %parts[0].group_id, error = %err, "chord join failed; will retry"),
                 }
-                failures.extend(parts.iter().map(|p| {
-                    let mut failure = DynamoDbBatchItemFailure::default();
-                    failure.item_identifier = Some(p.sequence.clone());
-                    failure
-                }));
+                failures.extend(parts.into_iter().map(|p| p.sequence));
             }
         }
-        let mut response = DynamoDbEventResponse::default();
-        response.batch_item_failures = failures;
-        response
+        failures
     }
 
     /// Counts the parts, and joins the chord if they complete it.
     async fn advance(&self, parts: &[Part]) -> Result<(), JoinError> {
         let first = &parts[0];
         let (ns, gid) = (&first.ns, &first.group_id);
-        self.store.count_parts(ns, gid, parts).await?;
-        let status = self
-            .store
-            .chord_state(ns, gid)
-            .await?
-            .ok_or_else(|| JoinError::Inconsistent(gid.to_string(), "state item missing after counting".into()))?;
-        if status.done < status.size || status.is_final() {
+        let counted: Vec<ChordPart> = parts.iter().map(|p| p.part.clone()).collect();
+        self.store.count_parts(ns, gid, &first.chord, &counted).await?;
+        let state = self.store.chord_state(ns, gid).await?.ok_or_else(|| JoinError::Missing(gid.to_string()))?;
+        let key = chord_key(ns, gid);
+        if state.is_final() {
+            self.forget_unmarked(&key);
+            return Ok(());
+        }
+        // A chord lives as long as its newest part (invariant C8).
+        let newest = counted.iter().map(|p| p.expires_at).max().unwrap_or(0);
+        if newest > state.expires_at {
+            self.store.extend_chord(ns, gid, newest).await?;
+        }
+        if let Some(token) = self.unmarked_token(&key) {
+            // Our callback went out earlier; only the mark is left (invariant C3).
+            return self.mark_dispatched(ns, gid, &token).await;
+        }
+        if state.done < state.size {
             return Ok(());
         }
         let token = uuid::Uuid::new_v4().to_string();
-        if !self.store.claim_chord(ns, gid, &token, self.lease).await? {
-            let now = self.store.chord_state(ns, gid).await?;
-            return match now {
+        if !self.store.claim_chord(ns, gid, &token, self.config.lease).await? {
+            return match self.store.chord_state(ns, gid).await? {
                 Some(s) if s.is_final() => Ok(()),
                 _ => Err(JoinError::Busy(gid.to_string())),
             };
         }
-        let last = parts.iter().max_by_key(|p| p.index).expect("parts are not empty");
-        let joined = self.join(ns, gid, &status.callback, &token, &last.task_id).await;
-        if joined.is_err() {
-            // Let the retry claim it at once rather than after the lease.
-            let _ = self.store.release_chord(ns, gid, &token).await;
-        }
-        joined
-    }
-
-    async fn join(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        callback: &str,
-        token: &str,
-        last: &TaskId,
-    ) -> Result<(), JoinError> {
-        let sig = Signature::parse(callback).map_err(|e| JoinError::Inconsistent(gid.to_string(), e))?;
-        let ids = self.store.chord_part_ids(ns, gid).await?;
-        let metas = self.store.get_tasks(ns, &ids).await?;
-        let mut results = String::with_capacity(metas.iter().flatten().map(|m| m.json.len()).sum::<usize>() + 2);
-        let mut culprit = None;
-        for (id, meta) in ids.iter().zip(&metas) {
-            match meta {
-                None => {
-                    culprit = Some(format!("Dependency {id} has no result (forgotten or expired)"));
-                    break;
+        let last = parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty");
+        let claim = Claim { ns, gid, token: &token, last: &last.part.task_id, state: &state };
+        let joined = match &state.error {
+            // An earlier join began failing the chord: finish that.
+            Some(message) => self.fail_claimed(&claim, message.clone(), OnTransient::Retry).await,
+            None => self.join(&claim).await,
+        };
+        match joined {
+            Ok(()) => Ok(()),
+            Err(err @ JoinError::Unmarked(..)) => Err(err),
+            Err(err) if state.attempts + 1 >= self.config.max_attempts => {
+                // Out of attempts: fail the chord for good, under our claim.
+                let attempts = state.attempts + 1;
+                let message = format!("ChordError: callback not sent after {attempts} attempts: {err}");
+                self.fail_claimed(&claim, message, OnTransient::Skip).await
+            }
+            Err(err) => {
+                metrics::count(metrics::CHORD_JOIN_RETRIED);
+                // Nothing was sent: give the claim back (only if still ours),
+                // counting the attempt, so a retry may claim it at once.
+                if let Err(release) = self.store.release_chord(ns, gid, &token).await {
+                    tracing::warn!(chord = %gid, error = %release, "giving the claim back failed; it lapses with its lease");
                 }
-                Some(stored) if matches!(stored.status, State::Failure | State::Revoked) => {
-                    culprit = Some(chord_error_message(id, &stored.json));
-                    break;
-                }
-                Some(stored) => {
-                    let result = result_of(&stored.json);
-                    results.push(if results.is_empty() { '[' } else { ',' });
-                    results.push_str(&result);
-                }
+                Err(err)
             }
         }
-        if results.is_empty() {
-            results.push('[');
+    }
+
+    /// Joins a claimed chord: checks its parts, reads their results, and
+    /// sends the callback or fails the chord. An `Err` means nothing was
+    /// sent (the caller gives the claim back), or, for
+    /// [`JoinError::Unmarked`], that the callback went out.
+    async fn join(&self, claim: &Claim<'_>) -> Result<(), JoinError> {
+        let Claim { ns, gid, state, .. } = *claim;
+        let sig = match Signature::parse(&state.callback) {
+            Ok(sig) => sig,
+            Err(e) => {
+                // Checked at store time, so only a damaged item gets here.
+                let message = format!("ChordError: the chord's callback cannot be read: {e}");
+                self.finish(claim, ChordPhase::Failed, Some(&message)).await?;
+                return Ok(());
+            }
+        };
+        let ids = self.store.chord_part_ids(ns, gid).await?;
+        if ids.len() != state.size as usize {
+            let message = format!(
+                "ChordError: {} of the chord's {} parts are on record; the others expired or were removed \
+                 before the join",
+                ids.len(),
+                state.size
+            );
+            return self.fail(claim, &sig, message, OnTransient::Retry).await;
         }
-        results.push(']');
-        let cx = MessageContext { group_id: gid.as_str(), parent_id: Some(last.as_str()), root_id: None };
-        if let Some(message) = culprit {
-            return self.fail(ns, gid, &sig, token, message, &cx).await;
-        }
-        let mut args = results.clone();
-        if sig.immutable {
-            args = Value::Array(sig.args.clone()).to_string();
-        } else if !sig.args.is_empty() {
-            let rest = Value::Array(sig.args.clone()).to_string();
-            args = format!("[{results},{}", &rest[1..]);
+        let results = match self.read_results(ns, &ids).await? {
+            Ok(results) => results,
+            Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
+        };
+        let args = if sig.immutable {
+            Value::Array(sig.args.clone()).to_string()
+        } else if sig.args.is_empty() {
+            format!("[{results}]")
         } else {
-            args = format!("[{args}]");
+            let rest = Value::Array(sig.args.clone()).to_string();
+            format!("[{results},{}", &rest[1..])
+        };
+        let event = || {
+            format!(
+                r#"{{"chord_id":{},"namespace":{},"callback":{},"results":{results}}}"#,
+                json!(gid.as_str()),
+                json!(ns.as_str()),
+                sig.raw
+            )
+        };
+        let out = Outgoing { sig: &sig, args: &args, event: &event, cx: claim.context() };
+        if !self.still_ours(claim).await? {
+            return Ok(());
         }
-        let event = || format!(r#"{{"chord_id":{},"callback":{},"results":{results}}}"#, json!(gid.as_str()), sig.raw);
-        match self.target.send(&sig, &args, event, &cx).await {
+        match self.sink.send(ns, &out).await {
             Ok(()) => {
-                self.store.finish_chord(ns, gid, token, "dispatched", None).await?;
+                self.mark_dispatched(ns, gid, claim.token).await?;
+                metrics::count(metrics::CHORD_DISPATCHED);
                 tracing::info!(chord = %gid, parts = ids.len(), callback = %sig.task_id, "chord dispatched");
                 Ok(())
             }
             Err(err) if err.is_permanent() => {
                 let message = format!("ChordError: callback not sent: {err}");
-                self.fail(ns, gid, &sig, token, message, &cx).await
+                self.fail(claim, &sig, message, OnTransient::Retry).await
             }
             Err(err) => Err(err.into()),
         }
     }
 
+    /// The parts' results as one JSON array (text), in order; or, as the
+    /// inner `Err`, the ChordError message of the first part that failed,
+    /// has no result, or makes the results too large for the callback.
+    async fn read_results(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Result<String, String>, JoinError> {
+        let limit = self.max_message_bytes;
+        let mut results = String::from("[");
+        let mut start = 0;
+        let mut window = 100;
+        while start < ids.len() {
+            let chunk = &ids[start..(start + window).min(ids.len())];
+            let metas = self.store.get_tasks(ns, chunk).await?;
+            let mut read = 0usize;
+            for (id, meta) in chunk.iter().zip(&metas) {
+                let stored = match meta {
+                    None => return Ok(Err(format!("Dependency {id} has no result (forgotten or expired)"))),
+                    Some(stored) => stored,
+                };
+                read += stored.json.len();
+                if matches!(stored.status, State::Failure | State::Revoked) {
+                    return Ok(Err(chord_error_message(id, &stored.json)));
+                }
+                if results.len() > 1 {
+                    results.push(',');
+                }
+                results.push_str(&result_of(&stored.json));
+                if results.len() > limit {
+                    return Ok(Err(format!(
+                        "ChordError: the parts' results add up to more than {limit} bytes, more than the \
+                         callback's target accepts (CALLBACK_MAX_BYTES)"
+                    )));
+                }
+            }
+            start += chunk.len();
+            // Size the next window to the results seen so far.
+            let average = (read / chunk.len().max(1)).max(1);
+            window = (READ_WINDOW_BYTES / average).clamp(100, 1000);
+        }
+        results.push(']');
+        Ok(Ok(results))
+    }
+
+    /// Fails a claimed chord whose callback signature is readable.
+    async fn fail_claimed(
+        &self,
+        claim: &Claim<'_>,
+        message: String,
+        on_transient: OnTransient,
+    ) -> Result<(), JoinError> {
+        match Signature::parse(&claim.state.callback) {
+            Ok(sig) => self.fail(claim, &sig, message, on_transient).await,
+            Err(_) => self.finish(claim, ChordPhase::Failed, Some(&message)).await,
+        }
+    }
+
     /// Fails the chord as Celery does: the callback's task stored as FAILURE
-    /// with a ChordError, its errbacks sent, the callback never sent.
+    /// with a ChordError, its errbacks sent (each once across retries,
+    /// progress kept on the chord's state item), the callback never sent.
     async fn fail(
         &self,
-        ns: &Namespace,
-        gid: &GroupId,
+        claim: &Claim<'_>,
         sig: &Signature,
-        token: &str,
         message: String,
-        cx: &MessageContext<'_>,
+        on_transient: OnTransient,
     ) -> Result<(), JoinError> {
+        let Claim { ns, gid, token, .. } = *claim;
         let error = json!({"exc_type": "ChordError", "exc_message": [message], "exc_module": "celery.exceptions"});
         let meta = json!({
             "status": "FAILURE", "result": error, "traceback": null, "children": [],
@@ -362,30 +417,128 @@ impl Joiner {
         };
         // A refusal means the callback's task already has a SUCCESS: it stands.
         self.store.put_task(ns, &record).await?;
-        let errbacks: Vec<Value> = match sig.options.get("link_error") {
-            Some(Value::Array(list)) => list.clone(),
-            Some(one @ Value::Object(_)) => vec![one.clone()],
-            _ => Vec::new(),
-        };
-        for raw in errbacks {
+        let already = claim.state.errbacks_sent;
+        // From here on the chord is failing: a retry fails it again, never calls back.
+        if claim.state.error.as_deref() != Some(message.as_str())
+            && !self.store.record_failure(ns, gid, token, &message, already).await?
+        {
+            self.lost(gid, "recording the failure");
+            return Ok(());
+        }
+        let errbacks = sig.errbacks();
+        let already = already as usize;
+        for (i, raw) in errbacks.into_iter().enumerate().take(self.config.max_errbacks).skip(already) {
             let fallback = uuid::Uuid::new_v4().to_string();
-            let Ok(errback) = Signature::from_value(raw, Some(&fallback)) else {
-                continue;
-            };
+            let Ok(errback) = Signature::from_value(raw, Some(&fallback)) else { continue };
             // Old-style errback call: the failed task's id first.
             let mut args = vec![Value::String(sig.task_id.to_string())];
             args.extend(errback.args.iter().cloned());
             let args = Value::Array(args).to_string();
-            let event = || json!({"chord_id": gid.as_str(), "callback": sig.raw, "error": error}).to_string();
-            match self.target.send(&errback, &args, event, cx).await {
+            let event = || {
+                json!({"chord_id": gid.as_str(), "namespace": ns.as_str(), "callback": sig.raw, "error": error})
+                    .to_string()
+            };
+            if !self.still_ours(claim).await? {
+                return Ok(());
+            }
+            match self.sink.send(ns, &Outgoing { sig: &errback, args: &args, event: &event, cx: claim.context() }).await
+            {
                 Ok(()) => {}
-                Err(err) if err.is_permanent() => tracing::error!(chord = %gid, error = %err, "errback not sent"),
+                Err(err) if err.is_permanent() || on_transient == OnTransient::Skip => {
+                    tracing::error!(chord = %gid, errback = %errback.task, error = %err, "errback not sent")
+                }
                 Err(err) => return Err(err.into()),
             }
+            if !self.store.record_failure(ns, gid, token, &message, i as u32 + 1).await? {
+                self.lost(gid, "recording an errback");
+                return Ok(());
+            }
         }
-        self.store.finish_chord(ns, gid, token, "failed", Some(&message)).await?;
+        self.finish(claim, ChordPhase::Failed, Some(&message)).await?;
+        metrics::count(metrics::CHORD_FAILED);
         tracing::info!(chord = %gid, callback = %sig.task_id, %message, "chord failed");
         Ok(())
+    }
+
+    /// Re-checks the claim, and renews its lease, just before a send.
+    async fn still_ours(&self, claim: &Claim<'_>) -> Result<bool, JoinError> {
+        if self.store.renew_claim(claim.ns, claim.gid, claim.token, self.config.lease).await? {
+            return Ok(true);
+        }
+        metrics::count(metrics::CHORD_CLAIM_LOST);
+        tracing::error!(chord = %claim.gid, "the claim was taken over before the send; nothing sent");
+        Ok(false)
+    }
+
+    /// Moves a claimed chord to a final phase; a chord no longer ours is
+    /// logged and counted, not an error.
+    async fn finish(&self, claim: &Claim<'_>, phase: ChordPhase, error: Option<&str>) -> Result<(), JoinError> {
+        if !self.store.finish_chord(claim.ns, claim.gid, claim.token, phase, error).await? {
+            self.lost(claim.gid, "finishing");
+        }
+        Ok(())
+    }
+
+    fn lost(&self, gid: &GroupId, doing: &str) {
+        metrics::count(metrics::CHORD_MARK_LOST);
+        tracing::error!(chord = %gid, "{doing} found the chord no longer ours");
+    }
+
+    /// Marks the chord dispatched after its callback went out, retrying
+    /// with backoff. If every attempt fails, the token is kept so the next
+    /// invocation in this process finishes the mark without sending again.
+    async fn mark_dispatched(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<(), JoinError> {
+        let key = chord_key(ns, gid);
+        let mut pause = MARK_FIRST_PAUSE;
+        let mut attempt = 1;
+        loop {
+            match self.store.finish_chord(ns, gid, token, ChordPhase::Dispatched, None).await {
+                Ok(applied) => {
+                    self.forget_unmarked(&key);
+                    if !applied {
+                        self.lost(gid, "marking the chord dispatched");
+                    }
+                    return Ok(());
+                }
+                Err(err) if attempt >= MARK_ATTEMPTS => {
+                    metrics::count(metrics::CHORD_MARK_FAILED);
+                    self.unmarked.lock().unwrap_or_else(|e| e.into_inner()).insert(key, token.to_owned());
+                    return Err(JoinError::Unmarked(gid.to_string(), err));
+                }
+                Err(err) => {
+                    tracing::warn!(chord = %gid, attempt, error = %err, "marking the chord dispatched failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn unmarked_token(&self, key: &str) -> Option<String> {
+        self.unmarked.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
+    }
+
+    fn forget_unmarked(&self, key: &str) {
+        self.unmarked.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+/// A chord this invocation has claimed.
+#[derive(Clone, Copy)]
+struct Claim<'a> {
+    ns: &'a Namespace,
+    gid: &'a GroupId,
+    token: &'a str,
+    /// The last header task (the callback's parent).
+    last: &'a TaskId,
+    /// The state item as read before the claim.
+    state: &'a ChordState,
+}
+
+impl<'a> Claim<'a> {
+    fn context(&self) -> MessageContext<'a> {
+        MessageContext { group_id: self.gid.as_str(), parent_id: Some(self.last.as_str()), root_id: None }
     }
 }
 
@@ -407,15 +560,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chord_errors_read_like_celerys() {
-        let id = TaskId::parse("t2").unwrap();
-        let meta = r#"{"status":"FAILURE","result":{"exc_type":"ValueError","exc_message":["boom",42],"exc_module":"builtins"}}"#;
-        assert_eq!(chord_error_message(&id, meta), "Dependency t2 raised ValueError('boom', 42)");
-        let revoked = r#"{"status":"REVOKED","result":{"exc_type":"TaskRevokedError","exc_message":["revoked"],"exc_module":"celery.exceptions"}}"#;
-        assert_eq!(chord_error_message(&id, revoked), "Dependency t2 raised TaskRevokedError('revoked')");
-    }
-
-    #[test]
     fn results_are_taken_raw() {
         assert_eq!(
             result_of(r#"{"status":"SUCCESS","result":{"n":1.50,"big":123456789012345678901234567890}}"#),
@@ -424,50 +568,277 @@ mod tests {
         assert_eq!(result_of(r#"{"status":"SUCCESS"}"#), "null");
     }
 
-    #[test]
-    fn signatures_need_a_task_and_a_task_id() {
-        let sig =
-            Signature::parse(r#"{"task":"t.sum","args":[1],"kwargs":{},"options":{"task_id":"cb"},"immutable":true}"#)
-                .unwrap();
-        assert_eq!((sig.task.as_str(), sig.task_id.as_str(), sig.immutable), ("t.sum", "cb", true));
-        assert!(Signature::parse(r#"{"task":"t"}"#).is_err());
-        assert!(Signature::parse(r#"{"options":{"task_id":"cb"}}"#).is_err());
-        assert!(Signature::parse(r#"{"task":"t","options":{"task_id":"a/b"}}"#).is_err());
-        assert!(Signature::from_value(json!({"task": "e"}), Some("x")).is_ok());
+    use crate::dispatch::DispatchError;
+    use crate::store::memory::MemoryStore;
+    use crate::store::{PutOutcome, ResultStore};
+    use std::collections::VecDeque;
+    use std::sync::atomic::Ordering;
+
+    /// A callback sink that records what it sends, and answers from a
+    /// script (then `Ok`).
+    #[derive(Default)]
+    struct FakeSink {
+        sent: Mutex<Vec<(String, String, String)>>,
+        script: Mutex<VecDeque<Result<(), DispatchError>>>,
     }
 
-    #[test]
-    fn signature_fields_of_the_wrong_type_are_refused() {
-        let with = |extra: Value| {
-            let mut sig = json!({"task": "t", "options": {"task_id": "cb"}});
-            for (k, v) in extra.as_object().unwrap() {
-                if k == "queue" || k == "link_error" {
-                    sig["options"][k] = v.clone();
-                } else {
-                    sig[k] = v.clone();
-                }
+    impl FakeSink {
+        fn answering(answers: Vec<Result<(), DispatchError>>) -> Self {
+            Self { sent: Mutex::default(), script: Mutex::new(answers.into()) }
+        }
+
+        /// (task, task id, args) of each message that went out.
+        fn sent(&self) -> Vec<(String, String, String)> {
+            self.sent.lock().unwrap().clone()
+        }
+    }
+
+    impl CallbackSink for FakeSink {
+        async fn send(&self, _ns: &Namespace, out: &Outgoing<'_>) -> Result<(), DispatchError> {
+            let answer = self.script.lock().unwrap().pop_front().unwrap_or(Ok(()));
+            if answer.is_ok() {
+                self.sent.lock().unwrap().push((
+                    out.sig.task.clone(),
+                    out.sig.task_id.to_string(),
+                    out.args.to_owned(),
+                ));
             }
-            Signature::from_value(sig, None)
+            answer
+        }
+    }
+
+    fn transient() -> DispatchError {
+        DispatchError::Send { target: "SQS", code: "InternalError".into() }
+    }
+
+    const CALLBACK: &str = r#"{"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"cb",
+        "link_error":[{"task":"t.e1","options":{"task_id":"e1"}},{"task":"t.e2","options":{"task_id":"e2"}}]}}"#;
+
+    fn joiner(sink: FakeSink) -> Joiner<MemoryStore, FakeSink> {
+        Joiner::new(MemoryStore::default(), sink, &Config::for_table("t"))
+    }
+
+    fn gid() -> GroupId {
+        GroupId::parse("g1").unwrap()
+    }
+
+    /// Stores part `i` of a chord of `size` with `status` and result `i`,
+    /// and returns the stream's view of it.
+    async fn part(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str) -> Part {
+        let ns = Namespace::default();
+        let task_id = TaskId::parse(&format!("p{i}")).unwrap();
+        let json = format!(r#"{{"status":"{status}","result":{i},"task_id":"p{i}"}}"#);
+        let status = State::parse(status).unwrap();
+        let record = TaskRecord {
+            task_id: task_id.clone(),
+            status,
+            json,
+            expires_at: now_epoch() + 3600,
+            group_id: Some(gid()),
+            group_index: Some(i),
+            chord: None,
         };
-        for bad in [
-            json!({"task": ""}),
-            json!({"immutable": {}}),
-            json!({"immutable": "yes"}),
-            json!({"args": {}}),
-            json!({"kwargs": []}),
-            json!({"queue": ""}),
-            json!({"queue": 7}),
-            json!({"link_error": "x"}),
-        ] {
-            assert!(with(bad.clone()).is_err(), "{bad} must be refused");
+        assert_eq!(j.store.put_task(&ns, &record).await.unwrap(), PutOutcome::Stored);
+        Part {
+            sequence: format!("seq-{i}"),
+            ns,
+            group_id: gid(),
+            chord: ChordRegistration { size, callback: CALLBACK.into(), callback_id: "cb".into() },
+            part: ChordPart { index: i, task_id, expires_at: now_epoch() + 3600 },
         }
-        for good in [
-            json!({"immutable": null}),
-            json!({"queue": "q"}),
-            json!({"queue": null}),
-            json!({"link_error": [{"task": "e"}]}),
-        ] {
-            assert!(with(good.clone()).is_ok(), "{good} must be accepted");
+    }
+
+    async fn chord_of(j: &Joiner<MemoryStore, FakeSink>, statuses: &[&str]) -> Vec<Part> {
+        let mut parts = Vec::new();
+        for (i, status) in statuses.iter().enumerate() {
+            parts.push(part(j, i as u32, statuses.len() as u32, status).await);
         }
+        parts
+    }
+
+    async fn phase(j: &Joiner<MemoryStore, FakeSink>) -> ChordState {
+        j.store.chord_state(&Namespace::default(), &gid()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_complete_chord_calls_back_once_with_results_in_order_and_a_replay_changes_nothing() {
+        let j = joiner(FakeSink::default());
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS", "SUCCESS"]).await;
+        let mut shuffled = parts.clone();
+        shuffled.reverse();
+        assert!(j.handle_parts(shuffled).await.is_empty());
+        assert_eq!(j.sink.sent(), [("t.sum".into(), "cb".into(), "[[0,1,2]]".into())]);
+        assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+        // The same batch again, and again: nothing more is counted or sent.
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert_eq!(j.sink.sent().len(), 1);
+        assert_eq!(phase(&j).await.done, 3);
+    }
+
+    #[tokio::test]
+    async fn a_lost_claim_sends_nothing() {
+        let j = joiner(FakeSink::default());
+        j.store.steal_claims.store(true, Ordering::SeqCst);
+        let before = metrics::total(metrics::CHORD_CLAIM_LOST);
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert!(j.sink.sent().is_empty(), "nothing sent once the claim is not ours");
+        assert!(metrics::total(metrics::CHORD_CLAIM_LOST) > before);
+    }
+
+    #[tokio::test]
+    async fn a_transient_send_error_gives_the_claim_back_and_the_callback_goes_once_later() {
+        let j = joiner(FakeSink::answering(vec![Err(transient())]));
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+        let retry = j.handle_parts(parts.clone()).await;
+        assert_eq!(retry, ["seq-0", "seq-1"], "the records are retried");
+        let state = phase(&j).await;
+        assert_eq!((state.phase, state.attempts), (ChordPhase::Open, 1), "claim given back, attempt counted");
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert_eq!(j.sink.sent().len(), 1, "sent once: {:?}", j.sink.sent());
+        assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    }
+
+    #[tokio::test]
+    async fn a_failed_mark_after_a_send_never_leads_to_a_second_send() {
+        let j = joiner(FakeSink::default());
+        // Every attempt of the first mark fails, as if DynamoDB were down.
+        j.store.fail_finishes.store(MARK_ATTEMPTS, Ordering::SeqCst);
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+        let retry = j.handle_parts(parts.clone()).await;
+        assert_eq!(retry.len(), 2, "the records come again to finish the mark");
+        assert_eq!(j.sink.sent().len(), 1);
+        let state = phase(&j).await;
+        assert_eq!(state.phase, ChordPhase::Joining, "the claim is kept, never given back after a send");
+        assert_eq!(state.attempts, 0);
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched, "finished from the chord's state");
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert_eq!(j.sink.sent().len(), 1, "never a second send");
+    }
+
+    #[tokio::test]
+    async fn a_mark_that_fails_a_few_times_is_retried_on_its_own() {
+        let j = joiner(FakeSink::default());
+        j.store.fail_finishes.store(2, Ordering::SeqCst);
+        let parts = chord_of(&j, &["SUCCESS"]).await;
+        assert!(j.handle_parts(parts).await.is_empty(), "no record retried");
+        assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+        assert_eq!(j.sink.sent().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_permanent_error_fails_the_chord_once_and_sends_its_errbacks() {
+        let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
+        let j = joiner(FakeSink::answering(vec![Err(refused)]));
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        let state = phase(&j).await;
+        assert_eq!(state.phase, ChordPhase::Failed);
+        assert!(state.error.as_deref().unwrap().contains("AccessDenied"), "{state:?}");
+        let sent: Vec<String> = j.sink.sent().into_iter().map(|(task, _, _)| task).collect();
+        assert_eq!(sent, ["t.e1", "t.e2"], "errbacks only, once each");
+        let cb = j.store.get_task(&Namespace::default(), &TaskId::parse("cb").unwrap()).await.unwrap().unwrap();
+        assert!(cb.json.contains("ChordError") && cb.json.contains("AccessDenied"), "{}", cb.json);
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert_eq!(j.sink.sent().len(), 2, "a replay sends nothing more");
+    }
+
+    #[tokio::test]
+    async fn a_failed_part_fails_the_chord_with_celerys_chord_error() {
+        let j = joiner(FakeSink::default());
+        let parts = chord_of(&j, &["SUCCESS", "FAILURE", "SUCCESS"]).await;
+        assert!(j.handle_parts(parts).await.is_empty());
+        let state = phase(&j).await;
+        assert_eq!(state.phase, ChordPhase::Failed);
+        assert!(state.error.as_deref().unwrap().starts_with("Dependency p1 raised"), "{state:?}");
+        assert!(j.sink.sent().iter().all(|(task, _, _)| task != "t.sum"), "the callback is never sent");
+    }
+
+    #[tokio::test]
+    async fn errbacks_are_sent_at_most_once_across_retries() {
+        // The callback is refused for good; the second errback fails once
+        // with an error a retry may fix.
+        let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
+        let j = joiner(FakeSink::answering(vec![Err(refused), Ok(()), Err(transient())]));
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+        assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "retried after the errback's failure");
+        assert_eq!(phase(&j).await.errbacks_sent, 1, "progress is on the chord's item");
+        assert!(j.handle_parts(parts).await.is_empty());
+        let sent: Vec<String> = j.sink.sent().into_iter().map(|(task, _, _)| task).collect();
+        assert_eq!(sent, ["t.e1", "t.e2"], "each errback once");
+        assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+    }
+
+    #[tokio::test]
+    async fn a_chord_that_keeps_failing_is_failed_after_its_attempts_and_stops_coming_back() {
+        let attempts = Config::for_table("t").chord.max_attempts as usize;
+        let j = joiner(FakeSink::answering((0..100).map(|_| Err(transient())).collect()));
+        let parts = chord_of(&j, &["SUCCESS"]).await;
+        let mut retried = 0;
+        while !j.handle_parts(parts.clone()).await.is_empty() {
+            retried += 1;
+            assert!(retried < 100, "a poison chord must not be retried for ever");
+        }
+        assert_eq!(retried, attempts - 1);
+        let state = phase(&j).await;
+        assert_eq!(state.phase, ChordPhase::Failed);
+        assert!(state.error.as_deref().unwrap().contains(&format!("after {attempts} attempts")), "{state:?}");
+    }
+
+    #[tokio::test]
+    async fn a_chord_whose_part_records_expired_fails_instead_of_calling_back_short() {
+        let j = joiner(FakeSink::default());
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS", "SUCCESS"]).await;
+        assert!(j.handle_parts(parts[..2].to_vec()).await.is_empty());
+        j.store.drop_parts(&Namespace::default(), &gid());
+        assert!(j.handle_parts(parts[2..].to_vec()).await.is_empty());
+        let state = phase(&j).await;
+        assert_eq!(state.phase, ChordPhase::Failed);
+        assert!(state.error.as_deref().unwrap().contains("1 of the chord's 3 parts"), "{state:?}");
+        assert!(j.sink.sent().iter().all(|(task, _, _)| task != "t.sum"));
+    }
+
+    #[tokio::test]
+    async fn results_too_large_for_the_target_fail_the_chord_before_a_message_is_built() {
+        let mut j = joiner(FakeSink::default());
+        j.max_message_bytes = 1024;
+        let ns = Namespace::default();
+        let mut parts = Vec::new();
+        for i in 0..50u32 {
+            let mut p = part(&j, i, 50, "SUCCESS").await;
+            let big = format!(r#"{{"status":"SUCCESS","result":"{}","task_id":"p{i}"}}"#, "x".repeat(100));
+            let record = TaskRecord {
+                task_id: p.part.task_id.clone(),
+                status: State::Success,
+                json: big,
+                expires_at: now_epoch() + 3600,
+                group_id: None,
+                group_index: None,
+                chord: None,
+            };
+            j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
+            j.store.put_task(&ns, &record).await.unwrap();
+            p.sequence = format!("s{i}");
+            parts.push(p);
+        }
+        assert!(j.handle_parts(parts).await.is_empty());
+        let state = phase(&j).await;
+        assert_eq!(state.phase, ChordPhase::Failed);
+        assert!(state.error.as_deref().unwrap().contains("more than 1024 bytes"), "{state:?}");
+        assert!(j.sink.sent().iter().all(|(task, _, _)| task != "t.sum"));
+    }
+
+    #[tokio::test]
+    async fn each_counted_part_extends_the_chords_life() {
+        let j = joiner(FakeSink::default());
+        let mut parts = chord_of(&j, &["SUCCESS", "SUCCESS", "SUCCESS"]).await;
+        parts[1].part.expires_at += 1000;
+        assert!(j.handle_parts(parts[..1].to_vec()).await.is_empty());
+        let first = phase(&j).await.expires_at;
+        assert!(j.handle_parts(parts[1..2].to_vec()).await.is_empty());
+        assert_eq!(phase(&j).await.expires_at, first + 1000);
     }
 }

@@ -2,8 +2,10 @@
 //! the service enforces lives here with its default, so the documented limits
 //! (README, "Limits") and the enforced ones cannot drift apart.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::celery::kombu_queue_name;
 use crate::ids::Namespace;
 use crate::tenants::TenantMap;
 
@@ -23,8 +25,10 @@ pub struct Config {
     /// `NAMESPACE` (default `default`): the key prefix of every caller when
     /// `TENANTS` is unset, and of requests without a caller (`AUTH_MODE=none`).
     pub namespace: Namespace,
-    /// `TENANTS` (default none): caller identity → namespace (see [`crate::tenants`]).
-    pub tenants: TenantMap,
+    /// `TENANTS` (default unset): caller identity → namespace (see
+    /// [`crate::tenants`]). Unset: every caller is in `NAMESPACE`; set, only
+    /// the callers it names are served (`{}` refuses everyone).
+    pub tenants: Option<TenantMap>,
     /// `RESULT_TTL_SECONDS` (default 86400, Celery's `result_expires`).
     pub result_ttl: Duration,
     /// `MAX_RESULT_TTL_SECONDS` (default 30 days): the largest `expires_in` a request may ask for.
@@ -46,6 +50,94 @@ pub struct Config {
     pub auth_mode: AuthMode,
     /// `AUTO_CREATE_TABLE` (default false; local only): create the table at init.
     pub auto_create_table: bool,
+    /// Where chord callbacks go, and which queues each tenant may reach.
+    pub callbacks: CallbackConfig,
+    /// The chord join's lease, retries and bounds.
+    pub chord: ChordConfig,
+}
+
+/// Chord callbacks: the target, and the queues each namespace may use.
+#[derive(Debug, Clone)]
+pub struct CallbackConfig {
+    /// `CALLBACK_TARGET` (`sqs`, the default, or `lambda`) and
+    /// `CALLBACK_LAMBDA_FUNCTION`: with `lambda`, the function invoked.
+    pub lambda_function: Option<String>,
+    /// `CALLBACK_QUEUES`: per namespace, the queues its callbacks may use
+    /// (see [`QueueRoutes`]). Unset: every namespace uses [`Self::shared`].
+    pub tenant_queues: Option<HashMap<Namespace, QueueRoutes>>,
+    /// `CALLBACK_QUEUE_URLS` (`name=url,...`) and `CALLBACK_QUEUE_URL_PREFIX`
+    /// (the kombu queue name is appended): the queues of a single-tenant
+    /// deployment.
+    pub shared: QueueRoutes,
+    /// `CALLBACK_DEFAULT_QUEUE` (default `celery`): for callbacks without `options.queue`.
+    pub default_queue: String,
+    /// `CALLBACK_MAX_BYTES` (default 262144, SQS's classic cap and Lambda's
+    /// async payload cap): the largest callback message.
+    pub max_bytes: usize,
+}
+
+/// The queues one namespace may send callbacks to: exact names with their
+/// URLs, and name prefixes (`"proj-*"`, or `"*"` for any name) whose URL is
+/// a prefix the kombu queue name is appended to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueRoutes {
+    exact: HashMap<String, String>,
+    prefixes: Vec<(String, String)>,
+}
+
+impl QueueRoutes {
+    /// Routes from `name → url` pairs; a name ending in `*` is a prefix.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Self {
+        let mut routes = Self::default();
+        for (name, url) in pairs {
+            match name.strip_suffix('*') {
+                Some(prefix) => routes.prefixes.push((prefix.to_owned(), url)),
+                None => {
+                    routes.exact.insert(name, url);
+                }
+            }
+        }
+        // The longest prefix wins.
+        routes.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+        routes
+    }
+
+    /// The URL of queue `name`, or `None` when these routes do not allow it.
+    pub fn url(&self, name: &str) -> Option<String> {
+        if let Some(url) = self.exact.get(name) {
+            return Some(url.clone());
+        }
+        let (_, prefix) = self.prefixes.iter().find(|(p, _)| name.starts_with(p.as_str()))?;
+        Some(format!("{prefix}{}", kombu_queue_name(name)))
+    }
+}
+
+impl CallbackConfig {
+    /// The URL a callback of namespace `ns` may send to on queue `name`;
+    /// `None` when the deployment does not grant `ns` that queue.
+    pub fn queue_url(&self, ns: &Namespace, name: &str) -> Option<String> {
+        match &self.tenant_queues {
+            Some(map) => map.get(ns)?.url(name),
+            None => self.shared.url(name),
+        }
+    }
+}
+
+/// The chord join (chord-join).
+#[derive(Debug, Clone)]
+pub struct ChordConfig {
+    /// `CHORD_LEASE_SECONDS` (default 180, 1..=3600): how long a claim holds
+    /// before another invocation may take it over; longer than chord-join's
+    /// timeout (120 s in the template), and renewed just before each send.
+    pub lease: Duration,
+    /// `CHORD_MAX_ATTEMPTS` (default 8, 1..=100): joins that fail with an
+    /// error retrying might fix before the chord fails for good.
+    pub max_attempts: u32,
+    /// `CHORD_MAX_ERRBACKS` (default 16, 0..=100): errbacks one callback may carry.
+    pub max_errbacks: usize,
+    /// `CHORD_MAX_CALLBACK_BYTES` (default 65536, 1024..=262144): the largest
+    /// callback signature a part may carry.
+    pub max_callback_bytes: usize,
 }
 
 /// A variable that is missing or malformed; start-up fails with its name.
@@ -83,8 +175,8 @@ impl Config {
             None => Namespace::default(),
         };
         let tenants = match var("TENANTS") {
-            Some(raw) => TenantMap::parse(&raw).map_err(|message| ConfigError { var: "TENANTS", message })?,
-            None => TenantMap::default(),
+            Some(raw) => Some(TenantMap::parse(&raw).map_err(|message| ConfigError { var: "TENANTS", message })?),
+            None => None,
         };
         let auth_mode = match var("AUTH_MODE").as_deref().map(str::trim) {
             None | Some("iam") => AuthMode::Iam,
@@ -104,12 +196,29 @@ impl Config {
             }
         };
         const DAY: u64 = 86_400;
+        let callbacks = callback_config(&var, &num)?;
+        let tenant_namespaces = tenants.as_ref().map_or(0, TenantMap::namespace_count);
+        if tenant_namespaces > 1 && callbacks.lambda_function.is_none() && callbacks.tenant_queues.is_none() {
+            return Err(ConfigError {
+                var: "CALLBACK_QUEUES",
+                message: format!(
+                    "is not set, and TENANTS names {tenant_namespaces} namespaces: say which queues each \
+                     tenant's chord callbacks may use, so none can reach another's"
+                ),
+            });
+        }
+        let chord = ChordConfig {
+            lease: Duration::from_secs(num("CHORD_LEASE_SECONDS", 180, 1, 3600)?),
+            max_attempts: num("CHORD_MAX_ATTEMPTS", 8, 1, 100)? as u32,
+            max_errbacks: num("CHORD_MAX_ERRBACKS", 16, 0, 100)? as usize,
+            max_callback_bytes: num("CHORD_MAX_CALLBACK_BYTES", 65_536, 1024, 262_144)? as usize,
+        };
         let config = Config {
             table_name,
             namespace,
             tenants,
             result_ttl: Duration::from_secs(num("RESULT_TTL_SECONDS", DAY, 1, 365 * DAY)?),
-            max_result_ttl: Duration::from_secs(num("MAX_RESULT_TTL_SECONDS", 30 * DAY, 1, 365 * DAY)?),
+            max_result_ttl: Duration::from_secs(num("MAX_RESULT_TTL_SECONDS", 30 * DAY, 1, 10 * 365 * DAY)?),
             max_wait: Duration::from_secs(num("MAX_WAIT_SECONDS", 20, 0, 900)?),
             max_body_bytes: num("MAX_BODY_BYTES", 1 << 20, 1024, 6 << 20)? as usize,
             max_batch_ids: num("MAX_BATCH_IDS", 1000, 1, 10_000)? as usize,
@@ -118,6 +227,8 @@ impl Config {
             ddb_max_backoff: Duration::from_millis(num("DDB_MAX_BACKOFF_MS", 2000, 1, 60_000)?),
             auth_mode,
             auto_create_table,
+            callbacks,
+            chord,
         };
         if config.result_ttl > config.max_result_ttl {
             return Err(ConfigError {
@@ -126,6 +237,15 @@ impl Config {
             });
         }
         Ok(config)
+    }
+
+    /// The namespace of a request: the caller's tenant, or `NAMESPACE`
+    /// when `TENANTS` is unset; `None` for a caller `TENANTS` does not name.
+    pub fn tenant_of(&self, caller: &crate::tenants::Caller) -> Option<Namespace> {
+        match &self.tenants {
+            None => Some(self.namespace.clone()),
+            Some(map) => map.resolve(caller).cloned(),
+        }
     }
 
     /// A configuration for tests: table `name`, no auth, defaults elsewhere.
@@ -138,6 +258,63 @@ impl Config {
         })
         .expect("test configuration is valid")
     }
+}
+
+/// The `CALLBACK_*` variables.
+fn callback_config(
+    var: &impl Fn(&'static str) -> Option<String>,
+    num: &impl Fn(&'static str, u64, u64, u64) -> Result<u64, ConfigError>,
+) -> Result<CallbackConfig, ConfigError> {
+    let lambda_function = match var("CALLBACK_TARGET").as_deref().map(str::trim) {
+        None | Some("sqs") => None,
+        Some("lambda") => Some(var("CALLBACK_LAMBDA_FUNCTION").ok_or(ConfigError {
+            var: "CALLBACK_LAMBDA_FUNCTION",
+            message: "is required when CALLBACK_TARGET=lambda".into(),
+        })?),
+        Some(other) => {
+            return Err(ConfigError { var: "CALLBACK_TARGET", message: format!("{other:?} is not sqs or lambda") })
+        }
+    };
+    let mut pairs = Vec::new();
+    for pair in var("CALLBACK_QUEUE_URLS").unwrap_or_default().split(',').filter(|p| !p.trim().is_empty()) {
+        let (name, url) = pair
+            .split_once('=')
+            .ok_or(ConfigError { var: "CALLBACK_QUEUE_URLS", message: format!("{pair:?} is not name=url") })?;
+        pairs.push((name.trim().to_owned(), url.trim().to_owned()));
+    }
+    if let Some(prefix) = var("CALLBACK_QUEUE_URL_PREFIX") {
+        pairs.push(("*".to_owned(), prefix.trim().to_owned()));
+    }
+    let tenant_queues = match var("CALLBACK_QUEUES") {
+        None => None,
+        Some(raw) => {
+            Some(parse_tenant_queues(&raw).map_err(|message| ConfigError { var: "CALLBACK_QUEUES", message })?)
+        }
+    };
+    Ok(CallbackConfig {
+        lambda_function,
+        tenant_queues,
+        shared: QueueRoutes::from_pairs(pairs),
+        default_queue: var("CALLBACK_DEFAULT_QUEUE").unwrap_or_else(|| "celery".into()),
+        max_bytes: num("CALLBACK_MAX_BYTES", 262_144, 1024, 1 << 20)? as usize,
+    })
+}
+
+/// `{"<namespace>": {"<queue name or prefix*>": "<url or url prefix>"}}`.
+fn parse_tenant_queues(raw: &str) -> Result<HashMap<Namespace, QueueRoutes>, String> {
+    let object: HashMap<String, HashMap<String, String>> = serde_json::from_str(raw)
+        .map_err(|e| format!("is not a JSON object of namespace to {{queue name: URL}}: {e}"))?;
+    let mut map = HashMap::with_capacity(object.len());
+    for (ns, queues) in object {
+        let ns = Namespace::parse(&ns).map_err(|message| format!("{ns:?}: {message}"))?;
+        for (name, url) in &queues {
+            if name.is_empty() || !url.starts_with("http") {
+                return Err(format!("{}: {name:?} → {url:?} is not a queue name and an https URL", ns.as_str()));
+            }
+        }
+        map.insert(ns, QueueRoutes::from_pairs(queues));
+    }
+    Ok(map)
 }
 
 #[cfg(test)]
@@ -170,10 +347,67 @@ mod tests {
             ("NAMESPACE", "Bad/NS"),
             ("AUTO_CREATE_TABLE", "yes please"),
             ("DDB_MAX_ATTEMPTS", "0"),
+            ("CHORD_LEASE_SECONDS", "0"),
+            ("CHORD_MAX_ATTEMPTS", "1000"),
+            ("CALLBACK_MAX_BYTES", "x"),
+            ("CALLBACK_TARGET", "email"),
+            ("CALLBACK_QUEUES", "[]"),
+            ("CALLBACK_QUEUES", r#"{"a": {"q": "ftp://x"}}"#),
         ] {
             let err = load(&[("TABLE_NAME", "t"), (var, value)]).unwrap_err();
             assert_eq!(err.var, var);
             assert!(err.to_string().contains(var));
         }
+    }
+
+    #[test]
+    fn each_tenant_reaches_only_its_own_queues() {
+        let c = load(&[
+            ("TABLE_NAME", "t"),
+            ("TENANTS", r#"{"111": "a", "222": "b"}"#),
+            (
+                "CALLBACK_QUEUES",
+                r#"{"a": {"celery": "https://sqs/1/a-celery", "a.*": "https://sqs/1/"}, "b": {"celery": "https://sqs/1/b-celery"}}"#,
+            ),
+        ])
+        .unwrap();
+        let (a, b, other) =
+            (Namespace::parse("a").unwrap(), Namespace::parse("b").unwrap(), Namespace::parse("c").unwrap());
+        let cb = &c.callbacks;
+        assert_eq!(cb.queue_url(&a, "celery").as_deref(), Some("https://sqs/1/a-celery"));
+        assert_eq!(cb.queue_url(&b, "celery").as_deref(), Some("https://sqs/1/b-celery"));
+        assert_eq!(cb.queue_url(&a, "a.high").as_deref(), Some("https://sqs/1/a-high"));
+        assert_eq!(cb.queue_url(&b, "a.high"), None, "b may not use a's queues");
+        assert_eq!(cb.queue_url(&other, "celery"), None, "a namespace without queues has none");
+    }
+
+    #[test]
+    fn several_tenants_need_their_queues_said() {
+        let err = load(&[("TABLE_NAME", "t"), ("TENANTS", r#"{"111": "a", "222": "b"}"#)]).unwrap_err();
+        assert_eq!(err.var, "CALLBACK_QUEUES");
+        // One tenant, or the Lambda target: the shared routes are enough.
+        assert!(load(&[("TABLE_NAME", "t"), ("TENANTS", r#"{"111": "a"}"#)]).is_ok());
+        let lambda = load(&[
+            ("TABLE_NAME", "t"),
+            ("TENANTS", r#"{"111": "a", "222": "b"}"#),
+            ("CALLBACK_TARGET", "lambda"),
+            ("CALLBACK_LAMBDA_FUNCTION", "f"),
+        ]);
+        assert!(lambda.is_ok());
+    }
+
+    #[test]
+    fn single_tenant_queues_come_from_the_map_or_the_prefix() {
+        let c = load(&[
+            ("TABLE_NAME", "t"),
+            ("CALLBACK_QUEUE_URLS", "special=https://q/special-url"),
+            ("CALLBACK_QUEUE_URL_PREFIX", "https://sqs/123/"),
+        ])
+        .unwrap();
+        let ns = Namespace::default();
+        assert_eq!(c.callbacks.queue_url(&ns, "special").as_deref(), Some("https://q/special-url"));
+        assert_eq!(c.callbacks.queue_url(&ns, "proj.high").as_deref(), Some("https://sqs/123/proj-high"));
+        let bare = load(&[("TABLE_NAME", "t")]).unwrap();
+        assert_eq!(bare.callbacks.queue_url(&ns, "celery"), None);
     }
 }

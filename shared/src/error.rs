@@ -22,6 +22,10 @@ pub enum ApiError {
     BatchTooLarge { count: usize, limit: usize },
     #[error("stored result would be {size} bytes after compression; the limit is {limit}")]
     ResultTooLarge { size: usize, limit: usize },
+    #[error("chord callback is {size} bytes; the limit is {limit}")]
+    CallbackTooLarge { size: usize, limit: usize },
+    #[error("chord callback refused: {0}")]
+    CallbackNotAllowed(String),
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("group {0} not found")]
@@ -53,6 +57,8 @@ impl ApiError {
             Self::BodyTooLarge { .. } => (413, "body_too_large"),
             Self::BatchTooLarge { .. } => (413, "batch_too_large"),
             Self::ResultTooLarge { .. } => (413, "result_too_large"),
+            Self::CallbackTooLarge { .. } => (413, "callback_too_large"),
+            Self::CallbackNotAllowed(_) => (400, "callback_not_allowed"),
             Self::NoRoute { .. } => (404, "no_route"),
             Self::GroupNotFound(_) => (404, "group_not_found"),
             Self::ChordNotFound(_) => (404, "chord_not_found"),
@@ -74,9 +80,23 @@ impl ApiError {
     }
 
     /// `{"error": {"code", "message", ...}}`; a conflict also names the stored status.
-    pub fn to_json(&self) -> String {
-        let (_, code) = self.status_and_code();
-        let mut error = serde_json::json!({"code": code, "message": self.to_string()});
+    ///
+    /// A 5xx never shows the underlying error (an SDK's text can name ARNs,
+    /// accounts and tables): its message is generic and names `request_id`,
+    /// under which the log has the details.
+    pub fn to_json(&self, request_id: &str) -> String {
+        let (status, code) = self.status_and_code();
+        let message = match self {
+            Self::Internal(_) => {
+                format!("internal error; the service's log has the details under request id {request_id}")
+            }
+            _ if status >= 500 => format!("{self} (request id {request_id})"),
+            _ => self.to_string(),
+        };
+        let mut error = serde_json::json!({"code": code, "message": message});
+        if status >= 500 {
+            error["request_id"] = request_id.into();
+        }
         if let Self::Conflict { stored, .. } = self {
             error["stored_status"] = stored.clone().into();
         }
@@ -116,11 +136,25 @@ mod tests {
     #[test]
     fn every_error_is_json_with_code_and_message() {
         let e = ApiError::Conflict { task_id: "t".into(), stored: "SUCCESS".into(), refused: "STARTED".into() };
-        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&e.to_json("r-1")).unwrap();
         assert_eq!(v["error"]["code"], "state_conflict");
         assert_eq!(v["error"]["stored_status"], "SUCCESS");
         assert!(v["error"]["message"].as_str().unwrap().contains("already SUCCESS"));
         assert_eq!(e.status_and_code().0, 409);
+    }
+
+    #[test]
+    fn a_5xx_body_carries_no_sdk_text_only_the_request_id() {
+        let detail = "AccessDeniedException: User: arn:aws:sts::123456789012:assumed-role/x is not authorized on table secret-table";
+        let e = ApiError::from(StoreError::Other(detail.into()));
+        assert_eq!(e.status_and_code(), (500, "internal"));
+        let body = e.to_json("req-42");
+        assert!(!body.contains("arn:") && !body.contains("123456789012") && !body.contains("secret-table"), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["error"]["request_id"], "req-42");
+        assert!(v["error"]["message"].as_str().unwrap().contains("req-42"));
+        let unavailable = ApiError::from(StoreError::Unavailable(detail.into())).to_json("req-43");
+        assert!(!unavailable.contains("arn:") && unavailable.contains("req-43"), "{unavailable}");
     }
 
     #[test]

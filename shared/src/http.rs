@@ -105,8 +105,7 @@ fn caller(request: &Request) -> Option<Caller> {
 /// (`TENANTS`), else the deployment's `NAMESPACE`.
 fn namespace(config: &Config, request: &Request) -> Result<Namespace, ApiError> {
     match caller(request) {
-        Some(_) if config.tenants.is_empty() => Ok(config.namespace.clone()),
-        Some(who) => config.tenants.resolve(&who).cloned().ok_or_else(|| ApiError::UnknownTenant(who.describe())),
+        Some(who) => config.tenant_of(&who).ok_or_else(|| ApiError::UnknownTenant(who.describe())),
         None if config.auth_mode == AuthMode::Iam => Err(ApiError::Unauthenticated),
         None => Ok(config.namespace.clone()),
     }
@@ -143,6 +142,7 @@ where
     F: FnOnce(Incoming) -> Fut,
     Fut: Future<Output = Result<Reply, ApiError>> + 'a,
 {
+    let request_id = request_id(&request);
     let (outcome, calls) = crate::calls::counted(async move {
         match parse(app, request) {
             Ok(incoming) => serve(incoming).await,
@@ -150,19 +150,30 @@ where
         }
     })
     .await;
-    Ok(respond(outcome, calls))
+    Ok(respond(outcome, calls, &request_id))
+}
+
+/// The request's id: API Gateway's (which its access log records), else
+/// the Lambda invocation's, else a fresh one.
+fn request_id(request: &Request) -> String {
+    match request.request_context_ref() {
+        Some(RequestContext::ApiGatewayV2(context)) => context.request_id.clone(),
+        _ => None,
+    }
+    .or_else(|| request.lambda_context_ref().map(|c| c.request_id.clone()).filter(|id| !id.is_empty()))
+    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
 /// The response for an outcome: the reply, or the error's status and JSON.
-pub fn respond(outcome: Result<Reply, ApiError>, calls: u32) -> Response<Body> {
+pub fn respond(outcome: Result<Reply, ApiError>, calls: u32, request_id: &str) -> Response<Body> {
     let (status, body, retry_after) = match outcome {
         Ok(reply) => (reply.status, reply.body, None),
         Err(err) => {
             let (status, code) = err.status_and_code();
             if status >= 500 {
-                tracing::error!(code, error = %err, "request failed");
+                tracing::error!(code, request_id, error = ?err, "request failed");
             }
-            (status, err.to_json(), err.retry_after())
+            (status, err.to_json(request_id), err.retry_after())
         }
     };
     let mut builder = Response::builder().status(status).header(DDB_CALLS_HEADER, calls);
@@ -252,6 +263,9 @@ mod tests {
             "TABLE_NAME" => Some("t".into()),
             "AUTH_MODE" => Some(auth.clone()),
             "TENANTS" => tenants.clone(),
+            "CALLBACK_QUEUES" => {
+                Some(r#"{"tenant-a": {"*": "https://q/a/"}, "tenant-b": {"*": "https://q/b/"}}"#.into())
+            }
             _ => None,
         })
         .unwrap();
@@ -273,6 +287,10 @@ mod tests {
         // Without TENANTS every caller shares NAMESPACE, whatever it sends.
         let single = app_with_tenants("iam", None);
         assert_eq!(parse(&single, signed_request("arn:aws:iam::111111111111:user/a")).unwrap().ns.as_str(), "default");
+        // An empty table refuses every caller.
+        let nobody = app_with_tenants("iam", Some("{}"));
+        let err = parse(&nobody, signed_request("arn:aws:iam::111111111111:user/a")).unwrap_err();
+        assert_eq!(err.status_and_code(), (403, "unknown_tenant"));
         // Without a caller: 401 in IAM mode, NAMESPACE with AUTH_MODE=none.
         let open = app_with_tenants("none", tenants);
         assert_eq!(parse(&open, request("GET", "/v1/tasks/t1", "")).unwrap().ns.as_str(), "default");
@@ -286,7 +304,7 @@ mod tests {
 
     #[test]
     fn errors_become_json_responses() {
-        let resp = respond(Err(ApiError::Throttled { retry_after_secs: 1 }), 6);
+        let resp = respond(Err(ApiError::Throttled { retry_after_secs: 1 }), 6, "r-1");
         assert_eq!(resp.status(), 503);
         assert_eq!(resp.headers()["retry-after"], "1");
         assert_eq!(resp.headers()[DDB_CALLS_HEADER], "6");

@@ -8,25 +8,30 @@
 //!
 //! # Layout
 //!
-//! - [`ids`]: validated identifiers (task ids, group ids, namespaces); an
-//!   invalid id cannot be constructed, so it never reaches a key.
+//! Layers point one way: a module uses only those listed before it (see
+//! `docs/ARCHITECTURE.md`).
+//!
+//! - [`ids`], [`time`]: validated identifiers (an invalid id cannot be
+//!   constructed, so it never reaches a key) and wall-clock helpers.
+//! - [`celery`]: Celery's wire formats: the signature, Python reprs, kombu's
+//!   queue names and SQS envelope.
 //! - [`meta`]: Celery task meta and states: what a worker stores and a client reads.
-//! - [`store`]: the [`store::ResultStore`] trait, its DynamoDB implementation,
-//!   the table schema, and retry/backoff for DynamoDB.
-//! - [`chord`]: the chord join from DynamoDB Streams (the `chord-join` function).
+//! - [`tenants`], [`config`]: the caller's namespace from its IAM identity
+//!   (`TENANTS`), and the one typed configuration, read at init.
+//! - [`error`]: the error types of each boundary.
+//! - [`calls`], [`metrics`]: the DynamoDB requests each request makes, and
+//!   CloudWatch metrics written as log lines.
+//! - [`store`]: the [`store::ResultStore`] and [`store::ChordStore`] traits,
+//!   their DynamoDB implementation, the table schema, retry/backoff.
 //! - [`dispatch`]: callback targets: Celery task messages on SQS, Lambda invokes.
+//! - [`chord`]: the chord join from DynamoDB Streams (the `chord-join` function).
 //! - [`service`]: the operations behind the routes (store, fetch, long-poll,
 //!   batch-get, forget, groups), generic over the store.
 //! - [`http`]: routes, request parsing (auth, body cap, query), and the mapping
 //!   of every error to a status and a JSON body.
-//! - [`calls`]: counts the DynamoDB requests each HTTP request makes, reported
-//!   in the `x-dynachord-ddb-calls` header.
-//! - [`tenants`]: the caller's namespace, from its IAM identity (`TENANTS`).
-//! - [`config`]: the one typed configuration, read from the environment at init.
-//! - [`error`]: the error types of each boundary.
-//! - [`time`]: wall-clock helpers (epoch seconds, Celery's `date_done` format).
 
 pub mod calls;
+pub mod celery;
 pub mod chord;
 pub mod config;
 pub mod dispatch;
@@ -34,6 +39,7 @@ pub mod error;
 pub mod http;
 pub mod ids;
 pub mod meta;
+pub mod metrics;
 pub mod service;
 pub mod store;
 pub mod tenants;

@@ -222,7 +222,7 @@ fn check_chord(chord: &ChordSpec, has_group: bool, index: Option<u32>) -> Result
     if index >= chord.size {
         return bad(format!("group_index {index} is not below the chord size {}", chord.size));
     }
-    crate::chord::Signature::parse(chord.callback.get()).map_err(MetaError::BadChord)?;
+    crate::celery::Signature::parse(chord.callback.get()).map_err(MetaError::BadChord)?;
     Ok(())
 }
 

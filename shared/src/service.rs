@@ -6,11 +6,12 @@ use serde_json::value::RawValue;
 use std::time::Duration;
 use tokio::time::Instant;
 
+use crate::celery::Signature;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::{pending_json, TaskMeta};
-use crate::store::{PutOutcome, ResultStore, Stored, TaskRecord};
+use crate::store::{PartOf, PutOutcome, ResultStore, Stored, TaskRecord};
 use crate::time::now_epoch;
 
 /// What a function holds for its lifetime: configuration and the store.
@@ -72,8 +73,11 @@ pub async fn store_task<S: ResultStore>(
         expires_at: expires_at(&app.config, meta.expires_in)?,
         group_id: meta.group_id.clone(),
         group_index: meta.group_index,
-        chord: meta.chord.as_ref().map(|c| (c.size, c.callback.get().to_owned())),
+        chord: meta.chord.as_ref().map(|c| PartOf { size: c.size, callback: c.callback.get().to_owned() }),
     };
+    if let Some(chord) = &record.chord {
+        check_callback(&app.config, ns, &chord.callback)?;
+    }
     match app.store.put_task(ns, &record).await? {
         PutOutcome::Stored => Ok(Reply::ok(
             serde_json::json!({
@@ -88,6 +92,36 @@ pub async fn store_task<S: ResultStore>(
             Err(ApiError::Conflict { task_id: id.to_string(), stored, refused: record.status.to_string() })
         }
     }
+}
+
+/// Bounds what a chord part can make chord-join send, before anything is
+/// stored (invariant C1): the callback's size, its errbacks, and the queues
+/// it and every signature in it name, which must be granted to `ns`.
+fn check_callback(config: &Config, ns: &Namespace, callback: &str) -> Result<(), ApiError> {
+    let limits = &config.chord;
+    if callback.len() > limits.max_callback_bytes {
+        return Err(ApiError::CallbackTooLarge { size: callback.len(), limit: limits.max_callback_bytes });
+    }
+    let sig = Signature::parse(callback).map_err(|e| ApiError::BadBody(format!("chord: {e}")))?;
+    let errbacks = sig.errbacks().len();
+    if errbacks > limits.max_errbacks {
+        return Err(ApiError::CallbackNotAllowed(format!(
+            "the callback has {errbacks} errbacks; at most {} are allowed",
+            limits.max_errbacks
+        )));
+    }
+    if config.callbacks.lambda_function.is_some() {
+        return Ok(());
+    }
+    let default = sig.queue().is_none().then(|| config.callbacks.default_queue.clone());
+    for queue in sig.queues_named().into_iter().chain(default) {
+        if config.callbacks.queue_url(ns, &queue).is_none() {
+            return Err(ApiError::CallbackNotAllowed(format!(
+                "queue {queue:?} is not one this tenant's callbacks may use"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `GET /v1/tasks/{task_id}?wait=S`: the stored meta, or PENDING. With a wait,
@@ -226,7 +260,7 @@ pub async fn chord_status<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Gro
                 "group_id": id.as_str(),
                 "size": chord.size,
                 "done": chord.done.min(chord.size),
-                "state": chord.state,
+                "state": chord.phase.as_str(),
                 "callback_id": chord.callback_id,
                 "error": chord.error,
             })

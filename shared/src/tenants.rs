@@ -14,7 +14,8 @@
 //! 4. `*`: every other caller.
 //!
 //! With `TENANTS` unset every caller is in `NAMESPACE` (one tenant). With it
-//! set, a caller no key matches is refused (403 `unknown_tenant`).
+//! set, a caller no key matches is refused (403 `unknown_tenant`); `{}`
+//! refuses every caller.
 
 use std::collections::HashMap;
 
@@ -62,6 +63,11 @@ impl TenantMap {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// How many distinct namespaces the table names.
+    pub fn namespace_count(&self) -> usize {
+        self.entries.values().collect::<std::collections::HashSet<_>>().len()
     }
 
     /// The caller's namespace, by the most specific key that matches.

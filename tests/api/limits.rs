@@ -37,7 +37,7 @@ async fn id_length() {
     refused_before_work(api.get_task(&past).await, 400, "invalid_id");
     refused_before_work(api.forget(&past).await, 400, "invalid_id");
     refused_before_work(api.put_group(&past, r#"{"result": []}"#).await, 400, "invalid_id");
-    refused_before_work(api.batch_get(&[past.clone()], None).await, 400, "invalid_body");
+    refused_before_work(api.batch_get(std::slice::from_ref(&past), None).await, 400, "invalid_body");
     api.call(reqwest::Method::GET, &format!("/v1/chords/{past}"), None).await.expect_error(400, "invalid_id");
 }
 

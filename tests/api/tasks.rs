@@ -128,7 +128,7 @@ async fn expired_results_read_as_pending_and_do_not_block_new_writes() {
     // DynamoDB deletes expired items late (DynamoDB Local never does): the read must treat it as missing.
     let got = api.get_task(&id).await.expect(200);
     assert_eq!(got.json["status"], "PENDING");
-    let batch = api.batch_get(&[id.clone()], None).await.expect(200);
+    let batch = api.batch_get(std::slice::from_ref(&id), None).await.expect(200);
     assert_eq!(batch.json["results"][0]["status"], "PENDING");
     api.put_task(&id, json!({"status": "STARTED"})).await.expect(200);
     assert_eq!(api.get_task(&id).await.json["status"], "STARTED");

@@ -42,7 +42,7 @@ async fn tenant_b_cannot_read_overwrite_forget_or_batch_get_tenant_a_results() {
 
     // A's result is byte for byte what it was.
     assert_eq!(a.get_task(&id).await.expect(200).text, before.text);
-    let batch = a.batch_get(&[id.clone()], None).await.expect(200);
+    let batch = a.batch_get(std::slice::from_ref(&id), None).await.expect(200);
     assert_eq!(batch.json["results"][0]["result"], json!({"owner": "a"}));
 }
 
@@ -105,6 +105,6 @@ async fn a_caller_the_tenants_map_does_not_name_is_refused_and_nothing_changes()
     stranger.get_task(&id).await.expect_error(403, "unknown_tenant");
     stranger.put_task(&id, success(json!(2))).await.expect_error(403, "unknown_tenant");
     stranger.forget(&id).await.expect_error(403, "unknown_tenant");
-    stranger.batch_get(&[id.clone()], None).await.expect_error(403, "unknown_tenant");
+    stranger.batch_get(std::slice::from_ref(&id), None).await.expect_error(403, "unknown_tenant");
     assert_eq!(a.get_task(&id).await.text, before);
 }

@@ -92,7 +92,10 @@ struct Work {
 /// The run's results: plain tasks with results of varied size and shape,
 /// and `chords` chords of `size` parts, interleaved so parts of every chord
 /// are stored by many clients at once.
-fn plan(tag: &str, a: &Args, queue: &str) -> (Vec<Work>, Vec<(String, String, Vec<Value>)>) {
+/// A chord the plan expects a callback for: group id, callback id, results.
+type ExpectedChord = (String, String, Vec<Value>);
+
+fn plan(tag: &str, a: &Args, queue: &str) -> (Vec<Work>, Vec<ExpectedChord>) {
     let chords = ((a.results as f64 * a.chord_share) as usize) / a.chord_size;
     let mut chord_work = Vec::new();
     let mut chord_list = Vec::new();
@@ -242,7 +245,7 @@ async fn send(
                 let status = response.status().as_u16();
                 let text = response.text().await.map_err(|e| e.to_string())?;
                 let from_the_router = status >= 500 && !text.contains(r#""error":{"code""#);
-                if !(from_the_router && !last) {
+                if !from_the_router || last {
                     return Ok((attempt, status, text));
                 }
             }
@@ -397,7 +400,7 @@ async fn raw_run(a: &Args, client: aws_sdk_dynamodb::Client, work: Arc<Vec<Work>
         c.await.expect("a raw client task");
     }
     let took = started.elapsed();
-    let (puts, gets) = Arc::try_unwrap(times).ok().expect("clients are done").into_inner().unwrap();
+    let (puts, gets) = Arc::try_unwrap(times).expect("clients are done").into_inner().unwrap();
     (puts, gets, took)
 }
 

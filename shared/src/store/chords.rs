@@ -1,6 +1,7 @@
 //! The chord's items in DynamoDB: one state item (`size`, `done`, `state`,
 //! callback, claim token and lease) and one item per counted part, under the
-//! chord's key. See [`crate::chord`] for the join built on them.
+//! chord's key: [`ChordStore`] on DynamoDB. See [`crate::chord`] for the join
+//! built on them.
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
@@ -10,8 +11,7 @@ use std::time::Duration;
 
 use super::dynamo::{classify, DynamoStore};
 use super::schema::{attr, SK_CHORD_STATE, SK_PART_PREFIX};
-use super::{chord_key, ChordState};
-use crate::chord::Part;
+use super::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::time::now_epoch;
@@ -63,30 +63,16 @@ fn transaction_error(
 }
 
 impl DynamoStore {
-    /// Counts parts once each, however often they are delivered: per chunk of
-    /// 99, one transaction puts the part items (`attribute_not_exists`) and
-    /// adds their number to `done`, registering the chord on first use (first
-    /// writer's size and callback win). Parts already counted are dropped from
-    /// a cancelled transaction and the rest tried again. Returns how many
-    /// parts were new.
-    pub async fn count_parts(&self, ns: &Namespace, gid: &GroupId, parts: &[Part]) -> Result<u32, StoreError> {
-        let pk = chord_key(ns, gid);
-        // One action per item in a transaction: a batch may hold a part twice.
-        let unique: BTreeMap<u32, &Part> = parts.iter().map(|p| (p.index, p)).collect();
-        let unique: Vec<&Part> = unique.into_values().collect();
-        let mut counted = 0;
-        for chunk in unique.chunks(PARTS_PER_TRANSACTION) {
-            counted += self.count_chunk(&pk, chunk.to_vec()).await?;
-        }
-        Ok(counted)
-    }
-
-    async fn count_chunk(&self, pk: &str, mut parts: Vec<&Part>) -> Result<u32, StoreError> {
+    async fn count_chunk(
+        &self,
+        pk: &str,
+        chord: &ChordRegistration,
+        mut parts: Vec<&ChordPart>,
+    ) -> Result<u32, StoreError> {
         let backoff = self.backoff();
         let mut attempt = 0;
         while !parts.is_empty() {
             attempt += 1;
-            let first = parts[0];
             let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0).max(now_epoch() + 3600);
             let mut actions = Vec::with_capacity(parts.len() + 1);
             for part in &parts {
@@ -102,8 +88,6 @@ impl DynamoStore {
                     .map_err(|e| StoreError::Other(e.to_string()))?;
                 actions.push(TransactWriteItem::builder().put(put).build());
             }
-            let callback_id =
-                crate::chord::Signature::parse(&first.callback).map(|s| s.task_id.to_string()).unwrap_or_default();
             let update = Update::builder()
                 .table_name(self.table())
                 .set_key(Some(key(pk, SK_CHORD_STATE)))
@@ -118,10 +102,10 @@ impl DynamoStore {
                 .expression_attribute_names("#state", attr::STATE)
                 .expression_attribute_names("#exp", attr::EXPIRES_AT)
                 .expression_attribute_names("#done", attr::DONE)
-                .expression_attribute_values(":size", n(first.size))
-                .expression_attribute_values(":cb", s(first.callback.clone()))
-                .expression_attribute_values(":cbid", s(callback_id))
-                .expression_attribute_values(":open", s("open"))
+                .expression_attribute_values(":size", n(chord.size))
+                .expression_attribute_values(":cb", s(chord.callback.clone()))
+                .expression_attribute_values(":cbid", s(chord.callback_id.clone()))
+                .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
                 .expression_attribute_values(":exp", n(expires_at))
                 .expression_attribute_values(":k", n(parts.len()))
                 .build()
@@ -157,23 +141,88 @@ impl DynamoStore {
         Ok(0)
     }
 
-    /// The chord's state item, read consistently.
-    pub async fn chord_state(&self, ns: &Namespace, gid: &GroupId) -> Result<Option<ChordState>, StoreError> {
+    /// An update of the chord's state item that names its state, claim token
+    /// and lease (`#state`, `#token`, `#lease`, `:token`, `:joining`); every
+    /// claim transition uses them.
+    fn update_claim(&self, ns: &Namespace, gid: &GroupId, token: &str) -> UpdateItemFluentBuilder {
+        self.client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_values(":token", s(token))
+            .expression_attribute_values(":joining", s(ChordPhase::Joining.as_str()))
+    }
+
+    /// Sends a conditional update: `true` if it applied, `false` if its
+    /// condition did not hold.
+    async fn send_conditional(&self, request: UpdateItemFluentBuilder) -> Result<bool, StoreError> {
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(classify(e, self.attempts())),
+        }
+    }
+}
+
+/// The condition every transition of a held claim shares.
+const HELD: &str = "#state = :joining AND #token = :token";
+
+impl ChordStore for DynamoStore {
+    /// Per chunk of 99, one transaction puts the part items
+    /// (`attribute_not_exists`) and adds their number to `done`, registering
+    /// the chord on first use. Parts already counted are dropped from a
+    /// cancelled transaction and the rest tried again.
+    async fn count_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        chord: &ChordRegistration,
+        parts: &[ChordPart],
+    ) -> Result<u32, StoreError> {
+        let pk = chord_key(ns, gid);
+        // One action per item in a transaction: a batch may hold a part twice.
+        let unique: BTreeMap<u32, &ChordPart> = parts.iter().map(|p| (p.index, p)).collect();
+        let unique: Vec<&ChordPart> = unique.into_values().collect();
+        let mut counted = 0;
+        for chunk in unique.chunks(PARTS_PER_TRANSACTION) {
+            counted += self.count_chunk(&pk, chord, chunk.to_vec()).await?;
+        }
+        Ok(counted)
+    }
+
+    async fn chord_state(&self, ns: &Namespace, gid: &GroupId) -> Result<Option<ChordState>, StoreError> {
         let item = self.get_item_at(chord_key(ns, gid), SK_CHORD_STATE).await?;
         Ok(item.map(|item| ChordState {
             size: get_n(&item, attr::SIZE).unwrap_or(0) as u32,
             done: get_n(&item, attr::DONE).unwrap_or(0) as u32,
-            state: get_s(&item, attr::STATE).unwrap_or_else(|| "open".into()),
+            phase: ChordPhase::parse(&get_s(&item, attr::STATE).unwrap_or_default()),
             callback: get_s(&item, attr::CALLBACK).unwrap_or_default(),
             callback_id: get_s(&item, attr::CALLBACK_ID).unwrap_or_default(),
             error: get_s(&item, attr::ERROR),
+            attempts: get_n(&item, attr::ATTEMPTS).unwrap_or(0) as u32,
+            errbacks_sent: get_n(&item, attr::ERRBACKS_SENT).unwrap_or(0) as u32,
+            expires_at: get_n(&item, attr::EXPIRES_AT).unwrap_or(0),
         }))
     }
 
-    /// Claims the join: open → joining with `token` and a lease, or takes over
-    /// a claim whose lease ran out. `false` when someone else holds it or it
-    /// is done.
-    pub async fn claim_chord(
+    async fn extend_chord(&self, ns: &Namespace, gid: &GroupId, expires_at: i64) -> Result<(), StoreError> {
+        let request = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .update_expression("SET #exp = :exp")
+            .condition_expression("attribute_exists(#exp) AND #exp < :exp")
+            .expression_attribute_names("#exp", attr::EXPIRES_AT)
+            .expression_attribute_values(":exp", n(expires_at));
+        // Already as late (or later): nothing to do.
+        self.send_conditional(request).await.map(|_| ())
+    }
+
+    async fn claim_chord(
         &self,
         ns: &Namespace,
         gid: &GroupId,
@@ -187,74 +236,81 @@ impl DynamoStore {
             .condition_expression("#done >= #size AND (#state = :open OR (#state = :joining AND #lease < :now))")
             .expression_attribute_names("#done", attr::DONE)
             .expression_attribute_names("#size", attr::SIZE)
-            .expression_attribute_values(":joining", s("joining"))
-            .expression_attribute_values(":open", s("open"))
+            .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
             .expression_attribute_values(":lease", n(now + lease.as_secs().max(1) as i64))
             .expression_attribute_values(":now", n(now));
         self.send_conditional(request).await
     }
 
-    /// An update of the chord's state item that names its state, claim token
-    /// and lease (`#state`, `#token`, `#lease`, `:token`); every claim
-    /// transition uses all three.
-    fn update_claim(&self, ns: &Namespace, gid: &GroupId, token: &str) -> UpdateItemFluentBuilder {
-        self.client()
-            .update_item()
-            .table_name(self.table())
-            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
-            .expression_attribute_names("#state", attr::STATE)
-            .expression_attribute_names("#token", attr::TOKEN)
-            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
-            .expression_attribute_values(":token", s(token))
-    }
-
-    /// Sends a conditional update: `true` if it applied, `false` if its
-    /// condition did not hold.
-    async fn send_conditional(&self, request: UpdateItemFluentBuilder) -> Result<bool, StoreError> {
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(classify(e, self.attempts())),
-        }
-    }
-
-    /// Gives a claim back (joining → open) so a retry may claim it at once.
-    pub async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<(), StoreError> {
-        let request = self
-            .update_claim(ns, gid, token)
-            .update_expression("SET #state = :open REMOVE #token, #lease")
-            .condition_expression("#token = :token")
-            .expression_attribute_values(":open", s("open"));
-        // Someone else's claim (or none) is left alone.
-        self.send_conditional(request).await.map(|_| ())
-    }
-
-    /// Marks the chord `dispatched` or `failed`, if `token` still holds the claim.
-    pub async fn finish_chord(
+    async fn renew_claim(
         &self,
         ns: &Namespace,
         gid: &GroupId,
         token: &str,
-        state: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let request = self
+            .update_claim(ns, gid, token)
+            .update_expression("SET #lease = :lease")
+            .condition_expression(HELD)
+            .expression_attribute_values(":lease", n(now_epoch() + lease.as_secs().max(1) as i64));
+        self.send_conditional(request).await
+    }
+
+    async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
+        let request = self
+            .update_claim(ns, gid, token)
+            .update_expression("SET #state = :open REMOVE #token, #lease ADD #attempts :one")
+            .condition_expression(HELD)
+            .expression_attribute_names("#attempts", attr::ATTEMPTS)
+            .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
+            .expression_attribute_values(":one", n(1));
+        self.send_conditional(request).await
+    }
+
+    async fn record_failure(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        error: &str,
+        errbacks_sent: u32,
+    ) -> Result<bool, StoreError> {
+        let request = self
+            .update_claim(ns, gid, token)
+            .update_expression("SET #error = :error, #sent = :sent")
+            .condition_expression(HELD)
+            .expression_attribute_names("#error", attr::ERROR)
+            .expression_attribute_names("#sent", attr::ERRBACKS_SENT)
+            .expression_attribute_values(":error", s(error))
+            .expression_attribute_values(":sent", n(errbacks_sent));
+        self.send_conditional(request).await
+    }
+
+    async fn finish_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        phase: ChordPhase,
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
         let mut request = self
             .update_claim(ns, gid, token)
-            .condition_expression("#token = :token")
-            .expression_attribute_values(":state", s(state));
+            .condition_expression(HELD)
+            .expression_attribute_values(":phase", s(phase.as_str()));
         request = match error {
             Some(error) => request
-                .update_expression("SET #state = :state, #error = :error REMOVE #lease")
+                .update_expression("SET #state = :phase, #error = :error REMOVE #lease")
                 .expression_attribute_names("#error", attr::ERROR)
                 .expression_attribute_values(":error", s(error)),
-            None => request.update_expression("SET #state = :state REMOVE #lease"),
+            None => request.update_expression("SET #state = :phase REMOVE #lease"),
         };
         self.send_conditional(request).await
     }
 
-    /// The counted parts' task ids in `group_index` order (one consistent
-    /// Query, paged).
-    pub async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
+    /// One consistent Query, paged.
+    async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
         let mut ids = Vec::new();
         let mut start: Option<Item> = None;
         loop {

@@ -41,7 +41,27 @@ pub const COMPRESS_ABOVE: usize = 16 * 1024;
 /// and keys and attributes need room too.
 pub const MAX_ITEM_DOC: usize = 390 * 1024;
 
+/// DynamoDB's item size limit (400 KB, counted as names plus values).
+pub const MAX_ITEM_BYTES: usize = 400 * 1024;
+
 type Item = HashMap<String, AttributeValue>;
+
+/// An item's size as DynamoDB counts it: each attribute's name plus its
+/// value (strings and binaries by length, numbers by their digits, about).
+pub fn item_size(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    AttributeValue::S(s) => s.len(),
+                    AttributeValue::N(n) => n.len().div_ceil(2) + 1,
+                    AttributeValue::B(b) => b.as_ref().len(),
+                    AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
+                    _ => 0,
+                }
+        })
+        .sum()
+}
 
 #[derive(Clone, Debug)]
 pub struct DynamoStore {
@@ -307,9 +327,15 @@ impl ResultStore for DynamoStore {
         if let Some(index) = record.group_index {
             item.insert(attr::GROUP_INDEX.into(), AttributeValue::N(index.to_string()));
         }
-        if let Some((size, callback)) = &record.chord {
-            item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(size.to_string()));
-            item.insert(attr::CHORD_CALLBACK.into(), AttributeValue::S(callback.clone()));
+        if let Some(chord) = &record.chord {
+            item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(chord.size.to_string()));
+            item.insert(attr::CHORD_CALLBACK.into(), AttributeValue::S(chord.callback.clone()));
+        }
+        // The whole item, callback included, must fit: refused here as too
+        // large rather than by DynamoDB with an error text of its own.
+        let size = item_size(&item);
+        if size > MAX_ITEM_BYTES {
+            return Err(StoreError::TooLarge { size, limit: MAX_ITEM_BYTES });
         }
         let (condition, values) = write_condition(&record.status, now_epoch());
         let result = self
@@ -390,7 +416,7 @@ impl ResultStore for DynamoStore {
     async fn get_group(&self, ns: &Namespace, id: &GroupId) -> Result<Option<String>, StoreError> {
         let now = now_epoch();
         let item = self.get_item(group_key(ns, id)).await?;
-        Ok(item.filter(|item| !expires_at(item).is_some_and(|at| at <= now)).and_then(|item| decode_doc(&item)))
+        Ok(item.filter(|item| expires_at(item).is_none_or(|at| at > now)).and_then(|item| decode_doc(&item)))
     }
 
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
@@ -398,7 +424,7 @@ impl ResultStore for DynamoStore {
     }
 
     async fn get_chord(&self, ns: &Namespace, id: &GroupId) -> Result<Option<super::ChordState>, StoreError> {
-        self.chord_state(ns, id).await
+        super::ChordStore::chord_state(self, ns, id).await
     }
 }
 

@@ -35,6 +35,10 @@ pub mod attr {
     pub const TOKEN: &str = "token";
     pub const LEASE_UNTIL: &str = "lease_until";
     pub const ERROR: &str = "error";
+    /// Joins that failed and gave the claim back.
+    pub const ATTEMPTS: &str = "attempts";
+    /// Errbacks of a failing chord already sent.
+    pub const ERRBACKS_SENT: &str = "errbacks_sent";
     /// On a chord's part item.
     pub const TASK_ID: &str = "task_id";
 }

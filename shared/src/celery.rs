@@ -1,0 +1,372 @@
+//! Celery's wire formats, as dynachord relies on them (see
+//! `docs/CELERY_WIRE.md`): the signature a worker sends as `request.chord`,
+//! Python reprs as Celery writes them in `argsrepr` and exception messages,
+//! kombu's SQS queue naming, and the protocol-2 task message in kombu's SQS
+//! envelope.
+//!
+//! This module is a leaf: it depends only on [`crate::ids`], so every layer
+//! above may use it.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use crate::ids::TaskId;
+
+/// A Celery signature, as a worker sends it in `request.chord`.
+#[derive(Debug, Clone)]
+pub struct Signature {
+    pub task: String,
+    pub task_id: TaskId,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub options: Map<String, Value>,
+    pub immutable: bool,
+    /// The signature as received.
+    pub raw: Value,
+}
+
+impl Signature {
+    /// Parses a callback signature; it must name its task and pre-assigned `options.task_id`.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let raw: Value = serde_json::from_str(json).map_err(|e| format!("callback is not JSON: {e}"))?;
+        Self::from_value(raw, None)
+    }
+
+    /// Parses a signature; without `options.task_id`, `fallback_id` is used if given.
+    pub fn from_value(raw: Value, fallback_id: Option<&str>) -> Result<Self, String> {
+        let obj = raw.as_object().ok_or("callback must be a signature object")?;
+        let task = obj.get("task").and_then(Value::as_str).filter(|t| !t.is_empty());
+        let task = task.ok_or("callback needs a \"task\" name")?.to_owned();
+        let options = match obj.get("options") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(o)) => o.clone(),
+            Some(_) => return Err("callback options must be an object".into()),
+        };
+        match options.get("queue") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(q)) if !q.is_empty() => {}
+            Some(_) => return Err("callback options.queue must be a queue name or null".into()),
+        }
+        if !matches!(options.get("link_error"), None | Some(Value::Null | Value::Array(_) | Value::Object(_))) {
+            return Err("callback options.link_error must be a signature, a list of them, or null".into());
+        }
+        let task_id = options
+            .get("task_id")
+            .and_then(Value::as_str)
+            .or(fallback_id)
+            .ok_or("callback needs options.task_id (Celery pre-assigns it)")?;
+        let task_id = TaskId::parse(task_id).map_err(|e| format!("callback options.task_id: {e}"))?;
+        let args = match obj.get("args") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(_) => return Err("callback args must be a list".into()),
+        };
+        let kwargs = match obj.get("kwargs") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(k)) => k.clone(),
+            Some(_) => return Err("callback kwargs must be an object".into()),
+        };
+        let immutable = match obj.get("immutable") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err("callback immutable must be true, false or null".into()),
+        };
+        Ok(Self { task, task_id, args, kwargs, options, immutable, raw })
+    }
+
+    /// The queue this signature names (`options.queue`), if any.
+    pub fn queue(&self) -> Option<&str> {
+        self.options.get("queue").and_then(Value::as_str)
+    }
+
+    /// The errbacks (`options.link_error`): one signature or a list of them.
+    pub fn errbacks(&self) -> Vec<Value> {
+        match self.options.get("link_error") {
+            Some(Value::Array(list)) => list.clone(),
+            Some(one @ Value::Object(_)) => vec![one.clone()],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Every queue named anywhere in this signature: its own `options.queue`
+    /// and that of every signature nested in it (errbacks, links, a chain's
+    /// rest, a group's tasks, a chord's body), wherever it sits.
+    pub fn queues_named(&self) -> Vec<String> {
+        fn walk(value: &Value, out: &mut Vec<String>) {
+            match value {
+                Value::Object(map) => {
+                    if let Some(Value::String(q)) = map.get("options").and_then(|o| o.get("queue")) {
+                        out.push(q.clone());
+                    }
+                    map.values().for_each(|v| walk(v, out));
+                }
+                Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.raw, &mut out);
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// Celery's ChordError text for the first failed part: `Dependency <id> raised <repr>`.
+pub fn chord_error_message(task_id: &TaskId, meta_json: &str) -> String {
+    let meta: Value = serde_json::from_str(meta_json).unwrap_or(Value::Null);
+    let result = &meta["result"];
+    let exc_type = result["exc_type"].as_str().unwrap_or(match meta["status"].as_str() {
+        Some("REVOKED") => "TaskRevokedError",
+        _ => "Exception",
+    });
+    let args = match &result["exc_message"] {
+        Value::Array(items) => items.iter().map(py_repr).collect::<Vec<_>>().join(", "),
+        Value::Null => String::new(),
+        other => py_repr(other),
+    };
+    format!("Dependency {task_id} raised {exc_type}({args})")
+}
+
+/// Python's `repr` of a JSON value, as Celery's `argsrepr`/`kwargsrepr` and
+/// exception reprs show it.
+pub fn py_repr(value: &Value) -> String {
+    match value {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => py_str(s),
+        Value::Array(items) => format!("[{}]", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter().map(|(k, v)| format!("{}: {}", py_str(k), py_repr(v))).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// A tuple's repr: `(1,)` for one item, `(1, 2)` for more.
+pub fn py_tuple(items: &[Value]) -> String {
+    match items {
+        [one] => format!("({},)", py_repr(one)),
+        _ => format!("({})", items.iter().map(py_repr).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+fn py_str(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+/// What a task message needs beyond the signature.
+pub struct MessageContext<'a> {
+    /// The header group's id (the chord's id).
+    pub group_id: &'a str,
+    /// The last header task.
+    pub parent_id: Option<&'a str>,
+    pub root_id: Option<&'a str>,
+}
+
+/// The SQS message body of a Celery protocol-2 task message for `sig` with
+/// `args` (a JSON array, already including the chord results when there are
+/// any): base64 of kombu's JSON envelope, whose `body` is base64 of
+/// `[args, kwargs, embed]`.
+pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageContext<'_>) -> String {
+    let kwargs = Value::Object(sig.kwargs.clone());
+    let option = |name: &str| sig.options.get(name).cloned().unwrap_or(Value::Null);
+    let embed = json!({
+        "callbacks": option("link"),
+        "errbacks": option("link_error"),
+        "chain": null,
+        "chord": null,
+    });
+    // args stays raw JSON text so results round-trip exactly.
+    let body = format!("[{args},{kwargs},{embed}]");
+    let args_value: Vec<Value> = serde_json::from_str(args).unwrap_or_default();
+    let task_id = sig.task_id.as_str();
+    let group = sig.options.get("group_id").and_then(Value::as_str).unwrap_or(cx.group_id);
+    let envelope = json!({
+        "body": B64.encode(body.as_bytes()),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py",
+            "task": sig.task,
+            "id": task_id,
+            "shadow": null,
+            "eta": null,
+            "expires": null,
+            "group": group,
+            "group_index": null,
+            "retries": 0,
+            "timelimit": [null, null],
+            "root_id": sig.options.get("root_id").and_then(Value::as_str).or(cx.root_id),
+            "parent_id": sig.options.get("parent_id").and_then(Value::as_str).or(cx.parent_id),
+            "argsrepr": py_tuple(&args_value),
+            "kwargsrepr": py_repr(&kwargs),
+            "origin": "dynachord@chord-join",
+            "ignore_result": false,
+            "replaced_task_nesting": 0,
+            "stamped_headers": null,
+            "stamps": {},
+        },
+        "properties": {
+            "correlation_id": task_id,
+            "reply_to": option("reply_to"),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+        },
+    });
+    B64.encode(envelope.to_string().as_bytes())
+}
+
+/// kombu's SQS queue naming: `.` becomes `-`, other punctuation but `-` and
+/// `_` becomes `_`.
+pub fn kombu_queue_name(name: &str) -> String {
+    name.chars()
+        .map(|c| match c {
+            '.' => '-',
+            c if c.is_ascii_alphanumeric() || c == '-' || c == '_' => c,
+            _ => '_',
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chord_errors_read_like_celerys() {
+        let id = TaskId::parse("t2").unwrap();
+        let meta = r#"{"status":"FAILURE","result":{"exc_type":"ValueError","exc_message":["boom",42],"exc_module":"builtins"}}"#;
+        assert_eq!(chord_error_message(&id, meta), "Dependency t2 raised ValueError('boom', 42)");
+        let revoked = r#"{"status":"REVOKED","result":{"exc_type":"TaskRevokedError","exc_message":["revoked"],"exc_module":"celery.exceptions"}}"#;
+        assert_eq!(chord_error_message(&id, revoked), "Dependency t2 raised TaskRevokedError('revoked')");
+    }
+
+    #[test]
+    fn signatures_need_a_task_and_a_task_id() {
+        let sig =
+            Signature::parse(r#"{"task":"t.sum","args":[1],"kwargs":{},"options":{"task_id":"cb"},"immutable":true}"#)
+                .unwrap();
+        assert_eq!((sig.task.as_str(), sig.task_id.as_str(), sig.immutable), ("t.sum", "cb", true));
+        assert!(Signature::parse(r#"{"task":"t"}"#).is_err());
+        assert!(Signature::parse(r#"{"options":{"task_id":"cb"}}"#).is_err());
+        assert!(Signature::parse(r#"{"task":"t","options":{"task_id":"a/b"}}"#).is_err());
+        assert!(Signature::from_value(json!({"task": "e"}), Some("x")).is_ok());
+    }
+
+    #[test]
+    fn signature_fields_of_the_wrong_type_are_refused() {
+        let with = |extra: Value| {
+            let mut sig = json!({"task": "t", "options": {"task_id": "cb"}});
+            for (k, v) in extra.as_object().unwrap() {
+                if k == "queue" || k == "link_error" {
+                    sig["options"][k] = v.clone();
+                } else {
+                    sig[k] = v.clone();
+                }
+            }
+            Signature::from_value(sig, None)
+        };
+        for bad in [
+            json!({"task": ""}),
+            json!({"immutable": {}}),
+            json!({"immutable": "yes"}),
+            json!({"args": {}}),
+            json!({"kwargs": []}),
+            json!({"queue": ""}),
+            json!({"queue": 7}),
+            json!({"link_error": "x"}),
+        ] {
+            assert!(with(bad.clone()).is_err(), "{bad} must be refused");
+        }
+        for good in [
+            json!({"immutable": null}),
+            json!({"queue": "q"}),
+            json!({"queue": null}),
+            json!({"link_error": [{"task": "e"}]}),
+        ] {
+            assert!(with(good.clone()).is_ok(), "{good} must be accepted");
+        }
+    }
+
+    #[test]
+    fn python_reprs() {
+        assert_eq!(py_repr(&json!(["boom", 42, null, true, 1.5])), "['boom', 42, None, True, 1.5]");
+        assert_eq!(py_repr(&json!("it's")), "\"it's\"");
+        assert_eq!(py_repr(&json!("a'b\"c\n")), "'a\\'b\"c\\n'");
+        assert_eq!(py_repr(&json!({"a": [1]})), "{'a': [1]}");
+        assert_eq!(py_tuple(&[json!([1, 2])]), "([1, 2],)");
+        assert_eq!(py_tuple(&[json!(1), json!("x")]), "(1, 'x')");
+        assert_eq!(py_tuple(&[]), "()");
+    }
+
+    #[test]
+    fn kombu_names_queues_like_kombu() {
+        assert_eq!(kombu_queue_name("proj.high"), "proj-high");
+        assert_eq!(kombu_queue_name("a b/c_d-e"), "a_b_c_d-e");
+    }
+
+    #[test]
+    fn the_sqs_body_is_kombus_envelope_around_celerys_message() {
+        let sig = Signature::parse(
+            r#"{"task":"proj.tasks.tsum","args":[7],"kwargs":{"k":1},"options":{"task_id":"cb-id","reply_to":"oid","group_id":"g1","link_error":[{"task":"proj.err"}]},"subtask_type":null,"immutable":false}"#,
+        )
+        .unwrap();
+        let cx = MessageContext { group_id: "g1", parent_id: Some("t3"), root_id: None };
+        let body = celery_sqs_body(&sig, r#"[[1,2,123456789012345678901234567890],7]"#, "celery", &cx);
+        let envelope: Value = serde_json::from_slice(&B64.decode(body).unwrap()).unwrap();
+        let headers = &envelope["headers"];
+        assert_eq!((headers["task"].as_str(), headers["id"].as_str()), (Some("proj.tasks.tsum"), Some("cb-id")));
+        assert_eq!(headers["group"], "g1");
+        assert_eq!(headers["parent_id"], "t3");
+        assert_eq!(headers["kwargsrepr"], "{'k': 1}");
+        assert_eq!(envelope["properties"]["reply_to"], "oid");
+        assert_eq!(envelope["properties"]["delivery_info"]["routing_key"], "celery");
+        assert_eq!(envelope["properties"]["body_encoding"], "base64");
+        assert_eq!(envelope["content-type"], "application/json");
+        let inner = String::from_utf8(B64.decode(envelope["body"].as_str().unwrap()).unwrap()).unwrap();
+        assert!(
+            inner.starts_with("[[[1,2,123456789012345678901234567890],7],{\"k\":1},"),
+            "results stay exact: {inner}"
+        );
+        let inner: Value = serde_json::from_str(&inner).unwrap();
+        assert_eq!(inner[2]["errbacks"], json!([{"task": "proj.err"}]));
+        assert_eq!(inner[2]["chord"], Value::Null);
+    }
+
+    #[test]
+    fn every_queue_a_signature_names_is_found() {
+        let sig = Signature::parse(
+            r#"{"task":"t","options":{"task_id":"cb","queue":"q1","link_error":[{"task":"e","options":{"queue":"q2"}}],
+                "chain":[{"task":"n","options":{"queue":"q3"}}]},"kwargs":{"tasks":[{"task":"g","options":{"queue":"q4"}}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(sig.queues_named(), ["q1", "q2", "q3", "q4"]);
+        assert_eq!(sig.queue(), Some("q1"));
+        assert_eq!(sig.errbacks().len(), 1);
+    }
+}
