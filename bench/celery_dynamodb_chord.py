@@ -62,7 +62,9 @@ for i, tid in enumerate(tids):
     meta = backend._get_result_meta(result=i, state=states.SUCCESS, traceback=None, request=None)
     items.append(backend._prepare_put_request(str(backend.get_key_for_task(tid)), backend.encode(meta))["Item"])
 for start in range(0, n, 25):
-    backend.client.batch_write_item(RequestItems={table: [{"PutRequest": {"Item": it}} for it in items[start:start + 25]]})
+    backend.client.batch_write_item(
+        RequestItems={table: [{"PutRequest": {"Item": it}} for it in items[start : start + 25]]}
+    )
 
 # What Celery's chord apply does: save the group, initialise the counter.
 header = app.GroupResult(gid, [AsyncResult(t, app=app) for t in tids])
@@ -74,8 +76,13 @@ init["Item"][backend._count_filed.name][backend._count_filed.data_type] = str(n 
 backend.client.put_item(**init)
 
 callback = {
-    "task": "bench.tsum", "args": [], "kwargs": {}, "subtask_type": None, "immutable": False,
-    "options": {"task_id": str(uuid.uuid4()), "queue": queue}, "chord_size": n,
+    "task": "bench.tsum",
+    "args": [],
+    "kwargs": {},
+    "subtask_type": None,
+    "immutable": False,
+    "options": {"task_id": str(uuid.uuid4()), "queue": queue},
+    "chord_size": n,
 }
 # Warm the producer and the queue, as a running worker would have them.
 app.send_task("bench.warmup", queue=queue)
@@ -86,4 +93,6 @@ requests["ops"] = {}
 started = time.perf_counter()
 backend.on_chord_part_return(request, states.SUCCESS, n - 1)
 seconds = time.perf_counter() - started
-print(json.dumps({"n": n, "seconds": seconds, "ddb_requests_last_part": requests["n"], "by_operation": requests["ops"]}))
+print(
+    json.dumps({"n": n, "seconds": seconds, "ddb_requests_last_part": requests["n"], "by_operation": requests["ops"]})
+)

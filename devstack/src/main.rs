@@ -24,7 +24,8 @@
 //! second stack can run beside the first; `--faults PORT` puts the fault
 //! proxy between the functions and DynamoDB Local and SQS (see [`faults`]).
 //! The functions get `TENANTS` mapping two local test callers (see
-//! `LOCAL_TENANTS`).
+//! `LOCAL_TENANTS`), and `CALLBACK_QUEUES` granting each of them the queues
+//! named after it (see `local_callback_queues`).
 //! Any of the service's own variables (`MAX_WAIT_SECONDS`, `DDB_MAX_ATTEMPTS`,
 //! ...) set in the environment are passed on to the functions.
 
@@ -38,8 +39,15 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 16] = [
+const PASSED_ON: [&str; 23] = [
     "CHORD_LEASE_SECONDS",
+    "CHORD_MAX_ATTEMPTS",
+    "CHORD_MAX_ERRBACKS",
+    "CHORD_MAX_CALLBACK_BYTES",
+    "CALLBACK_QUEUES",
+    "CALLBACK_QUEUE_URL_PREFIX",
+    "CALLBACK_TARGET",
+    "CALLBACK_LAMBDA_FUNCTION",
     "CALLBACK_MAX_BYTES",
     "CALLBACK_DEFAULT_QUEUE",
     "CALLBACK_QUEUE_URLS",
@@ -63,6 +71,17 @@ const PASSED_ON: [&str; 16] = [
 /// `NAMESPACE`.
 const LOCAL_TENANTS: &str =
     r#"{"arn:aws:iam::111111111111:user/tenant-a": "tenant-a", "arn:aws:iam::222222222222:user/tenant-b": "tenant-b"}"#;
+
+/// The queues each local namespace's callbacks may use: the unauthenticated
+/// default namespace any queue, each test tenant only queues named after it.
+fn local_callback_queues(prefix: &str) -> String {
+    serde_json::json!({
+        "default": {"*": prefix},
+        "tenant-a": {"tenant-a-*": prefix},
+        "tenant-b": {"tenant-b-*": prefix},
+    })
+    .to_string()
+}
 
 /// One `VAR=value` line of the functions' env file; values with quotes,
 /// spaces or `#` are single-quoted (taken literally).
@@ -342,6 +361,7 @@ async fn run(
         "AWS_SECRET_ACCESS_KEY=local".to_owned(),
         "AWS_REGION=us-east-1".to_owned(),
         env_line("TENANTS", LOCAL_TENANTS),
+        env_line("CALLBACK_QUEUES", &local_callback_queues(&format!("{sqs_url}/123456789012/"))),
     ];
     for var in PASSED_ON {
         if let Ok(value) = std::env::var(var) {

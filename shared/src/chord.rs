@@ -363,8 +363,8 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 results.push_str(&result_of(&stored.json));
                 if results.len() > limit {
                     return Ok(Err(format!(
-                        "ChordError: the parts' results add up to more than {limit} bytes, more than the \
-                         callback's target accepts (CALLBACK_MAX_BYTES)"
+                        "ChordError: the parts' results add up to more than {limit} bytes; the callback's \
+                         target accepts at most {limit} (CALLBACK_MAX_BYTES)"
                     )));
                 }
             }

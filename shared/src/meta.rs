@@ -1,5 +1,5 @@
 //! Celery task meta: the document a worker stores and a client reads, in the
-//! field order Celery writes it (see `CELERY_WIRE.md`).
+//! field order Celery writes it (see `docs/CELERY_WIRE.md`).
 //!
 //! Values a worker chooses (`result`, `args`, `kwargs`, `children`, ...) are
 //! kept as raw JSON text, never re-encoded, so any JSON value round-trips

@@ -95,7 +95,7 @@ pub async fn store_task<S: ResultStore>(
 }
 
 /// Bounds what a chord part can make chord-join send, before anything is
-/// stored (invariant C1): the callback's size, its errbacks, and the queues
+/// stored (invariants T2 and T3): the callback's size, its errbacks, and the queues
 /// it and every signature in it name, which must be granted to `ns`.
 fn check_callback(config: &Config, ns: &Namespace, callback: &str) -> Result<(), ApiError> {
     let limits = &config.chord;

@@ -44,7 +44,7 @@ mod tests {
     #[test]
     fn formats_like_celery() {
         assert_eq!(celery_datetime(0, 0), "1970-01-01T00:00:00.000000+00:00");
-        // 2026-11-22T23:15:35.403592+00:00, the example in CELERY_WIRE.md
+        // 2026-11-22T23:15:35.403592+00:00, the example in docs/CELERY_WIRE.md
         assert_eq!(celery_datetime(1_795_389_335, 403_592), "2026-11-22T23:15:35.403592+00:00");
         // a leap day
         assert_eq!(celery_datetime(951_782_400, 1), "2000-02-29T00:00:00.000001+00:00");

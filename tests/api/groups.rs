@@ -1,6 +1,6 @@
 //! GroupResult.save / restore / delete.
 
-use crate::helpers::Api;
+use crate::helpers::{poll_until, Api};
 use serde_json::json;
 
 #[tokio::test]
@@ -38,6 +38,12 @@ async fn an_expired_group_is_gone() {
     let api = Api::new();
     let gid = api.id("g");
     api.put_group(&gid, r#"{"result": [], "expires_in": 1}"#).await.expect(200);
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
-    api.get_group(&gid).await.expect_error(404, "group_not_found");
+    // Expiry has whole-second resolution: poll until it has passed.
+    let gone = || async {
+        let resp = api.get_group(&gid).await;
+        (resp.status == 404).then_some(resp)
+    };
+    poll_until("the group to expire", std::time::Duration::from_secs(30), gone)
+        .await
+        .expect_error(404, "group_not_found");
 }

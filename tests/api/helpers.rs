@@ -181,6 +181,26 @@ impl Api {
     }
 }
 
+/// Polls `probe` until it gives `Some`, and returns that; panics naming
+/// `what` if `limit` passes first. Tests wait for conditions this way, never
+/// for a fixed time.
+pub async fn poll_until<T, F, Fut>(what: &str, limit: std::time::Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "gave up after {limit:?} waiting for {what}");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(500));
+    }
+}
+
 /// A Celery-shaped SUCCESS meta.
 pub fn success(result: Value) -> Value {
     serde_json::json!({"status": "SUCCESS", "result": result, "traceback": null, "children": []})

@@ -8,7 +8,7 @@
 //! id must not reach the other's.
 
 use crate::chords::Chord;
-use crate::helpers::{success, Api};
+use crate::helpers::{poll_until, success, Api};
 use crate::sqs::Queue;
 use serde_json::json;
 use std::time::Duration;
@@ -63,20 +63,21 @@ async fn tenant_b_cannot_restore_or_delete_tenant_a_groups() {
 async fn tenant_b_cannot_see_count_or_complete_tenant_a_chords() {
     let api = Api::new();
     let (a, b) = (api.as_caller(TENANT_A), api.as_caller(TENANT_B));
-    let queue = Queue::new(&api.id("q")).await;
+    // Tenant A's queue: the local stack grants it the queues named tenant-a-*.
+    let queue = Queue::new(&format!("tenant-a-{}", api.id("q"))).await;
     let chord = Chord::new(&api, &queue, json!({}));
     store_part(&a, &chord, 0, "a").await;
     store_part(&a, &chord, 1, "a").await;
     // B stores the third part of "the same" chord: it counts in B's chord.
-    store_part(&b, &chord, 2, "b").await;
+    // B may not name A's queue, so B's callback uses a queue of its own.
+    let queue_b = Queue::new(&format!("tenant-b-{}", api.id("q"))).await;
+    let chord_b = Chord::new(&api, &queue_b, json!({}));
+    assert_eq!(chord_b.gid, chord.gid);
+    store_part(&b, &chord_b, 2, "b").await;
     let chord_path = format!("/v1/chords/{}", chord.gid);
-    let settle = Duration::from_secs(3);
-    tokio::time::sleep(settle).await;
-    let of_a = a.call(reqwest::Method::GET, &chord_path, None).await.expect(200);
-    assert_eq!((of_a.json["done"].clone(), of_a.json["state"].clone()), (json!(2), json!("open")), "{}", of_a.text);
-    let of_b = b.call(reqwest::Method::GET, &chord_path, None).await.expect(200);
-    assert_eq!((of_b.json["done"].clone(), of_b.json["state"].clone()), (json!(1), json!("open")), "{}", of_b.text);
-    assert!(queue.drain(Duration::from_secs(1)).await.is_empty(), "no chord is complete");
+    let waited = Duration::from_secs(120);
+    poll_until("A's chord to count 2 parts", waited, || progress(&a, &chord_path, 2)).await;
+    poll_until("B's chord to count 1 part", waited, || progress(&b, &chord_path, 1)).await;
 
     // A's own third part completes A's chord, with A's results only.
     store_part(&a, &chord, 2, "a").await;
@@ -85,8 +86,89 @@ async fn tenant_b_cannot_see_count_or_complete_tenant_a_chords() {
     assert_eq!(messages[0].body[0], json!([["a0", "a1", "a2"]]));
     let of_b = b.call(reqwest::Method::GET, &chord_path, None).await.expect(200);
     assert_eq!((of_b.json["done"].clone(), of_b.json["state"].clone()), (json!(1), json!("open")), "{}", of_b.text);
+    assert!(queue_b.drain(Duration::from_secs(1)).await.is_empty(), "B's chord is not complete");
     // Without identity (NAMESPACE) there is no such chord at all.
     api.call(reqwest::Method::GET, &chord_path, None).await.expect_error(404, "chord_not_found");
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_aim_a_callback_or_errback_at_another_tenants_queue() {
+    let api = Api::new();
+    let (a, b) = (api.as_caller(TENANT_A), api.as_caller(TENANT_B));
+    let queue_b = Queue::new(&format!("tenant-b-{}", api.id("q"))).await;
+    let queue_a = Queue::new(&format!("tenant-a-{}", api.id("q"))).await;
+    let other = |name: &str| json!({"task": "evil.task", "args": ["rm -rf"], "options": {"queue": name}});
+    let refused = [
+        // The callback itself, on B's queue.
+        (json!({"queue": queue_b.name}), "callback on B's queue"),
+        // The deployment's default queue is not granted to A either.
+        (json!({"queue": null}), "callback on the default queue"),
+        // An errback, a link, the rest of a chain: every signature counts.
+        (json!({"queue": queue_a.name, "link_error": [other(&queue_b.name)]}), "errback on B's queue"),
+        (json!({"queue": queue_a.name, "link": [other(&queue_b.name)]}), "link on B's queue"),
+        (json!({"queue": queue_a.name, "chain": [other("celery")]}), "chain on the default queue"),
+    ];
+    for (options, what) in refused {
+        let chord = Chord::new(&api, &queue_a, options);
+        let id = a.id(&format!("p-{}", what.len()));
+        let resp = a.put_task(&id, chord.part(&id, 0, 1, "SUCCESS", json!(1))).await;
+        assert_eq!(resp.ddb_calls, Some(0), "{what}: refused before any work: {}", resp.text);
+        resp.expect_error(400, "callback_not_allowed");
+        assert_eq!(a.get_task(&id).await.expect(200).json["status"], "PENDING", "{what}: nothing stored");
+    }
+    // B's own callback on B's queue is fine and reaches B's queue only.
+    let chord = Chord::new(&api, &queue_b, json!({}));
+    let id = b.id("ok");
+    b.put_task(&id, chord.part(&id, 0, 1, "SUCCESS", json!("b"))).await.expect(200);
+    let messages = queue_b.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].body[0], json!([["b"]]));
+    assert!(queue_a.drain(Duration::from_secs(1)).await.is_empty(), "nothing reached A's queue");
+}
+
+#[tokio::test]
+async fn what_one_part_can_make_chord_join_send_is_bounded_at_store_time() {
+    let api = Api::new();
+    let a = api.as_caller(TENANT_A);
+    let queue = Queue::new(&format!("tenant-a-{}", api.id("q"))).await;
+    let errback = json!({"task": "e", "options": {"queue": queue.name}});
+    // 16 errbacks are accepted, 17 are not.
+    let chord = Chord::new(&api, &queue, json!({"link_error": vec![errback.clone(); 16]}));
+    let id = a.id("sixteen");
+    a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await.expect(200);
+    let chord = Chord::new(&api, &queue, json!({"link_error": vec![errback; 17]}));
+    let id = a.id("seventeen");
+    a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await.expect_error(400, "callback_not_allowed");
+    // A callback past 64 KiB is refused as too large.
+    let mut chord = Chord::new(&api, &queue, json!({}));
+    chord.callback["kwargs"] = json!({"pad": "x".repeat(70_000)});
+    let id = a.id("big-callback");
+    let resp = a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await;
+    assert_eq!(resp.ddb_calls, Some(0), "{}", resp.text);
+    resp.expect_error(413, "callback_too_large");
+    // A result that fits alone but not with its callback: 413, not a 500
+    // echoing DynamoDB's error.
+    let mut chord = Chord::new(&api, &queue, json!({}));
+    chord.callback["kwargs"] = json!({"pad": "y".repeat(60_000)});
+    let id = a.id("big-item");
+    let result = random_hex(700_000);
+    let resp = a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(result))).await;
+    resp.expect_error(413, "result_too_large");
+    assert_eq!(a.get_task(&id).await.expect(200).json["status"], "PENDING");
+    // The same result without the callback is stored.
+    a.put_task(&id, success(json!(result))).await.expect(200);
+}
+
+/// Hex of random bytes: compresses to about half, so `len` characters
+/// store as about `len / 2` bytes.
+fn random_hex(len: usize) -> String {
+    (0..len.div_ceil(32)).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect::<String>()[..len].to_owned()
+}
+
+/// `Some` once `who`'s chord at `path` is open with `done` parts counted.
+async fn progress(who: &Api, path: &str, done: u64) -> Option<()> {
+    let r = who.call(reqwest::Method::GET, path, None).await;
+    (r.status == 200 && r.json["done"] == done && r.json["state"] == "open").then_some(())
 }
 
 /// Stores part `i` of 3 of `chord` as `who`, with result `"<tag><i>"`.

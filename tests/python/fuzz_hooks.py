@@ -50,8 +50,11 @@ def _served_when_sent_again(request) -> bool:
             verdict = f"{again.status_code}"
         except (requests.RequestException, ValueError, AttributeError) as e:
             ok, verdict = False, repr(e)
-        print(f"fuzz_hooks: the emulator answered {request.method} {request.path_url[:80]} 500 itself;"
-              f" sent again: {verdict} ({'set aside' if ok else 'stands'})", file=sys.stderr)
+        print(
+            f"fuzz_hooks: the emulator answered {request.method} {request.path_url[:80]} 500 itself;"
+            f" sent again: {verdict} ({'set aside' if ok else 'stands'})",
+            file=sys.stderr,
+        )
         _replayed[key] = (request, ok)
     return _replayed[key][1]
 

@@ -11,19 +11,17 @@ import time
 import uuid
 
 import pytest
-
 from worker_process import celery_worker, use_local_stack
 
 RUN = uuid.uuid4().hex[:10]
 use_local_stack(RUN)
 
+import e2e_tasks  # noqa: E402
 from celery import Celery, chain, chord, group  # noqa: E402
 from celery.exceptions import ChordError  # noqa: E402
 from celery.result import AsyncResult, GroupResult  # noqa: E402
-
-import e2e_tasks  # noqa: E402
-from e2e_tasks import add, app, collect, fail, mul, record_error  # noqa: E402
 from dynachord_celery import DynachordBackend  # noqa: E402
+from e2e_tasks import add, app, collect, fail, mul, record_error  # noqa: E402
 
 TIMEOUT = 120
 
@@ -51,7 +49,12 @@ def test_a_task_and_its_extended_result(worker):
     result = add.delay(20, 22)
     assert result.get(timeout=TIMEOUT) == 42
     assert result.state == "SUCCESS"
-    assert (result.name, result.args, result.kwargs, result.queue) == ("e2e_tasks.add", [20, 22], {}, e2e_tasks.app.conf.task_default_queue)
+    assert (result.name, result.args, result.kwargs, result.queue) == (
+        "e2e_tasks.add",
+        [20, 22],
+        {},
+        e2e_tasks.app.conf.task_default_queue,
+    )
     assert result.date_done is not None
 
 
@@ -81,7 +84,12 @@ def test_a_chord_is_joined_by_the_server_and_called_back_through_sqs(worker, siz
     got = result.get(timeout=TIMEOUT)
     assert got == {"tag": tag, "values": [2 * i for i in range(size)]}
     status = app.backend.chord_status(result.parent.id)
-    assert (status["size"], status["done"], status["state"], status["callback_id"]) == (size, size, "dispatched", result.id)
+    assert (status["size"], status["done"], status["state"], status["callback_id"]) == (
+        size,
+        size,
+        "dispatched",
+        result.id,
+    )
     # The worker ran the callback once, from the message the service sent,
     # and no chord_unlock task polled for it.
     log = worker.read_text()
@@ -130,8 +138,11 @@ def test_results_expire_after_result_expires():
     task_id = f"expiring-{uuid.uuid4().hex}"
     short.backend.store_result(task_id, {"v": 1}, "SUCCESS")
     assert AsyncResult(task_id, app=short).get(timeout=5) == {"v": 1}
-    time.sleep(3.5)
-    assert AsyncResult(task_id, app=short).state == "PENDING"
+    # Expiry has whole-second resolution: poll until the result is gone.
+    deadline = time.monotonic() + 30
+    while AsyncResult(task_id, app=short).state != "PENDING":
+        assert time.monotonic() < deadline, "the result did not expire"
+        time.sleep(0.2)
 
 
 def test_get_waits_on_the_server_and_returns_as_soon_as_the_result_is_stored():

@@ -54,10 +54,16 @@ def test_kombu_and_celery_accept_the_chord_callback():
     with Connection("sqs://local:local@", transport_options={"region": "us-east-1"}) as conn:
         simple = conn.SimpleQueue(queue)  # declares the queue before the callback is sent
         for i in range(3):
-            put(f"/v1/tasks/{prefix}-p{i}", {
-                "status": "SUCCESS", "result": i * 100, "group_id": gid, "group_index": i,
-                "chord": {"size": 3, "callback": callback},
-            })
+            put(
+                f"/v1/tasks/{prefix}-p{i}",
+                {
+                    "status": "SUCCESS",
+                    "result": i * 100,
+                    "group_id": gid,
+                    "group_index": i,
+                    "chord": {"size": 3, "callback": callback},
+                },
+            )
         message = simple.get(block=True, timeout=60)
         try:
             assert message.headers["task"] == "proj.tasks.tsum"

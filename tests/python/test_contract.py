@@ -46,9 +46,13 @@ def sentinels():
     """Results in every state, and a saved group, stored before fuzzing."""
     run = uuid.uuid4().hex[:10]
     stored = {}
-    for status, result in [("SUCCESS", {"n": 12345678901234567890, "s": "é✓"}),
-                           ("FAILURE", {"exc_type": "ValueError", "exc_message": ["x"], "exc_module": "builtins"}),
-                           ("REVOKED", None), ("STARTED", {"pid": 1}), ("PROGRESS", {"done": 1})]:
+    for status, result in [
+        ("SUCCESS", {"n": 12345678901234567890, "s": "é✓"}),
+        ("FAILURE", {"exc_type": "ValueError", "exc_message": ["x"], "exc_module": "builtins"}),
+        ("REVOKED", None),
+        ("STARTED", {"pid": 1}),
+        ("PROGRESS", {"done": 1}),
+    ]:
         path = f"/v1/tasks/sentinel-{run}-{status.lower()}"
         assert call("PUT", path, {"status": status, "result": result})[0] == 200
         stored[path] = call("GET", path)[1]
@@ -75,15 +79,35 @@ phases.coverage.enabled = false
 def schemathesis(tmp_path, *args, config="", max_time="240"):
     config_file = tmp_path / "schemathesis.toml"
     config_file.write_text(config + BASE_CONFIG)
-    cmd = [str(SCHEMATHESIS), "--config-file", str(config_file), "run", str(SPEC), "--url", ENDPOINT,
-           "--exclude-checks", EXCLUDED, "--max-examples", EXAMPLES, "--max-time", max_time,
-           "--generation-database", "none", "--no-color", "--workers", "2",
-           # A long-poll may take its whole wait (at most 20 s), and the local
-           # emulator may queue one behind another on the same function.
-           "--request-timeout", "65", *args]
+    cmd = [
+        str(SCHEMATHESIS),
+        "--config-file",
+        str(config_file),
+        "run",
+        str(SPEC),
+        "--url",
+        ENDPOINT,
+        "--exclude-checks",
+        EXCLUDED,
+        "--max-examples",
+        EXAMPLES,
+        "--max-time",
+        max_time,
+        "--generation-database",
+        "none",
+        "--no-color",
+        "--workers",
+        "2",
+        # A long-poll may take its whole wait (at most 20 s), and the local
+        # emulator may queue one behind another on the same function.
+        "--request-timeout",
+        "65",
+        *args,
+    ]
     env = dict(os.environ, SCHEMATHESIS_HOOKS="fuzz_hooks", PYTHONPATH=str(Path(__file__).parent))
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
+    )
     print(proc.stdout, proc.stderr[-5000:])
     assert proc.returncode == 0, f"schemathesis found failures (exit {proc.returncode}); see the output above"
     return proc.stdout
@@ -121,9 +145,15 @@ def test_fuzzed_stores_aimed_at_a_success_never_change_it(tmp_path, sentinels):
     target = next(p for p in sentinels if p.endswith("-success"))
     task_id = target.rsplit("/", 1)[1]
     out = schemathesis(
-        tmp_path, "--mode", "all", "--phases", "coverage,fuzzing",
-        "--include-operation-id", "storeTask",
-        config=f'[parameters]\n"path.task_id" = "{task_id}"\n', max_time="120",
+        tmp_path,
+        "--mode",
+        "all",
+        "--phases",
+        "coverage,fuzzing",
+        "--include-operation-id",
+        "storeTask",
+        config=f'[parameters]\n"path.task_id" = "{task_id}"\n',
+        max_time="120",
     )
     assert "1 selected" in out, "only the store operation is aimed at the sentinel"
     assert call("GET", target)[1] == sentinels[target]

@@ -11,7 +11,8 @@ one after another (as pytest runs them) and never on the main stack.
 
 The functions run with DDB_MAX_ATTEMPTS=8: seven throttled attempts in a row
 still succeed, eight give 503. Chord claims have a 3 s lease
-(CHORD_LEASE_SECONDS), and the stream pump gives an invocation 15 s.
+(CHORD_LEASE_SECONDS), a chord is failed after 3 joins that failed
+(CHORD_MAX_ATTEMPTS), and the stream pump gives an invocation 15 s.
 """
 
 import base64
@@ -36,6 +37,7 @@ from log_tail import show_tail
 ROOT = Path(__file__).resolve().parents[2]
 ATTEMPTS = 8
 LEASE = 3
+CHORD_ATTEMPTS = 3
 
 
 def free_port():
@@ -66,7 +68,9 @@ class Stack:
             return err.code, lower_keys(err.headers), err.read().decode()
 
     def rule(self, name, **rule):
-        req = urllib.request.Request(f"{self.control}/__faults/rules/{name}", data=json.dumps(rule).encode(), method="PUT")
+        req = urllib.request.Request(
+            f"{self.control}/__faults/rules/{name}", data=json.dumps(rule).encode(), method="PUT"
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             assert resp.status == 200
 
@@ -75,7 +79,9 @@ class Stack:
             return json.loads(resp.read())["injected"]
 
     def clear(self, name):
-        urllib.request.urlopen(urllib.request.Request(f"{self.control}/__faults/rules/{name}", method="DELETE"), timeout=10)
+        urllib.request.urlopen(
+            urllib.request.Request(f"{self.control}/__faults/rules/{name}", method="DELETE"), timeout=10
+        )
 
     def dynamodb(self, action):
         req = urllib.request.Request(f"{self.control}/__faults/dynamodb/{action}", data=b"", method="POST")
@@ -91,21 +97,47 @@ def stack(request):
     work = Path(tempfile.mkdtemp(prefix="dynachord-faults-"))
     port, control, sqs = free_port(), free_port(), free_port()
     args = [
-        str(ROOT / "target/debug/devstack"), "up", "--port", str(port), "--dynamodb-port", str(free_port()),
-        "--sqs-port", str(sqs), "--faults", str(control), "--data-dir", str(work / "data"),
-        "--state-dir", str(work / "state"), "--table", "dynachord-faults", "--concurrency", "4",
-        "--invoke-timeout-secs", "15",
+        str(ROOT / "target/debug/devstack"),
+        "up",
+        "--port",
+        str(port),
+        "--dynamodb-port",
+        str(free_port()),
+        "--sqs-port",
+        str(sqs),
+        "--faults",
+        str(control),
+        "--data-dir",
+        str(work / "data"),
+        "--state-dir",
+        str(work / "state"),
+        "--table",
+        "dynachord-faults",
+        "--concurrency",
+        "4",
+        "--invoke-timeout-secs",
+        "15",
     ]
-    env = dict(os.environ, DDB_MAX_ATTEMPTS=str(ATTEMPTS), DDB_MAX_BACKOFF_MS="200", CHORD_LEASE_SECONDS=str(LEASE),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    log = open(work / "devstack.log", "w")
+    env = dict(
+        os.environ,
+        DDB_MAX_ATTEMPTS=str(ATTEMPTS),
+        DDB_MAX_BACKOFF_MS="200",
+        CHORD_LEASE_SECONDS=str(LEASE),
+        CHORD_MAX_ATTEMPTS=str(CHORD_ATTEMPTS),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    log = open(work / "devstack.log", "w")  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         ready = work / "state" / "stack.ready"
         deadline = time.monotonic() + 600
         while not ready.exists():
             if proc.poll() is not None or time.monotonic() > deadline:
-                logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in [work / "devstack.log", *sorted((work / "state").glob("*.log"))] if p.exists())
+                logs = "\n".join(
+                    f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                    for p in [work / "devstack.log", *sorted((work / "state").glob("*.log"))]
+                    if p.exists()
+                )
                 pytest.fail(f"the fault stack did not come up (exit {proc.poll()}):\n{logs}")
             time.sleep(0.5)
         yield Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{control}", f"http://127.0.0.1:{sqs}", proc.pid)
@@ -134,7 +166,11 @@ def test_a_share_of_throttled_calls_is_retried_and_nothing_is_lost(stack):
     # Every fourth DynamoDB call about these ids is throttled, stores and reads alike.
     stack.rule(prefix, match=prefix, error="ThrottlingException", share=0.25)
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        stored = list(pool.map(lambda i: stack.call("PUT", f"/v1/tasks/{ids[i]}", success({"i": i, "n": 10**30})), range(len(ids))))
+        stored = list(
+            pool.map(
+                lambda i: stack.call("PUT", f"/v1/tasks/{ids[i]}", success({"i": i, "n": 10**30})), range(len(ids))
+            )
+        )
         assert [s for s, _, _ in stored] == [200] * len(ids), [t for s, _, t in stored if s != 200][:3]
         fetched = list(pool.map(lambda task_id: stack.call("GET", f"/v1/tasks/{task_id}"), ids))
     assert [s for s, _, _ in fetched] == [200] * len(ids)
@@ -165,7 +201,10 @@ def test_throttling_succeeds_within_the_configured_attempts_and_is_a_503_past_th
     assert status == 503 and json.loads(text)["error"]["code"] == "throttled", text
     assert int(headers["retry-after"]) >= 1
     assert stack.injected(refused) == ATTEMPTS
-    for method, path, body in [("GET", f"/v1/tasks/{refused}", None), ("POST", "/v1/tasks/batch-get", {"task_ids": [ok, refused]})]:
+    for method, path, body in [
+        ("GET", f"/v1/tasks/{refused}", None),
+        ("POST", "/v1/tasks/batch-get", {"task_ids": [ok, refused]}),
+    ]:
         status, headers, text = stack.call(method, path, body)
         assert status == 503 and json.loads(text)["error"]["code"] == "throttled", (method, text)
         assert int(headers["retry-after"]) >= 1
@@ -178,7 +217,9 @@ def test_unprocessed_batch_keys_are_retried_and_a_503_past_the_attempts(stack):
     prefix = f"unp-{uuid.uuid4().hex[:10]}"
     ids = [f"{prefix}-{i}" for i in range(250)]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        assert set(pool.map(lambda i: stack.call("PUT", f"/v1/tasks/{ids[i]}", success(i))[0], range(len(ids)))) == {200}
+        assert set(pool.map(lambda i: stack.call("PUT", f"/v1/tasks/{ids[i]}", success(i))[0], range(len(ids)))) == {
+            200
+        }
     held = f"{prefix}-1"  # ids -1, -10..-19, -100..-199: keys in all three chunks of 100
     # Those keys come back unprocessed (the rest of their batches answered)
     # attempts - 1 times, then DynamoDB serves them.
@@ -221,8 +262,16 @@ def test_dynamodb_down_gives_503_loses_nothing_acknowledged_and_recovers_by_itse
     writers = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
     for w in writers:
         w.start()
+
+    def wait_for(what, condition, limit=60):
+        deadline = time.monotonic() + limit
+        while not condition():
+            assert time.monotonic() < deadline, f"gave up waiting for {what}"
+            time.sleep(0.05)
+
     try:
-        time.sleep(2)
+        # Writers are acknowledged before the outage...
+        wait_for("acknowledged writes", lambda: len(acknowledged) >= 20)
         stack.dynamodb("stop")
         # While it is down, every route answers a retryable 503.
         some_acked = next(iter(acknowledged))
@@ -234,7 +283,8 @@ def test_dynamodb_down_gives_503_loses_nothing_acknowledged_and_recovers_by_itse
             status, headers, text = stack.call(method, path, body)
             assert status == 503, (method, text)
             assert json.loads(text)["error"]["code"] == "unavailable" and int(headers["retry-after"]) >= 1
-        time.sleep(3)
+        # ...and refused with 503 during it, a few times each...
+        wait_for("503s during the outage", lambda: outcomes["503"] >= 8)
         stack.dynamodb("start")
         # The same function processes serve again, with no restart.
         back = time.monotonic()
@@ -242,7 +292,9 @@ def test_dynamodb_down_gives_503_loses_nothing_acknowledged_and_recovers_by_itse
             assert time.monotonic() < back + 60, "the service did not resume within 60 s of DynamoDB's return"
             time.sleep(0.1)
         resumed_after = time.monotonic() - back
-        time.sleep(2)
+        # ...and acknowledged again after it.
+        after = len(acknowledged)
+        wait_for("acknowledged writes after the outage", lambda: len(acknowledged) >= after + 20)
     finally:
         stop.set()
         for w in writers:
@@ -253,13 +305,15 @@ def test_dynamodb_down_gives_503_loses_nothing_acknowledged_and_recovers_by_itse
     # Nothing acknowledged is lost: every 200 reads back identical.
     ids = sorted(acknowledged)
     for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
+        chunk = ids[start : start + 500]
         status, _, text = stack.call("POST", "/v1/tasks/batch-get", {"task_ids": chunk})
         assert status == 200, text
         got = [r["result"] for r in json.loads(text)["results"]]
         assert got == [acknowledged[i] for i in chunk]
-    print(f"\nDynamoDB down: {outcomes['200']} stores acknowledged (all read back), {outcomes['503']} answered 503 unavailable;"
-          f" served again {resumed_after:.2f} s after DynamoDB Local answered")
+    print(
+        f"\nDynamoDB down: {outcomes['200']} stores acknowledged (all read back), "
+        f"{outcomes['503']} answered 503 unavailable; served again {resumed_after:.2f} s after DynamoDB Local answered"
+    )
 
 
 def descendants(pid):
@@ -302,17 +356,28 @@ def test_a_chord_join_killed_between_claim_and_dispatch_is_healed_by_the_stream_
 
     prefix = f"kill-{uuid.uuid4().hex[:10]}"
     queue, gid, callback_id = f"{prefix}-q", f"{prefix}-g", f"{prefix}-cb"
-    sqs = boto3.client("sqs", endpoint_url=stack.sqs, region_name="us-east-1",
-                       aws_access_key_id="local", aws_secret_access_key="local")
+    sqs = boto3.client(
+        "sqs", endpoint_url=stack.sqs, region_name="us-east-1", aws_access_key_id="local", aws_secret_access_key="local"
+    )
     url = sqs.create_queue(QueueName=queue)["QueueUrl"]
     # chord-join's first SendMessage to this queue is held: never forwarded,
     # never answered. The invocation has claimed the chord by then.
     stack.rule(queue, match=queue, error="Hold", limit=1)
-    callback = {"task": "proj.tasks.tsum", "args": [], "kwargs": {}, "immutable": False,
-                "options": {"task_id": callback_id, "queue": queue}}
+    callback = {
+        "task": "proj.tasks.tsum",
+        "args": [],
+        "kwargs": {},
+        "immutable": False,
+        "options": {"task_id": callback_id, "queue": queue},
+    }
     for i in range(3):
-        part = {"status": "SUCCESS", "result": i, "group_id": gid, "group_index": i,
-                "chord": {"size": 3, "callback": callback}}
+        part = {
+            "status": "SUCCESS",
+            "result": i,
+            "group_id": gid,
+            "group_index": i,
+            "chord": {"size": 3, "callback": callback},
+        }
         assert stack.call("PUT", f"/v1/tasks/{prefix}-p{i}", part)[0] == 200
     deadline = time.monotonic() + 60
     while stack.injected(queue) < 1:
@@ -346,3 +411,76 @@ def test_a_chord_join_killed_between_claim_and_dispatch_is_healed_by_the_stream_
     assert (status["state"], status["done"]) == ("dispatched", 3), status
     stack.clear(queue)
     print(f"\nchord-join killed between claim and dispatch: healed, one callback, {healed_after:.1f} s after the kill")
+
+
+def test_a_poison_chord_fails_after_its_attempts_and_never_holds_up_a_healthy_one(stack):
+    """Every send to the poison chord's queue is throttled (an error a retry
+    might fix). The healthy chord, whose parts are stored right after the
+    poison's, in the same stream, is dispatched within seconds; the poison
+    chord is failed clearly after CHORD_MAX_ATTEMPTS joins, with ChordError
+    on its callback, and its records stop coming back."""
+    import boto3
+
+    prefix = f"poison-{uuid.uuid4().hex[:10]}"
+    sqs = boto3.client(
+        "sqs", endpoint_url=stack.sqs, region_name="us-east-1", aws_access_key_id="local", aws_secret_access_key="local"
+    )
+    poison_queue, healthy_queue = f"{prefix}-bad", f"{prefix}-good"
+    sqs.create_queue(QueueName=poison_queue)
+    healthy_url = sqs.create_queue(QueueName=healthy_queue)["QueueUrl"]
+    # The needle is the queue's URL path, which only SendMessage carries
+    # (the parts' items name the queue, not its URL).
+    stack.rule(poison_queue, match=f"123456789012/{poison_queue}", error="ThrottlingException")
+
+    def store_chord(name, queue):
+        callback = {
+            "task": "proj.tasks.tsum",
+            "args": [],
+            "kwargs": {},
+            "immutable": False,
+            "options": {"task_id": f"{prefix}-{name}-cb", "queue": queue},
+        }
+        for i in range(3):
+            part = {
+                "status": "SUCCESS",
+                "result": i,
+                "group_id": f"{prefix}-{name}",
+                "group_index": i,
+                "chord": {"size": 3, "callback": callback},
+            }
+            assert stack.call("PUT", f"/v1/tasks/{prefix}-{name}-p{i}", part)[0] == 200
+
+    store_chord("poison", poison_queue)
+    started = time.monotonic()
+    store_chord("healthy", healthy_queue)
+    messages = []
+    deadline = time.monotonic() + 60
+    while not messages:
+        assert time.monotonic() < deadline, "the healthy chord was held up"
+        messages = sqs.receive_message(QueueUrl=healthy_url, WaitTimeSeconds=1).get("Messages", [])
+    healthy_after = time.monotonic() - started
+    envelope = json.loads(base64.b64decode(messages[0]["Body"]))
+    assert json.loads(base64.b64decode(envelope["body"]))[0] == [[0, 1, 2]]
+
+    deadline = time.monotonic() + 120
+    while True:
+        status = json.loads(stack.call("GET", f"/v1/chords/{prefix}-poison")[2])
+        if status.get("state") == "failed":
+            break
+        assert time.monotonic() < deadline, f"the poison chord was never failed: {status}"
+        time.sleep(0.2)
+    assert f"after {CHORD_ATTEMPTS} attempts" in status["error"], status
+    assert "ThrottlingException" in status["error"], status
+    callback = json.loads(stack.call("GET", f"/v1/tasks/{prefix}-poison-cb")[2])
+    assert callback["status"] == "FAILURE" and callback["result"]["exc_type"] == "ChordError", callback
+    # Once failed, its records stop coming back: no more sends are tried.
+    tried = stack.injected(poison_queue)
+    settle = time.monotonic() + 5
+    while time.monotonic() < settle:
+        time.sleep(0.5)
+    assert stack.injected(poison_queue) == tried, "the failed chord's records still come back"
+    stack.clear(poison_queue)
+    print(
+        f"\npoison chord: healthy chord dispatched after {healthy_after:.1f} s; poison failed after "
+        f"{CHORD_ATTEMPTS} attempts ({tried} throttled sends)"
+    )

@@ -66,12 +66,18 @@ def test_every_v1_route_is_in_the_template_and_the_local_router():
         for event in resource["Properties"].get("Events", {}).values()
         if event["Type"] == "HttpApi"
     )
-    assert routes == sorted([
-        ("PUT", "/v1/tasks/{task_id}"), ("GET", "/v1/tasks/{task_id}"), ("DELETE", "/v1/tasks/{task_id}"),
-        ("POST", "/v1/tasks/batch-get"),
-        ("PUT", "/v1/groups/{group_id}"), ("GET", "/v1/groups/{group_id}"), ("DELETE", "/v1/groups/{group_id}"),
-        ("GET", "/v1/chords/{group_id}"),
-    ])
+    assert routes == sorted(
+        [
+            ("PUT", "/v1/tasks/{task_id}"),
+            ("GET", "/v1/tasks/{task_id}"),
+            ("DELETE", "/v1/tasks/{task_id}"),
+            ("POST", "/v1/tasks/batch-get"),
+            ("PUT", "/v1/groups/{group_id}"),
+            ("GET", "/v1/groups/{group_id}"),
+            ("DELETE", "/v1/groups/{group_id}"),
+            ("GET", "/v1/chords/{group_id}"),
+        ]
+    )
     cargo = (ROOT / "Cargo.toml").read_text()
     for _, path in routes:
         assert f'"{path}"' in cargo, f"{path} missing from cargo lambda watch's router"

@@ -17,7 +17,6 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from worker_process import celery_worker, use_local_stack
 
 use_local_stack(uuid.uuid4().hex[:10])

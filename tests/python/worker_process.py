@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from log_tail import show_tail
 
@@ -47,10 +47,27 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
     log = Path(log_name)
     with os.fdopen(fd, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "e2e_tasks", "worker", "--pool=prefork",
-             f"--concurrency={concurrency}", "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "--loglevel=INFO", "-n", f"{name}@localhost"],
-            cwd=E2E_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "e2e_tasks",
+                "worker",
+                "--pool=prefork",
+                f"--concurrency={concurrency}",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel=INFO",
+                "-n",
+                f"{name}@localhost",
+            ],
+            cwd=E2E_DIR,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     worker = Worker(proc, log)
     raised = False

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from celery import Celery
 from celery.app.backends import by_url
 from celery.exceptions import ImproperlyConfigured
-
 from dynachord_celery import Client, ClientOptions, DynachordBackend, DynachordError, DynachordUnavailable
 from dynachord_celery.client import parse_endpoint
 
@@ -37,7 +37,11 @@ def server() -> Iterator[tuple[str, Script]]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             script.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body})
-            status, headers, payload = script.answers.pop(0) if script.answers else (500, {}, {"error": {"code": "script_empty", "message": "no answer scripted"}})
+            status, headers, payload = (
+                script.answers.pop(0)
+                if script.answers
+                else (500, {}, {"error": {"code": "script_empty", "message": "no answer scripted"}})
+            )
             data = b"" if payload is None else (payload if isinstance(payload, bytes) else json.dumps(payload).encode())
             self.send_response(status)
             for k, v in headers.items():
@@ -63,7 +67,10 @@ def server() -> Iterator[tuple[str, Script]]:
 
 def test_endpoints_from_backend_urls() -> None:
     assert parse_endpoint("dynachord+http://127.0.0.1:9000") == "http://127.0.0.1:9000"
-    assert parse_endpoint("https://abc123.execute-api.eu-west-1.amazonaws.com/") == "https://abc123.execute-api.eu-west-1.amazonaws.com"
+    assert (
+        parse_endpoint("https://abc123.execute-api.eu-west-1.amazonaws.com/")
+        == "https://abc123.execute-api.eu-west-1.amazonaws.com"
+    )
     assert parse_endpoint("dynachord://results.example.com/prod") == "https://results.example.com/prod"
     for bad in ("ftp://host", "http://", "http://host?x=1", "127.0.0.1:9000"):
         with pytest.raises(ValueError, match="dynachord endpoint"):
@@ -106,7 +113,9 @@ def test_throttling_is_retried_honouring_retry_after(server: tuple[str, Script])
 
 def test_retries_end_in_a_clear_unavailable_error(server: tuple[str, Script]) -> None:
     url, script = server
-    script.answers = [(503, {"Retry-After": "0"}, {"error": {"code": "throttled", "message": "DynamoDB is throttling"}})] * 3
+    script.answers = [
+        (503, {"Retry-After": "0"}, {"error": {"code": "throttled", "message": "DynamoDB is throttling"}})
+    ] * 3
     client = Client(url, ClientOptions(max_retries=2, **FAST))
     with pytest.raises(DynachordUnavailable) as err:
         client.get_task("t1")
@@ -190,9 +199,8 @@ def test_signing_without_credentials_says_so(monkeypatch: pytest.MonkeyPatch, tm
 
 
 def test_the_sqs_fix_reads_kombus_error_answer_as_no_messages() -> None:
-    from kombu.transport.SQS import Channel
-
     from dynachord_celery.sqs_fix import survive_sqs_server_errors
+    from kombu.transport.SQS import Channel
 
     assert survive_sqs_server_errors()
     patched = Channel._on_messages_ready

@@ -141,9 +141,10 @@ impl DynamoStore {
         Ok(0)
     }
 
-    /// An update of the chord's state item that names its state, claim token
-    /// and lease (`#state`, `#token`, `#lease`, `:token`, `:joining`); every
-    /// claim transition uses them.
+    /// An update of the chord's state item that names its state and claim
+    /// token (`#state`, `#token`, `:token`, `:joining`); every claim
+    /// transition uses them. DynamoDB refuses names an update does not use,
+    /// so `#lease` is added by the transitions that touch the lease.
     fn update_claim(&self, ns: &Namespace, gid: &GroupId, token: &str) -> UpdateItemFluentBuilder {
         self.client()
             .update_item()
@@ -151,7 +152,6 @@ impl DynamoStore {
             .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
             .expression_attribute_names("#state", attr::STATE)
             .expression_attribute_names("#token", attr::TOKEN)
-            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .expression_attribute_values(":token", s(token))
             .expression_attribute_values(":joining", s(ChordPhase::Joining.as_str()))
     }
@@ -233,6 +233,7 @@ impl ChordStore for DynamoStore {
         let request = self
             .update_claim(ns, gid, token)
             .update_expression("SET #state = :joining, #token = :token, #lease = :lease")
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .condition_expression("#done >= #size AND (#state = :open OR (#state = :joining AND #lease < :now))")
             .expression_attribute_names("#done", attr::DONE)
             .expression_attribute_names("#size", attr::SIZE)
@@ -252,6 +253,7 @@ impl ChordStore for DynamoStore {
         let request = self
             .update_claim(ns, gid, token)
             .update_expression("SET #lease = :lease")
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .condition_expression(HELD)
             .expression_attribute_values(":lease", n(now_epoch() + lease.as_secs().max(1) as i64));
         self.send_conditional(request).await
@@ -261,6 +263,7 @@ impl ChordStore for DynamoStore {
         let request = self
             .update_claim(ns, gid, token)
             .update_expression("SET #state = :open REMOVE #token, #lease ADD #attempts :one")
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .condition_expression(HELD)
             .expression_attribute_names("#attempts", attr::ATTEMPTS)
             .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
@@ -298,6 +301,7 @@ impl ChordStore for DynamoStore {
         let mut request = self
             .update_claim(ns, gid, token)
             .condition_expression(HELD)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .expression_attribute_values(":phase", s(phase.as_str()));
         request = match error {
             Some(error) => request

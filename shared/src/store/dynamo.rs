@@ -1,16 +1,16 @@
 //! [`ResultStore`] on DynamoDB.
 //!
-//! Where each store invariant of DESIGN.md is enforced:
-//! - 1, one conditional write, no read before it: [`DynamoStore::put_task`].
-//! - 2, SUCCESS never overwritten, a ready state never replaced by a
+//! Where each store invariant of `docs/INVARIANTS.md` is enforced:
+//! - S1, one conditional write, no read before it: [`DynamoStore::put_task`].
+//! - S2, SUCCESS never overwritten, a ready state never replaced by a
 //!   non-ready one: [`write_condition`].
-//! - 3, expiry on every item, expired reads as missing: `expires_at` on every
+//! - S3, expiry on every item, expired reads as missing: `expires_at` on every
 //!   write, [`decode`] on every read, and the `expires_at <= :now` arm of the
 //!   write condition (an expired item does not block a new write).
-//! - 4, consistent reads: every `GetItem` and `BatchGetItem` here.
-//! - 5, batch reads in chunks of 100 in parallel, unprocessed keys retried
+//! - S4, consistent reads: every `GetItem` and `BatchGetItem` here.
+//! - S5, batch reads in chunks of 100 in parallel, unprocessed keys retried
 //!   with backoff, request order kept: [`DynamoStore::get_tasks`].
-//! - 6, throttling retried then 503: the SDK's retry config
+//! - S6, throttling retried then 503: the SDK's retry config
 //!   ([`sdk_config`]) and [`classify`].
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
@@ -217,7 +217,7 @@ impl DynamoStore {
     }
 }
 
-/// The write condition of a store (invariant 2): the item is absent or
+/// The write condition of a store (invariant S2): the item is absent or
 /// expired, or its stored status lets the new one replace it.
 /// - a ready state (SUCCESS, FAILURE, REVOKED) replaces anything but SUCCESS;
 /// - a non-ready state replaces only non-ready states.
@@ -271,7 +271,7 @@ fn expires_at(item: &Item) -> Option<i64> {
     }
 }
 
-/// An item as the service sees it: `None` when expired (invariant 3) or
+/// An item as the service sees it: `None` when expired (invariant S3) or
 /// unreadable.
 fn decode(item: &Item, now: i64) -> Option<Stored> {
     if expires_at(item).is_some_and(|at| at <= now) {

@@ -85,7 +85,7 @@ pub enum PutOutcome {
 /// The operations the service needs from storage. Every read is strongly
 /// consistent and treats expired items as missing.
 pub trait ResultStore: Send + Sync {
-    /// One conditional write, no read before it (invariants 1 and 2).
+    /// One conditional write, no read before it (invariants S1 and S2).
     fn put_task(
         &self,
         ns: &Namespace,

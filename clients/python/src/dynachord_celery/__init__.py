@@ -1,6 +1,6 @@
 """dynachord for Celery: a result backend on dynachord's HTTP API.
 
-    result_backend = "dynachord+https://<api-id>.execute-api.<region>.amazonaws.com"
+Configure Celery with `result_backend = "dynachord+https://<api-id>.execute-api.<region>.amazonaws.com"`.
 """
 
 from .backend import DynachordBackend

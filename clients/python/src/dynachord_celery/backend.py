@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from celery import states
 from celery.backends.base import BaseBackend
@@ -33,8 +34,22 @@ logger = logging.getLogger(__name__)
 
 #: The task meta fields the service stores (Celery's, extended ones included).
 META_FIELDS = (
-    "status", "result", "traceback", "children", "date_done", "group_id", "group_index",
-    "parent_id", "root_id", "name", "args", "kwargs", "worker", "retries", "queue", "task_id",
+    "status",
+    "result",
+    "traceback",
+    "children",
+    "date_done",
+    "group_id",
+    "group_index",
+    "parent_id",
+    "root_id",
+    "name",
+    "args",
+    "kwargs",
+    "worker",
+    "retries",
+    "queue",
+    "task_id",
 )
 
 #: Most ids in one batch-get call (the service's MAX_BATCH_IDS default).
@@ -53,12 +68,10 @@ class DynachordBackend(BaseBackend):
     supports_autoexpire = True
     persistent = True
 
-    def __init__(self, app: Any, url: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
         super().__init__(app, url=url, **kwargs)
         if not url:
-            raise ImproperlyConfigured(
-                "dynachord needs the service's URL: result_backend = 'dynachord+https://<host>'"
-            )
+            raise ImproperlyConfigured("dynachord needs the service's URL: result_backend = 'dynachord+https://<host>'")
         if self.serializer != "json":
             raise ImproperlyConfigured(
                 f"dynachord stores results as JSON documents; result_serializer is {self.serializer!r}, "
@@ -77,12 +90,17 @@ class DynachordBackend(BaseBackend):
 
     # -- tasks ---------------------------------------------------------------
 
-    def _expires_in(self) -> Optional[int]:
+    def _expires_in(self) -> int | None:
         return None if not self.expires else max(1, int(self.expires))
 
     def _store_result(
-        self, task_id: str, result: Any, state: str, traceback: Optional[str] = None,
-        request: Any = None, **kwargs: Any,
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: str | None = None,
+        request: Any = None,
+        **kwargs: Any,
     ) -> Any:
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         body = {k: meta[k] for k in META_FIELDS if k in meta}
@@ -99,7 +117,7 @@ class DynachordBackend(BaseBackend):
         self.client.put_task(task_id, body)
         return result
 
-    def _chord_of(self, request: Any, state: str) -> Optional[dict[str, Any]]:
+    def _chord_of(self, request: Any, state: str) -> dict[str, Any] | None:
         """The chord a header part reports on reaching a ready state: its size
         and the callback, routed as Celery would route it."""
         callback = getattr(request, "chord", None)
@@ -152,8 +170,12 @@ class DynachordBackend(BaseBackend):
         self.client.forget(task_id)
 
     def wait_for(
-        self, task_id: str, timeout: Optional[float] = None, interval: float = 0.5,
-        no_ack: bool = True, on_interval: Any = None,
+        self,
+        task_id: str,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_interval: Any = None,
     ) -> dict[str, Any]:
         """Waits on the server (long-poll), not by polling from here."""
         self._ensure_not_eager()
@@ -174,8 +196,14 @@ class DynachordBackend(BaseBackend):
                 raise self.TimeoutError("The operation timed out.")
 
     def get_many(
-        self, task_ids: Any, timeout: Optional[float] = None, interval: float = 0.5, no_ack: bool = True,
-        on_message: Any = None, on_interval: Any = None, max_iterations: Optional[int] = None,
+        self,
+        task_ids: Any,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_message: Any = None,
+        on_interval: Any = None,
+        max_iterations: int | None = None,
         READY_STATES: frozenset[str] = states.READY_STATES,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yields ``(task_id, meta)`` as tasks become ready: batch-get calls of
@@ -194,7 +222,7 @@ class DynachordBackend(BaseBackend):
             left = self.client.options.max_wait if deadline is None else max(0.0, deadline - time.monotonic())
             still = []
             for start in range(0, len(waiting), BATCH_IDS):
-                chunk = waiting[start:start + BATCH_IDS]
+                chunk = waiting[start : start + BATCH_IDS]
                 # Only the first chunk waits: later ones are read right after it.
                 metas = self.client.batch_get(chunk, wait=left if start == 0 else 0.0)
                 for task_id, raw in zip(chunk, metas):
@@ -223,7 +251,7 @@ class DynachordBackend(BaseBackend):
         self.client.save_group(group_id, result.as_tuple(), self._expires_in())
         return result
 
-    def _restore_group(self, group_id: str) -> Optional[dict[str, Any]]:
+    def _restore_group(self, group_id: str) -> dict[str, Any] | None:
         meta = self.client.get_group(group_id)
         if meta is None:
             return None
@@ -258,14 +286,14 @@ class DynachordBackend(BaseBackend):
             "with a group are not supported"
         )
 
-    def chord_status(self, group_id: str) -> Optional[dict[str, Any]]:
+    def chord_status(self, group_id: str) -> dict[str, Any] | None:
         """The server's view of a chord: size, done, state, callback_id."""
         return self.client.chord(group_id)
 
     def as_uri(self, include_password: bool = False) -> str:
         return f"dynachord+{self.client.endpoint}"
 
-    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: Optional[Mapping[str, Any]] = None) -> Any:
+    def __reduce__(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
         return super().__reduce__(args, dict(kwargs or {}, url=self.client.endpoint))
 
 

@@ -9,14 +9,16 @@ backoff and full jitter on throttling (429), unavailability (502/503/504, with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import re
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import requests
@@ -53,10 +55,10 @@ class ClientOptions:
 
     #: Sign requests with SigV4 (service ``execute-api``). ``None``: sign when
     #: the endpoint is an ``execute-api`` host, never for plain ``http``.
-    sign: Optional[bool] = None
+    sign: bool | None = None
     #: The API's region; by default from the ``execute-api`` host name, else
     #: the AWS configuration (``AWS_REGION``, profile).
-    region: Optional[str] = None
+    region: str | None = None
     #: Seconds to connect, and to read an answer (a long-poll adds its wait).
     connect_timeout: float = 3.05
     read_timeout: float = 15.0
@@ -69,7 +71,7 @@ class ClientOptions:
     max_wait: float = 20.0
 
     @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any]) -> "ClientOptions":
+    def from_mapping(cls, raw: Mapping[str, Any]) -> ClientOptions:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -85,9 +87,9 @@ def parse_endpoint(url: str) -> str:
     base path); a trailing slash is dropped.
     """
     if url.startswith("dynachord+"):
-        url = url[len("dynachord+"):]
+        url = url[len("dynachord+") :]
     elif url.startswith("dynachord://"):
-        url = "https://" + url[len("dynachord://"):]
+        url = "https://" + url[len("dynachord://") :]
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"dynachord endpoint must be http(s)://host[:port][/path], got {url!r}")
@@ -96,7 +98,7 @@ def parse_endpoint(url: str) -> str:
     return url.rstrip("/")
 
 
-def _region_of(host: str) -> Optional[str]:
+def _region_of(host: str) -> str | None:
     match = _EXECUTE_API_HOST.match(host)
     return match.group(1) if match else None
 
@@ -141,14 +143,14 @@ class Client:
         # One session per thread and process: requests' Session is not
         # guaranteed thread-safe, and sockets must not cross a fork.
         pid = os.getpid()
-        session: Optional[requests.Session] = getattr(self._local, "session", None)
+        session: requests.Session | None = getattr(self._local, "session", None)
         if session is None or getattr(self._local, "pid", None) != pid:
             session = requests.Session()
             session.headers["User-Agent"] = "dynachord-celery/0.1"
             self._local.session, self._local.pid = session, pid
         return session
 
-    def _headers(self, method: str, url: str, body: Optional[bytes]) -> dict[str, str]:
+    def _headers(self, method: str, url: str, body: bytes | None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = "application/json"
@@ -160,13 +162,11 @@ class Client:
             headers = dict(request.headers.items())
         return headers
 
-    def _backoff(self, attempt: int, retry_after: Optional[str]) -> float:
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
         pause = random.uniform(0, min(self.options.backoff_cap, self.options.backoff_base * 2**attempt))
         if retry_after:
-            try:
+            with contextlib.suppress(ValueError):
                 pause = max(pause, min(float(retry_after), self.options.backoff_cap))
-            except ValueError:
-                pass
         return pause
 
     def request(
@@ -174,7 +174,7 @@ class Client:
         method: str,
         path: str,
         body: Any = None,
-        params: Optional[Mapping[str, Any]] = None,
+        params: Mapping[str, Any] | None = None,
         extra_read_timeout: float = 0.0,
         ok: Iterable[int] = (200, 204),
     ) -> requests.Response:
@@ -207,7 +207,7 @@ class Client:
 
     # -- the v1 API ---------------------------------------------------------
 
-    def put_task(self, task_id: str, meta: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    def put_task(self, task_id: str, meta: Mapping[str, Any]) -> dict[str, Any] | None:
         """Stores task meta. Returns the service's receipt, or ``None`` when the
         store was refused because the task already holds a state that must not
         be replaced (409: e.g. SUCCESS is never overwritten)."""
@@ -238,13 +238,13 @@ class Client:
     def forget(self, task_id: str) -> None:
         self.request("DELETE", _task_path(task_id))
 
-    def save_group(self, group_id: str, result: Any, expires_in: Optional[int] = None) -> None:
+    def save_group(self, group_id: str, result: Any, expires_in: int | None = None) -> None:
         body: dict[str, Any] = {"result": result}
         if expires_in is not None:
             body["expires_in"] = expires_in
         self.request("PUT", _group_path(group_id), body=body)
 
-    def get_group(self, group_id: str) -> Optional[dict[str, Any]]:
+    def get_group(self, group_id: str) -> dict[str, Any] | None:
         """The saved group (``{"result": ...}``), or ``None`` if there is none."""
         response = self._get_or_none(_group_path(group_id), "group_not_found")
         return None if response is None else dict(_loads(response.text))
@@ -252,13 +252,13 @@ class Client:
     def delete_group(self, group_id: str) -> None:
         self.request("DELETE", _group_path(group_id))
 
-    def chord(self, group_id: str) -> Optional[dict[str, Any]]:
+    def chord(self, group_id: str) -> dict[str, Any] | None:
         """A chord's progress (size, done, state, callback_id), or ``None``
         before its first part has been counted."""
         response = self._get_or_none("/v1/chords/" + quote(group_id, safe=""), "chord_not_found")
         return None if response is None else dict(response.json())
 
-    def _get_or_none(self, path: str, not_found: str) -> Optional[requests.Response]:
+    def _get_or_none(self, path: str, not_found: str) -> requests.Response | None:
         """GET, with the service's own "no such thing" 404 as ``None``; any
         other 404 (a wrong endpoint or base path) is an error."""
         response = self.request("GET", path, ok=(200, 404))

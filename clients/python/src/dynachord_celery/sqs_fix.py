@@ -43,5 +43,5 @@ def survive_sqs_server_errors() -> bool:
         return original(self, queue, qname, messages)
 
     _on_messages_ready._dynachord_fixed = True  # type: ignore[attr-defined]
-    setattr(Channel, "_on_messages_ready", _on_messages_ready)
+    setattr(Channel, "_on_messages_ready", _on_messages_ready)  # noqa: B010 (mypy refuses assigning to a method)
     return True
