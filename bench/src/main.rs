@@ -22,43 +22,26 @@ use futures::future::try_join_all;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+/// The benchmark: the service against raw DynamoDB calls on the same
+/// DynamoDB Local, in the same run.
+#[derive(clap::Parser)]
+#[command(name = "bench")]
 struct Args {
+    /// Results per measurement.
+    #[arg(long, default_value_t = 1000)]
     n: usize,
+    /// Rounds per measurement (the median is printed).
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Chord sizes to join, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     chords: Vec<usize>,
+    #[arg(long, env = "DYNACHORD_ENDPOINT", default_value = "http://127.0.0.1:9000")]
     endpoint: String,
+    #[arg(long, env = "DYNAMODB_ENDPOINT", default_value = "http://127.0.0.1:8000")]
     dynamodb: String,
+    #[arg(long, env = "TABLE_NAME", default_value = "dynachord-local")]
     table: String,
-}
-
-fn args() -> Args {
-    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
-    let mut a = Args {
-        n: 1000,
-        rounds: 3,
-        chords: vec![1000, 10_000],
-        endpoint: env("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000"),
-        dynamodb: env("DYNAMODB_ENDPOINT", "http://127.0.0.1:8000"),
-        table: env("TABLE_NAME", "dynachord-local"),
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let raw = it.next().cloned().unwrap_or_default();
-        let value = raw.parse().ok();
-        match (flag.as_str(), value) {
-            ("--n", Some(v)) => a.n = v,
-            ("--rounds", Some(v)) => a.rounds = v,
-            ("--chords", _) => {
-                a.chords = raw.split(',').filter(|s| !s.is_empty()).filter_map(|s| s.trim().parse().ok()).collect()
-            }
-            _ => {
-                eprintln!("usage: bench [--n 1000] [--rounds 3] [--chords 1000,10000]");
-                std::process::exit(2)
-            }
-        }
-    }
-    a
 }
 
 /// The meta every stored result carries: a Celery SUCCESS of modest size.
@@ -207,14 +190,9 @@ fn row(what: &str, secs: f64, n: usize, calls: Option<f64>, raw: Option<f64>) {
 
 #[tokio::main]
 async fn main() {
-    let a = args();
+    let a = <Args as clap::Parser>::parse();
     let service = Service { http: reqwest::Client::new(), base: a.endpoint.clone() };
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(&a.dynamodb)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "bench"))
-        .load()
-        .await;
+    let sdk = dynachord::local::sdk_config(Some(&a.dynamodb)).await;
     let raw = Raw { client: Client::new(&sdk), table: a.table.clone() };
     println!(
         "dynachord bench: n = {}, rounds = {}, service {}, DynamoDB Local {}",

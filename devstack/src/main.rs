@@ -93,92 +93,72 @@ fn env_line(var: &str, value: &str) -> String {
     }
 }
 
+#[derive(clap::Parser)]
+#[command(name = "devstack", about = "Runs dynachord for real on one machine")]
+enum Cli {
+    /// Starts the local stack and runs it until Ctrl-C or SIGTERM.
+    Up(Settings),
+}
+
+#[derive(clap::Args)]
 struct Settings {
+    /// The service's port (cargo lambda watch).
+    #[arg(long, env = "DYNACHORD_PORT", default_value_t = 9000)]
     port: u16,
+    #[arg(long, env = "DYNAMODB_PORT", default_value_t = 8000)]
     dynamodb_port: u16,
+    /// moto's server, for SQS.
+    #[arg(long, env = "SQS_PORT", default_value_t = 5000)]
     sqs_port: u16,
+    /// Stream records per chord-join invocation.
+    #[arg(long, default_value_t = 100)]
     batch_size: usize,
+    /// How long a pump gathers records before invoking chord-join.
+    #[arg(long = "batch-window-ms", value_parser = millis, default_value = "0")]
     batch_window: Duration,
+    /// Pumps tailing the stream side by side, each delivering every record.
+    #[arg(long, default_value_t = 1)]
     pumps: usize,
+    /// Deliver every batch twice.
+    #[arg(long)]
     replay: bool,
+    #[arg(long, env = "TABLE_NAME", default_value = "dynachord-local")]
     table: String,
+    /// Instances per function.
+    #[arg(long, default_value_t = 8)]
     concurrency: u32,
+    /// Keep DynamoDB data on disk in DIR (default: in memory).
+    #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Rebuild functions when the code changes.
+    #[arg(long)]
     reload: bool,
-    /// `--faults PORT`: the fault proxy (see [`faults`]) between the
-    /// functions and DynamoDB Local and SQS, with its control endpoint.
+    /// The fault proxy (see [`faults`]) on PORT, between the functions and
+    /// DynamoDB Local and SQS, with its control endpoint.
+    #[arg(long = "faults", value_name = "PORT")]
     faults_port: Option<u16>,
-    /// `--state-dir DIR` (default `.local`): logs, the env file, `stack.ready`.
+    /// Logs, the functions' env file, `stack.ready`.
+    #[arg(long, value_name = "DIR", default_value = ".local")]
     state_dir: PathBuf,
-    /// `--invoke-timeout-secs N` (default 300): the pump's limit on one chord-join invocation.
+    /// The pump's limit on one chord-join invocation (Lambda's function timeout).
+    #[arg(long = "invoke-timeout-secs", value_parser = seconds, default_value = "300")]
     invoke_timeout: Duration,
 }
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: devstack up [--port N] [--dynamodb-port N] [--sqs-port N] [--table NAME] [--concurrency N] \
-         [--data-dir DIR] [--reload] [--batch-size N] [--batch-window-ms N] [--pumps N] [--replay] \
-         [--faults PORT] [--state-dir DIR] [--invoke-timeout-secs N]"
-    );
-    std::process::exit(2)
+fn millis(raw: &str) -> Result<Duration, String> {
+    raw.parse().map(Duration::from_millis).map_err(|_| format!("{raw:?} is not a whole number of milliseconds"))
 }
 
-fn settings(args: &[String]) -> Settings {
-    let env_port = |var: &str, default: u16| std::env::var(var).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let mut s = Settings {
-        port: env_port("DYNACHORD_PORT", 9000),
-        dynamodb_port: env_port("DYNAMODB_PORT", 8000),
-        sqs_port: env_port("SQS_PORT", 5000),
-        batch_size: 100,
-        batch_window: Duration::ZERO,
-        pumps: 1,
-        replay: false,
-        table: std::env::var("TABLE_NAME").unwrap_or_else(|_| "dynachord-local".into()),
-        concurrency: 8,
-        data_dir: None,
-        reload: false,
-        faults_port: None,
-        state_dir: PathBuf::from(".local"),
-        invoke_timeout: Duration::from_secs(300),
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().cloned().unwrap_or_else(|| usage());
-        match flag.as_str() {
-            "--port" => s.port = value().parse().unwrap_or_else(|_| usage()),
-            "--dynamodb-port" => s.dynamodb_port = value().parse().unwrap_or_else(|_| usage()),
-            "--table" => s.table = value(),
-            "--concurrency" => s.concurrency = value().parse().unwrap_or_else(|_| usage()),
-            "--data-dir" => s.data_dir = Some(PathBuf::from(value())),
-            "--reload" => s.reload = true,
-            "--sqs-port" => s.sqs_port = value().parse().unwrap_or_else(|_| usage()),
-            "--batch-size" => s.batch_size = value().parse().unwrap_or_else(|_| usage()),
-            "--batch-window-ms" => s.batch_window = Duration::from_millis(value().parse().unwrap_or_else(|_| usage())),
-            "--pumps" => s.pumps = value().parse().unwrap_or_else(|_| usage()),
-            "--replay" => s.replay = true,
-            "--faults" => s.faults_port = Some(value().parse().unwrap_or_else(|_| usage())),
-            "--state-dir" => s.state_dir = PathBuf::from(value()),
-            "--invoke-timeout-secs" => {
-                s.invoke_timeout = Duration::from_secs(value().parse().unwrap_or_else(|_| usage()))
-            }
-            _ => usage(),
-        }
-    }
-    s
+fn seconds(raw: &str) -> Result<Duration, String> {
+    raw.parse().map(Duration::from_secs).map_err(|_| format!("{raw:?} is not a whole number of seconds"))
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("up") => {
-            let settings = settings(&args[1..]);
-            if let Err(message) = up(settings).await {
-                eprintln!("devstack: {message}");
-                std::process::exit(1);
-            }
-        }
-        _ => usage(),
+    let Cli::Up(settings) = <Cli as clap::Parser>::parse();
+    if let Err(message) = up(settings).await {
+        eprintln!("devstack: {message}");
+        std::process::exit(1);
     }
 }
 
@@ -276,6 +256,8 @@ async fn up(s: Settings) -> Result<(), String> {
     result
 }
 
+/// The stack, step by step; every process started is in `procs` (or, for
+/// DynamoDB Local under the fault proxy, in `dynamo`), which the caller stops.
 async fn run(
     s: &Settings,
     root: &Path,
@@ -284,14 +266,41 @@ async fn run(
     procs: &mut Processes,
     dynamo: &mut Option<Arc<faults::Dynamo>>,
 ) -> Result<(), String> {
-    // DynamoDB Local.
+    let dynamodb_url = start_dynamodb(s, root, state, procs, dynamo).await?;
+    let sqs_url = start_sqs(s, state, procs).await?;
+    let (functions_dynamodb_url, functions_sqs_url) = match (s.faults_port, dynamo.as_ref()) {
+        (Some(port), Some(dynamo)) => {
+            faults::serve(port, dynamodb_url.clone(), sqs_url.clone(), dynamo.clone()).await?;
+            eprintln!("devstack: fault proxy on port {port} in front of DynamoDB Local and SQS");
+            (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"))
+        }
+        _ => (dynamodb_url.clone(), sqs_url.clone()),
+    };
+    let env_file = write_functions_env(s, state, &functions_dynamodb_url, &functions_sqs_url, &sqs_url)?;
+    let base = start_functions(s, state, &env_file, procs).await?;
+    start_pumps(s, &dynamodb_url, &base).await;
+    std::fs::write(ready_file, format!("{base}\n")).map_err(|e| e.to_string())?;
+    println!("dynachord is up: {base}/v1/...  (DynamoDB Local {dynamodb_url}, table {}; SQS {sqs_url})", s.table);
+    let logs = s.state_dir.display();
+    println!("logs: {logs}/watch.log, {logs}/dynamodb.log. Ctrl-C stops everything.");
+    serve_until_stopped(procs).await
+}
+
+/// DynamoDB Local on its port, and the table; returns its URL.
+async fn start_dynamodb(
+    s: &Settings,
+    root: &Path,
+    state: &Path,
+    procs: &mut Processes,
+    dynamo: &mut Option<Arc<faults::Dynamo>>,
+) -> Result<String, String> {
     let jar = find_jar(root)?;
     let lib = jar.parent().expect("jar has a folder").join("DynamoDBLocal_lib");
     if let Some(dir) = &s.data_dir {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
     let (port, data_dir, log) = (s.dynamodb_port, s.data_dir.clone(), state.join("dynamodb.log"));
-    let start_dynamodb = move || {
+    let start = move || {
         let mut java = Command::new("java");
         java.arg(format!("-Djava.library.path={}", lib.display()))
             .arg("-jar")
@@ -304,64 +313,66 @@ async fn run(
         };
         spawn("DynamoDB Local", java, &log)
     };
-    let child = start_dynamodb()?;
+    let child = start()?;
     eprintln!("devstack: DynamoDB Local pid {} on port {}", child.id().unwrap_or(0), s.dynamodb_port);
     match s.faults_port {
         // The fault proxy stops and starts it; devstack stops it at the end.
         Some(_) => {
             *dynamo = Some(Arc::new(faults::Dynamo {
                 child: tokio::sync::Mutex::new(Some(child)),
-                start: Box::new(start_dynamodb),
+                start: Box::new(start),
                 port: s.dynamodb_port,
             }))
         }
         None => procs.0.push(("DynamoDB Local", child)),
     }
-
     let dynamodb_url = format!("http://127.0.0.1:{}", s.dynamodb_port);
-    let client = local_client(&dynamodb_url).await;
+    let client = aws_sdk_dynamodb::Client::new(&dynachord::local::sdk_config(Some(&dynamodb_url)).await);
     wait_until("DynamoDB Local", Duration::from_secs(60), procs, || async {
         client.list_tables().send().await.is_ok()
     })
     .await?;
     dynachord::store::schema::ensure_table(&client, &s.table).await?;
     eprintln!("devstack: table {} ready", s.table);
+    Ok(dynamodb_url)
+}
 
-    // SQS for chord callbacks: moto's server, and the default queue.
+/// moto's server for SQS (chord callbacks go there), with the default
+/// queue `celery`; returns its URL.
+async fn start_sqs(s: &Settings, state: &Path, procs: &mut Processes) -> Result<String, String> {
     let mut moto = Command::new("moto_server");
     moto.args(["-H", "127.0.0.1", "-p", &s.sqs_port.to_string()]);
     let child = spawn("moto (SQS)", moto, &state.join("moto.log"))?;
     eprintln!("devstack: moto (SQS) pid {} on port {}", child.id().unwrap_or(0), s.sqs_port);
     procs.0.push(("moto (SQS)", child));
     let sqs_url = format!("http://127.0.0.1:{}", s.sqs_port);
-    let sqs = aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&local_config(&sqs_url).await).build());
+    let sqs = aws_sdk_sqs::Client::new(&dynachord::local::sdk_config(Some(&sqs_url)).await);
     wait_until("moto (SQS)", Duration::from_secs(60), procs, || async {
         sqs.create_queue().queue_name("celery").send().await.is_ok()
     })
     .await?;
+    Ok(sqs_url)
+}
 
-    // The functions reach DynamoDB Local and SQS directly, or through the fault proxy.
-    let (functions_dynamodb_url, functions_sqs_url) = match (s.faults_port, dynamo.as_ref()) {
-        (Some(port), Some(dynamo)) => {
-            faults::serve(port, dynamodb_url.clone(), sqs_url.clone(), dynamo.clone()).await?;
-            eprintln!("devstack: fault proxy on port {port} in front of DynamoDB Local and SQS");
-            (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{port}"))
-        }
-        _ => (dynamodb_url.clone(), sqs_url.clone()),
-    };
-
-    // The functions' environment.
+/// The functions' environment, as cargo lambda watch's env file; returns its path.
+fn write_functions_env(
+    s: &Settings,
+    state: &Path,
+    dynamodb_url: &str,
+    sqs_url: &str,
+    queues_url: &str,
+) -> Result<PathBuf, String> {
     let mut env = vec![
-        format!("AWS_ENDPOINT_URL_SQS={functions_sqs_url}"),
-        format!("CALLBACK_QUEUE_URL_PREFIX={sqs_url}/123456789012/"),
+        format!("AWS_ENDPOINT_URL_SQS={sqs_url}"),
+        format!("CALLBACK_QUEUE_URL_PREFIX={queues_url}/123456789012/"),
         format!("TABLE_NAME={}", s.table),
         "AUTH_MODE=none".to_owned(),
-        format!("AWS_ENDPOINT_URL_DYNAMODB={functions_dynamodb_url}"),
+        format!("AWS_ENDPOINT_URL_DYNAMODB={dynamodb_url}"),
         "AWS_ACCESS_KEY_ID=local".to_owned(),
         "AWS_SECRET_ACCESS_KEY=local".to_owned(),
         "AWS_REGION=us-east-1".to_owned(),
         env_line("TENANTS", LOCAL_TENANTS),
-        env_line("CALLBACK_QUEUES", &local_callback_queues(&format!("{sqs_url}/123456789012/"))),
+        env_line("CALLBACK_QUEUES", &local_callback_queues(&format!("{queues_url}/123456789012/"))),
     ];
     for var in PASSED_ON {
         if let Ok(value) = std::env::var(var) {
@@ -371,24 +382,26 @@ async fn run(
     }
     let env_file = state.join("functions.env");
     std::fs::write(&env_file, env.join("\n") + "\n").map_err(|e| e.to_string())?;
+    Ok(env_file)
+}
 
-    // cargo lambda watch, with the router from Cargo.toml.
+/// cargo lambda watch with the router from Cargo.toml, ready when each
+/// function answers a real request (the first request of each may compile
+/// it); returns the service's base URL.
+async fn start_functions(s: &Settings, state: &Path, env_file: &Path, procs: &mut Processes) -> Result<String, String> {
     let mut watch = Command::new("cargo");
     watch
         .args(["lambda", "watch", "--invoke-address", "127.0.0.1"])
         .args(["--invoke-port", &s.port.to_string()])
         .args(["--concurrency", &s.concurrency.to_string()])
         .arg("--env-file")
-        .arg(&env_file);
+        .arg(env_file);
     if !s.reload {
         watch.arg("--ignore-changes");
     }
     let child = spawn("cargo lambda watch", watch, &state.join("watch.log"))?;
     eprintln!("devstack: cargo lambda watch pid {} on port {}", child.id().unwrap_or(0), s.port);
     procs.0.push(("cargo lambda watch", child));
-
-    // Ready when each function answers a real request (the first request of
-    // each may compile it).
     let base = format!("http://127.0.0.1:{}", s.port);
     let http = reqwest::Client::new();
     let probe = "devstack-probe";
@@ -408,11 +421,13 @@ async fn run(
         })
         .await?;
     }
+    Ok(base)
+}
 
-    // The stream pumps, in this process: they stop with it.
-    let streams = aws_sdk_dynamodbstreams::Client::from_conf(
-        aws_sdk_dynamodbstreams::config::Builder::from(&local_config(&dynamodb_url).await).build(),
-    );
+/// The stream pumps, in this process: they stop with it.
+async fn start_pumps(s: &Settings, dynamodb_url: &str, base: &str) {
+    let sdk = dynachord::local::sdk_config(Some(dynamodb_url)).await;
+    let (client, streams) = (aws_sdk_dynamodb::Client::new(&sdk), aws_sdk_dynamodbstreams::Client::new(&sdk));
     for n in 0..s.pumps {
         let config = pump::PumpConfig {
             name: format!("pump {}", n + 1),
@@ -432,12 +447,10 @@ async fn run(
         s.batch_window.as_millis(),
         if s.replay { ", every batch delivered twice" } else { "" }
     );
+}
 
-    std::fs::write(ready_file, format!("{base}\n")).map_err(|e| e.to_string())?;
-    println!("dynachord is up: {base}/v1/...  (DynamoDB Local {dynamodb_url}, table {}; SQS {sqs_url})", s.table);
-    let logs = s.state_dir.display();
-    println!("logs: {logs}/watch.log, {logs}/dynamodb.log. Ctrl-C stops everything.");
-
+/// Runs until Ctrl-C or SIGTERM (`Ok`), or until a process we started exits.
+async fn serve_until_stopped(procs: &mut Processes) -> Result<(), String> {
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -485,17 +498,4 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     Ok(())
-}
-
-async fn local_config(endpoint: &str) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "devstack"))
-        .load()
-        .await
-}
-
-async fn local_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
-    aws_sdk_dynamodb::Client::new(&local_config(endpoint).await)
 }

@@ -146,114 +146,33 @@ struct Shard {
     failures: u32,
 }
 
-/// Runs one pump until the process ends.
+/// What every step of a pump needs.
+struct Pump {
+    config: PumpConfig,
+    http: reqwest::Client,
+    streams: aws_sdk_dynamodbstreams::Client,
+    arn: String,
+}
+
+/// Runs one pump until the process ends: finds the stream, then, over and
+/// over, picks up new shards, reads each shard's records, and delivers full
+/// (or waited-for) batches.
 pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams::Client, config: PumpConfig) {
-    let http = reqwest::Client::new();
-    let arn = loop {
-        match ddb.describe_table().table_name(&config.table).send().await {
-            Ok(out) => {
-                if let Some(arn) = out.table.and_then(|t| t.latest_stream_arn) {
-                    break arn;
-                }
-            }
-            Err(e) => eprintln!("{}: describe table: {e}", config.name),
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let arn = stream_arn(&ddb, &config).await;
+    let pump = Pump { config, http: reqwest::Client::new(), streams, arn };
     let mut shards: HashMap<String, Shard> = HashMap::new();
     let mut finished: std::collections::HashSet<String> = Default::default();
     let mut last_describe = Instant::now() - Duration::from_secs(60);
     loop {
         if last_describe.elapsed() > Duration::from_secs(2) {
             last_describe = Instant::now();
-            if let Ok(out) = streams.describe_stream().stream_arn(&arn).send().await {
-                for shard in out.stream_description.and_then(|d| d.shards).unwrap_or_default() {
-                    let Some(id) = shard.shard_id else { continue };
-                    if shards.contains_key(&id) || finished.contains(&id) {
-                        continue;
-                    }
-                    let iterator = shard_iterator(&streams, &arn, &id, None).await;
-                    shards.insert(
-                        id,
-                        Shard {
-                            iterator,
-                            last_read: None,
-                            buffer: Vec::new(),
-                            first_buffered: None,
-                            retry_at: None,
-                            failures: 0,
-                        },
-                    );
-                }
-            }
+            pump.discover_shards(&mut shards, &finished).await;
         }
         let mut idle = true;
         for (id, shard) in shards.iter_mut() {
-            // Read more while the batch is not full.
-            if shard.buffer.len() < config.batch_size {
-                if let Some(iterator) = shard.iterator.clone() {
-                    match streams.get_records().shard_iterator(iterator).limit(1000).send().await {
-                        Ok(out) => {
-                            let records = out.records.unwrap_or_default();
-                            if let Some(last) = records.last() {
-                                idle = false;
-                                shard.last_read = Some(sequence(last));
-                                shard.first_buffered.get_or_insert_with(Instant::now);
-                                shard.buffer.extend(records);
-                            }
-                            shard.iterator = out.next_shard_iterator;
-                        }
-                        Err(e) => {
-                            eprintln!("{}: get records on {id}: {e}; getting a new iterator", config.name);
-                            // Resume after the last record read (from the start
-                            // if none), as Lambda's event source mapping does.
-                            if let Some(fresh) = shard_iterator(&streams, &arn, id, shard.last_read.as_deref()).await {
-                                shard.iterator = Some(fresh);
-                            }
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    }
-                }
-            }
-            if shard.buffer.is_empty() || shard.retry_at.is_some_and(|at| Instant::now() < at) {
-                continue;
-            }
-            let full = shard.buffer.len() >= config.batch_size;
-            let waited = shard.first_buffered.is_some_and(|t| t.elapsed() >= config.window);
-            if !(full || waited || shard.iterator.is_none()) {
-                continue;
-            }
-            idle = false;
-            let n = shard.buffer.len().min(config.batch_size);
-            let deliveries = if config.replay { 2 } else { 1 };
-            let mut outcome = Outcome::Done;
-            for _ in 0..deliveries {
-                outcome = invoke(&http, &config.invoke_url, &shard.buffer[..n], &arn, config.invoke_timeout).await;
-                if !matches!(outcome, Outcome::Done) {
-                    break;
-                }
-            }
-            match outcome {
-                Outcome::Done => {
-                    shard.buffer.drain(..n);
-                    shard.failures = 0;
-                    shard.retry_at = None;
-                }
-                Outcome::RetryFrom(seq) => {
-                    // Records before the first failure are done; retry from it
-                    // (an identifier not in the batch retries all of it, as Lambda does).
-                    let keep_from = shard.buffer[..n].iter().position(|r| sequence(r) == seq).unwrap_or(0);
-                    shard.buffer.drain(..keep_from);
-                    shard.failures += 1;
-                    shard.retry_at = Some(Instant::now() + backoff(shard.failures));
-                }
-                Outcome::Failed(why) => {
-                    shard.failures += 1;
-                    eprintln!("{}: chord-join invocation failed ({why}); retrying the batch", config.name);
-                    shard.retry_at = Some(Instant::now() + backoff(shard.failures));
-                }
-            }
-            shard.first_buffered = if shard.buffer.is_empty() { None } else { Some(Instant::now()) };
+            let read = pump.read(id, shard).await;
+            let delivered = pump.deliver(shard).await;
+            idle &= !(read || delivered);
         }
         shards.retain(|id, shard| {
             let done = shard.iterator.is_none() && shard.buffer.is_empty();
@@ -265,6 +184,120 @@ pub async fn run(ddb: aws_sdk_dynamodb::Client, streams: aws_sdk_dynamodbstreams
         if idle {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// The table's stream ARN, once the table has one.
+async fn stream_arn(ddb: &aws_sdk_dynamodb::Client, config: &PumpConfig) -> String {
+    loop {
+        match ddb.describe_table().table_name(&config.table).send().await {
+            Ok(out) => {
+                if let Some(arn) = out.table.and_then(|t| t.latest_stream_arn) {
+                    return arn;
+                }
+            }
+            Err(e) => eprintln!("{}: describe table: {e}", config.name),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+impl Pump {
+    /// Starts reading every shard not seen before, from its oldest record.
+    async fn discover_shards(&self, shards: &mut HashMap<String, Shard>, finished: &std::collections::HashSet<String>) {
+        let Ok(out) = self.streams.describe_stream().stream_arn(&self.arn).send().await else { return };
+        for shard in out.stream_description.and_then(|d| d.shards).unwrap_or_default() {
+            let Some(id) = shard.shard_id else { continue };
+            if shards.contains_key(&id) || finished.contains(&id) {
+                continue;
+            }
+            let iterator = shard_iterator(&self.streams, &self.arn, &id, None).await;
+            let fresh = Shard {
+                iterator,
+                last_read: None,
+                buffer: Vec::new(),
+                first_buffered: None,
+                retry_at: None,
+                failures: 0,
+            };
+            shards.insert(id, fresh);
+        }
+    }
+
+    /// Reads more records into the shard's buffer while its batch is not
+    /// full; `true` if any came.
+    async fn read(&self, id: &str, shard: &mut Shard) -> bool {
+        if shard.buffer.len() >= self.config.batch_size {
+            return false;
+        }
+        let Some(iterator) = shard.iterator.clone() else { return false };
+        match self.streams.get_records().shard_iterator(iterator).limit(1000).send().await {
+            Ok(out) => {
+                let records = out.records.unwrap_or_default();
+                shard.iterator = out.next_shard_iterator;
+                let Some(last) = records.last() else { return false };
+                shard.last_read = Some(sequence(last));
+                shard.first_buffered.get_or_insert_with(Instant::now);
+                shard.buffer.extend(records);
+                true
+            }
+            Err(e) => {
+                eprintln!("{}: get records on {id}: {e}; getting a new iterator", self.config.name);
+                // Resume after the last record read (from the start if
+                // none), as Lambda's event source mapping does.
+                if let Some(fresh) = shard_iterator(&self.streams, &self.arn, id, shard.last_read.as_deref()).await {
+                    shard.iterator = Some(fresh);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                false
+            }
+        }
+    }
+
+    /// Delivers the shard's next batch when it is full, its window has
+    /// passed, or the shard has ended, and no retry is pending; applies the
+    /// function's answer. `true` if a batch went out.
+    async fn deliver(&self, shard: &mut Shard) -> bool {
+        if shard.buffer.is_empty() || shard.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
+        let full = shard.buffer.len() >= self.config.batch_size;
+        let waited = shard.first_buffered.is_some_and(|t| t.elapsed() >= self.config.window);
+        if !(full || waited || shard.iterator.is_none()) {
+            return false;
+        }
+        let n = shard.buffer.len().min(self.config.batch_size);
+        let deliveries = if self.config.replay { 2 } else { 1 };
+        let mut outcome = Outcome::Done;
+        for _ in 0..deliveries {
+            let batch = &shard.buffer[..n];
+            outcome = invoke(&self.http, &self.config.invoke_url, batch, &self.arn, self.config.invoke_timeout).await;
+            if !matches!(outcome, Outcome::Done) {
+                break;
+            }
+        }
+        match outcome {
+            Outcome::Done => {
+                shard.buffer.drain(..n);
+                shard.failures = 0;
+                shard.retry_at = None;
+            }
+            Outcome::RetryFrom(seq) => {
+                // Records before the first failure are done; retry from it
+                // (an identifier not in the batch retries all of it, as Lambda does).
+                let keep_from = shard.buffer[..n].iter().position(|r| sequence(r) == seq).unwrap_or(0);
+                shard.buffer.drain(..keep_from);
+                shard.failures += 1;
+                shard.retry_at = Some(Instant::now() + backoff(shard.failures));
+            }
+            Outcome::Failed(why) => {
+                shard.failures += 1;
+                eprintln!("{}: chord-join invocation failed ({why}); retrying the batch", self.config.name);
+                shard.retry_at = Some(Instant::now() + backoff(shard.failures));
+            }
+        }
+        shard.first_buffered = if shard.buffer.is_empty() { None } else { Some(Instant::now()) };
+        true
     }
 }
 

@@ -27,6 +27,7 @@
 //! - [`chord`]: the chord join from DynamoDB Streams (the `chord-join` function).
 //! - [`service`]: the operations behind the routes (store, fetch, long-poll,
 //!   batch-get, forget, groups), generic over the store.
+//! - [`local`]: the SDK configuration of the local stack's tools.
 //! - [`http`]: routes, request parsing (auth, body cap, query), and the mapping
 //!   of every error to a status and a JSON body.
 
@@ -38,6 +39,7 @@ pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod ids;
+pub mod local;
 pub mod meta;
 pub mod metrics;
 pub mod service;

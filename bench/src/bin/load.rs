@@ -35,50 +35,40 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The load test: many clients store and read back results, with chords
+/// mixed in, against the local stack.
+#[derive(clap::Parser)]
+#[command(name = "load")]
 struct Args {
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 50, value_parser = positive)]
     clients: usize,
+    /// Results stored in all.
+    #[arg(long, default_value_t = 20_000, value_parser = positive)]
     results: usize,
+    /// Parts per chord.
+    #[arg(long, default_value_t = 50, value_parser = positive)]
     chord_size: usize,
     /// Share of the results that are chord parts (0 to 1).
+    #[arg(long, default_value_t = 0.02, value_parser = share)]
     chord_share: f64,
+    #[arg(long, env = "DYNACHORD_ENDPOINT", default_value = "http://127.0.0.1:9000")]
     endpoint: String,
+    #[arg(long, env = "DYNAMODB_ENDPOINT", default_value = "http://127.0.0.1:8000")]
     dynamodb: String,
+    #[arg(long, env = "SQS_ENDPOINT", default_value = "http://127.0.0.1:5000")]
     sqs: String,
+    #[arg(long, env = "TABLE_NAME", default_value = "dynachord-local")]
     table: String,
 }
 
-fn args() -> Args {
-    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
-    let mut a = Args {
-        clients: 50,
-        results: 20_000,
-        chord_size: 50,
-        chord_share: 0.02,
-        endpoint: env("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000"),
-        dynamodb: env("DYNAMODB_ENDPOINT", "http://127.0.0.1:8000"),
-        sqs: env("SQS_ENDPOINT", "http://127.0.0.1:5000"),
-        table: env("TABLE_NAME", "dynachord-local"),
-    };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = argv.iter();
-    let usage = || -> ! {
-        eprintln!("usage: load [--clients 50] [--results 20000] [--chord-size 50] [--chord-share 0.02]");
-        std::process::exit(2)
-    };
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| usage());
-        match flag.as_str() {
-            "--clients" => a.clients = value.parse().unwrap_or_else(|_| usage()),
-            "--results" => a.results = value.parse().unwrap_or_else(|_| usage()),
-            "--chord-size" => a.chord_size = value.parse().unwrap_or_else(|_| usage()),
-            "--chord-share" => a.chord_share = value.parse().unwrap_or_else(|_| usage()),
-            _ => usage(),
-        }
-    }
-    if a.clients == 0 || a.results == 0 || a.chord_size == 0 || !(0.0..=1.0).contains(&a.chord_share) {
-        usage()
-    }
-    a
+fn positive(raw: &str) -> Result<usize, String> {
+    raw.parse().ok().filter(|&n: &usize| n > 0).ok_or_else(|| format!("{raw:?} is not a whole number above 0"))
+}
+
+fn share(raw: &str) -> Result<f64, String> {
+    let value: f64 = raw.parse().map_err(|_| format!("{raw:?} is not a number"))?;
+    (0.0..=1.0).contains(&value).then_some(value).ok_or_else(|| format!("{value} is not between 0 and 1"))
 }
 
 /// One result to store: a plain task, or part `index` of chord `chord`.
@@ -406,12 +396,8 @@ async fn raw_run(a: &Args, client: aws_sdk_dynamodb::Client, work: Arc<Vec<Work>
 
 #[tokio::main]
 async fn main() {
-    let a = args();
-    let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new("local", "local", None, None, "load"))
-        .load()
-        .await;
+    let a = <Args as clap::Parser>::parse();
+    let sdk = dynachord::local::sdk_config(None).await;
     let dynamodb = aws_sdk_dynamodb::Client::from_conf(
         aws_sdk_dynamodb::config::Builder::from(&sdk).endpoint_url(&a.dynamodb).build(),
     );
