@@ -343,7 +343,8 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         let limit = self.max_message_bytes;
         let mut results = String::from("[");
         let mut start = 0;
-        let mut window = 100;
+        // Small at first, so a few huge results are caught before many are read.
+        let mut window = 25;
         while start < ids.len() {
             let chunk = &ids[start..(start + window).min(ids.len())];
             let metas = self.store.get_tasks(ns, chunk).await?;
@@ -371,7 +372,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             start += chunk.len();
             // Size the next window to the results seen so far.
             let average = (read / chunk.len().max(1)).max(1);
-            window = (READ_WINDOW_BYTES / average).clamp(100, 1000);
+            window = (READ_WINDOW_BYTES / average).clamp(25, 1000);
         }
         results.push(']');
         Ok(Ok(results))

@@ -2,7 +2,7 @@
 //! `./dev test` runs the stack with two pumps that each deliver every batch
 //! twice, so every chord here is joined under redelivery.
 
-use crate::helpers::Api;
+use crate::helpers::{random_hex, Api};
 use crate::sqs::Queue;
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -164,6 +164,39 @@ async fn a_callback_too_large_for_its_queue_fails_the_chord_clearly() {
     chord.store_parts(&api, 3, 3, |i| format!("\"{}\"", i.to_string().repeat(120_000))).await;
     assert_fails_clearly(&api, &chord, "accepts at most 262144").await;
     assert!(queue.drain(Duration::from_secs(2)).await.is_empty(), "nothing half-sent");
+}
+
+#[tokio::test]
+async fn results_adding_up_to_200_mb_fail_their_chord_early_and_the_rest_of_the_batch_goes_on() {
+    let (api, other) = (Api::new(), Api::new());
+    let (queue, other_queue) = (Queue::new(&api.id("q")).await, Queue::new(&other.id("q")).await);
+    let huge = Chord::new(&api, &queue, json!({}));
+    let healthy = Chord::new(&other, &other_queue, json!({}));
+    // 290 parts of 700,000 random hex characters: 203 MB of results (each
+    // stored compressed under the item limit). The healthy chord's parts are
+    // stored among them, so their records share the stream's batches.
+    const PARTS: usize = 290;
+    futures::stream::iter(0..PARTS)
+        .map(|i| {
+            let (api, other, huge, healthy) = (&api, &other, &huge, &healthy);
+            async move {
+                let id = api.id(&format!("p{i}"));
+                api.put_task(&id, huge.part(&id, i, PARTS, "SUCCESS", json!(random_hex(700_000)))).await.expect(200);
+                if i % 97 == 0 {
+                    let j = i / 97;
+                    let id = other.id(&format!("p{j}"));
+                    other.put_task(&id, healthy.part(&id, j, 3, "SUCCESS", json!(j))).await.expect(200);
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    assert_fails_clearly(&api, &huge, "accepts at most 262144").await;
+    assert!(queue.drain(Duration::from_secs(1)).await.is_empty(), "nothing sent for the huge chord");
+    let messages = other_queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1, "the healthy chord went on");
+    assert_eq!(messages[0].body[0], json!([[0, 1, 2]]));
 }
 
 #[tokio::test]

@@ -201,6 +201,12 @@ where
     }
 }
 
+/// Hex of random bytes: compresses to about half, so `len` characters
+/// store as about `len / 2` bytes.
+pub fn random_hex(len: usize) -> String {
+    (0..len.div_ceil(32)).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect::<String>()[..len].to_owned()
+}
+
 /// A Celery-shaped SUCCESS meta.
 pub fn success(result: Value) -> Value {
     serde_json::json!({"status": "SUCCESS", "result": result, "traceback": null, "children": []})

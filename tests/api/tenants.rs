@@ -8,7 +8,7 @@
 //! id must not reach the other's.
 
 use crate::chords::Chord;
-use crate::helpers::{poll_until, success, Api};
+use crate::helpers::{poll_until, random_hex, success, Api};
 use crate::sqs::Queue;
 use serde_json::json;
 use std::time::Duration;
@@ -157,12 +157,6 @@ async fn what_one_part_can_make_chord_join_send_is_bounded_at_store_time() {
     assert_eq!(a.get_task(&id).await.expect(200).json["status"], "PENDING");
     // The same result without the callback is stored.
     a.put_task(&id, success(json!(result))).await.expect(200);
-}
-
-/// Hex of random bytes: compresses to about half, so `len` characters
-/// store as about `len / 2` bytes.
-fn random_hex(len: usize) -> String {
-    (0..len.div_ceil(32)).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect::<String>()[..len].to_owned()
 }
 
 /// `Some` once `who`'s chord at `path` is open with `done` parts counted.
