@@ -13,6 +13,11 @@ use serde_json::{json, Map, Value};
 
 use crate::ids::TaskId;
 
+/// Celery's canvas primitives, as their signatures name them.
+pub const CHAIN: &str = "celery.chain";
+pub const GROUP: &str = "celery.group";
+pub const CHORD: &str = "celery.chord";
+
 /// A Celery signature, as a worker sends it in `request.chord`.
 #[derive(Debug, Clone)]
 pub struct Signature {
@@ -73,6 +78,39 @@ impl Signature {
             Some(_) => return Err("callback immutable must be true, false or null".into()),
         };
         Ok(Self { task, task_id, args, kwargs, options, immutable, raw })
+    }
+
+    /// What Celery's `apply_async` of this signature sends first: for a
+    /// `celery.chain`, its first task, carrying the rest of the chain in
+    /// `options.chain` (last task first, as the worker pops it); for a task,
+    /// `None` (the signature itself is sent).
+    pub fn first_of_chain(&self) -> Result<Option<Signature>, String> {
+        if self.task != CHAIN {
+            return Ok(None);
+        }
+        let tasks = self.kwargs.get("tasks").and_then(Value::as_array).ok_or("a chain needs kwargs.tasks")?;
+        let (first, rest) = tasks.split_first().ok_or("a chain needs at least one task")?;
+        let mut first =
+            Signature::from_value(first.clone(), None).map_err(|e| format!("the chain's first task: {e}"))?;
+        if [CHAIN, GROUP, CHORD].contains(&first.task.as_str()) {
+            return Err(format!("a chain that starts with a {} is not supported as a chord's body yet", first.task));
+        }
+        if !rest.is_empty() {
+            first.options.insert("chain".into(), Value::Array(rest.iter().rev().cloned().collect()));
+        }
+        Ok(Some(first))
+    }
+
+    /// Whether dynachord can send this signature as a chord's body: a task,
+    /// or a chain that starts with a task. A group or a chord as the body is
+    /// refused when the first part is stored, never left to hang.
+    pub fn check_sendable(&self) -> Result<(), String> {
+        match self.task.as_str() {
+            GROUP | CHORD => {
+                Err(format!("a {} as a chord's body is not supported yet; make the body a task or a chain", self.task))
+            }
+            _ => self.first_of_chain().map(|_| ()),
+        }
     }
 
     /// The queue this signature names (`options.queue`), if any.
@@ -192,11 +230,19 @@ pub struct MessageContext<'a> {
 pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageContext<'_>) -> String {
     let kwargs = Value::Object(sig.kwargs.clone());
     let option = |name: &str| sig.options.get(name).cloned().unwrap_or(Value::Null);
+    // As Celery's apply_async hands them to amqp.as_task_v2: link and
+    // link_error become lists, the rest of a chain and an enclosing chord
+    // travel as they are, so the worker carries the canvas on.
+    let list = |name: &str| match option(name) {
+        Value::Null => Value::Null,
+        Value::Array(items) => Value::Array(items),
+        one => Value::Array(vec![one]),
+    };
     let embed = json!({
-        "callbacks": option("link"),
-        "errbacks": option("link_error"),
-        "chain": null,
-        "chord": null,
+        "callbacks": list("link"),
+        "errbacks": list("link_error"),
+        "chain": option("chain"),
+        "chord": option("chord"),
     });
     // args stays raw JSON text so results round-trip exactly.
     let body = format!("[{args},{kwargs},{embed}]");
@@ -211,19 +257,19 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
             "lang": "py",
             "task": sig.task,
             "id": task_id,
-            "shadow": null,
+            "shadow": option("shadow"),
             "eta": null,
             "expires": null,
             "group": group,
-            "group_index": null,
+            "group_index": option("group_index"),
             "retries": 0,
-            "timelimit": [null, null],
+            "timelimit": [option("time_limit"), option("soft_time_limit")],
             "root_id": sig.options.get("root_id").and_then(Value::as_str).or(cx.root_id),
             "parent_id": sig.options.get("parent_id").and_then(Value::as_str).or(cx.parent_id),
             "argsrepr": py_tuple(&args_value),
             "kwargsrepr": py_repr(&kwargs),
             "origin": "dynachord@chord-join",
-            "ignore_result": false,
+            "ignore_result": sig.options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
             "replaced_task_nesting": 0,
             "stamped_headers": null,
             "stamps": {},
@@ -359,6 +405,31 @@ mod tests {
     }
 
     #[test]
+    fn the_message_carries_the_canvas_on_as_celerys_apply_async_does() {
+        // The body of a chord that is itself part of an outer chord, with
+        // the rest of a chain and a link after it.
+        let sig = Signature::parse(
+            r#"{"task":"t.cb","args":[],"kwargs":{},"immutable":false,"options":{"task_id":"cb","group_id":"outer",
+                "group_index":2,"chord":{"task":"t.outer","options":{"task_id":"ocb"}},
+                "chain":[{"task":"t.last","options":{"task_id":"n2"}},{"task":"t.next","options":{"task_id":"n1"}}],
+                "link":{"task":"t.linked","options":{"task_id":"l1"}},"time_limit":30}}"#,
+        )
+        .unwrap();
+        let cx = MessageContext { group_id: "inner", parent_id: Some("p"), root_id: None };
+        let envelope: Value =
+            serde_json::from_slice(&B64.decode(celery_sqs_body(&sig, "[[1]]", "celery", &cx)).unwrap()).unwrap();
+        let headers = &envelope["headers"];
+        assert_eq!((headers["group"].as_str(), headers["group_index"].as_u64()), (Some("outer"), Some(2)));
+        assert_eq!(headers["timelimit"], json!([30, null]));
+        let body: Value = serde_json::from_slice(&B64.decode(envelope["body"].as_str().unwrap()).unwrap()).unwrap();
+        let embed = &body[2];
+        assert_eq!(embed["chain"][1]["task"], "t.next", "the rest of the chain, last task first");
+        assert_eq!(embed["chord"]["task"], "t.outer", "the enclosing chord");
+        assert_eq!(embed["callbacks"], json!([{"task": "t.linked", "options": {"task_id": "l1"}}]), "link as a list");
+        assert_eq!(embed["errbacks"], Value::Null);
+    }
+
+    #[test]
     fn every_queue_a_signature_names_is_found() {
         let sig = Signature::parse(
             r#"{"task":"t","options":{"task_id":"cb","queue":"q1","link_error":[{"task":"e","options":{"queue":"q2"}}],
@@ -368,5 +439,33 @@ mod tests {
         assert_eq!(sig.queues_named(), ["q1", "q2", "q3", "q4"]);
         assert_eq!(sig.queue(), Some("q1"));
         assert_eq!(sig.errbacks().len(), 1);
+    }
+
+    #[test]
+    fn a_chain_is_sent_as_its_first_task_carrying_the_rest() {
+        let chain = Signature::parse(
+            r#"{"task":"celery.chain","args":[],"kwargs":{"tasks":[
+                {"task":"t.a","args":[1],"options":{"task_id":"a"}},
+                {"task":"t.b","options":{"task_id":"b"}},
+                {"task":"t.c","options":{"task_id":"c"}}]},"options":{"task_id":"c"},"subtask_type":"chain"}"#,
+        )
+        .unwrap();
+        let first = chain.first_of_chain().unwrap().unwrap();
+        assert_eq!((first.task.as_str(), first.task_id.as_str(), first.args.clone()), ("t.a", "a", vec![json!(1)]));
+        let rest: Vec<&str> =
+            first.options["chain"].as_array().unwrap().iter().map(|t| t["task"].as_str().unwrap()).collect();
+        assert_eq!(rest, ["t.c", "t.b"], "last task first");
+        assert!(chain.check_sendable().is_ok());
+        let task = Signature::parse(r#"{"task":"t.a","options":{"task_id":"a"}}"#).unwrap();
+        assert!(task.first_of_chain().unwrap().is_none());
+        for refused in [
+            r#"{"task":"celery.group","kwargs":{"tasks":[]},"options":{"task_id":"g"}}"#,
+            r#"{"task":"celery.chord","kwargs":{},"options":{"task_id":"g"}}"#,
+            r#"{"task":"celery.chain","kwargs":{"tasks":[]},"options":{"task_id":"g"}}"#,
+            r#"{"task":"celery.chain","kwargs":{"tasks":[{"task":"celery.group","options":{"task_id":"x"}}]},"options":{"task_id":"g"}}"#,
+        ] {
+            let err = Signature::parse(refused).unwrap().check_sendable().unwrap_err();
+            assert!(err.contains("not supported") || err.contains("at least one"), "{refused}: {err}");
+        }
     }
 }

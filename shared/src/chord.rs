@@ -301,12 +301,19 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             Ok(results) => results,
             Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
         };
-        let args = if sig.immutable {
-            Value::Array(sig.args.clone()).to_string()
-        } else if sig.args.is_empty() {
+        // A chain as the body goes out as its first task carrying the rest,
+        // as Celery's apply_async of the chain sends it.
+        let first = match sig.first_of_chain() {
+            Ok(first) => first,
+            Err(e) => return self.fail(claim, &sig, format!("ChordError: {e}"), OnTransient::Retry).await,
+        };
+        let task = first.as_ref().unwrap_or(&sig);
+        let args = if task.immutable {
+            Value::Array(task.args.clone()).to_string()
+        } else if task.args.is_empty() {
             format!("[{results}]")
         } else {
-            let rest = Value::Array(sig.args.clone()).to_string();
+            let rest = Value::Array(task.args.clone()).to_string();
             format!("[{results},{}", &rest[1..])
         };
         let event = || {
@@ -317,7 +324,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 sig.raw
             )
         };
-        let out = Outgoing { sig: &sig, args: &args, event: &event, cx: claim.context() };
+        let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
         if !self.still_ours(claim).await? {
             return Ok(());
         }

@@ -16,6 +16,8 @@ pub enum ApiError {
     BadBody(String),
     #[error("{0}")]
     BadQuery(String),
+    #[error("expires_in {requested} is outside 1..={max} seconds")]
+    ExpiresOutOfRange { requested: u64, max: u64 },
     #[error("body is {size} bytes; the limit is {limit}")]
     BodyTooLarge { size: usize, limit: usize },
     #[error("batch has {count} ids; the limit is {limit}")]
@@ -54,6 +56,7 @@ impl ApiError {
             Self::BadMeta(_) => (400, "invalid_meta"),
             Self::BadBody(_) => (400, "invalid_body"),
             Self::BadQuery(_) => (400, "invalid_query"),
+            Self::ExpiresOutOfRange { .. } => (400, "invalid_body"),
             Self::BodyTooLarge { .. } => (413, "body_too_large"),
             Self::BatchTooLarge { .. } => (413, "batch_too_large"),
             Self::ResultTooLarge { .. } => (413, "result_too_large"),
@@ -99,6 +102,10 @@ impl ApiError {
         }
         if let Self::Conflict { stored, .. } = self {
             error["stored_status"] = stored.clone().into();
+        }
+        if let Self::ExpiresOutOfRange { max, .. } = self {
+            // The package clamps a longer result_expires to this.
+            error["max_expires_in"] = (*max).into();
         }
         serde_json::json!({ "error": error }).to_string()
     }

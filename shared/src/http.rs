@@ -64,8 +64,9 @@ pub struct Incoming {
 pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -> Result<Route, ApiError> {
     let no_route = || ApiError::NoRoute { method: method.to_owned(), path: path.to_owned() };
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    let task = |raw: &str| TaskId::parse(raw).map_err(ApiError::from);
-    let group = |raw: &str| GroupId::parse(raw).map_err(ApiError::from);
+    // Path segments arrive percent-encoded (`a%3Ab` is the id `a:b`).
+    let task = |raw: &str| TaskId::parse(&percent_decode(raw)).map_err(ApiError::from);
+    let group = |raw: &str| GroupId::parse(&percent_decode(raw)).map_err(ApiError::from);
     match (method, segments.as_slice()) {
         ("POST", ["", "v1", "tasks", "batch-get"]) => Ok(Route::BatchGet),
         ("PUT", ["", "v1", "tasks", id]) => Ok(Route::PutTask(task(id)?)),
@@ -87,6 +88,31 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
         ("GET", ["", "v1", "chords", id]) => Ok(Route::GetChord(group(id)?)),
         _ => Err(no_route()),
     }
+}
+
+/// A path segment with its `%XX` escapes decoded. A malformed escape, or
+/// bytes that are not UTF-8, are left as they are: the id check refuses them.
+fn percent_decode(raw: &str) -> String {
+    if !raw.contains('%') {
+        return raw.to_owned();
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| raw.to_owned())
 }
 
 /// The caller, from API Gateway's IAM authorizer context (which API Gateway
@@ -207,6 +233,14 @@ mod tests {
         assert!(matches!(route("PATCH", "/v1/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v2/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v1/tasks/a%2Fb", None, MAX), Err(ApiError::BadId(_))));
+        assert_eq!(
+            route("PUT", "/v1/tasks/a%3Ab%40c", None, MAX).unwrap(),
+            Route::PutTask(TaskId::parse("a:b@c").unwrap())
+        );
+        assert!(matches!(route("GET", "/v1/groups/g%3a1", None, MAX), Ok(Route::GetGroup(g)) if g.as_str() == "g:1"));
+        for bad in ["a%", "a%zz", "a%FF", "a%20b"] {
+            assert!(matches!(route("GET", &format!("/v1/tasks/{bad}"), None, MAX), Err(ApiError::BadId(_))), "{bad}");
+        }
         for wait in ["-1", "21", "NaN", "soon", "inf"] {
             assert!(matches!(route("GET", "/v1/tasks/t1", Some(wait), MAX), Err(ApiError::BadQuery(_))), "{wait}");
         }

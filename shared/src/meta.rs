@@ -183,6 +183,7 @@ impl TaskMeta {
     /// Parses and checks a store body for `task_id`; fills what Celery would
     /// (`children` = `[]`, `date_done` for ready states) and pins `task_id`.
     pub fn parse(body: &[u8], task_id: &TaskId) -> Result<Self, MetaError> {
+        json_object(body)?;
         let mut meta: TaskMeta = serde_json::from_slice(body)?;
         if let Some(body_id) = &meta.task_id {
             if body_id != task_id.as_str() {
@@ -211,6 +212,15 @@ impl TaskMeta {
     }
 }
 
+/// Refuses a body that is not a JSON object before serde reads it: serde
+/// would read a struct from an array too, field by field (`[null, null]`).
+pub fn json_object(body: &[u8]) -> Result<(), serde_json::Error> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') | None => Ok(()),
+        Some(_) => Err(serde::de::Error::custom("invalid type: expected a JSON object")),
+    }
+}
+
 fn check_chord(chord: &ChordSpec, has_group: bool, index: Option<u32>) -> Result<(), MetaError> {
     let bad = |m: String| Err(MetaError::BadChord(m));
     if !(1..=MAX_CHORD_SIZE).contains(&chord.size) {
@@ -222,7 +232,8 @@ fn check_chord(chord: &ChordSpec, has_group: bool, index: Option<u32>) -> Result
     if index >= chord.size {
         return bad(format!("group_index {index} is not below the chord size {}", chord.size));
     }
-    crate::celery::Signature::parse(chord.callback.get()).map_err(MetaError::BadChord)?;
+    let callback = crate::celery::Signature::parse(chord.callback.get()).map_err(MetaError::BadChord)?;
+    callback.check_sendable().map_err(MetaError::BadChord)?;
     Ok(())
 }
 
@@ -310,6 +321,7 @@ mod tests {
             (r#"{"status":"SUCCESS","group_id":"a/b"}"#, "group id"),
             (r#"{"status":"SUCCESS","expires_in":-1}"#, "invalid value"),
             (r#"[1]"#, "invalid type"),
+            (r#"["SUCCESS"]"#, "expected a JSON object"),
             (r#"{"status":"SUCCESS""#, "EOF"),
             (
                 r#"{"status":"SUCCESS","chord":{"size":2,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#,

@@ -48,10 +48,7 @@ fn expires_at(config: &Config, expires_in: Option<u64>) -> Result<i64, ApiError>
         None => config.result_ttl,
         Some(secs) if secs >= 1 && secs <= config.max_result_ttl.as_secs() => Duration::from_secs(secs),
         Some(secs) => {
-            return Err(ApiError::BadBody(format!(
-                "expires_in {secs} is outside 1..={} seconds",
-                config.max_result_ttl.as_secs()
-            )))
+            return Err(ApiError::ExpiresOutOfRange { requested: secs, max: config.max_result_ttl.as_secs() })
         }
     };
     Ok(now_epoch() + ttl.as_secs() as i64)
@@ -157,8 +154,9 @@ struct BatchRequest {
 /// `{"results": [...]}` in request order. With a wait, re-reads only the
 /// tasks not yet ready until all are or the wait is over.
 pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u8]) -> Result<Reply, ApiError> {
-    let request: BatchRequest =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadBody(format!("body is not a batch-get request: {e}")))?;
+    let request: BatchRequest = crate::meta::json_object(body)
+        .and_then(|()| serde_json::from_slice(body))
+        .map_err(|e| ApiError::BadBody(format!("body is not a batch-get request: {e}")))?;
     if request.task_ids.len() > app.config.max_batch_ids {
         return Err(ApiError::BatchTooLarge { count: request.task_ids.len(), limit: app.config.max_batch_ids });
     }
@@ -235,8 +233,9 @@ pub async fn save_group<S: ResultStore>(
     id: &GroupId,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
-    let request: GroupRequest =
-        serde_json::from_slice(body).map_err(|e| ApiError::BadBody(format!("body is not a saved group: {e}")))?;
+    let request: GroupRequest = crate::meta::json_object(body)
+        .and_then(|()| serde_json::from_slice(body))
+        .map_err(|e| ApiError::BadBody(format!("body is not a saved group: {e}")))?;
     let expires_at = expires_at(&app.config, request.expires_in)?;
     let doc = format!(r#"{{"result":{}}}"#, request.result.get());
     app.store.put_group(ns, id, &doc, expires_at).await?;
@@ -366,7 +365,10 @@ mod tests {
     async fn expires_in_is_bounded() {
         let app = app();
         for body in [r#"{"status":"SUCCESS","expires_in":0}"#, r#"{"status":"SUCCESS","expires_in":99999999999}"#] {
-            assert!(matches!(put(&app, "t1", body).await, Err(ApiError::BadBody(_))), "{body}");
+            let err = put(&app, "t1", body).await.unwrap_err();
+            assert!(matches!(err, ApiError::ExpiresOutOfRange { max: 2_592_000, .. }), "{body}");
+            let json: serde_json::Value = serde_json::from_str(&err.to_json("r")).unwrap();
+            assert_eq!(json["error"]["max_expires_in"], 2_592_000, "the package clamps to it");
         }
         assert!(app.store.is_empty());
     }
@@ -382,5 +384,11 @@ mod tests {
         delete_group(&app, &ns, &g).await.unwrap();
         assert!(matches!(restore_group(&app, &ns, &g).await, Err(ApiError::GroupNotFound(_))));
         assert!(save_group(&app, &ns, &g, br#"{"results":[]}"#).await.is_err());
+        for not_an_object in [&b"[null, null]"[..], b"[[1], 60]", b"\"x\"", b"7"] {
+            let err = save_group(&app, &ns, &g, not_an_object).await.unwrap_err();
+            assert!(err.to_string().contains("expected a JSON object"), "{err}");
+        }
+        let err = batch_fetch(&app, &ns, br#"[["a"], null]"#).await.unwrap_err();
+        assert!(err.to_string().contains("expected a JSON object"), "{err}");
     }
 }

@@ -209,3 +209,32 @@ def test_the_sqs_fix_reads_kombus_error_answer_as_no_messages() -> None:
     assert patched(object(), "https://sqs/q", "q", []) == 0
     # A real answer still goes to kombu: no messages is 0, as before.
     assert patched(object(), "https://sqs/q", "q", {"Messages": []}) == 0
+
+
+def test_every_error_the_package_raises_pickles() -> None:
+    import pickle
+
+    for exc in (
+        DynachordError("PUT", "/v1/tasks/t", 400, "callback_not_allowed", "queue 'x' is not one ..."),
+        DynachordUnavailable("GET", "/v1/tasks/t", 503, "throttled", "retry"),
+    ):
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is type(exc)
+        assert (back.status, back.code, back.message, str(back)) == (exc.status, exc.code, exc.message, str(exc))
+
+
+def test_a_result_lifetime_past_the_services_maximum_is_clamped_with_a_warning(
+    server: tuple[str, Script], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, script = server
+    too_long = {"error": {"code": "invalid_body", "message": "expires_in too long", "max_expires_in": 2592000}}
+    receipt = {"task_id": "t", "status": "SUCCESS", "date_done": None, "expires_at": 1}
+    script.answers = [(400, {}, too_long), (200, {}, receipt), (200, {}, receipt)]
+    client = Client(url, ClientOptions(**FAST))
+    assert client.put_task("t", {"status": "SUCCESS", "expires_in": 31536000}) == receipt
+    assert "longer than the service keeps results" in caplog.text
+    sent = [json.loads(s["body"])["expires_in"] for s in script.seen]
+    assert sent == [31536000, 2592000], "retried once, clamped"
+    # Later stores are clamped before they are sent.
+    client.put_task("t2", {"status": "SUCCESS", "expires_in": 31536000})
+    assert json.loads(script.seen[-1]["body"])["expires_in"] == 2592000

@@ -25,7 +25,7 @@ from typing import Any
 
 from celery import states
 from celery.backends.base import BaseBackend
-from celery.exceptions import ImproperlyConfigured
+from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import result_from_tuple
 
 from .client import Client, ClientOptions, DynachordError, DynachordUnavailable
@@ -51,6 +51,18 @@ META_FIELDS = (
     "queue",
     "task_id",
 )
+
+#: Refusals of a chord part's chord at store time (see _refuse_chord).
+REFUSED_CHORD_CODES = frozenset({"invalid_meta", "callback_not_allowed", "callback_too_large"})
+
+
+def _tasks_of(sig: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The signatures inside a chain's or a group's signature (none for a task)."""
+    if sig.get("task") not in ("celery.chain", "celery.group"):
+        return []
+    tasks = (sig.get("kwargs") or {}).get("tasks") or []
+    return [t for t in tasks if isinstance(t, dict) and t.get("task")]
+
 
 #: Most ids in one batch-get call (the service's MAX_BATCH_IDS default).
 BATCH_IDS = 1000
@@ -114,8 +126,33 @@ class DynachordBackend(BaseBackend):
         expires_in = self._expires_in()
         if expires_in is not None:
             body["expires_in"] = expires_in
-        self.client.put_task(task_id, body)
+        try:
+            self.client.put_task(task_id, body)
+        except DynachordError as exc:
+            if "chord" not in body or exc.code not in REFUSED_CHORD_CODES:
+                raise
+            self._refuse_chord(task_id, body, exc)
         return result
+
+    def _refuse_chord(self, task_id: str, body: dict[str, Any], exc: DynachordError) -> None:
+        """The service refused a part's chord (a body it cannot send, a queue
+        the tenant may not use, a callback too large): keep the part's own
+        result, and fail the chord's body with a ChordError saying why, so a
+        caller waiting on it gets an answer instead of waiting for ever."""
+        callback = body.pop("chord")["callback"]
+        self.client.put_task(task_id, body)
+        logger.error("dynachord refused the chord of %s: %s", task_id, exc.message)
+        error = ChordError(f"chord refused by dynachord: {exc.message}")
+        meta = {
+            "status": states.FAILURE,
+            "result": self.encode_result(error, states.FAILURE),
+            "traceback": None,
+            "children": [],
+        }
+        for sig in [callback, *_tasks_of(callback)]:
+            sig_id = (sig.get("options") or {}).get("task_id")
+            if sig_id:
+                self.client.put_task(sig_id, dict(meta, task_id=sig_id))
 
     def _chord_of(self, request: Any, state: str) -> dict[str, Any] | None:
         """The chord a header part reports on reaching a ready state: its size
@@ -156,6 +193,9 @@ class DynachordBackend(BaseBackend):
             for child in linked if isinstance(linked, list) else [linked] if linked else []:
                 if isinstance(child, dict) and child.get("task"):
                     self._route(child)
+        # A chain as the body is sent as its first task: route its tasks too.
+        for child in _tasks_of(sig):
+            self._route(child)
 
     def _decode(self, meta: dict[str, Any]) -> dict[str, Any]:
         return dict(self.meta_from_decoded(meta))

@@ -44,6 +44,11 @@ class DynachordError(Exception):
         self.method, self.path = method, path
         self.status, self.code, self.message = status, code, message
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str, int, str, str]]:
+        # A worker pickles exceptions it reports (and Celery's own result
+        # machinery may): rebuild from the fields, not from the message.
+        return (type(self), (self.method, self.path, self.status, self.code, self.message))
+
 
 class DynachordUnavailable(DynachordError):
     """Throttled or unreachable after every retry; safe to try again later."""
@@ -113,6 +118,8 @@ class Client:
         self._sign = options.sign if options.sign is not None else _region_of(host) is not None
         self._region = options.region or _region_of(host)
         self._local = threading.local()
+        #: The service's longest result lifetime, once it has told us.
+        self._max_expires_in: int | None = None
         self._signer: Any = None
         if self._sign:
             self._signer = self._make_signer()
@@ -211,7 +218,7 @@ class Client:
         """Stores task meta. Returns the service's receipt, or ``None`` when the
         store was refused because the task already holds a state that must not
         be replaced (409: e.g. SUCCESS is never overwritten)."""
-        response = self.request("PUT", _task_path(task_id), body=meta, ok=(200, 409))
+        response = self._put_expiring(_task_path(task_id), meta, ok=(200, 409))
         if response.status_code == 409:
             logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
             return None
@@ -242,7 +249,33 @@ class Client:
         body: dict[str, Any] = {"result": result}
         if expires_in is not None:
             body["expires_in"] = expires_in
-        self.request("PUT", _group_path(group_id), body=body)
+        self._put_expiring(_group_path(group_id), body)
+
+    def _put_expiring(self, path: str, body: Mapping[str, Any], ok: Iterable[int] = (200, 204)) -> requests.Response:
+        """PUTs a body that may carry ``expires_in``. A lifetime longer than
+        the service allows (``MAX_RESULT_TTL_SECONDS``) is clamped to its
+        maximum, with a warning, instead of failing every store."""
+        body = dict(body)
+        requested = body.get("expires_in")
+        limit = self._max_expires_in
+        if isinstance(requested, int) and limit is not None and requested > limit:
+            body["expires_in"] = limit
+        try:
+            return self.request("PUT", path, body=body, ok=ok)
+        except DynachordError as exc:
+            limit = getattr(exc, "max_expires_in", None)
+            if not isinstance(requested, int) or not isinstance(limit, int) or requested <= limit:
+                raise
+            logger.warning(
+                "dynachord: result_expires of %d s is longer than the service keeps results (%d s, its "
+                "MAX_RESULT_TTL_SECONDS); results expire after %d s",
+                requested,
+                limit,
+                limit,
+            )
+            self._max_expires_in = limit
+            body["expires_in"] = limit
+            return self.request("PUT", path, body=body, ok=ok)
 
     def get_group(self, group_id: str) -> dict[str, Any] | None:
         """The saved group (``{"result": ...}``), or ``None`` if there is none."""
@@ -301,10 +334,15 @@ def _error_code(response: requests.Response) -> str:
 
 
 def _error(method: str, path: str, response: requests.Response) -> DynachordError:
+    error: Any = {}
     try:
         error = response.json()["error"]
         code, message = str(error["code"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", (response.text or response.reason or "")[:500]
     cls = DynachordUnavailable if response.status_code in RETRYABLE_STATUSES else DynachordError
-    return cls(method, path, response.status_code, code, message)
+    exc = cls(method, path, response.status_code, code, message)
+    if isinstance(error, dict) and isinstance(error.get("max_expires_in"), int):
+        # The service's longest result lifetime (see Client._put_expiring).
+        exc.max_expires_in = error["max_expires_in"]  # type: ignore[attr-defined]
+    return exc
