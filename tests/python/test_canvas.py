@@ -129,6 +129,9 @@ CANVASES: dict[str, Recipe] = {
     ),
     "an immutable body": lambda s: chord([s("add", 1, 1)], s("add", 5, 5).set(immutable=True)),
     "a body with extra args": lambda s: chord([s("add", 1, 1), s("add", 2, 2)], s("collect", "extra")),
+    "parts with ignore_result": lambda s: chord(
+        [s("add", 1, 1).set(ignore_result=True), s("add", 2, 2)], s("collect", "ignored")
+    ),
 }
 
 
@@ -174,3 +177,14 @@ def test_a_group_as_the_body_is_refused_clearly_where_redis_runs_it(apps):
     result = chord([s("add", 1, 1), s("add", 2, 2)], group(s("add", 1), s("add", 2))).apply_async()
     with pytest.raises(ChordError, match="not supported"):
         result.get(timeout=TIMEOUT)
+
+
+def test_on_message_sees_the_progress_states_while_the_client_waits_as_on_redis(apps):
+    for each in apps:
+        seen: list[dict[str, Any]] = []
+        result = t(each)("progress", 3).apply_async()
+        assert result.get(timeout=TIMEOUT, on_message=seen.append) == "done"
+        states = [m["status"] for m in seen]
+        assert "PROGRESS" in states and states[-1] == "SUCCESS", (each.conf.result_backend, states)
+        progress = [m["result"] for m in seen if m["status"] == "PROGRESS"]
+        assert all(p["of"] == 3 for p in progress), progress

@@ -238,3 +238,32 @@ def test_a_result_lifetime_past_the_services_maximum_is_clamped_with_a_warning(
     # Later stores are clamped before they are sent.
     client.put_task("t2", {"status": "SUCCESS", "expires_in": 31536000})
     assert json.loads(script.seen[-1]["body"])["expires_in"] == 2592000
+
+
+def test_what_the_service_sends_is_routed_to_the_sqs_queue_name_kombu_uses() -> None:
+    app = Celery("t", set_as_current=False)
+    app.conf.update(
+        result_backend="dynachord+http://127.0.0.1:9",
+        broker_url="sqs://",
+        broker_transport_options={"queue_name_prefix": "dev-"},
+        task_default_queue="work",
+    )
+    backend = app.backend
+    chain_body = {
+        "task": "celery.chain",
+        "kwargs": {"tasks": [{"task": "t.first", "options": {}}, {"task": "t.second", "options": {}}]},
+        "options": {"task_id": "c"},
+    }
+    sig = {
+        "task": "t.cb",
+        "options": {"task_id": "cb", "link": [{"task": "t.next"}], "link_error": [{"task": "t.err"}]},
+    }
+    backend._route(sig)
+    backend._route(chain_body)
+    # The service sends the body, a chain's first task and the errbacks: SQS names.
+    assert sig["options"]["queue"] == "dev-work"
+    assert sig["options"]["link_error"][0]["options"]["queue"] == "dev-work"
+    assert chain_body["kwargs"]["tasks"][0]["options"]["queue"] == "dev-work"
+    # The worker sends the rest; kombu adds its prefix then.
+    assert sig["options"]["link"][0]["options"]["queue"] == "work"
+    assert chain_body["kwargs"]["tasks"][1]["options"]["queue"] == "work"

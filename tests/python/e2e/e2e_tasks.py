@@ -58,3 +58,14 @@ def record_error(task_id, note):
 @app.task
 def tsum(values):
     return sum(values)
+
+
+@app.task(bind=True)
+def progress(self, steps):
+    """Reports PROGRESS states while it works (for get(on_message=...))."""
+    import time
+
+    for i in range(steps):
+        self.update_state(state="PROGRESS", meta={"step": i, "of": steps})
+        time.sleep(1.2)
+    return "done"

@@ -172,10 +172,13 @@ class DynachordBackend(BaseBackend):
         self._route(callback)
         return {"size": size, "callback": callback}
 
-    def _route(self, sig: dict[str, Any]) -> None:
-        """Names the queue a signature the service will send goes to, from
-        this app's routes (the service falls back to its default queue
-        otherwise), and likewise for its errbacks and callbacks."""
+    def _route(self, sig: dict[str, Any], sent_by_service: bool = True) -> None:
+        """Names the queue of a signature from this app's routes (the service
+        falls back to its default queue otherwise), and likewise for the
+        signatures in it. What the service itself sends (the body, a chain's
+        first task, errbacks) gets the queue's name on SQS, with the SQS
+        transport's ``queue_name_prefix``; what the worker sends on (links,
+        the rest of a chain) keeps its logical name, which kombu prefixes."""
         options = sig.get("options")
         if not isinstance(options, dict):
             options = sig["options"] = {}
@@ -188,14 +191,25 @@ class DynachordBackend(BaseBackend):
             name = getattr(queue, "name", queue)
             if name:
                 options["queue"] = name
-        for key in ("link", "link_error"):
+        if sent_by_service and options.get("queue"):
+            options["queue"] = self._queue_name_prefix() + str(options["queue"])
+        for key, by_service in (("link", False), ("link_error", sent_by_service)):
             linked = options.get(key)
             for child in linked if isinstance(linked, list) else [linked] if linked else []:
                 if isinstance(child, dict) and child.get("task"):
-                    self._route(child)
-        # A chain as the body is sent as its first task: route its tasks too.
-        for child in _tasks_of(sig):
-            self._route(child)
+                    self._route(child, by_service)
+        # A chain as the body is sent as its first task; the worker sends the rest.
+        for i, child in enumerate(_tasks_of(sig)):
+            self._route(child, sent_by_service and i == 0)
+
+    def _queue_name_prefix(self) -> str:
+        """The SQS transport's ``queue_name_prefix`` (kombu puts it before
+        every queue name), when the broker is SQS."""
+        broker = str(self.app.conf.broker_url or "")
+        if not broker.startswith("sqs"):
+            return ""
+        options = self.app.conf.broker_transport_options or {}
+        return str(options.get("queue_name_prefix") or "")
 
     def _decode(self, meta: dict[str, Any]) -> dict[str, Any]:
         return dict(self.meta_from_decoded(meta))
@@ -209,6 +223,24 @@ class DynachordBackend(BaseBackend):
     def _forget(self, task_id: str) -> None:
         self.client.forget(task_id)
 
+    def wait_for_pending(
+        self,
+        result: Any,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        on_message: Any = None,
+        on_interval: Any = None,
+        callback: Any = None,
+        propagate: bool = True,
+    ) -> Any:
+        """As Celery's, plus ``on_message``: the task's states (progress
+        included) are handed to it as they change, while the client waits."""
+        self._ensure_not_eager()
+        meta = self.wait_for(result.id, timeout=timeout, on_interval=on_interval, on_message=on_message)
+        result._maybe_set_cache(meta)
+        return result.maybe_throw(propagate=propagate, callback=callback)
+
     def wait_for(
         self,
         task_id: str,
@@ -216,16 +248,29 @@ class DynachordBackend(BaseBackend):
         interval: float = 0.5,
         no_ack: bool = True,
         on_interval: Any = None,
+        on_message: Any = None,
     ) -> dict[str, Any]:
-        """Waits on the server (long-poll), not by polling from here."""
+        """Waits on the server (long-poll), not by polling from here. With
+        ``on_message``, each long-poll is short (a second) so states that are
+        not ready yet (``PROGRESS``, ...) reach it as they change."""
         self._ensure_not_eager()
         cached = self._cache.get(task_id)
         if cached is not None and cached["status"] in states.READY_STATES:
+            if on_message is not None:
+                on_message(dict(cached))
             return dict(cached)
         deadline = None if timeout is None else time.monotonic() + timeout
+        seen: tuple[Any, Any] | None = None
         while True:
             left = self.client.options.max_wait if deadline is None else deadline - time.monotonic()
+            if on_message is not None:
+                left = min(left, 1.0)
             meta = self._decode(self.client.get_task(task_id, wait=max(0.0, left)))
+            if on_message is not None and meta["status"] != states.PENDING:
+                state = (meta["status"], meta.get("result"))
+                if state != seen:
+                    seen = state
+                    on_message(dict(meta))
             if meta["status"] in states.READY_STATES:
                 if meta["status"] == states.SUCCESS:
                     self._cache[task_id] = meta
@@ -318,7 +363,13 @@ class DynachordBackend(BaseBackend):
         Celery calls this only before sending the last part."""
 
     def on_chord_part_return(self, request: Any, state: str, result: Any, **kwargs: Any) -> None:
-        """The part's store already counted it; the service joins the chord."""
+        """The part's store already counted it; the service joins the chord.
+
+        A part with ``ignore_result=True`` stored nothing, but Celery's Redis
+        backend still joins its result into the chord: store it here, with
+        its chord, so the service counts it too."""
+        if getattr(request, "ignore_result", False) and state in states.READY_STATES:
+            self._store_result(request.id, result, state, request=request)
 
     def add_to_chord(self, chord_id: str, result: Any) -> None:
         raise NotImplementedError(
