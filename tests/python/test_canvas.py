@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_process import celery_worker, use_local_stack
+from worker_process import celery_worker, stop, use_local_stack
 
 RUN = uuid.uuid4().hex[:10]
 use_local_stack(RUN)
@@ -68,12 +68,7 @@ def redis_url():
             time.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,17 @@ def use_local_stack(run: str) -> None:
         sys.path.insert(0, str(E2E_DIR))
 
 
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """Stops a process we started, by its PID: SIGTERM, then SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Worker:
     def __init__(self, proc: subprocess.Popen, log: Path):
         self.proc = proc
@@ -77,13 +88,7 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
         raised = True
         raise
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, 30)
         if raised or request.session.testsfailed > failed_before:
             show_tail(request, f"worker {name}'s log (exit code {proc.returncode})", worker.text(), 200)
         log.unlink()
