@@ -183,3 +183,15 @@ def test_on_message_sees_the_progress_states_while_the_client_waits_as_on_redis(
         assert "PROGRESS" in states and states[-1] == "SUCCESS", (each.conf.result_backend, states)
         progress = [m["result"] for m in seen if m["status"] == "PROGRESS"]
         assert all(p["of"] == 3 for p in progress), progress
+
+
+def test_waiting_on_a_result_inside_a_task_is_refused_as_on_redis(apps):
+    """disable_sync_subtasks: get() inside a task raises RuntimeError."""
+    got = []
+    for each in apps:
+        s = t(each)
+        done = s("add", 1, 1).apply_async()
+        assert done.get(timeout=TIMEOUT) == 2
+        value = s("get_inside", done.id).apply_async().get(timeout=TIMEOUT, propagate=False)
+        got.append((type(value).__name__, "Never call result.get() within a task" in str(value)))
+    assert got[0] == got[1] == ("RuntimeError", True), got

@@ -69,3 +69,12 @@ def progress(self, steps):
         self.update_state(state="PROGRESS", meta={"step": i, "of": steps})
         time.sleep(1.2)
     return "done"
+
+
+@app.task
+def get_inside(task_id):
+    """Waits on another task's result inside a task: Celery refuses that
+    (disable_sync_subtasks, on by default)."""
+    from celery.result import AsyncResult
+
+    return AsyncResult(task_id, app=app).get(timeout=5)

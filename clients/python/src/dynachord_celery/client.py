@@ -74,6 +74,14 @@ class ClientOptions:
     backoff_cap: float = 5.0
     #: Longest long-poll the service accepts in one request (MAX_WAIT_SECONDS).
     max_wait: float = 20.0
+    #: Accepted for apps coming from Celery's Redis backend, where it is a
+    #: transport option: dynachord always joins a chord's results in header
+    #: order (Redis's default, True); False is not available and warns.
+    result_chord_ordered: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.result_chord_ordered:
+            logger.warning("dynachord: result_chord_ordered=False is not available; chord results come in header order")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> ClientOptions:
