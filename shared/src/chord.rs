@@ -126,6 +126,9 @@ enum OnTransient {
 const MARK_ATTEMPTS: u32 = 6;
 const MARK_FIRST_PAUSE: Duration = Duration::from_millis(100);
 
+/// How far past its newest part a chord's expiry is moved (seconds).
+const EXTEND_PAST_NEWEST: i64 = 3600;
+
 /// Part results are read in windows sized to hold about this many bytes,
 /// so a chord's memory stays bounded whatever its results add up to.
 const READ_WINDOW_BYTES: usize = 8 << 20;
@@ -225,10 +228,11 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             self.forget_unmarked(&key);
             return Ok(());
         }
-        // A chord lives as long as its newest part (invariant C8).
+        // A chord lives as long as its newest part (invariant C8). It is
+        // moved an hour past that, so the parts of the next hour need no write.
         let newest = counted.iter().map(|p| p.expires_at).max().unwrap_or(0);
         if newest > state.expires_at {
-            self.store.extend_chord(ns, gid, newest).await?;
+            self.store.extend_chord(ns, gid, newest + EXTEND_PAST_NEWEST).await?;
         }
         if let Some(token) = self.unmarked_token(&key) {
             // Our callback went out earlier; only the mark is left (invariant C3).
@@ -289,12 +293,12 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         };
         let ids = self.store.chord_part_ids(ns, gid).await?;
         if ids.len() != state.size as usize {
-            let message = format!(
-                "ChordError: {} of the chord's {} parts are on record; the others expired or were removed \
-                 before the join",
-                ids.len(),
-                state.size
-            );
+            let why = if ids.len() < state.size as usize {
+                "the others expired or were removed before the join"
+            } else {
+                "its parts disagree on the chord's size"
+            };
+            let message = format!("ChordError: {} of the chord's {} parts are on record; {why}", ids.len(), state.size);
             return self.fail(claim, &sig, message, OnTransient::Retry).await;
         }
         let results = match self.read_results(ns, &ids).await? {
@@ -379,7 +383,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             start += chunk.len();
             // Size the next window to the results seen so far.
             let average = (read / chunk.len().max(1)).max(1);
-            window = (READ_WINDOW_BYTES / average).clamp(25, 1000);
+            window = (READ_WINDOW_BYTES / average).clamp(25, 4000);
         }
         results.push(']');
         Ok(Ok(results))
@@ -847,6 +851,7 @@ mod tests {
         assert!(j.handle_parts(parts[..1].to_vec()).await.is_empty());
         let first = phase(&j).await.expires_at;
         assert!(j.handle_parts(parts[1..2].to_vec()).await.is_empty());
-        assert_eq!(phase(&j).await.expires_at, first + 1000);
+        let extended = phase(&j).await.expires_at;
+        assert!(extended >= parts[1].part.expires_at && extended > first, "{first} → {extended}");
     }
 }

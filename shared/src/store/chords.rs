@@ -73,7 +73,8 @@ impl DynamoStore {
         let mut attempt = 0;
         while !parts.is_empty() {
             attempt += 1;
-            let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0).max(now_epoch() + 3600);
+            // An hour past the newest part: later parts of that hour need no extension.
+            let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0).max(now_epoch()) + 3600;
             let mut actions = Vec::with_capacity(parts.len() + 1);
             for part in &parts {
                 let mut item = key(pk, &part_sk(part.index));
