@@ -115,6 +115,9 @@ CANVASES: dict[str, Recipe] = {
     "chains in the header": lambda s: chord(
         [s("add", 1, 1) | s("add", 1), s("add", 2, 2) | s("mul", 3)], s("collect", "chains")
     ),
+    "a group inside the header": lambda s: chord(
+        [group(s("add", 1, 1), s("add", 2, 2)), s("add", 3, 3)], s("collect", "grouped")
+    ),
     "a chord inside the header": lambda s: chord(
         [chord([s("add", 1, 1), s("add", 2, 2)], s("tsum")), s("add", 5, 5)], s("collect", "nested")
     ),
