@@ -112,6 +112,20 @@ pub enum JoinError {
     Unmarked(String, StoreError),
 }
 
+impl JoinError {
+    /// The error as a tenant may read it (in the chord's status and its
+    /// ChordError): DynamoDB's own text can name tables and accounts, so
+    /// only its kind is given; the log has the rest.
+    fn public(&self) -> String {
+        match self {
+            Self::Store(StoreError::Throttled { .. }) => "DynamoDB kept throttling".into(),
+            Self::Store(StoreError::Unavailable(_)) => "DynamoDB was unavailable".into(),
+            Self::Store(_) => "a DynamoDB error".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// How a failing chord treats an errback whose send may succeed if retried.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum OnTransient {
@@ -261,7 +275,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             Err(err) if state.attempts + 1 >= self.config.max_attempts => {
                 // Out of attempts: fail the chord for good, under our claim.
                 let attempts = state.attempts + 1;
-                let message = format!("ChordError: callback not sent after {attempts} attempts: {err}");
+                let message = format!("ChordError: callback not sent after {attempts} attempts: {}", err.public());
                 self.fail_claimed(&claim, message, OnTransient::Skip).await
             }
             Err(err) => {
