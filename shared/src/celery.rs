@@ -113,6 +113,31 @@ impl Signature {
         }
     }
 
+    /// The ids of the tasks that never run when this signature is not
+    /// sent: its own, those of the rest of its chain (`options.chain`) and,
+    /// for a chain, each of its tasks'. A failed chord stores its ChordError
+    /// on each, as Celery's `chord_error_from_stack` and `_fail_chain` do, so
+    /// nobody waits on them for ever.
+    pub fn ids_that_never_run(&self) -> Vec<TaskId> {
+        fn walk(sig: &Value, out: &mut Vec<TaskId>) {
+            let id = sig.pointer("/options/task_id").and_then(Value::as_str).and_then(|id| TaskId::parse(id).ok());
+            out.extend(id);
+            for rest in sig.pointer("/options/chain").and_then(Value::as_array).into_iter().flatten() {
+                walk(rest, out);
+            }
+            if sig.get("task").and_then(Value::as_str) == Some(CHAIN) {
+                for task in sig.pointer("/kwargs/tasks").and_then(Value::as_array).into_iter().flatten() {
+                    walk(task, out);
+                }
+            }
+        }
+        let mut out = vec![self.task_id.clone()];
+        walk(&self.raw, &mut out);
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The queue this signature names (`options.queue`), if any.
     pub fn queue(&self) -> Option<&str> {
         self.options.get("queue").and_then(Value::as_str)
@@ -467,5 +492,17 @@ mod tests {
             let err = Signature::parse(refused).unwrap().check_sendable().unwrap_err();
             assert!(err.contains("not supported") || err.contains("at least one"), "{refused}: {err}");
         }
+    }
+
+    #[test]
+    fn a_failed_chord_fails_the_rest_of_its_chain_too() {
+        let sig = Signature::parse(
+            r#"{"task":"celery.chain","kwargs":{"tasks":[{"task":"t.a","options":{"task_id":"a"}},
+                {"task":"t.b","options":{"task_id":"b"}}]},
+                "options":{"task_id":"b","chain":[{"task":"t.z","options":{"task_id":"z"}}]}}"#,
+        )
+        .unwrap();
+        let ids: Vec<String> = sig.ids_that_never_run().iter().map(|id| id.to_string()).collect();
+        assert_eq!(ids, ["a", "b", "z"]);
     }
 }

@@ -432,17 +432,23 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             "status": "FAILURE", "result": error, "traceback": null, "children": [],
             "date_done": now_celery(), "group_id": gid.as_str(), "task_id": sig.task_id.as_str(),
         });
-        let record = TaskRecord {
-            task_id: sig.task_id.clone(),
-            status: State::Failure,
-            json: meta.to_string(),
-            expires_at: now_epoch() + self.result_ttl.as_secs() as i64,
-            group_id: None,
-            group_index: None,
-            chord: None,
-        };
-        // A refusal means the callback's task already has a SUCCESS: it stands.
-        self.store.put_task(ns, &record).await?;
+        // The callback's task, and whatever would have run after it (the
+        // rest of its chain), fail with the ChordError, as on Celery's own
+        // backends. A refusal means a task already has a SUCCESS: it stands.
+        for task_id in sig.ids_that_never_run() {
+            let mut meta = meta.clone();
+            meta["task_id"] = task_id.as_str().into();
+            let record = TaskRecord {
+                task_id,
+                status: State::Failure,
+                json: meta.to_string(),
+                expires_at: now_epoch() + self.result_ttl.as_secs() as i64,
+                group_id: None,
+                group_index: None,
+                chord: None,
+            };
+            self.store.put_task(ns, &record).await?;
+        }
         let already = claim.state.errbacks_sent;
         // From here on the chord is failing: a retry fails it again, never calls back.
         if claim.state.error.as_deref() != Some(message.as_str())

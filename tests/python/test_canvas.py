@@ -142,6 +142,25 @@ def test_a_canvas_gives_what_celerys_redis_backend_gives(apps, name):
     assert got == expected, f"{name}: dynachord gave {got!r}, Celery's Redis backend {expected!r}"
 
 
+FAILING: dict[str, Recipe] = {
+    "a chain after a failing chord": lambda s: chain(chord([s("add", 1, 1), s("fail", "x")], s("tsum")), s("add", 1)),
+    "a chain as a failing chord's body": lambda s: chord([s("add", 1, 1), s("fail", "x")], s("tsum") | s("add", 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(FAILING))
+def test_a_failing_chord_fails_what_comes_after_it_as_on_redis(apps, name):
+    """Whatever a failed chord's body would have run fails too: the
+    caller's get() raises instead of waiting for ever."""
+    raised = []
+    for each in apps:
+        result = FAILING[name](t(each)).apply_async()
+        with pytest.raises((ValueError, ChordError)) as err:
+            result.get(timeout=TIMEOUT)
+        raised.append(err.type.__name__)
+    assert raised[0] == raised[1] or "ChordError" in raised, raised
+
+
 def test_a_failed_part_fails_the_chord_as_on_redis(apps):
     app, ref = apps
     for each in (ref, app):
