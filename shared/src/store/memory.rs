@@ -208,17 +208,13 @@ impl ChordStore for MemoryStore {
     }
 
     async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
-        let mut chords = self.chords.lock().unwrap();
-        match chords.get_mut(&chord_key(ns, gid)) {
-            Some((state, held, until)) if state.phase == ChordPhase::Joining && held.as_deref() == Some(token) => {
-                state.phase = ChordPhase::Open;
-                state.attempts += 1;
-                *held = None;
-                *until = 0;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
+        // The old token may stay: it only counts while the chord is joining,
+        // and the next claim replaces it.
+        Ok(self.if_held(ns, gid, token, |state, until| {
+            state.phase = ChordPhase::Open;
+            state.attempts += 1;
+            *until = 0;
+        }))
     }
 
     async fn record_failure(
