@@ -173,10 +173,9 @@ mod tests {
 
     /// The real Lambda and SQS clients over a scripted HTTP layer that records requests.
     fn target(config: CallbackConfig) -> (Target, Seen) {
-        use aws_smithy_http_client::test_util::infallible_client_fn;
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
-        let http = infallible_client_fn(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
+        let http = crate::scripted::client(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
             let invocation =
                 req.headers().get("x-amz-invocation-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             let body = String::from_utf8_lossy(req.body().bytes().unwrap_or_default()).into_owned();

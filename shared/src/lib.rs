@@ -42,6 +42,8 @@ pub mod ids;
 pub mod local;
 pub mod meta;
 pub mod metrics;
+#[cfg(test)]
+mod scripted;
 pub mod service;
 pub mod store;
 pub mod tenants;

@@ -436,14 +436,13 @@ mod tests {
     use super::*;
     use crate::calls::{counted, CountCalls};
     use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-    use aws_smithy_http_client::test_util::infallible_client_fn;
     use serde_json::{json, Value};
     use std::sync::{Arc, Mutex};
 
     const TABLE: &str = "results";
 
     fn store(max_attempts: u32, respond: impl Fn(Value) -> (u16, Value) + Send + Sync + 'static) -> DynamoStore {
-        let http = infallible_client_fn(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
+        let http = crate::scripted::client(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
             let body: Value = serde_json::from_slice(req.body().bytes().unwrap_or(b"{}")).unwrap_or(Value::Null);
             let (status, reply) = respond(body);
             lambda_http::http::Response::builder().status(status).body(reply.to_string()).unwrap()
