@@ -80,55 +80,155 @@ impl Signature {
         Ok(Self { task, task_id, args, kwargs, options, immutable, raw })
     }
 
-    /// What Celery's `apply_async` of this signature sends first: for a
-    /// `celery.chain`, its first task, carrying the rest of the chain in
-    /// `options.chain` (last task first, as the worker pops it); for a task,
-    /// `None` (the signature itself is sent).
-    pub fn first_of_chain(&self) -> Result<Option<Signature>, String> {
-        if self.task != CHAIN {
-            return Ok(None);
+    /// The task messages Celery's `apply_async` of this signature sends when
+    /// a chord calls it back, in order. The chord's results go first in each
+    /// message's args, unless its task is immutable.
+    /// - A task: itself.
+    /// - A chain: its first task, carrying the rest of the chain in
+    ///   `options.chain` (last task first, as the worker pops it).
+    /// - A group: one message per member (a task or a chain), each with
+    ///   its `group_id` and `group_index`, as `group.apply_async` sends them.
+    /// - A chord: one message per header member (a task or a chain), each
+    ///   carrying the chord's body, with `chord_size`, in `options.chord`, as
+    ///   `chord.run` sends them; the worker reports each part, and the
+    ///   inner chord is joined like any other.
+    ///
+    /// Anything deeper (a group or a chord inside a group or a header, a
+    /// chain that starts with one) is refused here, so a chord part naming
+    /// it is refused when first stored, never left to hang.
+    pub fn body_messages(&self) -> Result<Vec<Signature>, String> {
+        match self.task.as_str() {
+            GROUP => {
+                let tasks = list_of(&self.kwargs, "tasks", "a group")?;
+                let group_id = Value::String(self.task_id.to_string());
+                let mut messages = Vec::with_capacity(tasks.len());
+                for (i, task) in tasks.iter().enumerate() {
+                    let mut member = member(task).map_err(|e| format!("the group's task {i}: {e}"))?;
+                    member.set_on_result_task("group_id", group_id.clone(), false);
+                    member.set_on_result_task("group_index", json!(i), false);
+                    messages.push(member.one_message()?);
+                }
+                if messages.is_empty() {
+                    return Err("an empty group as a chord's body is not supported".into());
+                }
+                Ok(messages)
+            }
+            CHORD => {
+                let (header, header_id) = match self.kwargs.get("header") {
+                    Some(Value::Array(tasks)) => (tasks.clone(), self.task_id.to_string()),
+                    Some(group @ Value::Object(_)) => {
+                        let group = Signature::from_value(group.clone(), Some(self.task_id.as_str()))
+                            .map_err(|e| format!("the chord's header: {e}"))?;
+                        if group.task != GROUP {
+                            return Err("a chord's header must be a group or a list of tasks".into());
+                        }
+                        (list_of(&group.kwargs, "tasks", "a chord's header")?.to_vec(), group.task_id.to_string())
+                    }
+                    _ => return Err("a chord needs kwargs.header".into()),
+                };
+                let mut body = self.kwargs.get("body").filter(|b| b.is_object()).cloned();
+                let body = body.as_mut().ok_or("a chord needs kwargs.body, a signature")?;
+                let inner = Signature::from_value(body.clone(), None).map_err(|e| format!("the chord's body: {e}"))?;
+                inner.check_sendable().map_err(|e| format!("the chord's body: {e}"))?;
+                // What our backend's apply_chord records, so each part reports the chord's size.
+                body["chord_size"] = json!(header.len());
+                let extra = self.kwargs.get("kwargs").and_then(Value::as_object).cloned().unwrap_or_default();
+                let mut messages = Vec::with_capacity(header.len());
+                for (i, task) in header.iter().enumerate() {
+                    let mut member = member(task).map_err(|e| format!("the chord's header task {i}: {e}"))?;
+                    member.set_on_result_task("group_id", Value::String(header_id.clone()), false);
+                    member.set_on_result_task("group_index", json!(i), true);
+                    member.set_on_result_task("chord", body.clone(), true);
+                    let mut message = member.one_message()?;
+                    for (k, v) in &extra {
+                        message.kwargs.insert(k.clone(), v.clone());
+                    }
+                    messages.push(message);
+                }
+                if messages.is_empty() {
+                    return Err("a chord with an empty header as a chord's body is not supported".into());
+                }
+                Ok(messages)
+            }
+            _ => Ok(vec![self.clone().one_message()?]),
         }
-        let tasks = self.kwargs.get("tasks").and_then(Value::as_array).ok_or("a chain needs kwargs.tasks")?;
-        let (first, rest) = tasks.split_first().ok_or("a chain needs at least one task")?;
-        let mut first =
-            Signature::from_value(first.clone(), None).map_err(|e| format!("the chain's first task: {e}"))?;
-        if [CHAIN, GROUP, CHORD].contains(&first.task.as_str()) {
-            return Err(format!("a chain that starts with a {} is not supported as a chord's body yet", first.task));
-        }
-        if !rest.is_empty() {
-            first.options.insert("chain".into(), Value::Array(rest.iter().rev().cloned().collect()));
-        }
-        Ok(Some(first))
     }
 
-    /// Whether dynachord can send this signature as a chord's body: a task,
-    /// or a chain that starts with a task. A group or a chord as the body is
-    /// refused when the first part is stored, never left to hang.
+    /// Whether dynachord can send this signature as a chord's body (see
+    /// [`Signature::body_messages`]).
     pub fn check_sendable(&self) -> Result<(), String> {
+        self.body_messages().map(|_| ())
+    }
+
+    /// A task, or a chain sent as its first task carrying the rest.
+    fn one_message(self) -> Result<Signature, String> {
         match self.task.as_str() {
-            GROUP | CHORD => {
-                Err(format!("a {} as a chord's body is not supported yet; make the body a task or a chain", self.task))
+            CHAIN => {
+                let tasks = list_of(&self.kwargs, "tasks", "a chain")?;
+                let (first, rest) = tasks.split_first().ok_or("a chain needs at least one task")?;
+                let mut first =
+                    Signature::from_value(first.clone(), None).map_err(|e| format!("the chain's first task: {e}"))?;
+                if [CHAIN, GROUP, CHORD].contains(&first.task.as_str()) {
+                    return Err(format!(
+                        "a chain that starts with a {} is not supported in a chord's body",
+                        first.task
+                    ));
+                }
+                if !rest.is_empty() {
+                    first.options.insert("chain".into(), Value::Array(rest.iter().rev().cloned().collect()));
+                }
+                Ok(first)
             }
-            _ => self.first_of_chain().map(|_| ()),
+            GROUP | CHORD => {
+                Err(format!("a {} inside a group or a chord's header is not supported in a chord's body", self.task))
+            }
+            _ => Ok(self),
+        }
+    }
+
+    /// Sets an option on the task whose result stands for this signature:
+    /// the task itself, or a chain's last task (Celery's `prepare_steps`
+    /// gives `group_id`, `group_index` and `chord` to the last task only).
+    fn set_on_result_task(&mut self, key: &str, value: Value, overwrite: bool) {
+        let options = if self.task == CHAIN {
+            self.kwargs
+                .get_mut("tasks")
+                .and_then(Value::as_array_mut)
+                .and_then(|tasks| tasks.last_mut())
+                .and_then(Value::as_object_mut)
+                .map(|last| last.entry("options").or_insert_with(|| json!({})))
+                .and_then(Value::as_object_mut)
+        } else {
+            Some(&mut self.options)
+        };
+        if let Some(options) = options {
+            if overwrite || options.get(key).is_none_or(Value::is_null) {
+                options.insert(key.to_owned(), value);
+            }
         }
     }
 
     /// The ids of the tasks that never run when this signature is not
-    /// sent: its own, those of the rest of its chain (`options.chain`) and,
-    /// for a chain, each of its tasks'. A failed chord stores its ChordError
-    /// on each, as Celery's `chord_error_from_stack` and `_fail_chain` do, so
-    /// nobody waits on them for ever.
+    /// sent: its own and every task nested in it (the rest of its chain in
+    /// `options.chain`, a chain's or a group's tasks, a chord's header and
+    /// body). A failed chord stores its ChordError on each, as Celery's
+    /// `chord_error_from_stack` and `_fail_chain` do for the callback and
+    /// its chain, so nobody waits on them for ever.
     pub fn ids_that_never_run(&self) -> Vec<TaskId> {
         fn walk(sig: &Value, out: &mut Vec<TaskId>) {
-            let id = sig.pointer("/options/task_id").and_then(Value::as_str).and_then(|id| TaskId::parse(id).ok());
-            out.extend(id);
-            for rest in sig.pointer("/options/chain").and_then(Value::as_array).into_iter().flatten() {
-                walk(rest, out);
-            }
-            if sig.get("task").and_then(Value::as_str) == Some(CHAIN) {
-                for task in sig.pointer("/kwargs/tasks").and_then(Value::as_array).into_iter().flatten() {
-                    walk(task, out);
+            match sig {
+                Value::Array(items) => items.iter().for_each(|item| walk(item, out)),
+                Value::Object(_) => {
+                    let id = sig.pointer("/options/task_id").and_then(Value::as_str);
+                    out.extend(id.and_then(|id| TaskId::parse(id).ok()));
+                    walk(sig.pointer("/options/chain").unwrap_or(&Value::Null), out);
+                    if matches!(sig.get("task").and_then(Value::as_str), Some(CHAIN | GROUP | CHORD)) {
+                        for nested in ["/kwargs/tasks", "/kwargs/header", "/kwargs/body"] {
+                            walk(sig.pointer(nested).unwrap_or(&Value::Null), out);
+                        }
+                    }
                 }
+                _ => {}
             }
         }
         let mut out = vec![self.task_id.clone()];
@@ -174,6 +274,19 @@ impl Signature {
         out.dedup();
         out
     }
+}
+
+/// `kwargs[key]`, a list of signatures (`what` names the canvas in errors).
+fn list_of<'a>(kwargs: &'a Map<String, Value>, key: &str, what: &str) -> Result<&'a [Value], String> {
+    kwargs.get(key).and_then(Value::as_array).map(Vec::as_slice).ok_or_else(|| format!("{what} needs kwargs.{key}"))
+}
+
+/// A member of a group or a chord's header. A chain's id is its last
+/// task's, as Celery's chain result is.
+fn member(raw: &Value) -> Result<Signature, String> {
+    let last = raw.pointer("/kwargs/tasks").and_then(Value::as_array).and_then(|tasks| tasks.last());
+    let last_id = last.and_then(|t| t.pointer("/options/task_id")).and_then(Value::as_str);
+    Signature::from_value(raw.clone(), last_id)
 }
 
 /// Celery's ChordError text for the first failed part: `Dependency <id> raised <repr>`.
@@ -466,32 +579,128 @@ mod tests {
         assert_eq!(sig.errbacks().len(), 1);
     }
 
+    fn messages(json: &str) -> Vec<Signature> {
+        Signature::parse(json).unwrap().body_messages().unwrap()
+    }
+
     #[test]
     fn a_chain_is_sent_as_its_first_task_carrying_the_rest() {
-        let chain = Signature::parse(
-            r#"{"task":"celery.chain","args":[],"kwargs":{"tasks":[
+        let chain = r#"{"task":"celery.chain","args":[],"kwargs":{"tasks":[
                 {"task":"t.a","args":[1],"options":{"task_id":"a"}},
                 {"task":"t.b","options":{"task_id":"b"}},
-                {"task":"t.c","options":{"task_id":"c"}}]},"options":{"task_id":"c"},"subtask_type":"chain"}"#,
-        )
-        .unwrap();
-        let first = chain.first_of_chain().unwrap().unwrap();
+                {"task":"t.c","options":{"task_id":"c"}}]},"options":{"task_id":"c"},"subtask_type":"chain"}"#;
+        let sent = messages(chain);
+        assert_eq!(sent.len(), 1);
+        let first = &sent[0];
         assert_eq!((first.task.as_str(), first.task_id.as_str(), first.args.clone()), ("t.a", "a", vec![json!(1)]));
         let rest: Vec<&str> =
             first.options["chain"].as_array().unwrap().iter().map(|t| t["task"].as_str().unwrap()).collect();
         assert_eq!(rest, ["t.c", "t.b"], "last task first");
-        assert!(chain.check_sendable().is_ok());
-        let task = Signature::parse(r#"{"task":"t.a","options":{"task_id":"a"}}"#).unwrap();
-        assert!(task.first_of_chain().unwrap().is_none());
-        for refused in [
-            r#"{"task":"celery.group","kwargs":{"tasks":[]},"options":{"task_id":"g"}}"#,
-            r#"{"task":"celery.chord","kwargs":{},"options":{"task_id":"g"}}"#,
-            r#"{"task":"celery.chain","kwargs":{"tasks":[]},"options":{"task_id":"g"}}"#,
-            r#"{"task":"celery.chain","kwargs":{"tasks":[{"task":"celery.group","options":{"task_id":"x"}}]},"options":{"task_id":"g"}}"#,
-        ] {
-            let err = Signature::parse(refused).unwrap().check_sendable().unwrap_err();
-            assert!(err.contains("not supported") || err.contains("at least one"), "{refused}: {err}");
+        let task = messages(r#"{"task":"t.a","options":{"task_id":"a"}}"#);
+        assert_eq!((task.len(), task[0].task.as_str(), task[0].options.get("chain")), (1, "t.a", None));
+    }
+
+    /// A group body as Celery 5.7's chord.run freezes it (see
+    /// `docs/CELERY_WIRE.md`): each task keeps its frozen group_id and index.
+    #[test]
+    fn a_group_body_is_one_message_per_task() {
+        let group = r#"{"task":"celery.group","args":[],"kwargs":{"tasks":[
+            {"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"g0","group_id":"hdr","group_index":0}},
+            {"task":"t.sum","args":[],"kwargs":{"k":1},"options":{"task_id":"g1","group_id":"hdr","group_index":1}},
+            {"task":"celery.chain","kwargs":{"tasks":[{"task":"t.a","options":{"task_id":"c0"}},
+                {"task":"t.b","options":{"task_id":"c1"}}]},"options":{}}]},
+            "options":{"task_id":"grp","group_id":"hdr"},"subtask_type":"group"}"#;
+        let sent = messages(group);
+        let got: Vec<(&str, &str, Value, Value)> = sent[..2]
+            .iter()
+            .map(|m| {
+                (m.task.as_str(), m.task_id.as_str(), m.options["group_id"].clone(), m.options["group_index"].clone())
+            })
+            .collect();
+        assert_eq!(
+            got[..2],
+            [("t.sum", "g0", json!("hdr"), json!(0)), ("t.sum", "g1", json!("hdr"), json!(1))],
+            "frozen options are kept"
+        );
+        // A chain in the group: its first task goes, its last reports as the group's member.
+        let chain = &sent[2];
+        assert_eq!((chain.task.as_str(), chain.task_id.as_str()), ("t.a", "c0"));
+        let last = &chain.options["chain"][0];
+        assert_eq!(
+            (last["options"]["group_id"].clone(), last["options"]["group_index"].clone()),
+            (json!("grp"), json!(2))
+        );
+        let ids: Vec<String> =
+            Signature::parse(group).unwrap().ids_that_never_run().iter().map(|i| i.to_string()).collect();
+        assert_eq!(ids, ["c0", "c1", "g0", "g1", "grp"]);
+    }
+
+    /// A chord body as Celery 5.7's chord.run freezes it: the header is a
+    /// group whose tasks carry only their index.
+    #[test]
+    fn a_chord_body_sends_its_header_each_carrying_the_inner_body_and_its_size() {
+        let chord = r#"{"task":"celery.chord","args":[],"kwargs":{"kwargs":{"extra":true},
+            "header":{"task":"celery.group","args":[],"kwargs":{"tasks":[
+                {"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"h0","group_index":0}},
+                {"task":"t.sum","args":[5],"kwargs":{"k":1},"options":{"task_id":"h1","group_index":1}},
+                {"task":"celery.chain","kwargs":{"tasks":[{"task":"t.a","options":{"task_id":"c0"}},
+                    {"task":"t.b","options":{"task_id":"c1"}}]},"options":{}}]},
+                "options":{"task_id":"inner","root_id":null,"parent_id":null},"subtask_type":"group"},
+            "body":{"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"cb2","group_id":"outer"}}},
+            "options":{"task_id":"inner"},"subtask_type":"chord"}"#;
+        let sent = messages(chord);
+        assert_eq!(sent.len(), 3);
+        for (i, m) in sent[..2].iter().enumerate() {
+            assert_eq!(m.options["group_id"], json!("inner"));
+            assert_eq!(m.options["group_index"], json!(i));
+            assert_eq!(m.options["chord"]["options"]["task_id"], json!("cb2"));
+            assert_eq!(m.options["chord"]["chord_size"], json!(3), "what each part reports");
+            assert_eq!(m.kwargs["extra"], json!(true), "the chord's kwargs go to every header task");
         }
+        assert_eq!(sent[1].args, vec![json!(5)]);
+        let last = &sent[2].options["chain"][0]["options"];
+        assert_eq!((last["group_index"].clone(), last["chord"]["chord_size"].clone()), (json!(2), json!(3)));
+        assert!(sent[2].options.get("chord").is_none(), "only the chain's last task reports to the chord");
+        let ids: Vec<String> =
+            Signature::parse(chord).unwrap().ids_that_never_run().iter().map(|i| i.to_string()).collect();
+        assert_eq!(ids, ["c0", "c1", "cb2", "h0", "h1", "inner"]);
+    }
+
+    #[test]
+    fn bodies_dynachord_cannot_send_are_refused_with_the_reason() {
+        let task = |id: &str| format!(r#"{{"task":"t.a","options":{{"task_id":"{id}"}}}}"#);
+        let group = |tasks: &str| {
+            format!(r#"{{"task":"celery.group","kwargs":{{"tasks":[{tasks}]}},"options":{{"task_id":"g"}}}}"#)
+        };
+        let chord = |header: &str, body: &str| {
+            format!(
+                r#"{{"task":"celery.chord","kwargs":{{"header":[{header}],"body":{body}}},"options":{{"task_id":"c"}}}}"#
+            )
+        };
+        for (refused, why) in [
+            (group(""), "empty group"),
+            (group(&group(&task("a"))), "celery.group inside a group"),
+            (group(&chord(&task("a"), &task("b"))), "celery.chord inside a group"),
+            (chord(&group(&task("a")), &task("b")), "celery.group inside a group or a chord's header"),
+            (chord("", &task("b")), "empty header"),
+            (chord(&task("a"), "null"), "needs kwargs.body"),
+            (chord(&task("a"), &group("")), "the chord's body: an empty group"),
+            (r#"{"task":"celery.chord","kwargs":{},"options":{"task_id":"g"}}"#.into(), "needs kwargs.header"),
+            (r#"{"task":"celery.chain","kwargs":{"tasks":[]},"options":{"task_id":"g"}}"#.into(), "at least one task"),
+            (
+                format!(
+                    r#"{{"task":"celery.chain","kwargs":{{"tasks":[{}]}},"options":{{"task_id":"x"}}}}"#,
+                    group(&task("a"))
+                ),
+                "starts with a celery.group",
+            ),
+        ] {
+            let err = Signature::parse(&refused).unwrap().check_sendable().unwrap_err();
+            assert!(err.contains(why), "{refused}: {err}");
+        }
+        // A chord as the body of a chord's body: each level is joined in turn.
+        let nested = chord(&task("a"), &chord(&task("b"), &group(&task("c"))));
+        assert!(Signature::parse(&nested).unwrap().check_sendable().is_ok());
     }
 
     #[test]

@@ -157,10 +157,11 @@ pub struct Joiner<S, T> {
     pub result_ttl: Duration,
     /// The largest callback message the target accepts (`CALLBACK_MAX_BYTES`).
     pub max_message_bytes: usize,
-    /// Chords whose callback went out but whose mark failed: chord key →
-    /// the claim's token. The next invocation in this process finishes the
-    /// mark instead of joining again.
-    unmarked: Mutex<HashMap<String, String>>,
+    /// Chords whose callback (or some of its messages) went out but whose
+    /// progress could not be recorded: chord key → the claim's token and how
+    /// many messages went out. The next invocation in this process goes on
+    /// from there instead of joining again.
+    unmarked: Mutex<HashMap<String, (String, u32)>>,
 }
 
 impl Joiner<DynamoStore, Target> {
@@ -248,9 +249,13 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         if newest > state.expires_at {
             self.store.extend_chord(ns, gid, newest + EXTEND_PAST_NEWEST).await?;
         }
-        if let Some(token) = self.unmarked_token(&key) {
-            // Our callback went out earlier; only the mark is left (invariant C3).
-            return self.mark_dispatched(ns, gid, &token).await;
+        if let Some((token, sent)) = self.unmarked_progress(&key) {
+            // Our messages went out earlier but recording it failed: go on
+            // from there under the same claim, sending nothing twice (invariant C3).
+            let mut state = state.clone();
+            state.body_sent = state.body_sent.max(sent);
+            let last = parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty");
+            return self.join(&Claim { ns, gid, token: &token, last: &last.part.task_id, state: &state }).await;
         }
         if state.done < state.size {
             return Ok(());
@@ -305,6 +310,22 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 return Ok(());
             }
         };
+        // What goes out: the body as Celery's apply_async sends it (a chain
+        // as its first task carrying the rest, a group's tasks, a chord's
+        // header); the Lambda target gets the whole signature in one event.
+        let messages = if self.sink.sends_task_messages() {
+            match sig.body_messages() {
+                Ok(messages) => messages,
+                Err(e) => return self.fail(claim, &sig, format!("ChordError: {e}"), OnTransient::Retry).await,
+            }
+        } else {
+            vec![sig.clone()]
+        };
+        let total = messages.len() as u32;
+        if state.body_sent >= total {
+            // Everything went out before; only the mark is left (invariant C3).
+            return self.mark_dispatched(ns, gid, claim.token, total).await;
+        }
         let ids = self.store.chord_part_ids(ns, gid).await?;
         if ids.len() != state.size as usize {
             let why = if ids.len() < state.size as usize {
@@ -319,21 +340,6 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             Ok(results) => results,
             Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
         };
-        // A chain as the body goes out as its first task carrying the rest,
-        // as Celery's apply_async of the chain sends it.
-        let first = match sig.first_of_chain() {
-            Ok(first) => first,
-            Err(e) => return self.fail(claim, &sig, format!("ChordError: {e}"), OnTransient::Retry).await,
-        };
-        let task = first.as_ref().unwrap_or(&sig);
-        let args = if task.immutable {
-            Value::Array(task.args.clone()).to_string()
-        } else if task.args.is_empty() {
-            format!("[{results}]")
-        } else {
-            let rest = Value::Array(task.args.clone()).to_string();
-            format!("[{results},{}", &rest[1..])
-        };
         let event = || {
             format!(
                 r#"{{"chord_id":{},"namespace":{},"callback":{},"results":{results}}}"#,
@@ -342,23 +348,32 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 sig.raw
             )
         };
-        let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
-        if !self.still_ours(claim).await? {
-            return Ok(());
-        }
-        match self.sink.send(ns, &out).await {
-            Ok(()) => {
-                self.mark_dispatched(ns, gid, claim.token).await?;
-                metrics::count(metrics::CHORD_DISPATCHED);
-                tracing::info!(chord = %gid, parts = ids.len(), callback = %sig.task_id, "chord dispatched");
-                Ok(())
+        // Each message once across retries: progress is kept on the chord's
+        // state item, under the claim, after each send.
+        for (i, task) in messages.iter().enumerate().skip(state.body_sent as usize) {
+            let args = args_with_results(task, &results);
+            let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
+            if !self.still_ours(claim).await? {
+                return Ok(());
             }
-            Err(err) if err.is_permanent() => {
-                let message = format!("ChordError: callback not sent: {err}");
-                self.fail(claim, &sig, message, OnTransient::Retry).await
+            match self.sink.send(ns, &out).await {
+                Ok(()) => {}
+                Err(err) if err.is_permanent() => {
+                    let message = format!("ChordError: callback not sent: {err}");
+                    let spared: Vec<TaskId> = messages[..i].iter().flat_map(Signature::ids_that_never_run).collect();
+                    return self.fail_sparing(claim, &sig, message, OnTransient::Retry, &spared).await;
+                }
+                Err(err) => return Err(err.into()),
             }
-            Err(err) => Err(err.into()),
+            let sent = i as u32 + 1;
+            if sent < total && !self.record_sent(ns, gid, claim.token, sent).await? {
+                return Ok(());
+            }
         }
+        self.mark_dispatched(ns, gid, claim.token, total).await?;
+        metrics::count(metrics::CHORD_DISPATCHED);
+        tracing::info!(chord = %gid, parts = ids.len(), messages = total, callback = %sig.task_id, "chord dispatched");
+        Ok(())
     }
 
     /// The parts' results as one JSON array (text), in order; or, as the
@@ -410,10 +425,18 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         message: String,
         on_transient: OnTransient,
     ) -> Result<(), JoinError> {
-        match Signature::parse(&claim.state.callback) {
-            Ok(sig) => self.fail(claim, &sig, message, on_transient).await,
-            Err(_) => self.finish(claim, ChordPhase::Failed, Some(&message)).await,
-        }
+        let Ok(sig) = Signature::parse(&claim.state.callback) else {
+            return self.finish(claim, ChordPhase::Failed, Some(&message)).await;
+        };
+        // Messages of the body that went out (this attempt's too) run: spare them.
+        let sent = self.store.chord_state(claim.ns, claim.gid).await?.map_or(claim.state.body_sent, |s| s.body_sent);
+        let spared: Vec<TaskId> = match sig.body_messages() {
+            Ok(messages) if self.sink.sends_task_messages() => {
+                messages.iter().take(sent as usize).flat_map(Signature::ids_that_never_run).collect()
+            }
+            _ => Vec::new(),
+        };
+        self.fail_sparing(claim, &sig, message, on_transient, &spared).await
     }
 
     /// Fails the chord as Celery does: the callback's task stored as FAILURE
@@ -426,6 +449,19 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         message: String,
         on_transient: OnTransient,
     ) -> Result<(), JoinError> {
+        self.fail_sparing(claim, sig, message, on_transient, &[]).await
+    }
+
+    /// As [`Joiner::fail`], leaving the tasks in `spared` alone: they were
+    /// sent before the body's send failed, and they run.
+    async fn fail_sparing(
+        &self,
+        claim: &Claim<'_>,
+        sig: &Signature,
+        message: String,
+        on_transient: OnTransient,
+        spared: &[TaskId],
+    ) -> Result<(), JoinError> {
         let Claim { ns, gid, token, .. } = *claim;
         let error = json!({"exc_type": "ChordError", "exc_message": [message], "exc_module": "celery.exceptions"});
         let meta = json!({
@@ -435,7 +471,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         // The callback's task, and whatever would have run after it (the
         // rest of its chain), fail with the ChordError, as on Celery's own
         // backends. A refusal means a task already has a SUCCESS: it stands.
-        for task_id in sig.ids_that_never_run() {
+        for task_id in sig.ids_that_never_run().into_iter().filter(|id| !spared.contains(id)) {
             let mut meta = meta.clone();
             meta["task_id"] = task_id.as_str().into();
             let record = TaskRecord {
@@ -516,38 +552,73 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         tracing::error!(chord = %gid, "{doing} found the chord no longer ours");
     }
 
-    /// Marks the chord dispatched after its callback went out, retrying
-    /// with backoff. If every attempt fails, the token is kept so the next
-    /// invocation in this process finishes the mark without sending again.
-    async fn mark_dispatched(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<(), JoinError> {
-        let key = chord_key(ns, gid);
+    /// Marks the chord dispatched after all `total` messages of its
+    /// callback went out, retrying with backoff. If every attempt fails, the
+    /// claim's token is kept so the next invocation in this process finishes
+    /// the mark without sending again.
+    async fn mark_dispatched(&self, ns: &Namespace, gid: &GroupId, token: &str, total: u32) -> Result<(), JoinError> {
+        let persisted = self.persist(gid, "marking the chord dispatched", || {
+            self.store.finish_chord(ns, gid, token, ChordPhase::Dispatched, None)
+        });
+        match persisted.await {
+            Ok(applied) => {
+                self.forget_unmarked(&chord_key(ns, gid));
+                if !applied {
+                    self.lost(gid, "marking the chord dispatched");
+                }
+                Ok(())
+            }
+            Err(err) => Err(self.keep_unmarked(ns, gid, token, total, err)),
+        }
+    }
+
+    /// Records that the first `sent` messages of the callback went out,
+    /// retrying with backoff; `false` when the claim is no longer ours. If
+    /// every attempt fails, the progress is kept in this process, as
+    /// [`Joiner::mark_dispatched`] keeps its token.
+    async fn record_sent(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32) -> Result<bool, JoinError> {
+        let persisted =
+            self.persist(gid, "recording the callback's progress", || self.store.record_sent(ns, gid, token, sent));
+        match persisted.await {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                self.lost(gid, "recording the callback's progress");
+                Ok(false)
+            }
+            Err(err) => Err(self.keep_unmarked(ns, gid, token, sent, err)),
+        }
+    }
+
+    /// Runs a write that must follow a send, retrying errors with backoff.
+    async fn persist<F, Fut>(&self, gid: &GroupId, doing: &str, write: F) -> Result<bool, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, StoreError>>,
+    {
         let mut pause = MARK_FIRST_PAUSE;
         let mut attempt = 1;
         loop {
-            match self.store.finish_chord(ns, gid, token, ChordPhase::Dispatched, None).await {
-                Ok(applied) => {
-                    self.forget_unmarked(&key);
-                    if !applied {
-                        self.lost(gid, "marking the chord dispatched");
-                    }
-                    return Ok(());
-                }
-                Err(err) if attempt >= MARK_ATTEMPTS => {
-                    metrics::count(metrics::CHORD_MARK_FAILED);
-                    self.unmarked.lock().unwrap_or_else(|e| e.into_inner()).insert(key, token.to_owned());
-                    return Err(JoinError::Unmarked(gid.to_string(), err));
-                }
-                Err(err) => {
-                    tracing::warn!(chord = %gid, attempt, error = %err, "marking the chord dispatched failed; retrying");
+            match write().await {
+                Err(err) if attempt < MARK_ATTEMPTS => {
+                    tracing::warn!(chord = %gid, attempt, error = %err, "{doing} failed; retrying");
                     tokio::time::sleep(pause).await;
                     pause *= 2;
                     attempt += 1;
                 }
+                done => return done,
             }
         }
     }
 
-    fn unmarked_token(&self, key: &str) -> Option<String> {
+    /// Keeps, in this process, how far a claimed chord's sends got when
+    /// recording it failed; the next invocation goes on from there.
+    fn keep_unmarked(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32, err: StoreError) -> JoinError {
+        metrics::count(metrics::CHORD_MARK_FAILED);
+        self.unmarked.lock().unwrap_or_else(|e| e.into_inner()).insert(chord_key(ns, gid), (token.to_owned(), sent));
+        JoinError::Unmarked(gid.to_string(), err)
+    }
+
+    fn unmarked_progress(&self, key: &str) -> Option<(String, u32)> {
         self.unmarked.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned()
     }
 
@@ -571,6 +642,19 @@ struct Claim<'a> {
 impl<'a> Claim<'a> {
     fn context(&self) -> MessageContext<'a> {
         MessageContext { group_id: self.gid.as_str(), parent_id: Some(self.last.as_str()), root_id: None }
+    }
+}
+
+/// A message's args: the chord's results (a JSON array, as text) first,
+/// then the task's own, unless the task is immutable.
+fn args_with_results(task: &Signature, results: &str) -> String {
+    if task.immutable {
+        Value::Array(task.args.clone()).to_string()
+    } else if task.args.is_empty() {
+        format!("[{results}]")
+    } else {
+        let rest = Value::Array(task.args.clone()).to_string();
+        format!("[{results},{}", &rest[1..])
     }
 }
 
@@ -657,6 +741,10 @@ mod tests {
     /// Stores part `i` of a chord of `size` with `status` and result `i`,
     /// and returns the stream's view of it.
     async fn part(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str) -> Part {
+        part_with(j, i, size, status, CALLBACK).await
+    }
+
+    async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str, callback: &str) -> Part {
         let ns = Namespace::default();
         let task_id = TaskId::parse(&format!("p{i}")).unwrap();
         let json = format!(r#"{{"status":"{status}","result":{i},"task_id":"p{i}"}}"#);
@@ -675,7 +763,7 @@ mod tests {
             sequence: format!("seq-{i}"),
             ns,
             group_id: gid(),
-            chord: ChordRegistration { size, callback: CALLBACK.into(), callback_id: "cb".into() },
+            chord: ChordRegistration { size, callback: callback.into(), callback_id: "cb".into() },
             part: ChordPart { index: i, task_id, expires_at: now_epoch() + 3600 },
         }
     }
@@ -706,6 +794,67 @@ mod tests {
         assert!(j.handle_parts(parts).await.is_empty());
         assert_eq!(j.sink.sent().len(), 1);
         assert_eq!(phase(&j).await.done, 3);
+    }
+
+    /// A group as the body, as Celery freezes it: three tasks, one immutable.
+    const GROUP_BODY: &str = r#"{"task":"celery.group","kwargs":{"tasks":[
+        {"task":"t.a","args":[],"options":{"task_id":"g0","group_index":0}},
+        {"task":"t.b","args":[7],"options":{"task_id":"g1","group_index":1}},
+        {"task":"t.c","args":[9],"immutable":true,"options":{"task_id":"g2","group_index":2}}]},
+        "options":{"task_id":"cb"}}"#;
+
+    async fn group_bodied(j: &Joiner<MemoryStore, FakeSink>) -> Vec<Part> {
+        vec![part_with(j, 0, 2, "SUCCESS", GROUP_BODY).await, part_with(j, 1, 2, "SUCCESS", GROUP_BODY).await]
+    }
+
+    fn group_sent() -> Vec<(String, String, String)> {
+        [("t.a", "g0", "[[0,1]]"), ("t.b", "g1", "[[0,1],7]"), ("t.c", "g2", "[9]")]
+            .map(|(t, id, args)| (t.to_owned(), id.to_owned(), args.to_owned()))
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_group_body_sends_each_task_once_with_the_results_even_when_a_send_fails_midway() {
+        let j = joiner(FakeSink::answering(vec![Ok(()), Err(transient())]));
+        let parts = group_bodied(&j).await;
+        assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "retried after the second send failed");
+        let state = phase(&j).await;
+        assert_eq!((state.phase, state.body_sent, state.attempts), (ChordPhase::Open, 1, 1));
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert_eq!(j.sink.sent(), group_sent(), "each task once, in order, the results first unless immutable");
+        assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    }
+
+    #[tokio::test]
+    async fn a_group_body_whose_progress_cannot_be_recorded_goes_on_without_sending_twice() {
+        let j = joiner(FakeSink::default());
+        j.store.fail_records.store(MARK_ATTEMPTS, Ordering::SeqCst);
+        let parts = group_bodied(&j).await;
+        assert_eq!(j.handle_parts(parts.clone()).await.len(), 2);
+        assert_eq!(j.sink.sent().len(), 1, "stopped after the send it could not record");
+        assert_eq!(phase(&j).await.phase, ChordPhase::Joining, "the claim is kept after a send");
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert_eq!(j.sink.sent(), group_sent());
+        assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    }
+
+    #[tokio::test]
+    async fn a_group_body_that_fails_midway_fails_only_the_tasks_not_sent() {
+        let mut j = joiner(FakeSink::answering(vec![Ok(()), Err(transient())]));
+        j.config.max_attempts = 1;
+        let parts = group_bodied(&j).await;
+        assert!(j.handle_parts(parts).await.is_empty(), "failed for good on its last attempt");
+        assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+        let (ns, store) = (Namespace::default(), &j.store);
+        for (id, expected) in
+            [("g0", None), ("g1", Some(State::Failure)), ("g2", Some(State::Failure)), ("cb", Some(State::Failure))]
+        {
+            let status = store.get_task(&ns, &TaskId::parse(id).unwrap()).await.unwrap().map(|s| s.status);
+            // g0 was sent: it runs and stores its own result. The others never run: their waiters get the ChordError.
+            assert_eq!(status, expected, "{id}");
+        }
     }
 
     #[tokio::test]

@@ -104,6 +104,12 @@ pub struct Outgoing<'a> {
 pub trait CallbackSink: Send + Sync {
     /// Sends `out` for a chord of namespace `ns`.
     fn send(&self, ns: &Namespace, out: &Outgoing<'_>) -> impl Future<Output = Result<(), DispatchError>> + Send;
+    /// Whether the callback goes out as Celery task messages (one per task
+    /// a group or a chord's header starts), or as one event carrying the
+    /// whole signature (the Lambda target).
+    fn sends_task_messages(&self) -> bool {
+        true
+    }
 }
 
 /// Sends callbacks and errbacks to SQS or Lambda.
@@ -128,6 +134,10 @@ impl Target {
 }
 
 impl CallbackSink for Target {
+    fn sends_task_messages(&self) -> bool {
+        self.config.lambda_function.is_none()
+    }
+
     async fn send(&self, ns: &Namespace, out: &Outgoing<'_>) -> Result<(), DispatchError> {
         if let Some(function) = &self.config.lambda_function {
             let payload = (out.event)();

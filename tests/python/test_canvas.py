@@ -127,6 +127,22 @@ CANVASES: dict[str, Recipe] = {
     ),
     "an immutable body": lambda s: chord([s("add", 1, 1)], s("add", 5, 5).set(immutable=True)),
     "a body with extra args": lambda s: chord([s("add", 1, 1), s("add", 2, 2)], s("collect", "extra")),
+    "a group as the body": lambda s: chord([s("add", 1, 1), s("add", 2, 2)], group(s("tsum"), s("collect", "g"))),
+    "a group of chains as the body": lambda s: chord(
+        [s("add", 1, 1), s("add", 2, 2)], group(s("tsum") | s("add", 1), s("collect", "gc") | s("collect", "then"))
+    ),
+    "a chord as the body": lambda s: chord(
+        [s("add", 1, 1), s("add", 2, 2)], chord([s("tsum"), s("collect", "inner")], s("collect", "outer"))
+    ),
+    "a chord with a chain in its header as the body": lambda s: chord(
+        [s("add", 1, 1)], chord([s("tsum") | s("add", 10), s("collect", "h")], s("collect", "b"))
+    ),
+    "chords as bodies, three deep, ending in a group": lambda s: chord(
+        [s("add", 1, 1)], chord([s("tsum")], chord([s("tsum"), s("tsum")], group(s("tsum"), s("collect", "y"))))
+    ),
+    "a group body after a chord in a chain": lambda s: chain(
+        chord([s("add", 1, 1)], s("tsum")), chord([s("add", 2), s("add", 3)], group(s("tsum"), s("collect", "z")))
+    ),
     "parts with ignore_result": lambda s: chord(
         [s("add", 1, 1).set(ignore_result=True), s("add", 2, 2)], s("collect", "ignored")
     ),
@@ -186,14 +202,28 @@ def test_propagate_false_gives_the_error_as_on_redis(apps):
     assert got[0] == got[1], got
 
 
-def test_a_group_as_the_body_is_refused_clearly_where_redis_runs_it(apps):
-    """Not supported yet: the first part's store refuses it, and the caller
-    gets a ChordError at once instead of waiting for ever."""
+def test_a_failing_chord_fails_every_task_of_its_group_body(apps):
+    """Beyond Redis, which fails only the group's own id and leaves its
+    tasks pending for ever: each task of the body gets the ChordError."""
     app, _ = apps
     s = t(app)
-    result = chord([s("add", 1, 1), s("add", 2, 2)], group(s("add", 1), s("add", 2))).apply_async()
-    with pytest.raises(ChordError, match="not supported"):
-        result.get(timeout=TIMEOUT)
+    result = chord([s("add", 1, 1), s("fail", "x")], group(s("tsum"), s("tsum") | s("add", 1))).apply_async()
+    for child in result.results:
+        with pytest.raises(ChordError, match=r"Dependency .* raised ValueError"):
+            child.get(timeout=TIMEOUT)
+
+
+def test_a_body_dynachord_cannot_send_is_refused_clearly(apps):
+    """A chord inside a group as the body is not supported: the first
+    part's store refuses it, and the caller gets a ChordError at once
+    instead of waiting for ever."""
+    app, _ = apps
+    s = t(app)
+    body = group(chord([s("add", 1)], s("tsum")), s("tsum"))
+    result = chord([s("add", 1, 1), s("add", 2, 2)], body).apply_async()
+    for child in result.results:
+        with pytest.raises(ChordError, match="not supported"):
+            child.get(timeout=TIMEOUT)
 
 
 def test_on_message_sees_the_progress_states_while_the_client_waits_as_on_redis(apps):

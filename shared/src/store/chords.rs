@@ -205,6 +205,7 @@ impl ChordStore for DynamoStore {
             error: get_s(&item, attr::ERROR),
             attempts: get_n(&item, attr::ATTEMPTS).unwrap_or(0) as u32,
             errbacks_sent: get_n(&item, attr::ERRBACKS_SENT).unwrap_or(0) as u32,
+            body_sent: get_n(&item, attr::BODY_SENT).unwrap_or(0) as u32,
             expires_at: get_n(&item, attr::EXPIRES_AT).unwrap_or(0),
         }))
     }
@@ -288,6 +289,16 @@ impl ChordStore for DynamoStore {
             .expression_attribute_names("#sent", attr::ERRBACKS_SENT)
             .expression_attribute_values(":error", s(error))
             .expression_attribute_values(":sent", n(errbacks_sent));
+        self.send_conditional(request).await
+    }
+
+    async fn record_sent(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32) -> Result<bool, StoreError> {
+        let request = self
+            .update_claim(ns, gid, token)
+            .update_expression("SET #sent = :sent")
+            .condition_expression(HELD)
+            .expression_attribute_names("#sent", attr::BODY_SENT)
+            .expression_attribute_values(":sent", n(sent));
         self.send_conditional(request).await
     }
 

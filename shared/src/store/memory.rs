@@ -32,6 +32,8 @@ pub struct MemoryStore {
     parts: Mutex<HashMap<String, BTreeMap<u32, ChordPart>>>,
     /// Fault: this many coming `finish_chord` calls fail as if DynamoDB were down.
     pub fail_finishes: AtomicU32,
+    /// How many coming `record_sent` calls fail as if DynamoDB were down.
+    pub fail_records: AtomicU32,
     /// Fault: every `renew_claim` finds the claim taken over.
     pub steal_claims: AtomicBool,
 }
@@ -155,6 +157,7 @@ impl ChordStore for MemoryStore {
                 error: None,
                 attempts: 0,
                 errbacks_sent: 0,
+                body_sent: 0,
                 expires_at,
             };
             (state, None, 0)
@@ -229,6 +232,15 @@ impl ChordStore for MemoryStore {
             state.error = Some(error.to_owned());
             state.errbacks_sent = errbacks_sent;
         }))
+    }
+
+    async fn record_sent(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32) -> Result<bool, StoreError> {
+        let failing = self.fail_records.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.fail_records.store(failing - 1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        Ok(self.if_held(ns, gid, token, |state, _| state.body_sent = sent))
     }
 
     async fn finish_chord(

@@ -174,6 +174,9 @@ pub struct ChordState {
     pub attempts: u32,
     /// Errbacks of a failing chord already sent, in order.
     pub errbacks_sent: u32,
+    /// Messages of the callback already sent, in order, when the body is
+    /// more than one (a group's tasks, a chord's header).
+    pub body_sent: u32,
     /// The state item's expiry (epoch seconds).
     pub expires_at: i64,
 }
@@ -249,6 +252,15 @@ pub trait ChordStore: ResultStore {
         token: &str,
         error: &str,
         errbacks_sent: u32,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Records, while `token` holds the claim, that the first `sent`
+    /// messages of the callback went out, so a retry sends only the rest.
+    fn record_sent(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        sent: u32,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// joining → `phase` (dispatched or failed), only while `token` holds the claim.
     fn finish_chord(

@@ -39,6 +39,8 @@ pub mod attr {
     pub const ATTEMPTS: &str = "attempts";
     /// Errbacks of a failing chord already sent.
     pub const ERRBACKS_SENT: &str = "errbacks_sent";
+    /// Messages of a multi-message body (a group, a chord) already sent.
+    pub const BODY_SENT: &str = "body_sent";
     /// On a chord's part item.
     pub const TASK_ID: &str = "task_id";
 }

@@ -56,12 +56,40 @@ META_FIELDS = (
 REFUSED_CHORD_CODES = frozenset({"invalid_meta", "callback_not_allowed", "callback_too_large"})
 
 
+def _signatures(items: Any) -> list[dict[str, Any]]:
+    """The signatures in a list (anything else is left out)."""
+    items = items if isinstance(items, list) else [items]
+    return [t for t in items if isinstance(t, dict) and t.get("task")]
+
+
 def _tasks_of(sig: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The signatures inside a chain's or a group's signature (none for a task)."""
-    if sig.get("task") not in ("celery.chain", "celery.group"):
+    """The signatures inside a chain's or a group's signature, or a chord's
+    header (none for a task)."""
+    kwargs = sig.get("kwargs") or {}
+    if sig.get("task") in ("celery.chain", "celery.group"):
+        return _signatures(kwargs.get("tasks"))
+    if sig.get("task") == "celery.chord":
+        header = kwargs.get("header")
+        if isinstance(header, dict) and header.get("task") == "celery.group":
+            header = (header.get("kwargs") or {}).get("tasks")
+        return _signatures(header)
+    return []
+
+
+def _body_of(sig: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A chord's body, as a list of none or one."""
+    if sig.get("task") != "celery.chord":
         return []
-    tasks = (sig.get("kwargs") or {}).get("tasks") or []
-    return [t for t in tasks if isinstance(t, dict) and t.get("task")]
+    return _signatures((sig.get("kwargs") or {}).get("body"))
+
+
+def _nested(sig: dict[str, Any]) -> list[dict[str, Any]]:
+    """The signature and every one that runs after or inside it: the rest
+    of its chain, a chain's or a group's tasks, a chord's header and body."""
+    found = [sig]
+    for child in _signatures((sig.get("options") or {}).get("chain")) + _tasks_of(sig) + _body_of(sig):
+        found.extend(_nested(child))
+    return found
 
 
 #: Most ids in one batch-get call (the service's MAX_BATCH_IDS default).
@@ -149,7 +177,7 @@ class DynachordBackend(BaseBackend):
             "traceback": None,
             "children": [],
         }
-        for sig in [callback, *_tasks_of(callback)]:
+        for sig in _nested(callback):
             sig_id = (sig.get("options") or {}).get("task_id")
             if sig_id:
                 self.client.put_task(sig_id, dict(meta, task_id=sig_id))
@@ -198,9 +226,14 @@ class DynachordBackend(BaseBackend):
             for child in linked if isinstance(linked, list) else [linked] if linked else []:
                 if isinstance(child, dict) and child.get("task"):
                     self._route(child, by_service)
-        # A chain as the body is sent as its first task; the worker sends the rest.
+        # A chain is sent as its first task, and the worker sends the rest;
+        # the service sends each task of a group or of a chord's header.
         for i, child in enumerate(_tasks_of(sig)):
-            self._route(child, sent_by_service and i == 0)
+            self._route(child, sent_by_service and (i == 0 or sig.get("task") != "celery.chain"))
+        # A chord's body goes out when its header is joined, routed then by
+        # the parts that report it: here it only gets its queue's name.
+        for body in _body_of(sig):
+            self._route(body, False)
 
     def _queue_name_prefix(self) -> str:
         """The SQS transport's ``queue_name_prefix`` (kombu puts it before
