@@ -4,14 +4,15 @@
 //! kombu's SQS queue naming, and the protocol-2 task message in kombu's SQS
 //! envelope.
 //!
-//! This module is a leaf: it depends only on [`crate::ids`], so every layer
-//! above may use it.
+//! This module is a leaf: it depends only on [`crate::ids`] and
+//! [`crate::time`], so every layer above may use it.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use crate::ids::TaskId;
+use crate::time::celery_datetime_in;
 
 /// Celery's canvas primitives, as their signatures name them.
 pub const CHAIN: &str = "celery.chain";
@@ -387,6 +388,17 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
     let args_value: Vec<Value> = serde_json::from_str(args).unwrap_or_default();
     let task_id = sig.task_id.as_str();
     let group = sig.options.get("group_id").and_then(Value::as_str).unwrap_or(cx.group_id);
+    // As amqp.as_task_v2 turns them into headers: a countdown becomes an
+    // eta, a relative expires an absolute one.
+    let eta = match option("eta") {
+        Value::String(at) => Value::String(at),
+        _ => option("countdown").as_f64().map_or(Value::Null, |s| celery_datetime_in(s).into()),
+    };
+    let expires = match option("expires") {
+        Value::Number(s) => s.as_f64().map_or(Value::Null, |s| celery_datetime_in(s).into()),
+        at @ Value::String(_) => at,
+        _ => Value::Null,
+    };
     let envelope = json!({
         "body": B64.encode(body.as_bytes()),
         "content-encoding": "utf-8",
@@ -396,8 +408,8 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
             "task": sig.task,
             "id": task_id,
             "shadow": option("shadow"),
-            "eta": null,
-            "expires": null,
+            "eta": eta,
+            "expires": expires,
             "group": group,
             "group_index": option("group_index"),
             "retries": 0,
@@ -565,6 +577,28 @@ mod tests {
         assert_eq!(embed["chord"]["task"], "t.outer", "the enclosing chord");
         assert_eq!(embed["callbacks"], json!([{"task": "t.linked", "options": {"task_id": "l1"}}]), "link as a list");
         assert_eq!(embed["errbacks"], Value::Null);
+        assert_eq!((headers["eta"].clone(), headers["expires"].clone()), (Value::Null, Value::Null));
+    }
+
+    #[test]
+    fn a_countdown_and_a_relative_expiry_become_absolute_as_celery_sends_them() {
+        let header = |options: &str| {
+            let sig = Signature::parse(&format!(r#"{{"task":"t.a","options":{{"task_id":"a",{options}}}}}"#)).unwrap();
+            let cx = MessageContext { group_id: "g", parent_id: None, root_id: None };
+            let envelope: Value =
+                serde_json::from_slice(&B64.decode(celery_sqs_body(&sig, "[]", "celery", &cx)).unwrap()).unwrap();
+            (envelope["headers"]["eta"].clone(), envelope["headers"]["expires"].clone())
+        };
+        let (eta, expires) = header(r#""countdown":60,"expires":3600"#);
+        let (eta, expires) = (eta.as_str().unwrap().to_owned(), expires.as_str().unwrap().to_owned());
+        let now = crate::time::now_celery();
+        assert!(eta > now && expires > eta && eta.ends_with("+00:00"), "{now} < {eta} < {expires}");
+        let at = "2030-01-01T00:00:00+00:00";
+        assert_eq!(
+            header(&format!(r#""eta":"{at}","expires":"{at}""#)),
+            (json!(at), json!(at)),
+            "absolute ones pass as they are"
+        );
     }
 
     #[test]

@@ -14,6 +14,14 @@ pub fn now_celery() -> String {
     celery_datetime(d.as_secs() as i64, d.subsec_micros())
 }
 
+/// `seconds` from now, in the same format (a message's `eta` or `expires`
+/// from a `countdown` or a relative `expires`).
+pub fn celery_datetime_in(seconds: f64) -> String {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let at = now + std::time::Duration::from_secs_f64(seconds.clamp(0.0, 1e10));
+    celery_datetime(at.as_secs() as i64, at.subsec_micros())
+}
+
 /// Formats a UTC instant as Celery's `date_done`.
 pub fn celery_datetime(epoch_secs: i64, micros: u32) -> String {
     let days = epoch_secs.div_euclid(86_400);

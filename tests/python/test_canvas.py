@@ -143,6 +143,14 @@ CANVASES: dict[str, Recipe] = {
     "a group body after a chord in a chain": lambda s: chain(
         chord([s("add", 1, 1)], s("tsum")), chord([s("add", 2), s("add", 3)], group(s("tsum"), s("collect", "z")))
     ),
+    "a chord with a group body, then a task": lambda s: (
+        chord([s("add", 1, 1), s("add", 2, 2)], group(s("tsum"), s("collect", "g"))) | s("collect", "after")
+    ),
+    "a chain of a chord with a group body and a task": lambda s: chain(
+        chord([s("add", 1, 1), s("add", 2, 2)], group(s("tsum"), s("collect", "g"))), s("collect", "after")
+    ),
+    "a group of chords": lambda s: group(chord([s("add", 1, 1)], s("tsum")), chord([s("add", 2, 2)], s("tsum"))),
+    "a body with a countdown": lambda s: chord([s("add", 1, 1)], s("tsum").set(countdown=1)),
     "parts with ignore_result": lambda s: chord(
         [s("add", 1, 1).set(ignore_result=True), s("add", 2, 2)], s("collect", "ignored")
     ),
