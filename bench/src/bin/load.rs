@@ -423,10 +423,16 @@ async fn main() {
 
     let (acked, took) = service_run(&a, work.clone(), tally.clone(), sent_again.clone()).await;
     eprintln!("service run done in {:.1} s; reading every acknowledged result back", took.as_secs_f64());
+    let phase = Instant::now();
     let lost = verify_all(&a, &acked, &sent_again).await;
-    eprintln!("waiting for {} chord callbacks", chords.len());
+    eprintln!("read back in {:.1} s; waiting for {} chord callbacks", phase.elapsed().as_secs_f64(), chords.len());
+    let phase = Instant::now();
     let (duplicates, missing, wrong) = collect_callbacks(&sqs, &url, &chords).await;
-    eprintln!("raw DynamoDB Local baseline: {} clients", a.clients);
+    eprintln!(
+        "callbacks collected in {:.1} s; raw DynamoDB Local baseline: {} clients",
+        phase.elapsed().as_secs_f64(),
+        a.clients
+    );
     let (raw_puts, raw_gets, raw_took) = raw_run(&a, dynamodb, work.clone()).await;
 
     let tally = Arc::try_unwrap(tally).ok().expect("clients are done").into_inner().unwrap();
