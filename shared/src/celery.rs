@@ -234,6 +234,8 @@ impl Signature {
         }
         let mut out = vec![self.task_id.clone()];
         walk(&self.raw, &mut out);
+        // A message's own rest of the chain (set when a chain was sent as its first task).
+        walk(self.options.get("chain").unwrap_or(&Value::Null), &mut out);
         out.sort();
         out.dedup();
         out
@@ -667,6 +669,8 @@ mod tests {
         let ids: Vec<String> =
             Signature::parse(group).unwrap().ids_that_never_run().iter().map(|i| i.to_string()).collect();
         assert_eq!(ids, ["c0", "c1", "g0", "g1", "grp"]);
+        let ids: Vec<String> = chain.ids_that_never_run().iter().map(|i| i.to_string()).collect();
+        assert_eq!(ids, ["c0", "c1"], "a chain's message stands for the whole chain");
     }
 
     /// A chord body as Celery 5.7's chord.run freezes it: the header is a
