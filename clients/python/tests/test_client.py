@@ -14,7 +14,14 @@ import pytest
 from celery import Celery
 from celery.app.backends import by_url
 from celery.exceptions import ImproperlyConfigured
-from dynachord_celery import Client, ClientOptions, DynachordBackend, DynachordError, DynachordUnavailable
+from dynachord_celery import (
+    Client,
+    ClientOptions,
+    DynachordBackend,
+    DynachordError,
+    DynachordTimeout,
+    DynachordUnavailable,
+)
 from dynachord_celery.client import parse_endpoint
 
 FAST = dict(backoff_base=0.001, backoff_cap=0.01)
@@ -217,6 +224,7 @@ def test_every_error_the_package_raises_pickles() -> None:
     for exc in (
         DynachordError("PUT", "/v1/tasks/t", 400, "callback_not_allowed", "queue 'x' is not one ..."),
         DynachordUnavailable("GET", "/v1/tasks/t", 503, "throttled", "retry"),
+        DynachordTimeout("POST", "/v1/tasks/batch-get", 0, "timeout", "the caller's timeout ran out"),
     ):
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is type(exc)
@@ -267,3 +275,37 @@ def test_what_the_service_sends_is_routed_to_the_sqs_queue_name_kombu_uses() -> 
     # The worker sends the rest; kombu adds its prefix then.
     assert sig["options"]["link"][0]["options"]["queue"] == "work"
     assert chain_body["kwargs"]["tasks"][1]["options"]["queue"] == "work"
+
+
+def test_the_callers_timeout_bounds_every_call_retries_included() -> None:
+    """A service that never answers: each attempt would wait its own read
+    timeout (15 s, then 8 retries); the caller's 1.5 s bounds them all."""
+    import socket
+    import time
+
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts connections, never answers
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        client = Client(url, ClientOptions(max_retries=8, **FAST))
+        started = time.monotonic()
+        with pytest.raises(DynachordTimeout):
+            client.batch_get(["a", "b"], wait=0.0, deadline=time.monotonic() + 1.5)
+        assert time.monotonic() - started < 3
+        app = Celery(set_as_current=False)
+        app.conf.result_backend = f"dynachord+{url}"
+        app.conf.result_backend_transport_options = {"max_retries": 8, **FAST}
+        backend = app.backend
+        for wait in (
+            lambda: list(backend.get_many(["a", "b"], timeout=1.5)),
+            lambda: backend.wait_for("a", timeout=1.5),
+        ):
+            started = time.monotonic()
+            with pytest.raises(CeleryTimeout):
+                wait()
+            assert time.monotonic() - started < 3, "bounded by the caller's timeout, not the retries'"
+    finally:
+        silent.close()

@@ -4,7 +4,7 @@ Configure Celery with `result_backend = "dynachord+https://<api-id>.execute-api.
 """
 
 from .backend import DynachordBackend
-from .client import Client, ClientOptions, DynachordError, DynachordUnavailable
+from .client import Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
 
-__all__ = ["Client", "ClientOptions", "DynachordBackend", "DynachordError", "DynachordUnavailable"]
+__all__ = ["Client", "ClientOptions", "DynachordBackend", "DynachordError", "DynachordTimeout", "DynachordUnavailable"]
 __version__ = "0.1.0"

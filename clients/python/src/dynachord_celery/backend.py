@@ -28,7 +28,7 @@ from celery.backends.base import BaseBackend
 from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import result_from_tuple
 
-from .client import Client, ClientOptions, DynachordError, DynachordUnavailable
+from .client import Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,10 @@ class DynachordBackend(BaseBackend):
             left = self.client.options.max_wait if deadline is None else deadline - time.monotonic()
             if on_message is not None:
                 left = min(left, 1.0)
-            meta = self._decode(self.client.get_task(task_id, wait=max(0.0, left)))
+            try:
+                meta = self._decode(self.client.get_task(task_id, wait=max(0.0, left), deadline=deadline))
+            except DynachordTimeout as exc:
+                raise self.TimeoutError("The operation timed out.") from exc
             if on_message is not None and meta["status"] != states.PENDING:
                 state = (meta["status"], meta.get("result"))
                 if state != seen:
@@ -342,7 +345,10 @@ class DynachordBackend(BaseBackend):
             for start in range(0, len(waiting), BATCH_IDS):
                 chunk = waiting[start : start + BATCH_IDS]
                 # Only the first chunk waits: later ones are read right after it.
-                metas = self.client.batch_get(chunk, wait=left if start == 0 else 0.0)
+                try:
+                    metas = self.client.batch_get(chunk, wait=left if start == 0 else 0.0, deadline=deadline)
+                except DynachordTimeout as exc:
+                    raise self.TimeoutError(f"Operation timed out ({timeout})") from exc
                 for task_id, raw in zip(chunk, metas):
                     if raw.get("status") in READY_STATES:
                         meta = self._decode(raw)
@@ -421,4 +427,4 @@ class DynachordBackend(BaseBackend):
         return super().__reduce__(args, dict(kwargs or {}, url=self.client.endpoint))
 
 
-__all__ = ["DynachordBackend", "DynachordError", "DynachordUnavailable"]
+__all__ = ["DynachordBackend", "DynachordError", "DynachordTimeout", "DynachordUnavailable"]

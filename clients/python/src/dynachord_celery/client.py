@@ -54,6 +54,10 @@ class DynachordUnavailable(DynachordError):
     """Throttled or unreachable after every retry; safe to try again later."""
 
 
+class DynachordTimeout(DynachordUnavailable):
+    """The caller's time ran out (retries included) before an answer came."""
+
+
 @dataclass(frozen=True)
 class ClientOptions:
     """How the client talks to the service. All of them have sane defaults."""
@@ -192,20 +196,35 @@ class Client:
         params: Mapping[str, Any] | None = None,
         extra_read_timeout: float = 0.0,
         ok: Iterable[int] = (200, 204),
+        deadline: float | None = None,
     ) -> requests.Response:
         """Sends one API call, retrying what is retryable; returns an ``ok``
-        answer or raises :class:`DynachordError`."""
+        answer or raises :class:`DynachordError`. With a ``deadline``
+        (``time.monotonic()``), every attempt and every pause between them
+        ends by it: past it, :class:`DynachordTimeout`."""
         url = self.endpoint + path + ("?" + urlencode(params) if params else "")
         data = None if body is None else _dumps(body).encode("utf-8")
-        timeout = (self.options.connect_timeout, self.options.read_timeout + extra_read_timeout)
         ok = frozenset(ok)
         attempt = 0
+
+        def out_of_time() -> DynachordTimeout:
+            why = f"the caller's timeout ran out after {attempt + 1} attempt(s)"
+            return DynachordTimeout(method, path, 0, "timeout", why)
+
         while True:
+            timeout = (self.options.connect_timeout, self.options.read_timeout + extra_read_timeout)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise out_of_time()
+                timeout = (min(timeout[0], left), min(timeout[1], left))
             try:
                 response = self._session().request(
                     method, url, data=data, headers=self._headers(method, url, data), timeout=timeout
                 )
             except requests.RequestException as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise out_of_time() from exc
                 if attempt >= self.options.max_retries:
                     raise DynachordUnavailable(method, path, 0, "unreachable", str(exc)) from exc
                 pause, why = self._backoff(attempt, None), f"{type(exc).__name__}: {exc}"
@@ -216,6 +235,8 @@ class Client:
                     raise _error(method, path, response)
                 pause = self._backoff(attempt, response.headers.get("Retry-After"))
                 why = f"status {response.status_code}"
+            if deadline is not None and time.monotonic() + pause >= deadline:
+                raise out_of_time()
             attempt += 1
             logger.debug("dynachord %s %s: %s; retry %d in %.2fs", method, path, why, attempt, pause)
             time.sleep(pause)
@@ -232,22 +253,24 @@ class Client:
             return None
         return dict(response.json())
 
-    def get_task(self, task_id: str, wait: float = 0.0) -> dict[str, Any]:
+    def get_task(self, task_id: str, wait: float = 0.0, deadline: float | None = None) -> dict[str, Any]:
         """The task's meta (``PENDING`` when unknown or expired); with ``wait``,
-        the service long-polls up to that many seconds until it is ready."""
+        the service long-polls up to that many seconds until it is ready.
+        ``deadline`` bounds the call, retries included (see :meth:`request`)."""
         wait = self._clamp_wait(wait)
         params = {"wait": _seconds(wait)} if wait > 0 else None
-        response = self.request("GET", _task_path(task_id), params=params, extra_read_timeout=wait)
+        response = self.request("GET", _task_path(task_id), params=params, extra_read_timeout=wait, deadline=deadline)
         return dict(_loads(response.text))
 
-    def batch_get(self, task_ids: list[str], wait: float = 0.0) -> list[dict[str, Any]]:
+    def batch_get(self, task_ids: list[str], wait: float = 0.0, deadline: float | None = None) -> list[dict[str, Any]]:
         """Metas of ``task_ids`` in request order (one call, at most the
-        service's MAX_BATCH_IDS ids); with ``wait``, until all are ready."""
+        service's MAX_BATCH_IDS ids); with ``wait``, until all are ready.
+        ``deadline`` bounds the call, retries included (see :meth:`request`)."""
         wait = self._clamp_wait(wait)
         body: dict[str, Any] = {"task_ids": task_ids}
         if wait > 0:
             body["wait"] = round(wait, 3)
-        response = self.request("POST", "/v1/tasks/batch-get", body=body, extra_read_timeout=wait)
+        response = self.request("POST", "/v1/tasks/batch-get", body=body, extra_read_timeout=wait, deadline=deadline)
         return list(_loads(response.text)["results"])
 
     def forget(self, task_id: str) -> None:
