@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 23] = [
+const PASSED_ON: [&str; 24] = [
     "CHORD_LEASE_SECONDS",
     "CHORD_MAX_ATTEMPTS",
     "CHORD_MAX_ERRBACKS",
@@ -57,6 +57,7 @@ const PASSED_ON: [&str; 23] = [
     "MAX_WAIT_SECONDS",
     "MAX_BODY_BYTES",
     "MAX_BATCH_IDS",
+    "BATCH_RESPONSE_BYTES",
     "DDB_MAX_ATTEMPTS",
     "DDB_INITIAL_BACKOFF_MS",
     "DDB_MAX_BACKOFF_MS",

@@ -39,6 +39,11 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `MAX_BATCH_IDS` (default 1000): ids in one batch-get.
     pub max_batch_ids: usize,
+    /// `BATCH_RESPONSE_BYTES` (default 5,000,000): the most a batch-get's
+    /// response may carry, as Lambda counts it (the body JSON-escaped in the
+    /// proxy response; Lambda's limit is 6 MB). Results past it come back as
+    /// references, read with a GET each.
+    pub batch_response_bytes: usize,
     /// `DDB_MAX_ATTEMPTS` (default 6): attempts per DynamoDB call (throttling,
     /// transient errors, unprocessed batch keys) before answering 503.
     pub ddb_max_attempts: u32,
@@ -222,6 +227,7 @@ impl Config {
             max_wait: Duration::from_secs(num("MAX_WAIT_SECONDS", 20, 0, 900)?),
             max_body_bytes: num("MAX_BODY_BYTES", 1 << 20, 1024, 6 << 20)? as usize,
             max_batch_ids: num("MAX_BATCH_IDS", 1000, 1, 10_000)? as usize,
+            batch_response_bytes: num("BATCH_RESPONSE_BYTES", 5_000_000, 64 << 10, 5_800_000)? as usize,
             ddb_max_attempts: num("DDB_MAX_ATTEMPTS", 6, 1, 20)? as u32,
             ddb_initial_backoff: Duration::from_millis(num("DDB_INITIAL_BACKOFF_MS", 25, 1, 10_000)?),
             ddb_max_backoff: Duration::from_millis(num("DDB_MAX_BACKOFF_MS", 2000, 1, 60_000)?),

@@ -184,20 +184,68 @@ pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u
             results[i] = stored;
         }
     }
-    let mut body =
-        String::with_capacity(results.iter().map(|r| r.as_ref().map_or(128, |s| s.json.len() + 1)).sum::<usize>() + 16);
+    Ok(Reply::ok(batch_body(&ids, results, app.config.batch_response_bytes)))
+}
+
+/// `{"results": [...]}` in request order, within `budget` bytes as Lambda
+/// counts them (the body JSON-escaped). Results are included in order while
+/// the rest of the ids still fit as references; a result past that comes
+/// back as a reference, `{"task_id", "status", "ref": {"bytes"}}`, to read
+/// with `GET /v1/tasks/{task_id}`.
+fn batch_body(ids: &[TaskId], results: Vec<Option<Stored>>, budget: usize) -> String {
+    let pieces: Vec<(std::borrow::Cow<'_, str>, &str)> = ids
+        .iter()
+        .zip(&results)
+        .map(|(id, stored)| match stored {
+            Some(stored) => (std::borrow::Cow::Borrowed(stored.json.as_str()), stored.status.as_str()),
+            None => (std::borrow::Cow::Owned(pending_json(id)), "PENDING"),
+        })
+        .collect();
+    let references: Vec<String> = ids
+        .iter()
+        .zip(&pieces)
+        .map(|(id, (piece, status))| {
+            serde_json::json!({"task_id": id.as_str(), "status": status, "ref": {"bytes": piece.len()}}).to_string()
+        })
+        .collect();
+    // What the items after each one cost at least: all of them as references.
+    let mut after = vec![0usize; ids.len() + 1];
+    for i in (0..ids.len()).rev() {
+        after[i] = after[i + 1] + escaped_len(&references[i]) + 1;
+    }
+    let mut body = String::with_capacity(pieces.iter().map(|(p, _)| p.len() + 1).sum::<usize>().min(budget) + 16);
     body.push_str(r#"{"results":["#);
-    for (i, (id, stored)) in ids.iter().zip(results).enumerate() {
+    let mut used = escaped_len(&body) + 2;
+    for (i, (piece, _)) in pieces.iter().enumerate() {
         if i > 0 {
             body.push(',');
+            used += 1;
         }
-        match stored {
-            Some(stored) => body.push_str(&stored.json),
-            None => body.push_str(&pending_json(id)),
+        let cost = escaped_len(piece);
+        if used + cost + after[i + 1] <= budget {
+            body.push_str(piece);
+            used += cost;
+        } else {
+            body.push_str(&references[i]);
+            used += escaped_len(&references[i]);
         }
     }
     body.push_str("]}");
-    Ok(Reply::ok(body))
+    body
+}
+
+/// The length of `text` once escaped as a JSON string (as the proxy
+/// response carries the body).
+fn escaped_len(text: &str) -> usize {
+    text.len()
+        + text
+            .bytes()
+            .map(|b| match b {
+                b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 1,
+                b if b < 0x20 => 5,
+                _ => 0,
+            })
+            .sum::<usize>()
 }
 
 /// Checks a requested wait (seconds) against `MAX_WAIT_SECONDS`.
@@ -343,6 +391,39 @@ mod tests {
             .map(|r| (r["task_id"].as_str().unwrap(), r["status"].as_str().unwrap()))
             .collect();
         assert_eq!(got, [("b", "FAILURE"), ("nope", "PENDING"), ("a", "SUCCESS"), ("b", "FAILURE")]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_past_its_response_budget_answers_the_rest_as_references() {
+        let mut app = App { config: Config::for_table("t"), store: MemoryStore::default() };
+        app.config.batch_response_bytes = 64 << 10;
+        // Results of quotes (`\"` in the stored JSON), which escaping doubles again: Lambda counts the escaped body.
+        let result = "\\\"".repeat(5_000);
+        let ids: Vec<String> = (0..10).map(|i| format!("big{i}")).collect();
+        for id in &ids {
+            let body = format!(r#"{{"status":"SUCCESS","result":"{result}"}}"#);
+            store_task(&app, &Namespace::default(), &tid(id), body.as_bytes()).await.unwrap();
+        }
+        let mut asked = ids.clone();
+        asked.push("unknown".into());
+        let request = serde_json::json!({ "task_ids": asked }).to_string();
+        let reply = batch_fetch(&app, &Namespace::default(), request.as_bytes()).await.unwrap();
+        assert!(escaped_len(&reply.body) <= 64 << 10, "{} bytes escaped", escaped_len(&reply.body));
+        let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        let items = v["results"].as_array().unwrap();
+        assert_eq!(items.len(), 11, "one item per id, in order");
+        let full = items.iter().take_while(|r| r.get("ref").is_none()).count();
+        assert!((1..10).contains(&full), "{full} full results, then references");
+        for (i, item) in items.iter().enumerate() {
+            assert_eq!(item["task_id"], asked[i].as_str());
+            if i < full {
+                assert_eq!(item["result"].as_str().unwrap(), "\"".repeat(5_000));
+            } else if i < 10 {
+                assert_eq!((item["status"].as_str(), item.get("result")), (Some("SUCCESS"), None));
+                assert!(item["ref"]["bytes"].as_u64().unwrap() > 10_000, "the stored meta's size: {item}");
+            }
+        }
+        assert!(items[10]["status"] == "PENDING", "a small answer after the budget is still an answer or a reference");
     }
 
     #[tokio::test]

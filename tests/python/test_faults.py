@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[2]
 ATTEMPTS = 8
 LEASE = 3
 CHORD_ATTEMPTS = 3
+# A small batch-get response budget, so that references come back with
+# answers small enough for the emulator (see the README's "Limits").
+BATCH_BUDGET = 65536
 
 
 def free_port():
@@ -124,6 +127,7 @@ def stack(request):
         DDB_MAX_BACKOFF_MS="200",
         CHORD_LEASE_SECONDS=str(LEASE),
         CHORD_MAX_ATTEMPTS=str(CHORD_ATTEMPTS),
+        BATCH_RESPONSE_BYTES=str(BATCH_BUDGET),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     log = open(work / "devstack.log", "w")  # noqa: SIM115 (closed in the finally below)
@@ -484,3 +488,28 @@ def test_a_poison_chord_fails_after_its_attempts_and_never_holds_up_a_healthy_on
         f"\npoison chord: healthy chord dispatched after {healthy_after:.1f} s; poison failed after "
         f"{CHORD_ATTEMPTS} attempts ({tried} throttled sends)"
     )
+
+
+def test_a_batch_get_past_its_response_budget_answers_references_the_package_reads_on_its_own(stack):
+    """Not a fault: this stack is the one with a small BATCH_RESPONSE_BYTES.
+    No response passes the budget as Lambda counts it (the body JSON-escaped),
+    results come in order while the rest still fit, and the Python client
+    reads each reference with a GET, so its caller gets every result whole."""
+    from dynachord_celery import Client
+
+    prefix = f"budget-{uuid.uuid4().hex[:10]}"
+    ids = [f"{prefix}-{i}" for i in range(12)]
+    results = {task_id: {"i": i, "text": '"quoted" ' * 1500} for i, task_id in enumerate(ids)}
+    for task_id in ids:
+        assert stack.call("PUT", f"/v1/tasks/{task_id}", success(results[task_id]))[0] == 200
+    status, _, text = stack.call("POST", "/v1/tasks/batch-get", {"task_ids": ids})
+    assert status == 200
+    assert len(json.dumps(text)) - 2 <= BATCH_BUDGET, "the escaped body is within the budget"
+    items = json.loads(text)["results"]
+    whole = [item for item in items if "ref" not in item]
+    assert 0 < len(whole) < len(ids), "some whole results, then references"
+    assert items[: len(whole)] == whole, "whole results come first, in request order"
+    for item, task_id in zip(items, ids):
+        assert item["task_id"] == task_id and item["status"] == "SUCCESS"
+    metas = Client(stack.base).batch_get(ids)
+    assert [m["result"] for m in metas] == [results[task_id] for task_id in ids]

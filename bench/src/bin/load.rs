@@ -292,6 +292,14 @@ async fn verify_all(a: &Args, acked: &[Work], retried: &AtomicUsize) -> Vec<Stri
             lost.push(format!("batch-get of {} ids answered {} results", chunk.len(), results.len()));
         }
         for (w, got) in chunk.iter().zip(&results) {
+            // A result past the response's size budget comes as a reference: read it on its own.
+            let got = match got.get("ref") {
+                None => got.clone(),
+                Some(_) => match send(|| http.get(format!("{}/v1/tasks/{}", a.endpoint, w.id)), retried).await {
+                    Ok((_, 200, text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
+                    other => json!({"unreadable reference": format!("{other:?}")}),
+                },
+            };
             if got["status"] != "SUCCESS" || got["result"] != w.result {
                 lost.push(format!("{}: {got}", w.id));
             }

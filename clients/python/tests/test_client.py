@@ -309,3 +309,16 @@ def test_the_callers_timeout_bounds_every_call_retries_included() -> None:
             assert time.monotonic() - started < 3, "bounded by the caller's timeout, not the retries'"
     finally:
         silent.close()
+
+
+def test_results_a_batch_get_answers_with_references_are_read_on_their_own(server: tuple[str, Script]) -> None:
+    url, script = server
+    whole = {"status": "SUCCESS", "result": "x" * 1000, "task_id": "b"}
+    reference = {"task_id": "b", "status": "SUCCESS", "ref": {"bytes": 1040}}
+    script.answers = [
+        (200, {}, {"results": [{"status": "SUCCESS", "result": 1, "task_id": "a"}, reference]}),
+        (200, {}, whole),
+    ]
+    client = Client(url, ClientOptions(**FAST))
+    assert client.batch_get(["a", "b"]) == [{"status": "SUCCESS", "result": 1, "task_id": "a"}, whole]
+    assert [(s["method"], s["path"]) for s in script.seen] == [("POST", "/v1/tasks/batch-get"), ("GET", "/v1/tasks/b")]

@@ -265,13 +265,19 @@ class Client:
     def batch_get(self, task_ids: list[str], wait: float = 0.0, deadline: float | None = None) -> list[dict[str, Any]]:
         """Metas of ``task_ids`` in request order (one call, at most the
         service's MAX_BATCH_IDS ids); with ``wait``, until all are ready.
-        ``deadline`` bounds the call, retries included (see :meth:`request`)."""
+        ``deadline`` bounds the call, retries included (see :meth:`request`).
+        A result the service answers with a reference (past the response's
+        size budget) is read on its own, so every item is a whole meta."""
         wait = self._clamp_wait(wait)
         body: dict[str, Any] = {"task_ids": task_ids}
         if wait > 0:
             body["wait"] = round(wait, 3)
         response = self.request("POST", "/v1/tasks/batch-get", body=body, extra_read_timeout=wait, deadline=deadline)
-        return list(_loads(response.text)["results"])
+        results = list(_loads(response.text)["results"])
+        for i, item in enumerate(results):
+            if isinstance(item, dict) and "ref" in item:
+                results[i] = self.get_task(str(item["task_id"]), deadline=deadline)
+        return results
 
     def forget(self, task_id: str) -> None:
         self.request("DELETE", _task_path(task_id))
