@@ -201,6 +201,21 @@ fn batch_body(ids: &[TaskId], results: Vec<Option<Stored>>, budget: usize) -> St
             None => (std::borrow::Cow::Owned(pending_json(id)), "PENDING"),
         })
         .collect();
+    let costs: Vec<usize> = pieces.iter().map(|(piece, _)| escaped_len(piece)).collect();
+    let mut body = String::with_capacity(pieces.iter().map(|(p, _)| p.len() + 1).sum::<usize>().min(budget) + 16);
+    body.push_str(r#"{"results":["#);
+    let mut used = escaped_len(&body) + 2;
+    if used + costs.iter().sum::<usize>() + pieces.len() <= budget {
+        // All of it fits, as almost always: no references to work out.
+        for (i, (piece, _)) in pieces.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(piece);
+        }
+        body.push_str("]}");
+        return body;
+    }
     let references: Vec<String> = ids
         .iter()
         .zip(&pieces)
@@ -213,15 +228,12 @@ fn batch_body(ids: &[TaskId], results: Vec<Option<Stored>>, budget: usize) -> St
     for i in (0..ids.len()).rev() {
         after[i] = after[i + 1] + escaped_len(&references[i]) + 1;
     }
-    let mut body = String::with_capacity(pieces.iter().map(|(p, _)| p.len() + 1).sum::<usize>().min(budget) + 16);
-    body.push_str(r#"{"results":["#);
-    let mut used = escaped_len(&body) + 2;
     for (i, (piece, _)) in pieces.iter().enumerate() {
         if i > 0 {
             body.push(',');
             used += 1;
         }
-        let cost = escaped_len(piece);
+        let cost = costs[i];
         if used + cost + after[i + 1] <= budget {
             body.push_str(piece);
             used += cost;
