@@ -118,6 +118,17 @@ def test_throttling_is_retried_honouring_retry_after(server: tuple[str, Script])
     assert [s["path"] for s in script.seen] == ["/v1/tasks/t1"] * 3
 
 
+def test_a_500_is_sent_again_as_the_aws_sdks_do(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [
+        (500, {}, {"type": "https://httpstatuses.com/500", "status": 500, "title": "Internal Server Error"}),
+        (200, {}, {"status": "SUCCESS", "result": 3, "task_id": "t1"}),
+    ]
+    client = Client(url, ClientOptions(**FAST))
+    assert client.get_task("t1")["result"] == 3
+    assert len(script.seen) == 2
+
+
 def test_retries_end_in_a_clear_unavailable_error(server: tuple[str, Script]) -> None:
     url, script = server
     script.answers = [

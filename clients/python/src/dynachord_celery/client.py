@@ -26,8 +26,11 @@ from kombu.utils import json as kjson
 
 logger = logging.getLogger(__name__)
 
-#: Statuses worth another attempt: throttled, or the service is (briefly) unavailable.
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
+#: Statuses worth another attempt: throttled, or the service is (briefly)
+#: unavailable. 500 too, as in the AWS SDKs' standard retry mode: API Gateway
+#: answers 500 when an invocation fails for reasons of Lambda's own. Every
+#: call of the API may be sent again (a store is a conditional write).
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 _EXECUTE_API_HOST = re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com$")
 
