@@ -249,13 +249,13 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         if newest > state.expires_at {
             self.store.extend_chord(ns, gid, newest + EXTEND_PAST_NEWEST).await?;
         }
+        let last = &parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty").part.task_id;
         if let Some((token, sent)) = self.unmarked_progress(&key) {
             // Our messages went out earlier but recording it failed: go on
             // from there under the same claim, sending nothing twice (invariant C3).
-            let mut state = state.clone();
+            let mut state = state;
             state.body_sent = state.body_sent.max(sent);
-            let last = parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty");
-            return self.join(&Claim { ns, gid, token: &token, last: &last.part.task_id, state: &state }).await;
+            return self.join(&Claim { ns, gid, token: &token, last, state: &state }).await;
         }
         if state.done < state.size {
             return Ok(());
@@ -267,8 +267,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 _ => Err(JoinError::Busy(gid.to_string())),
             };
         }
-        let last = parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty");
-        let claim = Claim { ns, gid, token: &token, last: &last.part.task_id, state: &state };
+        let claim = Claim { ns, gid, token: &token, last, state: &state };
         let joined = match &state.error {
             // An earlier join began failing the chord: finish that.
             Some(message) => self.fail_claimed(&claim, message.clone(), OnTransient::Retry).await,
