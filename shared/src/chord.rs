@@ -481,6 +481,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 group_id: None,
                 group_index: None,
                 chord: None,
+                upload: None,
             };
             self.store.put_task(ns, &record).await?;
         }
@@ -756,6 +757,7 @@ mod tests {
             group_id: Some(gid()),
             group_index: Some(i),
             chord: None,
+            upload: None,
         };
         assert_eq!(j.store.put_task(&ns, &record).await.unwrap(), PutOutcome::Stored);
         Part {
@@ -998,6 +1000,7 @@ mod tests {
                 group_id: None,
                 group_index: None,
                 chord: None,
+                upload: None,
             };
             j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
             j.store.put_task(&ns, &record).await.unwrap();

@@ -57,8 +57,32 @@ pub struct Config {
     pub auto_create_table: bool,
     /// Where chord callbacks go, and which queues each tenant may reach.
     pub callbacks: CallbackConfig,
+    /// Large results in S3.
+    pub results: LargeResults,
     /// The chord join's lease, retries and bounds.
     pub chord: ChordConfig,
+}
+
+/// Results too large for a DynamoDB item, or for a Lambda response, go
+/// through S3 (see `docs/LARGE_RESULTS.md`).
+#[derive(Debug, Clone)]
+pub struct LargeResults {
+    /// `RESULTS_BUCKET` (default unset): the bucket large results go to.
+    /// Unset: a result past the item limit is refused (413 `result_too_large`).
+    pub bucket: Option<String>,
+    /// `SPILL_ABOVE_BYTES` (default 65536, 1024..=390 KiB): a result whose
+    /// compressed size passes this goes to S3; its item keeps a pointer.
+    pub spill_above: usize,
+    /// `INLINE_RESULT_BYTES` (default 4,000,000, 0..=5,800,000): the largest
+    /// result in S3 a GET or a batch-get carries in its answer; larger ones
+    /// come as a presigned URL (`result_ref`).
+    pub inline_bytes: usize,
+    /// `MAX_RESULT_BYTES` (default 1 GiB, at most 5 GiB): the largest result
+    /// (its JSON, uncompressed) accepted through an upload.
+    pub max_result_bytes: u64,
+    /// `PRESIGN_SECONDS` (default 900, 60..=43200): how long a presigned URL
+    /// is valid.
+    pub presign: Duration,
 }
 
 /// Chord callbacks: the target, and the queues each namespace may use.
@@ -76,8 +100,10 @@ pub struct CallbackConfig {
     pub shared: QueueRoutes,
     /// `CALLBACK_DEFAULT_QUEUE` (default `celery`): for callbacks without `options.queue`.
     pub default_queue: String,
-    /// `CALLBACK_MAX_BYTES` (default 262144, SQS's classic cap and Lambda's
-    /// async payload cap): the largest callback message.
+    /// `CALLBACK_MAX_BYTES` (default 1048576: SQS's message size limit and
+    /// Lambda's asynchronous payload limit, both 1 MiB since 2025): the
+    /// largest callback message. A callback whose results would pass it is
+    /// sent with a reference to them instead (see `docs/LARGE_RESULTS.md`).
     pub max_bytes: usize,
 }
 
@@ -143,6 +169,9 @@ pub struct ChordConfig {
     /// `CHORD_MAX_CALLBACK_BYTES` (default 65536, 1024..=262144): the largest
     /// callback signature a part may carry.
     pub max_callback_bytes: usize,
+    /// `CHORD_MAX_RESULTS_BYTES` (default 128 MiB, 1 KiB..=512 MiB): the most
+    /// a chord's results may add up to; chord-join holds them in memory.
+    pub max_results_bytes: usize,
 }
 
 /// A variable that is missing or malformed; start-up fails with its name.
@@ -217,6 +246,14 @@ impl Config {
             max_attempts: num("CHORD_MAX_ATTEMPTS", 8, 1, 100)? as u32,
             max_errbacks: num("CHORD_MAX_ERRBACKS", 16, 0, 100)? as usize,
             max_callback_bytes: num("CHORD_MAX_CALLBACK_BYTES", 65_536, 1024, 262_144)? as usize,
+            max_results_bytes: num("CHORD_MAX_RESULTS_BYTES", 128 << 20, 1024, 512 << 20)? as usize,
+        };
+        let results = LargeResults {
+            bucket: var("RESULTS_BUCKET").map(|b| b.trim().to_owned()),
+            spill_above: num("SPILL_ABOVE_BYTES", 65_536, 1024, 390 << 10)? as usize,
+            inline_bytes: num("INLINE_RESULT_BYTES", 4_000_000, 0, 5_800_000)? as usize,
+            max_result_bytes: num("MAX_RESULT_BYTES", 1 << 30, 1024, 5 << 30)?,
+            presign: Duration::from_secs(num("PRESIGN_SECONDS", 900, 60, 43_200)?),
         };
         let config = Config {
             table_name,
@@ -234,6 +271,7 @@ impl Config {
             auth_mode,
             auto_create_table,
             callbacks,
+            results,
             chord,
         };
         if config.result_ttl > config.max_result_ttl {
@@ -302,7 +340,7 @@ fn callback_config(
         tenant_queues,
         shared: QueueRoutes::from_pairs(pairs),
         default_queue: var("CALLBACK_DEFAULT_QUEUE").unwrap_or_else(|| "celery".into()),
-        max_bytes: num("CALLBACK_MAX_BYTES", 262_144, 1024, 1 << 20)? as usize,
+        max_bytes: num("CALLBACK_MAX_BYTES", 1 << 20, 1024, 1 << 20)? as usize,
     })
 }
 

@@ -24,6 +24,12 @@ pub enum ApiError {
     BatchTooLarge { count: usize, limit: usize },
     #[error("stored result would be {size} bytes after compression; the limit is {limit}")]
     ResultTooLarge { size: usize, limit: usize },
+    #[error("{0}")]
+    BadUpload(String),
+    #[error("the uploaded result is more than {limit} bytes uncompressed; the limit is MAX_RESULT_BYTES")]
+    UploadTooLarge { limit: u64 },
+    #[error("large results are not enabled: this deployment has no results bucket (RESULTS_BUCKET)")]
+    NoBucket,
     #[error("chord callback is {size} bytes; the limit is {limit}")]
     CallbackTooLarge { size: usize, limit: usize },
     #[error("chord callback refused: {0}")]
@@ -61,6 +67,9 @@ impl ApiError {
             Self::BatchTooLarge { .. } => (413, "batch_too_large"),
             Self::ResultTooLarge { .. } => (413, "result_too_large"),
             Self::CallbackTooLarge { .. } => (413, "callback_too_large"),
+            Self::BadUpload(_) => (400, "invalid_upload"),
+            Self::UploadTooLarge { .. } => (413, "result_too_large"),
+            Self::NoBucket => (400, "large_results_disabled"),
             Self::CallbackNotAllowed(_) => (400, "callback_not_allowed"),
             Self::NoRoute { .. } => (404, "no_route"),
             Self::GroupNotFound(_) => (404, "group_not_found"),
@@ -123,6 +132,14 @@ pub enum StoreError {
     Unavailable(String),
     #[error("DynamoDB error: {0}")]
     Other(String),
+    /// An uploaded result that cannot be committed (missing, altered, not JSON).
+    #[error("{0}")]
+    BadUpload(String),
+    #[error("uploaded result over {limit} bytes")]
+    UploadTooLarge { limit: u64 },
+    /// A large result, and no results bucket to put it in.
+    #[error("no results bucket")]
+    NoBucket,
 }
 
 impl From<StoreError> for ApiError {
@@ -132,6 +149,9 @@ impl From<StoreError> for ApiError {
             StoreError::Unavailable(_) => ApiError::Unavailable { retry_after_secs: 2 },
             StoreError::TooLarge { size, limit } => ApiError::ResultTooLarge { size, limit },
             StoreError::Other(message) => ApiError::Internal(message),
+            StoreError::BadUpload(message) => ApiError::BadUpload(message),
+            StoreError::UploadTooLarge { limit } => ApiError::UploadTooLarge { limit },
+            StoreError::NoBucket => ApiError::NoBucket,
         }
     }
 }

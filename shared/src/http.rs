@@ -23,6 +23,8 @@ pub const DDB_CALLS_HEADER: &str = "x-dynachord-ddb-calls";
 #[derive(Debug, Clone, PartialEq)]
 pub enum Route {
     PutTask(TaskId),
+    /// `POST /v1/tasks/{task_id}/upload`: a presigned URL to upload a large result.
+    UploadTask(TaskId),
     /// With the long-poll `wait` from the query string.
     GetTask(TaskId, Duration),
     DeleteTask(TaskId),
@@ -38,6 +40,7 @@ impl Route {
     pub fn not_here(self) -> ApiError {
         let (method, path) = match self {
             Route::PutTask(id) => ("PUT", format!("/v1/tasks/{id}")),
+            Route::UploadTask(id) => ("POST", format!("/v1/tasks/{id}/upload")),
             Route::GetTask(id, _) => ("GET", format!("/v1/tasks/{id}")),
             Route::DeleteTask(id) => ("DELETE", format!("/v1/tasks/{id}")),
             Route::BatchGet => ("POST", "/v1/tasks/batch-get".to_owned()),
@@ -70,6 +73,7 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
     match (method, segments.as_slice()) {
         ("POST", ["", "v1", "tasks", "batch-get"]) => Ok(Route::BatchGet),
         ("PUT", ["", "v1", "tasks", id]) => Ok(Route::PutTask(task(id)?)),
+        ("POST", ["", "v1", "tasks", id, "upload"]) => Ok(Route::UploadTask(task(id)?)),
         ("GET", ["", "v1", "tasks", id]) => {
             let wait = match wait {
                 None => None,
@@ -230,6 +234,7 @@ mod tests {
             Route::GetTask(TaskId::parse("t-1").unwrap(), Duration::from_millis(2500))
         );
         assert!(matches!(route("PUT", "/v1/groups/g1", None, MAX), Ok(Route::PutGroup(_))));
+        assert!(matches!(route("POST", "/v1/tasks/t1/upload", None, MAX), Ok(Route::UploadTask(_))));
         assert!(matches!(route("PATCH", "/v1/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v2/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v1/tasks/a%2Fb", None, MAX), Err(ApiError::BadId(_))));

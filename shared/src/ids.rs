@@ -31,6 +31,11 @@ fn check_id(kind: &'static str, raw: &str) -> Result<(), IdError> {
     }
 }
 
+/// Whether `raw` is a SHA-256 in lowercase hex (an uploaded object's name).
+pub fn is_sha256_hex(raw: &str) -> bool {
+    raw.len() == 64 && raw.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*

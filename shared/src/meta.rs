@@ -153,6 +153,17 @@ pub struct TaskMeta {
     /// `chord_size` from the worker). Kept on the part's item, never served.
     #[serde(default, skip_serializing)]
     pub chord: Option<ChordSpec>,
+    /// Request only: the result was uploaded through a presigned URL
+    /// (`POST /v1/tasks/{task_id}/upload`) instead of sent in `result`.
+    #[serde(default, skip_serializing)]
+    pub result_upload: Option<UploadSpec>,
+}
+
+/// An uploaded result: the SHA-256 (lowercase hex) of the object as uploaded.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UploadSpec {
+    pub sha256: String,
 }
 
 /// Largest chord accepted.
@@ -177,6 +188,8 @@ pub enum MetaError {
     WrongShape { field: &'static str, expected: &'static str },
     #[error("chord: {0}")]
     BadChord(String),
+    #[error("result_upload: {0}")]
+    BadUpload(String),
 }
 
 impl TaskMeta {
@@ -195,6 +208,14 @@ impl TaskMeta {
         check_shape("kwargs", &meta.kwargs, "an object", b'{')?;
         if let Some(chord) = &meta.chord {
             check_chord(chord, meta.group_id.is_some(), meta.group_index)?;
+        }
+        if let Some(upload) = &meta.result_upload {
+            if meta.result.is_some() {
+                return Err(MetaError::BadUpload("a body carries result or result_upload, not both".into()));
+            }
+            if !crate::ids::is_sha256_hex(&upload.sha256) {
+                return Err(MetaError::BadUpload("sha256 must be 64 lowercase hex digits".into()));
+            }
         }
         if meta.children.is_none() {
             meta.children = Some(raw("[]"));
@@ -251,6 +272,48 @@ fn check_shape(
 
 fn raw(json: &str) -> Box<RawValue> {
     RawValue::from_string(json.to_owned()).expect("static JSON is valid")
+}
+
+/// The start of a meta as stored, up to its result: Celery's field order
+/// puts `status` first and `result` second.
+fn result_head(status: &str) -> String {
+    format!(r#"{{"status":{},"result":"#, serde_json::to_string(status).expect("a string serialises"))
+}
+
+/// Splits a meta as stored (see [`TaskMeta::to_json`]) into the meta with
+/// `"result":null` and the result's JSON text, exactly as stored.
+pub fn split_result<'a>(json: &'a str, status: &str) -> Option<(String, &'a str)> {
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        result: Option<&'a RawValue>,
+    }
+    let head = result_head(status);
+    if !json.starts_with(&head) {
+        return None;
+    }
+    let raw = serde_json::from_str::<Head>(json).ok()?.result?.get();
+    let start = raw.as_ptr() as usize - json.as_ptr() as usize;
+    (start == head.len()).then(|| (format!("{head}null{}", &json[start + raw.len()..]), raw))
+}
+
+/// A meta whose result was split off ([`split_result`]) with `result` put back.
+pub fn join_result(meta: &str, status: &str, result: &str) -> Option<String> {
+    let head = result_head(status) + "null";
+    let rest = meta.strip_prefix(&head)?;
+    let mut json = String::with_capacity(meta.len() + result.len());
+    json.push_str(&head[..head.len() - 4]);
+    json.push_str(result);
+    json.push_str(rest);
+    Some(json)
+}
+
+/// A meta whose result was split off, with `"result_ref": reference` after
+/// its `"result":null` (the result is read from the reference's URL).
+pub fn with_result_ref(meta: &str, status: &str, reference: &str) -> Option<String> {
+    let head = result_head(status) + "null";
+    let rest = meta.strip_prefix(&head)?;
+    Some(format!(r#"{head},"result_ref":{reference}{rest}"#))
 }
 
 /// What a task that was never stored, or has expired, reads as (Celery's
@@ -344,6 +407,21 @@ mod tests {
             let err = TaskMeta::parse(body.as_bytes(), &t1).unwrap_err().to_string();
             assert!(err.contains(needle), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn a_result_is_split_off_and_put_back_exactly() {
+        let body = r#"{"status":"SUCCESS","result":{"big":[1,2.50,"\u00e9"]},"traceback":null,"children":[],"date_done":null,"task_id":"t1"}"#;
+        let json = TaskMeta::parse(body.as_bytes(), &tid("t1")).unwrap().to_json();
+        let (meta, result) = split_result(&json, "SUCCESS").unwrap();
+        assert_eq!(result, r#"{"big":[1,2.50,"\u00e9"]}"#);
+        assert!(meta.starts_with(r#"{"status":"SUCCESS","result":null,"traceback""#), "{meta}");
+        assert_eq!(join_result(&meta, "SUCCESS", result).unwrap(), json);
+        let with_ref = with_result_ref(&meta, "SUCCESS", r#"{"url":"u"}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&with_ref).unwrap();
+        assert_eq!((v["result"].clone(), v["result_ref"]["url"].clone()), (serde_json::json!(null), "u".into()));
+        assert!(split_result(&json, "FAILURE").is_none(), "the status must match");
+        assert!(join_result(&json, "SUCCESS", "1").is_none(), "only a meta whose result was split off");
     }
 
     #[test]

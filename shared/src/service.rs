@@ -10,7 +10,7 @@ use crate::celery::Signature;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::{GroupId, Namespace, TaskId};
-use crate::meta::{pending_json, TaskMeta};
+use crate::meta::{join_result, pending_json, with_result_ref, TaskMeta};
 use crate::store::{PartOf, PutOutcome, ResultStore, Stored, TaskRecord};
 use crate::time::now_epoch;
 
@@ -71,6 +71,7 @@ pub async fn store_task<S: ResultStore>(
         group_id: meta.group_id.clone(),
         group_index: meta.group_index,
         chord: meta.chord.as_ref().map(|c| PartOf { size: c.size, callback: c.callback.get().to_owned() }),
+        upload: meta.result_upload.as_ref().map(|u| u.sha256.clone()),
     };
     if let Some(chord) = &record.chord {
         check_callback(&app.config, ns, &chord.callback)?;
@@ -90,6 +91,91 @@ pub async fn store_task<S: ResultStore>(
         }
     }
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadRequest {
+    sha256: String,
+    #[serde(default)]
+    bytes: Option<u64>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+/// `POST /v1/tasks/{task_id}/upload`: a presigned PUT for a result too large
+/// to send in a request. The worker uploads the result's JSON, gzip-compressed,
+/// then stores the meta with `"result_upload": {"sha256": ...}` instead of
+/// `result` (see `docs/LARGE_RESULTS.md`). Nothing is stored until then.
+pub async fn upload_task<S: ResultStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &TaskId,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let request: UploadRequest = crate::meta::json_object(body)
+        .and_then(|()| serde_json::from_slice(body))
+        .map_err(|e| ApiError::BadBody(format!("body is not an upload request: {e}")))?;
+    if !crate::ids::is_sha256_hex(&request.sha256) {
+        return Err(ApiError::BadBody("sha256 must be 64 lowercase hex digits".into()));
+    }
+    let limit = app.config.results.max_result_bytes;
+    if request.bytes.is_some_and(|bytes| bytes > limit) {
+        return Err(ApiError::UploadTooLarge { limit });
+    }
+    let lifetime = expires_at(&app.config, request.expires_in)? - now_epoch();
+    let presigned = app.store.upload_url(ns, id, &request.sha256, lifetime).await?;
+    let headers: serde_json::Map<String, serde_json::Value> =
+        presigned.headers.into_iter().map(|(name, value)| (name, value.into())).collect();
+    Ok(Reply::ok(
+        serde_json::json!({
+            "task_id": id.as_str(),
+            "method": "PUT",
+            "url": presigned.url,
+            "headers": headers,
+            "expires_in": app.config.results.presign.as_secs(),
+            "max_bytes": limit,
+        })
+        .to_string(),
+    ))
+}
+
+/// The meta of a stored result as answered: for a result in S3, with the
+/// result put back when it is at most `INLINE_RESULT_BYTES` and the answer
+/// stays under Lambda's limit, else with a `result_ref` (a presigned URL).
+/// `None` when the result's object is gone: the result was replaced or
+/// forgotten since its item was read, so the caller reads it again.
+async fn answered<S: ResultStore>(app: &App<S>, stored: Stored) -> Result<Option<String>, ApiError> {
+    let Some(blob) = &stored.blob else { return Ok(Some(stored.json)) };
+    let status = stored.status.as_str();
+    if blob.bytes <= app.config.results.inline_bytes as u64 {
+        let Some(result) = app.store.read_blob(blob).await? else { return Ok(None) };
+        let json = join_result(&stored.json, status, &result)
+            .ok_or_else(|| ApiError::Internal(format!("stored meta of {} has no result to fill", blob.key)))?;
+        if escaped_len(&json) <= app.config.batch_response_bytes {
+            return Ok(Some(json));
+        }
+    }
+    Ok(Some(result_ref(app, &stored).await?))
+}
+
+/// A result in S3 as a reference: the meta with `"result":null` and
+/// `"result_ref": {"url", "bytes", "encoding", "expires_in"}`.
+async fn result_ref<S: ResultStore>(app: &App<S>, stored: &Stored) -> Result<String, ApiError> {
+    let blob = stored.blob.as_ref().expect("only a result in S3 has a reference");
+    let url = app.store.blob_url(blob).await?;
+    let reference = serde_json::json!({
+        "url": url,
+        "bytes": blob.bytes,
+        "encoding": "gzip",
+        "expires_in": app.config.results.presign.as_secs(),
+    });
+    with_result_ref(&stored.json, stored.status.as_str(), &reference.to_string())
+        .ok_or_else(|| ApiError::Internal(format!("stored meta of {} has no result to refer to", blob.key)))
+}
+
+/// How often a read goes back to the item when the object it pointed to
+/// was replaced in between.
+const REREADS: usize = 3;
 
 /// Bounds what a chord part can make chord-join send, before anything is
 /// stored (invariants T2 and T3): the callback's size, its errbacks, and the queues
@@ -135,11 +221,28 @@ pub async fn fetch_task<S: ResultStore>(
         let stored = app.store.get_task(ns, id).await?;
         let ready = stored.as_ref().is_some_and(|s| s.status.is_ready());
         if ready || Instant::now() + pause > deadline {
-            return Ok(Reply::ok(stored.map_or_else(|| pending_json(id), |s| s.json)));
+            return answer_task(app, ns, id, stored).await;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(POLL_MAX);
     }
+}
+
+/// The answer to a GET of a result read as `stored`.
+async fn answer_task<S: ResultStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &TaskId,
+    mut stored: Option<Stored>,
+) -> Result<Reply, ApiError> {
+    for _ in 0..REREADS {
+        let Some(found) = stored else { return Ok(Reply::ok(pending_json(id))) };
+        if let Some(json) = answered(app, found).await? {
+            return Ok(Reply::ok(json));
+        }
+        stored = app.store.get_task(ns, id).await?;
+    }
+    Err(ApiError::Unavailable { retry_after_secs: 1 })
 }
 
 #[derive(Deserialize)]
@@ -184,34 +287,86 @@ pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u
             results[i] = stored;
         }
     }
-    Ok(Reply::ok(batch_body(&ids, results, app.config.batch_response_bytes)))
+    let pieces = batch_pieces(app, &ids, results).await?;
+    Ok(Reply::ok(batch_body(&ids, pieces, app.config.batch_response_bytes)))
+}
+
+/// One result of a batch-get: its meta as answered, or `None` when it can
+/// only come back as a reference (a result in S3 not read here); its
+/// status; and its size.
+type Piece = (Option<String>, String, u64);
+
+/// The batch's results as answered. Results in S3 are read (a few at a
+/// time) while they fit `INLINE_RESULT_BYTES` each and the response's
+/// budget together; the others come back as references.
+async fn batch_pieces<S: ResultStore>(
+    app: &App<S>,
+    ids: &[TaskId],
+    results: Vec<Option<Stored>>,
+) -> Result<Vec<Piece>, ApiError> {
+    use futures::StreamExt;
+    let mut room = app.config.batch_response_bytes as u64;
+    let mut reads = Vec::new();
+    let mut pieces: Vec<Piece> = Vec::with_capacity(ids.len());
+    for (i, (id, stored)) in ids.iter().zip(results).enumerate() {
+        match stored {
+            None => pieces.push((Some(pending_json(id)), "PENDING".into(), 0)),
+            Some(stored) => {
+                let status = stored.status.to_string();
+                match &stored.blob {
+                    None => {
+                        let size = stored.json.len() as u64;
+                        pieces.push((Some(stored.json), status, size))
+                    }
+                    Some(blob) => {
+                        let (bytes, size) = (blob.bytes, blob.bytes + stored.json.len() as u64);
+                        pieces.push((None, status, size));
+                        if bytes <= (app.config.results.inline_bytes as u64).min(room) {
+                            room -= bytes;
+                            reads.push((i, stored));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let read: Vec<(usize, Option<String>)> = futures::stream::iter(reads)
+        .map(|(i, stored)| async move {
+            let blob = stored.blob.as_ref().expect("only results in S3 are read");
+            let result = app.store.read_blob(blob).await?;
+            Ok::<_, ApiError>((i, result.and_then(|r| join_result(&stored.json, stored.status.as_str(), &r))))
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    for (i, json) in read {
+        // An object gone since its item was read stays a reference: its GET reads the item again.
+        pieces[i].0 = json;
+    }
+    Ok(pieces)
 }
 
 /// `{"results": [...]}` in request order, within `budget` bytes as Lambda
 /// counts them (the body JSON-escaped). Results are included in order while
-/// the rest of the ids still fit as references; a result past that comes
-/// back as a reference, `{"task_id", "status", "ref": {"bytes"}}`, to read
-/// with `GET /v1/tasks/{task_id}`.
-fn batch_body(ids: &[TaskId], results: Vec<Option<Stored>>, budget: usize) -> String {
-    let pieces: Vec<(std::borrow::Cow<'_, str>, &str)> = ids
-        .iter()
-        .zip(&results)
-        .map(|(id, stored)| match stored {
-            Some(stored) => (std::borrow::Cow::Borrowed(stored.json.as_str()), stored.status.as_str()),
-            None => (std::borrow::Cow::Owned(pending_json(id)), "PENDING"),
-        })
-        .collect();
-    let costs: Vec<usize> = pieces.iter().map(|(piece, _)| escaped_len(piece)).collect();
-    let mut body = String::with_capacity(pieces.iter().map(|(p, _)| p.len() + 1).sum::<usize>().min(budget) + 16);
+/// the rest of the ids still fit as references; a result past that, or one
+/// in S3 not read here, comes back as a reference,
+/// `{"task_id", "status", "ref": {"bytes"}}`, to read with `GET /v1/tasks/{task_id}`.
+fn batch_body(ids: &[TaskId], pieces: Vec<Piece>, budget: usize) -> String {
+    let costs: Vec<Option<usize>> = pieces.iter().map(|(piece, _, _)| piece.as_deref().map(escaped_len)).collect();
+    let wanted: u64 = pieces.iter().map(|(_, _, size)| size + 1).sum();
+    let mut body = String::with_capacity(wanted.min(budget as u64) as usize + 16);
     body.push_str(r#"{"results":["#);
     let mut used = escaped_len(&body) + 2;
-    if used + costs.iter().sum::<usize>() + pieces.len() <= budget {
+    let whole: Option<usize> = costs.iter().copied().sum();
+    if whole.is_some_and(|whole| used + whole + pieces.len() <= budget) {
         // All of it fits, as almost always: no references to work out.
-        for (i, (piece, _)) in pieces.iter().enumerate() {
+        for (i, (piece, _, _)) in pieces.iter().enumerate() {
             if i > 0 {
                 body.push(',');
             }
-            body.push_str(piece);
+            body.push_str(piece.as_deref().expect("every piece is whole"));
         }
         body.push_str("]}");
         return body;
@@ -219,8 +374,8 @@ fn batch_body(ids: &[TaskId], results: Vec<Option<Stored>>, budget: usize) -> St
     let references: Vec<String> = ids
         .iter()
         .zip(&pieces)
-        .map(|(id, (piece, status))| {
-            serde_json::json!({"task_id": id.as_str(), "status": status, "ref": {"bytes": piece.len()}}).to_string()
+        .map(|(id, (_, status, bytes))| {
+            serde_json::json!({"task_id": id.as_str(), "status": status, "ref": {"bytes": bytes}}).to_string()
         })
         .collect();
     // What the items after each one cost at least: all of them as references.
@@ -228,18 +383,20 @@ fn batch_body(ids: &[TaskId], results: Vec<Option<Stored>>, budget: usize) -> St
     for i in (0..ids.len()).rev() {
         after[i] = after[i + 1] + escaped_len(&references[i]) + 1;
     }
-    for (i, (piece, _)) in pieces.iter().enumerate() {
+    for (i, (piece, _, _)) in pieces.iter().enumerate() {
         if i > 0 {
             body.push(',');
             used += 1;
         }
-        let cost = costs[i];
-        if used + cost + after[i + 1] <= budget {
-            body.push_str(piece);
-            used += cost;
-        } else {
-            body.push_str(&references[i]);
-            used += escaped_len(&references[i]);
+        match (piece, costs[i]) {
+            (Some(piece), Some(cost)) if used + cost + after[i + 1] <= budget => {
+                body.push_str(piece);
+                used += cost;
+            }
+            _ => {
+                body.push_str(&references[i]);
+                used += escaped_len(&references[i]);
+            }
         }
     }
     body.push_str("]}");
@@ -436,6 +593,74 @@ mod tests {
             }
         }
         assert!(items[10]["status"] == "PENDING", "a small answer after the budget is still an answer or a reference");
+    }
+
+    #[tokio::test]
+    async fn a_result_in_s3_is_answered_whole_or_by_reference() {
+        use std::sync::atomic::Ordering;
+        let mut app = App { config: Config::for_table("t"), store: MemoryStore::default() };
+        app.store.spill_above.store(200, Ordering::SeqCst);
+        app.config.results.inline_bytes = 1000;
+        let ns = Namespace::default();
+        let mut sent = Vec::new();
+        for (id, n) in [("small", 10), ("mid", 500), ("big", 5000)] {
+            let body = format!(r#"{{"status":"SUCCESS","result":["{}",1.50]}}"#, "x".repeat(n));
+            store_task(&app, &ns, &tid(id), body.as_bytes()).await.unwrap();
+            sent.push(format!(r#"["{}",1.50]"#, "x".repeat(n)));
+        }
+        assert_eq!(app.store.blobs.lock().unwrap().len(), 2, "the two large results went to S3");
+        let (app, ns) = (&app, &ns);
+        let body = |id: &'static str| async move { fetch_task(app, ns, &tid(id), Duration::ZERO).await.unwrap().body };
+        for (id, result) in [("small", &sent[0]), ("mid", &sent[1])] {
+            let got = body(id).await;
+            assert!(got.starts_with(&format!(r#"{{"status":"SUCCESS","result":{result},"traceback""#)), "{got}");
+        }
+        let big: serde_json::Value = serde_json::from_str(&body("big").await).unwrap();
+        assert_eq!(big["result"], serde_json::Value::Null);
+        assert_eq!(big["result_ref"]["bytes"], sent[2].len());
+        assert_eq!(big["result_ref"]["encoding"], "gzip");
+        assert!(big["result_ref"]["url"].as_str().unwrap().starts_with("memory:///default/task/big/"));
+
+        let reply = batch_fetch(app, ns, br#"{"task_ids":["big","mid","small"]}"#).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert!(v["results"][0]["ref"]["bytes"].as_u64().unwrap() as usize > sent[2].len(), "the meta's size: {v}");
+        assert_eq!(v["results"][1]["result"][0].as_str().unwrap().len(), 500, "read from S3 and put back");
+        assert_eq!(v["results"][2]["result"][0], "x".repeat(10));
+
+        forget_task(app, ns, &tid("big")).await.unwrap();
+        assert_eq!(app.store.blobs.lock().unwrap().len(), 1, "forget deletes the object too");
+        assert!(body("big").await.contains("PENDING"));
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_asked_for_then_committed_without_a_result() {
+        let app = app();
+        let ns = Namespace::default();
+        let sha = crate::store::blobs::sha256_hex(b"object");
+        let ask = format!(r#"{{"sha256":"{sha}","bytes":6}}"#);
+        let reply = upload_task(&app, &ns, &tid("up"), ask.as_bytes()).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        assert_eq!((v["method"].as_str(), v["expires_in"].as_u64()), (Some("PUT"), Some(900)));
+        assert!(v["url"].as_str().unwrap().ends_with(&format!("default/task/up/{sha}")));
+        for bad in [r#"{"sha256":"abc"}"#, r#"{}"#, r#"{"sha256":"x","extra":1}"#] {
+            assert!(upload_task(&app, &ns, &tid("up"), bad.as_bytes()).await.is_err(), "{bad}");
+        }
+        let too_big = format!(r#"{{"sha256":"{sha}","bytes":{}}}"#, (1u64 << 30) + 1);
+        let err = upload_task(&app, &ns, &tid("up"), too_big.as_bytes()).await.unwrap_err();
+        assert_eq!(err.status_and_code(), (413, "result_too_large"));
+
+        let commit = format!(r#"{{"status":"SUCCESS","result_upload":{{"sha256":"{sha}"}}}}"#);
+        let err = store_task(&app, &ns, &tid("up"), commit.as_bytes()).await.unwrap_err();
+        assert_eq!(err.status_and_code().1, "invalid_upload", "nothing was uploaded: {err}");
+        assert!(fetch_task(&app, &ns, &tid("up"), Duration::ZERO).await.unwrap().body.contains("PENDING"));
+        let key = crate::store::blobs::object_key(&ns, &tid("up"), &sha);
+        app.store.blobs.lock().unwrap().insert(key, r#"{"big":true}"#.into());
+        store_task(&app, &ns, &tid("up"), commit.as_bytes()).await.unwrap();
+        let got = fetch_task(&app, &ns, &tid("up"), Duration::ZERO).await.unwrap().body;
+        assert!(got.starts_with(r#"{"status":"SUCCESS","result":{"big":true},"#), "{got}");
+        let both = format!(r#"{{"status":"SUCCESS","result":1,"result_upload":{{"sha256":"{sha}"}}}}"#);
+        let err = store_task(&app, &ns, &tid("up2"), both.as_bytes()).await.unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
     }
 
     #[tokio::test]

@@ -1,5 +1,6 @@
 //! The `store` function. Routes:
 //! - `PUT /v1/tasks/{task_id}`: store a result (one conditional write)
+//! - `POST /v1/tasks/{task_id}/upload`: a presigned URL to upload a large result
 //! - `DELETE /v1/tasks/{task_id}`: forget a result
 //! - `PUT /v1/groups/{group_id}`: save a group
 //! - `DELETE /v1/groups/{group_id}`: delete a group
@@ -20,6 +21,7 @@ async fn main() -> Result<(), Error> {
             let ns = &incoming.ns;
             match incoming.route {
                 Route::PutTask(id) => service::store_task(app, ns, &id, &incoming.body).await,
+                Route::UploadTask(id) => service::upload_task(app, ns, &id, &incoming.body).await,
                 Route::DeleteTask(id) => service::forget_task(app, ns, &id).await,
                 Route::PutGroup(id) => service::save_group(app, ns, &id, &incoming.body).await,
                 Route::DeleteGroup(id) => service::delete_group(app, ns, &id).await,

@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use super::blobs::{expiry_class, gunzip, gzip, object_key, sha256_hex, BlobRef, Blobs, Presigned};
 use super::retry::Backoff;
 use super::schema::{attr, SK_ITEM};
 use super::{group_key, task_key, PutOutcome, ResultStore, Stored, TaskRecord};
@@ -68,6 +69,18 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     backoff: Backoff,
+    /// Large results in S3; `None` without `RESULTS_BUCKET`.
+    large: Option<Large>,
+}
+
+/// Where large results go, and when (see [`super::blobs`]).
+#[derive(Clone, Debug)]
+pub struct Large {
+    pub blobs: Blobs,
+    /// A result whose compressed meta passes this many bytes goes to S3.
+    pub spill_above: usize,
+    /// The largest uploaded result, uncompressed.
+    pub max_result_bytes: u64,
 }
 
 /// The SDK configuration the functions use: the environment's region,
@@ -105,7 +118,17 @@ pub async fn shared_config(config: &Config) -> aws_config::SdkConfig {
 
 impl DynamoStore {
     pub fn new(client: Client, table: impl Into<String>, backoff: Backoff) -> Self {
-        Self { client, table: table.into(), backoff }
+        Self { client, table: table.into(), backoff, large: None }
+    }
+
+    /// Keeps large results in S3 as `large` says.
+    pub fn with_large(mut self, large: Large) -> Self {
+        self.large = Some(large);
+        self
+    }
+
+    fn large(&self) -> Result<&Large, StoreError> {
+        self.large.as_ref().ok_or(StoreError::NoBucket)
     }
 
     /// Builds the client from the environment; with `AUTO_CREATE_TABLE` also
@@ -120,7 +143,15 @@ impl DynamoStore {
         if config.auto_create_table {
             super::schema::ensure_table(&client, &config.table_name).await?;
         }
-        Ok(Self::new(client, config.table_name.clone(), Backoff::from_config(config)))
+        let store = Self::new(client, config.table_name.clone(), Backoff::from_config(config));
+        Ok(match &config.results.bucket {
+            Some(bucket) => store.with_large(Large {
+                blobs: Blobs::new(shared, bucket.clone(), config.results.presign),
+                spill_above: config.results.spill_above,
+                max_result_bytes: config.results.max_result_bytes,
+            }),
+            None => store,
+        })
     }
 
     pub fn client(&self) -> &Client {
@@ -137,6 +168,13 @@ impl DynamoStore {
 
     pub(crate) fn backoff(&self) -> Backoff {
         self.backoff
+    }
+
+    /// Deletes an object no item points to any more, best effort.
+    async fn delete_object(&self, key: &str, why: &str) {
+        if let Some(large) = &self.large {
+            large.blobs.delete_quietly(key, why).await;
+        }
     }
 
     fn key(pk: String) -> Item {
@@ -167,15 +205,55 @@ impl DynamoStore {
         Ok(out.item)
     }
 
-    async fn delete_item(&self, pk: String) -> Result<(), StoreError> {
-        self.client
+    /// Deletes an item; returns what it held.
+    async fn delete_item(&self, pk: String) -> Result<Option<Item>, StoreError> {
+        let out = self
+            .client
             .delete_item()
             .table_name(&self.table)
             .set_key(Some(Self::key(pk)))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
             .send()
             .await
             .map_err(|e| classify(e, self.backoff.max_attempts))?;
-        Ok(())
+        Ok(out.attributes)
+    }
+
+    /// The document attribute of a result, and its object in S3 when the
+    /// result is large: written to S3 here, before the item (see
+    /// [`super::blobs`]), or, for an upload, checked there.
+    async fn place_result(
+        &self,
+        ns: &Namespace,
+        record: &TaskRecord,
+        lifetime: i64,
+    ) -> Result<(&'static str, AttributeValue, Option<BlobRef>), StoreError> {
+        if let Some(sha256) = &record.upload {
+            let large = self.large()?;
+            let key = object_key(ns, &record.task_id, sha256);
+            let bytes = large.blobs.verify(&key, sha256, large.max_result_bytes).await?;
+            large.blobs.set_class(&key, &expiry_class(lifetime)).await?;
+            let (name, doc, _) = encode_doc(&record.json)?;
+            return Ok((name, doc, Some(BlobRef { key, bytes })));
+        }
+        let (name, doc, size) = encode_doc(&record.json)?;
+        let spill = self.large.as_ref().filter(|large| size > large.spill_above);
+        let split =
+            spill.and_then(|large| Some((large, crate::meta::split_result(&record.json, record.status.as_str())?)));
+        let Some((large, (meta, result))) = split else {
+            if size > MAX_ITEM_DOC {
+                return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
+            }
+            return Ok((name, doc, None));
+        };
+        let object = gzip(result.as_bytes());
+        let key = object_key(ns, &record.task_id, &sha256_hex(&object));
+        large.blobs.put(&key, object, &expiry_class(lifetime)).await?;
+        let (name, doc, size) = encode_doc(&meta)?;
+        if size > MAX_ITEM_DOC {
+            return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
+        }
+        Ok((name, doc, Some(BlobRef { key, bytes: result.len() as u64 })))
     }
 
     /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
@@ -238,18 +316,27 @@ pub fn write_condition(new: &State, now: i64) -> (String, Vec<(String, Attribute
     (format!("attribute_not_exists(#pk) OR #expires_at <= :now OR {guard}"), values)
 }
 
-/// The document attribute: plain JSON, or deflate-compressed when large.
-fn encode_doc(json: &str) -> Result<(&'static str, AttributeValue), StoreError> {
+/// The document attribute: plain JSON, or deflate-compressed when large;
+/// and its size.
+fn encode_doc(json: &str) -> Result<(&'static str, AttributeValue, usize), StoreError> {
     if json.len() <= COMPRESS_ABOVE {
-        return Ok((attr::DOC, AttributeValue::S(json.to_owned())));
+        return Ok((attr::DOC, AttributeValue::S(json.to_owned()), json.len()));
     }
     let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
     encoder.write_all(json.as_bytes()).map_err(|e| StoreError::Other(e.to_string()))?;
     let compressed = encoder.finish().map_err(|e| StoreError::Other(e.to_string()))?;
-    if compressed.len() > MAX_ITEM_DOC {
-        return Err(StoreError::TooLarge { size: compressed.len(), limit: MAX_ITEM_DOC });
+    let size = compressed.len();
+    Ok((attr::DOC_Z, AttributeValue::B(Blob::new(compressed)), size))
+}
+
+/// The object a result item points to.
+fn blob_of(item: &Item) -> Option<BlobRef> {
+    match (item.get(attr::BLOB_KEY), item.get(attr::BLOB_BYTES)) {
+        (Some(AttributeValue::S(key)), Some(AttributeValue::N(bytes))) => {
+            Some(BlobRef { key: key.clone(), bytes: bytes.parse().ok()? })
+        }
+        _ => None,
     }
-    Ok((attr::DOC_Z, AttributeValue::B(Blob::new(compressed))))
 }
 
 fn decode_doc(item: &Item) -> Option<String> {
@@ -281,10 +368,11 @@ fn decode(item: &Item, now: i64) -> Option<Stored> {
         Some(AttributeValue::S(s)) => State::parse(s).ok()?,
         _ => return None,
     };
-    Some(Stored { status, json: decode_doc(item)? })
+    Some(Stored { status, json: decode_doc(item)?, blob: blob_of(item) })
 }
 
-const THROTTLING_CODES: [&str; 5] = [
+const THROTTLING_CODES: [&str; 6] = [
+    "SlowDown",
     "ProvisionedThroughputExceededException",
     "ThrottlingException",
     "RequestLimitExceeded",
@@ -316,11 +404,16 @@ where
 
 impl ResultStore for DynamoStore {
     async fn put_task(&self, ns: &Namespace, record: &TaskRecord) -> Result<PutOutcome, StoreError> {
-        let (doc_attr, doc) = encode_doc(&record.json)?;
+        let now = now_epoch();
+        let (doc_attr, doc, blob) = self.place_result(ns, record, record.expires_at - now).await?;
         let mut item = Self::key(task_key(ns, &record.task_id));
         item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
         item.insert(doc_attr.into(), doc);
         item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
+        if let Some(blob) = &blob {
+            item.insert(attr::BLOB_KEY.into(), AttributeValue::S(blob.key.clone()));
+            item.insert(attr::BLOB_BYTES.into(), AttributeValue::N(blob.bytes.to_string()));
+        }
         if let Some(group_id) = &record.group_id {
             item.insert(attr::GROUP_ID.into(), AttributeValue::S(group_id.to_string()));
         }
@@ -337,7 +430,7 @@ impl ResultStore for DynamoStore {
         if size > MAX_ITEM_BYTES {
             return Err(StoreError::TooLarge { size, limit: MAX_ITEM_BYTES });
         }
-        let (condition, values) = write_condition(&record.status, now_epoch());
+        let (condition, values) = write_condition(&record.status, now);
         let result = self
             .client
             .put_item()
@@ -348,20 +441,39 @@ impl ResultStore for DynamoStore {
             .expression_attribute_names("#status", attr::STATUS)
             .expression_attribute_names("#expires_at", attr::EXPIRES_AT)
             .set_expression_attribute_values(Some(values.into_iter().collect()))
+            // The item replaced, whose object (if any) is no longer served.
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
             // On refusal DynamoDB returns the stored item: the 409 needs no extra read.
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
+        let ours = blob.as_ref().map(|b| b.key.as_str());
         match result {
-            Ok(_) => Ok(PutOutcome::Stored),
+            Ok(out) => {
+                let replaced = out.attributes.as_ref().and_then(blob_of);
+                if let Some(old) = replaced.filter(|old| Some(old.key.as_str()) != ours) {
+                    self.delete_object(&old.key, "its result was replaced").await;
+                }
+                Ok(PutOutcome::Stored)
+            }
             Err(err) => match err.as_service_error() {
                 Some(aws_sdk_dynamodb::operation::put_item::PutItemError::ConditionalCheckFailedException(refusal)) => {
                     let stored = match refusal.item.as_ref().and_then(|i| i.get(attr::STATUS)) {
                         Some(AttributeValue::S(s)) => s.clone(),
                         _ => "unknown".to_owned(),
                     };
+                    // Ours was refused: its object is deleted, unless the
+                    // stored result is the same object (a store sent again).
+                    let kept = refusal.item.as_ref().and_then(blob_of).map(|b| b.key);
+                    if let Some(key) = ours.filter(|key| kept.as_deref() != Some(*key)) {
+                        self.delete_object(key, "its store was refused").await;
+                    }
                     Ok(PutOutcome::Refused { stored })
                 }
+                // Whether the write happened is unknown: the object stays.
+                // No item points to it unless the write did happen; an
+                // object no item points to is never served, and the
+                // lifecycle rules remove it.
                 _ => Err(classify(err, self.backoff.max_attempts)),
             },
         }
@@ -395,11 +507,37 @@ impl ResultStore for DynamoStore {
     }
 
     async fn delete_task(&self, ns: &Namespace, id: &TaskId) -> Result<(), StoreError> {
-        self.delete_item(task_key(ns, id)).await
+        let old = self.delete_item(task_key(ns, id)).await?;
+        if let Some(blob) = old.as_ref().and_then(blob_of) {
+            self.delete_object(&blob.key, "its result was forgotten").await;
+        }
+        Ok(())
+    }
+
+    async fn read_blob(&self, blob: &BlobRef) -> Result<Option<String>, StoreError> {
+        let Some(bytes) = self.large()?.blobs.get(&blob.key).await? else { return Ok(None) };
+        gunzip(&bytes).map(Some).map_err(|e| StoreError::Other(format!("object {}: {e}", blob.key)))
+    }
+
+    async fn blob_url(&self, blob: &BlobRef) -> Result<String, StoreError> {
+        self.large()?.blobs.presign_get(&blob.key).await
+    }
+
+    async fn upload_url(
+        &self,
+        ns: &Namespace,
+        id: &TaskId,
+        sha256: &str,
+        lifetime: i64,
+    ) -> Result<Presigned, StoreError> {
+        self.large()?.blobs.presign_put(&object_key(ns, id, sha256), &expiry_class(lifetime)).await
     }
 
     async fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> Result<(), StoreError> {
-        let (doc_attr, doc) = encode_doc(json)?;
+        let (doc_attr, doc, size) = encode_doc(json)?;
+        if size > MAX_ITEM_DOC {
+            return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
+        }
         let mut item = Self::key(group_key(ns, id));
         item.insert(doc_attr.into(), doc);
         item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(expires_at.to_string()));
@@ -420,7 +558,7 @@ impl ResultStore for DynamoStore {
     }
 
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
-        self.delete_item(group_key(ns, id)).await
+        self.delete_item(group_key(ns, id)).await.map(drop)
     }
 
     async fn get_chord(&self, ns: &Namespace, id: &GroupId) -> Result<Option<super::ChordState>, StoreError> {
@@ -514,6 +652,7 @@ mod tests {
             group_id: None,
             group_index: None,
             chord: None,
+            upload: None,
         };
         let (result, calls) = counted(store.put_task(&Namespace::default(), &record)).await;
         assert_eq!(result.unwrap(), PutOutcome::Stored);
@@ -604,7 +743,7 @@ mod tests {
         let small = "{\"a\":1}";
         let big = format!("[{}]", vec!["\"same text\""; 5000].join(","));
         for json in [small.to_owned(), big] {
-            let (name, value) = encode_doc(&json).unwrap();
+            let (name, value, _) = encode_doc(&json).unwrap();
             assert_eq!(name == attr::DOC_Z, json.len() > COMPRESS_ABOVE);
             let item = HashMap::from([(name.to_owned(), value)]);
             assert_eq!(decode_doc(&item).unwrap(), json);

@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{
-    chord_key, group_key, task_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, PutOutcome,
-    ResultStore, Stored, TaskRecord,
+    chord_key, group_key, task_key, BlobRef, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore,
+    Presigned, PutOutcome, ResultStore, Stored, TaskRecord,
 };
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
@@ -36,6 +36,11 @@ pub struct MemoryStore {
     pub fail_records: AtomicU32,
     /// Fault: every `renew_claim` finds the claim taken over.
     pub steal_claims: AtomicBool,
+    /// Results whose meta is longer than this (0: none) are kept as blobs,
+    /// as the DynamoDB store keeps large results in S3.
+    pub spill_above: AtomicUsize,
+    /// Blob key → the result's JSON text (uploads included).
+    pub blobs: Mutex<HashMap<String, String>>,
 }
 
 impl MemoryStore {
@@ -65,7 +70,24 @@ impl ResultStore for MemoryStore {
                 return Ok(PutOutcome::Refused { stored: old.status.to_string() });
             }
         }
-        let stored = Stored { status: r.status.clone(), json: r.json.clone() };
+        let spill_above = self.spill_above.load(Ordering::SeqCst);
+        let stored = if let Some(sha) = &r.upload {
+            let key = super::blobs::object_key(ns, &r.task_id, sha);
+            let blobs = self.blobs.lock().unwrap();
+            let result = blobs.get(&key).ok_or_else(|| StoreError::BadUpload(format!("no upload {sha}")))?;
+            Stored {
+                status: r.status.clone(),
+                json: r.json.clone(),
+                blob: Some(BlobRef { key, bytes: result.len() as u64 }),
+            }
+        } else if spill_above > 0 && r.json.len() > spill_above {
+            let (meta, result) = crate::meta::split_result(&r.json, r.status.as_str()).expect("a meta as served");
+            let key = super::blobs::object_key(ns, &r.task_id, &super::blobs::sha256_hex(result.as_bytes()));
+            self.blobs.lock().unwrap().insert(key.clone(), result.to_owned());
+            Stored { status: r.status.clone(), json: meta, blob: Some(BlobRef { key, bytes: result.len() as u64 }) }
+        } else {
+            Stored::new(r.status.clone(), r.json.clone())
+        };
         items.insert(key, (Some(stored), String::new(), r.expires_at));
         Ok(PutOutcome::Stored)
     }
@@ -79,8 +101,30 @@ impl ResultStore for MemoryStore {
     }
 
     async fn delete_task(&self, ns: &Namespace, id: &TaskId) -> Result<(), StoreError> {
-        self.items.lock().unwrap().remove(&task_key(ns, id));
+        let old = self.items.lock().unwrap().remove(&task_key(ns, id));
+        if let Some(blob) = old.and_then(|(stored, _, _)| stored?.blob) {
+            self.blobs.lock().unwrap().remove(&blob.key);
+        }
         Ok(())
+    }
+
+    async fn read_blob(&self, blob: &BlobRef) -> Result<Option<String>, StoreError> {
+        Ok(self.blobs.lock().unwrap().get(&blob.key).cloned())
+    }
+
+    async fn blob_url(&self, blob: &BlobRef) -> Result<String, StoreError> {
+        Ok(format!("memory:///{}", blob.key))
+    }
+
+    async fn upload_url(
+        &self,
+        ns: &Namespace,
+        id: &TaskId,
+        sha256: &str,
+        _lifetime: i64,
+    ) -> Result<Presigned, StoreError> {
+        let key = super::blobs::object_key(ns, id, sha256);
+        Ok(Presigned { url: format!("memory:///{key}"), headers: vec![] })
     }
 
     async fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> Result<(), StoreError> {

@@ -4,6 +4,7 @@
 //! Keys: every key starts with the caller's namespace, so tenants never share
 //! an item: `<ns>/task/<task_id>`, `<ns>/group/<group_id>`.
 
+pub mod blobs;
 pub mod chords;
 pub mod dynamo;
 pub mod retry;
@@ -19,13 +20,23 @@ use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::State;
 
+pub use blobs::{BlobRef, Presigned};
 pub use dynamo::DynamoStore;
 
-/// A task result as stored: its status (for readiness) and the meta JSON as served.
+/// A task result as stored: its status (for readiness) and the meta JSON as
+/// served. For a result kept in S3, `json` has `"result":null` and `blob`
+/// points to the result (see [`blobs`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stored {
     pub status: State,
     pub json: String,
+    pub blob: Option<BlobRef>,
+}
+
+impl Stored {
+    pub fn new(status: State, json: String) -> Self {
+        Self { status, json, blob: None }
+    }
 }
 
 /// One result to store.
@@ -41,6 +52,9 @@ pub struct TaskRecord {
     pub group_index: Option<u32>,
     /// A chord part's chord: its size and callback.
     pub chord: Option<PartOf>,
+    /// The SHA-256 of the result's uploaded object, when the worker
+    /// uploaded it (then `json` has `"result":null`).
+    pub upload: Option<String>,
 }
 
 /// The chord a stored task is a part of: what its item carries so that
@@ -99,7 +113,22 @@ pub trait ResultStore: Send + Sync {
         ns: &Namespace,
         ids: &[TaskId],
     ) -> impl Future<Output = Result<Vec<Option<Stored>>, StoreError>> + Send;
+    /// Forgets a result, its object in S3 too.
     fn delete_task(&self, ns: &Namespace, id: &TaskId) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The result (JSON text) of a result kept in S3; `None` when its object
+    /// is gone (the result was replaced or forgotten since its item was read).
+    fn read_blob(&self, blob: &BlobRef) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    /// A presigned URL that reads a result's object (gzip-compressed JSON).
+    fn blob_url(&self, blob: &BlobRef) -> impl Future<Output = Result<String, StoreError>> + Send;
+    /// A presigned PUT for the result of `id`, an object whose SHA-256 is
+    /// `sha256`, kept at least `lifetime` seconds if never committed.
+    fn upload_url(
+        &self,
+        ns: &Namespace,
+        id: &TaskId,
+        sha256: &str,
+        lifetime: i64,
+    ) -> impl Future<Output = Result<Presigned, StoreError>> + Send;
     fn put_group(
         &self,
         ns: &Namespace,

@@ -21,6 +21,9 @@ pub mod attr {
     pub const DOC: &str = "doc";
     /// The same, deflate-compressed, when large.
     pub const DOC_Z: &str = "doc_z";
+    /// On a result kept in S3: its object's key, and the result's size.
+    pub const BLOB_KEY: &str = "blob_key";
+    pub const BLOB_BYTES: &str = "blob_bytes";
     pub const GROUP_ID: &str = "group_id";
     pub const GROUP_INDEX: &str = "group_index";
     /// On a chord part: the chord's size and callback signature (JSON).
