@@ -7,9 +7,10 @@
 //! answers, prints the endpoint, and on Ctrl-C (or SIGTERM) stops every
 //! process it started, by PID. `./dev up` installs what it needs and runs it.
 //!
-//! It also starts moto's server for SQS (chord callbacks go there, to queues
-//! under `http://127.0.0.1:5000/123456789012/`; the queue `celery` is
-//! created) and the stream pump that feeds `chord-join` (see [`pump`]).
+//! It also starts moto's server for SQS and S3 (chord callbacks go there, to
+//! queues under `http://127.0.0.1:5000/123456789012/`; the queue `celery` is
+//! created; large results go to the bucket `dynachord-local-results`) and
+//! the stream pump that feeds `chord-join` (see [`pump`]).
 //!
 //! Settings (flags or environment): `--port`/`DYNACHORD_PORT` (9000),
 //! `--dynamodb-port`/`DYNAMODB_PORT` (8000), `--sqs-port`/`SQS_PORT` (5000),
@@ -39,7 +40,13 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 24] = [
+const PASSED_ON: [&str; 30] = [
+    "RESULTS_BUCKET",
+    "SPILL_ABOVE_BYTES",
+    "INLINE_RESULT_BYTES",
+    "MAX_RESULT_BYTES",
+    "PRESIGN_SECONDS",
+    "CHORD_MAX_RESULTS_BYTES",
     "CHORD_LEASE_SECONDS",
     "CHORD_MAX_ATTEMPTS",
     "CHORD_MAX_ERRBACKS",
@@ -65,6 +72,16 @@ const PASSED_ON: [&str; 24] = [
     "AUTH_MODE",
     "TENANTS",
 ];
+
+/// The local stack's results bucket, on moto's server.
+const LOCAL_BUCKET: &str = "dynachord-local-results";
+
+/// Answers the local stack's functions give whole, smaller than the
+/// deployed defaults: `cargo lambda watch` sometimes never relays an answer
+/// of a few MB (see the README's "Limits"), so larger results come as
+/// presigned URLs, read from moto directly.
+const LOCAL_INLINE_RESULT_BYTES: &str = "262144";
+const LOCAL_BATCH_RESPONSE_BYTES: &str = "1000000";
 
 /// The local stack's tenants: two callers, for the tenant-isolation tests
 /// (which send API Gateway events with these identities). Requests without a
@@ -352,6 +369,15 @@ async fn start_sqs(s: &Settings, state: &Path, procs: &mut Processes) -> Result<
         sqs.create_queue().queue_name("celery").send().await.is_ok()
     })
     .await?;
+    // The results bucket (moto takes an unsigned path-style PUT).
+    let created = reqwest::Client::new()
+        .put(format!("{sqs_url}/{LOCAL_BUCKET}"))
+        .send()
+        .await
+        .map_err(|e| format!("creating bucket {LOCAL_BUCKET} on moto: {e}"))?;
+    if !created.status().is_success() {
+        return Err(format!("creating bucket {LOCAL_BUCKET} on moto: {}", created.status()));
+    }
     Ok(sqs_url)
 }
 
@@ -365,6 +391,11 @@ fn write_functions_env(
 ) -> Result<PathBuf, String> {
     let mut env = vec![
         format!("AWS_ENDPOINT_URL_SQS={sqs_url}"),
+        // S3 goes to moto directly, also under the fault proxy.
+        format!("AWS_ENDPOINT_URL_S3={queues_url}"),
+        format!("RESULTS_BUCKET={LOCAL_BUCKET}"),
+        format!("INLINE_RESULT_BYTES={LOCAL_INLINE_RESULT_BYTES}"),
+        format!("BATCH_RESPONSE_BYTES={LOCAL_BATCH_RESPONSE_BYTES}"),
         format!("CALLBACK_QUEUE_URL_PREFIX={queues_url}/123456789012/"),
         format!("TABLE_NAME={}", s.table),
         "AUTH_MODE=none".to_owned(),

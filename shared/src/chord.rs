@@ -339,14 +339,11 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             Ok(results) => results,
             Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
         };
-        let event = || {
-            format!(
-                r#"{{"chord_id":{},"namespace":{},"callback":{},"results":{results}}}"#,
-                json!(gid.as_str()),
-                json!(ns.as_str()),
-                sig.raw
-            )
+        let results = match self.results_or_reference(claim, &sig, &messages, results).await? {
+            Ok(results) => results,
+            Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
         };
+        let event = || lambda_event(claim, &sig, &results);
         // Each message once across retries: progress is kept on the chord's
         // state item, under the claim, after each send.
         for (i, task) in messages.iter().enumerate().skip(state.body_sent as usize) {
@@ -377,9 +374,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
 
     /// The parts' results as one JSON array (text), in order; or, as the
     /// inner `Err`, the ChordError message of the first part that failed,
-    /// has no result, or makes the results too large for the callback.
+    /// has no result, or makes the results larger than chord-join holds
+    /// (`CHORD_MAX_RESULTS_BYTES`). Results kept in S3 are read from there.
     async fn read_results(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Result<String, String>, JoinError> {
-        let limit = self.max_message_bytes;
+        let limit = self.config.max_results_bytes;
         let mut results = String::from("[");
         let mut start = 0;
         // Small at first, so a few huge results are caught before many are read.
@@ -388,24 +386,36 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             let chunk = &ids[start..(start + window).min(ids.len())];
             let metas = self.store.get_tasks(ns, chunk).await?;
             let mut read = 0usize;
-            for (id, meta) in chunk.iter().zip(&metas) {
-                let stored = match meta {
-                    None => return Ok(Err(format!("Dependency {id} has no result (forgotten or expired)"))),
-                    Some(stored) => stored,
+            for (id, meta) in chunk.iter().zip(metas) {
+                let gone = || Ok(Err(format!("Dependency {id} has no result (forgotten or expired)")));
+                let Some(stored) = meta else { return gone() };
+                if stored.blob.as_ref().is_some_and(|blob| results.len() as u64 + blob.bytes > limit as u64) {
+                    return Ok(Err(too_many_bytes(limit)));
+                }
+                let (json, result) = match &stored.blob {
+                    None => {
+                        let result = result_of(&stored.json);
+                        (stored.json, result)
+                    }
+                    // A part in S3; its object is gone only if it was forgotten.
+                    Some(blob) => match self.store.read_blob(blob).await? {
+                        None => return gone(),
+                        Some(result) => {
+                            let meta = crate::meta::join_result(&stored.json, stored.status.as_str(), &result);
+                            (meta.unwrap_or(stored.json), result)
+                        }
+                    },
                 };
-                read += stored.json.len();
+                read += json.len();
                 if matches!(stored.status, State::Failure | State::Revoked) {
-                    return Ok(Err(chord_error_message(id, &stored.json)));
+                    return Ok(Err(chord_error_message(id, &json)));
                 }
                 if results.len() > 1 {
                     results.push(',');
                 }
-                results.push_str(&result_of(&stored.json));
+                results.push_str(&result);
                 if results.len() > limit {
-                    return Ok(Err(format!(
-                        "ChordError: the parts' results add up to more than {limit} bytes; the callback's \
-                         target accepts at most {limit} (CALLBACK_MAX_BYTES)"
-                    )));
+                    return Ok(Err(too_many_bytes(limit)));
                 }
             }
             start += chunk.len();
@@ -415,6 +425,62 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         }
         results.push(']');
         Ok(Ok(results))
+    }
+
+    /// The results as the messages carry them: the list itself, or, when a
+    /// message carrying it would pass the target's limit
+    /// (`CALLBACK_MAX_BYTES`), a reference to it, stored as a result of its
+    /// own (`{"dynachord_ref": {"task_id", "bytes"}}`; the Celery package
+    /// puts the list back before the task runs; see `docs/LARGE_RESULTS.md`).
+    /// The inner `Err` is a ChordError message: too large, and no way to
+    /// store them.
+    async fn results_or_reference(
+        &self,
+        claim: &Claim<'_>,
+        sig: &Signature,
+        messages: &[Signature],
+        results: String,
+    ) -> Result<Result<String, String>, JoinError> {
+        let event = || lambda_event(claim, sig, &results);
+        let too_large = messages.iter().any(|task| {
+            let args = args_with_results(task, &results);
+            let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
+            self.sink.message_bytes(claim.ns, &out) > self.max_message_bytes
+        });
+        if !too_large {
+            return Ok(Ok(results));
+        }
+        let id = results_id(claim.gid);
+        let now = now_epoch();
+        let json = format!(
+            r#"{{"status":"SUCCESS","result":{results},"traceback":null,"children":[],"date_done":{},"task_id":{}}}"#,
+            json!(now_celery()),
+            json!(id.as_str())
+        );
+        let record = TaskRecord {
+            task_id: id.clone(),
+            status: State::Success,
+            json,
+            expires_at: (now + self.result_ttl.as_secs() as i64).max(claim.state.expires_at),
+            group_id: None,
+            group_index: None,
+            chord: None,
+            upload: None,
+        };
+        // Refused: an earlier attempt stored the same results.
+        match self.store.put_task(claim.ns, &record).await {
+            Ok(_) => {}
+            Err(err @ (StoreError::TooLarge { .. } | StoreError::NoBucket)) => {
+                return Ok(Err(format!(
+                    "ChordError: the callback with its results is more than {} bytes (CALLBACK_MAX_BYTES), and \
+                     the results cannot be stored to send a reference instead ({err}); set RESULTS_BUCKET",
+                    self.max_message_bytes
+                )))
+            }
+            Err(err) => return Err(err.into()),
+        }
+        tracing::info!(chord = %claim.gid, results = %id, bytes = results.len(), "results sent by reference");
+        Ok(Ok(json!({"dynachord_ref": {"task_id": id.as_str(), "bytes": results.len()}}).to_string()))
     }
 
     /// Fails a claimed chord whose callback signature is readable.
@@ -643,6 +709,32 @@ impl<'a> Claim<'a> {
     fn context(&self) -> MessageContext<'a> {
         MessageContext { group_id: self.gid.as_str(), parent_id: Some(self.last.as_str()), root_id: None }
     }
+}
+
+/// The Lambda target's event: the chord, its namespace, the callback
+/// signature and the results (or the reference to them).
+fn lambda_event(claim: &Claim<'_>, sig: &Signature, results: &str) -> String {
+    format!(
+        r#"{{"chord_id":{},"namespace":{},"callback":{},"results":{results}}}"#,
+        json!(claim.gid.as_str()),
+        json!(claim.ns.as_str()),
+        sig.raw
+    )
+}
+
+/// The id under which a chord's results are stored when its callback
+/// carries a reference to them: derived from the chord's id, so every
+/// attempt of the join stores them under the same one.
+pub fn results_id(gid: &GroupId) -> TaskId {
+    let digest = crate::store::blobs::sha256_hex(gid.as_str().as_bytes());
+    TaskId::parse(&format!("dynachord-chord-results-{}", &digest[..40])).expect("a valid id")
+}
+
+fn too_many_bytes(limit: usize) -> String {
+    format!(
+        "ChordError: the parts' results add up to more than {limit} bytes, the most chord-join joins \
+         (CHORD_MAX_RESULTS_BYTES)"
+    )
 }
 
 /// A message's args: the chord's results (a JSON array, as text) first,
@@ -984,34 +1076,55 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn results_too_large_for_the_target_fail_the_chord_before_a_message_is_built() {
-        let mut j = joiner(FakeSink::default());
-        j.max_message_bytes = 1024;
+    async fn results_past_the_targets_limit_go_by_reference_and_past_the_joins_limit_fail_the_chord() {
+        let (mut by_reference, mut too_many) = (joiner(FakeSink::default()), joiner(FakeSink::default()));
+        by_reference.max_message_bytes = 1024;
+        too_many.config.max_results_bytes = 1024;
         let ns = Namespace::default();
-        let mut parts = Vec::new();
-        for i in 0..50u32 {
-            let mut p = part(&j, i, 50, "SUCCESS").await;
-            let big = format!(r#"{{"status":"SUCCESS","result":"{}","task_id":"p{i}"}}"#, "x".repeat(100));
-            let record = TaskRecord {
-                task_id: p.part.task_id.clone(),
-                status: State::Success,
-                json: big,
-                expires_at: now_epoch() + 3600,
-                group_id: None,
-                group_index: None,
-                chord: None,
-                upload: None,
-            };
-            j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
-            j.store.put_task(&ns, &record).await.unwrap();
-            p.sequence = format!("s{i}");
-            parts.push(p);
+        for j in [&by_reference, &too_many] {
+            let mut parts = Vec::new();
+            for i in 0..50u32 {
+                let mut p = part(j, i, 50, "SUCCESS").await;
+                let big = format!(r#"{{"status":"SUCCESS","result":"{i}{}","task_id":"p{i}"}}"#, "x".repeat(100));
+                let record = TaskRecord {
+                    task_id: p.part.task_id.clone(),
+                    status: State::Success,
+                    json: big,
+                    expires_at: now_epoch() + 3600,
+                    group_id: None,
+                    group_index: None,
+                    chord: None,
+                    upload: None,
+                };
+                j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
+                j.store.put_task(&ns, &record).await.unwrap();
+                p.sequence = format!("s{i}");
+                parts.push(p);
+            }
+            assert!(j.handle_parts(parts.clone()).await.is_empty());
+            // A second delivery changes nothing.
+            assert!(j.handle_parts(parts).await.is_empty());
         }
-        assert!(j.handle_parts(parts).await.is_empty());
-        let state = phase(&j).await;
+        assert_eq!(phase(&by_reference).await.phase, ChordPhase::Dispatched);
+        let sent = by_reference.sink.sent();
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        let args: Value = serde_json::from_str(&sent[0].2).unwrap();
+        let id = results_id(&gid());
+        assert_eq!(
+            args[0],
+            json!({"dynachord_ref": {"task_id": id.as_str(), "bytes": args[0]["dynachord_ref"]["bytes"]}})
+        );
+        let stored = by_reference.store.get_task(&ns, &id).await.unwrap().unwrap();
+        let results: Value = serde_json::from_str(&stored.json).unwrap();
+        let results = results["result"].as_array().unwrap().clone();
+        assert_eq!(results.len(), 50);
+        assert_eq!(results[7], json!(format!("7{}", "x".repeat(100))), "in order");
+        assert_eq!(args[0]["dynachord_ref"]["bytes"], Value::Array(results).to_string().len());
+
+        let state = phase(&too_many).await;
         assert_eq!(state.phase, ChordPhase::Failed);
         assert!(state.error.as_deref().unwrap().contains("more than 1024 bytes"), "{state:?}");
-        assert!(j.sink.sent().iter().all(|(task, _, _)| task != "t.sum"));
+        assert!(too_many.sink.sent().iter().all(|(task, _, _)| task != "t.sum"));
     }
 
     #[tokio::test]

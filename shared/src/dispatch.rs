@@ -110,6 +110,10 @@ pub trait CallbackSink: Send + Sync {
     fn sends_task_messages(&self) -> bool {
         true
     }
+    /// The size of `out` as the target counts it against `CALLBACK_MAX_BYTES`.
+    fn message_bytes(&self, _ns: &Namespace, out: &Outgoing<'_>) -> usize {
+        out.args.len()
+    }
 }
 
 /// Sends callbacks and errbacks to SQS or Lambda.
@@ -136,6 +140,14 @@ impl Target {
 impl CallbackSink for Target {
     fn sends_task_messages(&self) -> bool {
         self.config.lambda_function.is_none()
+    }
+
+    fn message_bytes(&self, _ns: &Namespace, out: &Outgoing<'_>) -> usize {
+        if self.config.lambda_function.is_some() {
+            return (out.event)().len();
+        }
+        let queue = out.sig.queue().unwrap_or(&self.config.default_queue);
+        celery_sqs_body(out.sig, out.args, queue, &out.cx).len()
     }
 
     async fn send(&self, ns: &Namespace, out: &Outgoing<'_>) -> Result<(), DispatchError> {
