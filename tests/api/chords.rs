@@ -156,24 +156,34 @@ async fn a_failed_part_fails_the_chord_like_celery() {
 }
 
 #[tokio::test]
-async fn a_callback_too_large_for_its_queue_fails_the_chord_clearly() {
+async fn a_callback_too_large_for_its_queue_carries_a_reference_to_its_results() {
     let api = Api::new();
     let queue = Queue::new(&api.id("q")).await;
     let chord = Chord::new(&api, &queue, json!({}));
-    // Three results of 120 KB: the message is over SQS's 256 KiB.
-    chord.store_parts(&api, 3, 3, |i| format!("\"{}\"", i.to_string().repeat(120_000))).await;
-    assert_fails_clearly(&api, &chord, "accepts at most 262144").await;
-    assert!(queue.drain(Duration::from_secs(2)).await.is_empty(), "nothing half-sent");
+    // Three results of 500 KB: the message would be over SQS's 1 MiB.
+    chord.store_parts(&api, 3, 3, |i| format!("\"{}\"", i.to_string().repeat(500_000))).await;
+    let messages = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1, "sent once");
+    let reference = &messages[0].body[0][0]["dynachord_ref"];
+    let id = reference["task_id"].as_str().unwrap_or_else(|| panic!("no reference in {:?}", messages[0].body));
+    // The results, stored as a result of their own (these compress well:
+    // on the item; see large.rs for results in S3).
+    let stored = api.get_task(id).await.expect(200);
+    assert_eq!(stored.json["status"], "SUCCESS");
+    let results = stored.json["result"].clone();
+    assert_eq!(results.to_string().len() as u64, reference["bytes"].as_u64().unwrap());
+    let expected: Vec<String> = (0..3).map(|i| i.to_string().repeat(500_000)).collect();
+    assert_eq!(results, json!(expected), "every result, in order");
 }
 
 #[tokio::test]
-async fn results_adding_up_to_200_mb_fail_their_chord_early_and_the_rest_of_the_batch_goes_on() {
+async fn results_adding_up_to_200_mb_fail_their_chord_past_what_chord_join_holds_and_the_rest_of_the_batch_goes_on() {
     let (api, other) = (Api::new(), Api::new());
     let (queue, other_queue) = (Queue::new(&api.id("q")).await, Queue::new(&other.id("q")).await);
     let huge = Chord::new(&api, &queue, json!({}));
     let healthy = Chord::new(&other, &other_queue, json!({}));
     // 290 parts of 700,000 random hex characters: 203 MB of results (each
-    // stored compressed under the item limit). The healthy chord's parts are
+    // in S3), past CHORD_MAX_RESULTS_BYTES (128 MiB). The healthy chord's parts are
     // stored among them, so their records share the stream's batches.
     const PARTS: usize = 290;
     futures::stream::iter(0..PARTS)
@@ -192,7 +202,7 @@ async fn results_adding_up_to_200_mb_fail_their_chord_early_and_the_rest_of_the_
         .buffer_unordered(8)
         .collect::<Vec<_>>()
         .await;
-    assert_fails_clearly(&api, &huge, "accepts at most 262144").await;
+    assert_fails_clearly(&api, &huge, "(CHORD_MAX_RESULTS_BYTES)").await;
     assert!(queue.drain(Duration::from_secs(1)).await.is_empty(), "nothing sent for the huge chord");
     let messages = other_queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
     assert_eq!(messages.len(), 1, "the healthy chord went on");

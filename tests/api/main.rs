@@ -12,6 +12,7 @@ mod batch;
 mod chords;
 mod errors;
 mod groups;
+mod large;
 mod limits;
 mod longpoll;
 mod races;

@@ -146,17 +146,22 @@ async fn what_one_part_can_make_chord_join_send_is_bounded_at_store_time() {
     let resp = a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await;
     assert_eq!(resp.ddb_calls, Some(0), "{}", resp.text);
     resp.expect_error(413, "callback_too_large");
-    // A result that fits alone but not with its callback: 413, not a 500
-    // echoing DynamoDB's error.
+    // A meta that fits alone but not with its callback: 413, not a 500
+    // echoing DynamoDB's error. (A large result goes to S3; a traceback stays
+    // on the item.)
     let mut chord = Chord::new(&api, &queue, json!({}));
     chord.callback["kwargs"] = json!({"pad": "y".repeat(60_000)});
     let id = a.id("big-item");
-    let result = random_hex(700_000);
-    let resp = a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(result))).await;
+    let traceback = random_hex(700_000);
+    let mut part = chord.part(&id, 0, 2, "SUCCESS", json!(1));
+    part["traceback"] = json!(traceback);
+    let resp = a.put_task(&id, part).await;
     resp.expect_error(413, "result_too_large");
     assert_eq!(a.get_task(&id).await.expect(200).json["status"], "PENDING");
-    // The same result without the callback is stored.
-    a.put_task(&id, success(json!(result))).await.expect(200);
+    // The same meta without the callback is stored.
+    let mut alone = success(json!(1));
+    alone["traceback"] = json!(traceback);
+    a.put_task(&id, alone).await.expect(200);
 }
 
 /// `Some` once `who`'s chord at `path` is open with `done` parts counted.

@@ -12,7 +12,11 @@ What it does differently from Celery's key-value backends:
 - chords are joined on the server: each header part carries its chord when
   it stores its result, the service counts the parts, joins the results in
   order and sends the callback once. Workers never poll, never count and
-  never send the callback; there is no ``celery.chord_unlock``.
+  never send the callback; there is no ``celery.chord_unlock``;
+- results of any size: a large result goes to the service's S3 bucket
+  through a presigned URL and comes back the same way; a chord callback
+  whose results are too large for a queue message receives them all the
+  same (see :func:`_resolve_chord_results`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from celery import states
+from celery import signals, states
 from celery.backends.base import BaseBackend
 from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import result_from_tuple
@@ -426,5 +430,30 @@ class DynachordBackend(BaseBackend):
     def __reduce__(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> Any:
         return super().__reduce__(args, dict(kwargs or {}, url=self.client.endpoint))
 
+
+#: The first argument of a chord callback whose results were too large for
+#: a queue message: the service stored them as a result of their own.
+RESULTS_REF = "dynachord_ref"
+
+
+def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = None, **_: Any) -> None:
+    """Before a task runs (``task_prerun``): when its first argument is the
+    service's reference to a chord's results, puts the results in its place,
+    so the callback receives the real list."""
+    first = args[0] if isinstance(args, list) and args else None
+    if not (isinstance(first, dict) and set(first) == {RESULTS_REF} and isinstance(first[RESULTS_REF], dict)):
+        return
+    backend = getattr(task, "backend", None)
+    if not isinstance(backend, DynachordBackend):
+        logger.warning("dynachord: %s got chord results by reference, but its backend is not dynachord", task)
+        return
+    ref_id = str(first[RESULTS_REF].get("task_id"))
+    meta = backend.client.get_task(ref_id)
+    if meta.get("status") != states.SUCCESS:
+        raise ChordError(f"the chord's results ({ref_id}) are no longer stored: {meta.get('status')}")
+    args[0] = meta.get("result")
+
+
+signals.task_prerun.connect(_resolve_chord_results, weak=False, dispatch_uid="dynachord-chord-results")
 
 __all__ = ["DynachordBackend", "DynachordError", "DynachordTimeout", "DynachordUnavailable"]

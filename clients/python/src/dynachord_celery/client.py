@@ -5,18 +5,24 @@ opens its own), SigV4 signing for deployed APIs (IAM auth) through botocore's
 credential chain, timeouts on every call, and retries with exponential
 backoff and full jitter on throttling (429), unavailability (502/503/504, with
 ``Retry-After`` honoured) and connection errors.
+
+Large results go through S3 unseen: a result too large for a request is
+uploaded through a presigned URL and committed by the store; one the service
+answers by reference (``result_ref``) is read from its presigned URL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
+import hashlib
 import logging
 import os
 import random
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -81,6 +87,13 @@ class ClientOptions:
     backoff_cap: float = 5.0
     #: Longest long-poll the service accepts in one request (MAX_WAIT_SECONDS).
     max_wait: float = 20.0
+    #: A result whose JSON is larger than this many bytes is uploaded to the
+    #: service's S3 bucket through a presigned URL instead of sent in the
+    #: store request (whose body the service caps at MAX_BODY_BYTES, 1 MiB).
+    upload_above: int = 900_000
+    #: Seconds to send or read one large result to or from S3 (its own
+    #: time-out, on top of the caller's deadline).
+    transfer_timeout: float = 300.0
     #: Accepted for apps coming from Celery's Redis backend, where it is a
     #: transport option: dynachord always joins a chord's results in header
     #: order (Redis's default, True); False is not available and warns.
@@ -207,7 +220,25 @@ class Client:
         ends by it: past it, :class:`DynachordTimeout`."""
         url = self.endpoint + path + ("?" + urlencode(params) if params else "")
         data = None if body is None else _dumps(body).encode("utf-8")
-        ok = frozenset(ok)
+
+        def send(timeout: tuple[float, float]) -> requests.Response:
+            headers = self._headers(method, url, data)
+            return self._session().request(method, url, data=data, headers=headers, timeout=timeout)
+
+        read_timeout = self.options.read_timeout + extra_read_timeout
+        return self._with_retries(method, path, send, read_timeout, frozenset(ok), deadline)
+
+    def _with_retries(
+        self,
+        method: str,
+        path: str,
+        send: Callable[[tuple[float, float]], requests.Response],
+        read_timeout: float,
+        ok: frozenset[int],
+        deadline: float | None,
+    ) -> requests.Response:
+        """Calls ``send(timeout)`` until it answers an ``ok`` status, retrying
+        connection errors and retryable statuses with backoff (see :meth:`request`)."""
         attempt = 0
 
         def out_of_time() -> DynachordTimeout:
@@ -215,16 +246,14 @@ class Client:
             return DynachordTimeout(method, path, 0, "timeout", why)
 
         while True:
-            timeout = (self.options.connect_timeout, self.options.read_timeout + extra_read_timeout)
+            timeout = (self.options.connect_timeout, read_timeout)
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise out_of_time()
                 timeout = (min(timeout[0], left), min(timeout[1], left))
             try:
-                response = self._session().request(
-                    method, url, data=data, headers=self._headers(method, url, data), timeout=timeout
-                )
+                response = send(timeout)
             except requests.RequestException as exc:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise out_of_time() from exc
@@ -244,13 +273,61 @@ class Client:
             logger.debug("dynachord %s %s: %s; retry %d in %.2fs", method, path, why, attempt, pause)
             time.sleep(pause)
 
+    # -- large results (S3) -------------------------------------------------
+
+    def _upload(self, task_id: str, result_json: bytes) -> str:
+        """Uploads a result's JSON, gzip-compressed, through a presigned URL
+        the service hands out; returns its SHA-256 for the store's
+        ``result_upload``."""
+        data = gzip.compress(result_json, compresslevel=1)
+        sha256 = hashlib.sha256(data).hexdigest()
+        path = _task_path(task_id) + "/upload"
+        grant = self.request("POST", path, body={"sha256": sha256, "bytes": len(data)}).json()
+        url, headers = str(grant["url"]), {str(k): str(v) for k, v in (grant.get("headers") or {}).items()}
+
+        def send(timeout: tuple[float, float]) -> requests.Response:
+            return self._session().put(url, data=data, headers=headers, timeout=timeout)
+
+        self._with_retries("PUT", path + " (S3)", send, self.options.transfer_timeout, frozenset({200}), None)
+        logger.debug("dynachord uploaded %s's result: %d bytes, %d compressed", task_id, len(result_json), len(data))
+        return sha256
+
+    def _download(self, reference: Mapping[str, Any], task_id: str, deadline: float | None) -> Any:
+        """A result the service answered by reference (``result_ref``): read
+        from its presigned URL, gunzipped and decoded."""
+        url = str(reference["url"])
+
+        def send(timeout: tuple[float, float]) -> requests.Response:
+            return self._session().get(url, timeout=timeout)
+
+        what = _task_path(task_id) + " (S3)"
+        response = self._with_retries("GET", what, send, self.options.transfer_timeout, frozenset({200}), deadline)
+        data = response.content
+        if reference.get("encoding", "gzip") == "gzip":
+            data = gzip.decompress(data)
+        return _loads(data.decode("utf-8"))
+
+    def _whole(self, task_id: str, meta: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+        """The meta with its result read in, when the service answered it by reference."""
+        reference = meta.pop("result_ref", None)
+        if isinstance(reference, dict):
+            meta["result"] = self._download(reference, task_id, deadline)
+        return meta
+
     # -- the v1 API ---------------------------------------------------------
 
     def put_task(self, task_id: str, meta: Mapping[str, Any]) -> dict[str, Any] | None:
         """Stores task meta. Returns the service's receipt, or ``None`` when the
         store was refused because the task already holds a state that must not
         be replaced (409: e.g. SUCCESS is never overwritten)."""
-        response = self._put_expiring(_task_path(task_id), meta, ok=(200, 409))
+        body = dict(meta)
+        if body.get("result") is not None:
+            result_json = _dumps(body["result"]).encode("utf-8")
+            if len(result_json) > self.options.upload_above:
+                # Too large for a request: to S3 first, then the store commits it.
+                body.pop("result")
+                body["result_upload"] = {"sha256": self._upload(task_id, result_json)}
+        response = self._put_expiring(_task_path(task_id), body, ok=(200, 409))
         if response.status_code == 409:
             logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
             return None
@@ -263,14 +340,14 @@ class Client:
         wait = self._clamp_wait(wait)
         params = {"wait": _seconds(wait)} if wait > 0 else None
         response = self.request("GET", _task_path(task_id), params=params, extra_read_timeout=wait, deadline=deadline)
-        return dict(_loads(response.text))
+        return self._whole(task_id, dict(_loads(response.text)), deadline)
 
     def batch_get(self, task_ids: list[str], wait: float = 0.0, deadline: float | None = None) -> list[dict[str, Any]]:
         """Metas of ``task_ids`` in request order (one call, at most the
         service's MAX_BATCH_IDS ids); with ``wait``, until all are ready.
         ``deadline`` bounds the call, retries included (see :meth:`request`).
         A result the service answers with a reference (past the response's
-        size budget) is read on its own, so every item is a whole meta."""
+        size budget, or in S3) is read on its own, so every item is a whole meta."""
         wait = self._clamp_wait(wait)
         body: dict[str, Any] = {"task_ids": task_ids}
         if wait > 0:
@@ -280,6 +357,8 @@ class Client:
         for i, item in enumerate(results):
             if isinstance(item, dict) and "ref" in item:
                 results[i] = self.get_task(str(item["task_id"]), deadline=deadline)
+            elif isinstance(item, dict):
+                results[i] = self._whole(str(item.get("task_id")), item, deadline)
         return results
 
     def forget(self, task_id: str) -> None:

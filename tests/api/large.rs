@@ -1,0 +1,207 @@
+//! Results past DynamoDB's item limit and Lambda's body limits, through S3
+//! (moto's server on the local stack): the spill at store, uploads through a
+//! presigned PUT, answers by presigned GET, and the bucket's objects kept in
+//! step with the items (refused, replaced, forgotten, orphaned).
+
+use dynachord::store::blobs::{gunzip, gzip, sha256_hex};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::{random_hex, success, Api};
+
+/// The local stack's bucket, on moto's server.
+struct Bucket {
+    s3: aws_sdk_s3::Client,
+    name: String,
+}
+
+impl Bucket {
+    async fn local() -> Self {
+        let endpoint = std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+        let config = dynachord::local::sdk_config(Some(&endpoint)).await;
+        let s3 =
+            aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
+        Self { s3, name: "dynachord-local-results".into() }
+    }
+
+    /// The keys of a task's objects.
+    async fn objects_of(&self, id: &str) -> Vec<String> {
+        let listed = self.s3.list_objects_v2().bucket(&self.name).prefix(format!("default/task/{id}/")).send().await;
+        listed.unwrap().contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect()
+    }
+
+    async fn tag_of(&self, key: &str) -> String {
+        let tags = self.s3.get_object_tagging().bucket(&self.name).key(key).send().await.unwrap();
+        tags.tag_set().iter().map(|t| format!("{}={}", t.key(), t.value())).collect::<Vec<_>>().join(",")
+    }
+
+    async fn put(&self, key: &str, body: Vec<u8>) {
+        self.s3.put_object().bucket(&self.name).key(key).body(body.into()).send().await.unwrap();
+    }
+}
+
+/// The result of a GET answered by reference: read from its presigned URL.
+async fn resolve(meta: &Value) -> String {
+    let url = meta["result_ref"]["url"].as_str().unwrap_or_else(|| panic!("no result_ref in {meta}"));
+    let bytes = reqwest::get(url).await.unwrap().error_for_status().unwrap().bytes().await.unwrap();
+    gunzip(&bytes).unwrap()
+}
+
+/// Asks for an upload and PUTs `object` to the presigned URL; returns its SHA-256.
+async fn upload(api: &Api, id: &str, object: &[u8]) -> String {
+    let sha = sha256_hex(object);
+    let body = json!({"sha256": sha, "bytes": object.len()}).to_string();
+    let grant = api.call(Method::POST, &format!("/v1/tasks/{id}/upload"), Some(body)).await.expect(200);
+    assert_eq!(grant.json["method"], "PUT");
+    let mut put = reqwest::Client::new().put(grant.json["url"].as_str().unwrap()).body(object.to_vec());
+    for (name, value) in grant.json["headers"].as_object().unwrap() {
+        put = put.header(name.as_str(), value.as_str().unwrap());
+    }
+    put.send().await.unwrap().error_for_status().unwrap();
+    sha
+}
+
+fn committed(sha: &str) -> String {
+    json!({"status": "SUCCESS", "result_upload": {"sha256": sha}}).to_string()
+}
+
+#[tokio::test]
+async fn a_result_past_the_spill_threshold_goes_to_s3_and_round_trips_exactly() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    // 900 KB of random hex compresses to about 450 KB: past the item limit.
+    let (large, medium) = (api.id("large"), api.id("medium"));
+    let (big, mid) = (random_hex(900_000), random_hex(200_000));
+    api.put_task(&large, success(json!(big))).await.expect(200);
+    api.put_task(&medium, success(json!(mid))).await.expect(200);
+    // Past the stack's INLINE_RESULT_BYTES: a presigned URL.
+    let got = api.get_task(&large).await.expect(200);
+    assert_eq!((got.json["status"].clone(), got.json["result"].clone()), (json!("SUCCESS"), Value::Null));
+    assert_eq!(got.json["result_ref"]["bytes"], big.len() + 2);
+    assert_eq!(resolve(&got.json).await, json!(big).to_string(), "the exact JSON text");
+    // Under it: the result put back in the answer.
+    assert_eq!(api.get_task(&medium).await.expect(200).json["result"], json!(mid));
+    let keys = bucket.objects_of(&large).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(bucket.tag_of(&keys[0]).await, "dynachord-expiry=1d", "the default TTL's lifetime class");
+    // The same through batch-get: read from S3, or a reference to GET.
+    let items = api.batch_get(&[medium.clone(), large.clone()], None).await.expect(200).json["results"].clone();
+    assert_eq!(items[0]["result"], json!(mid));
+    assert_eq!(
+        (items[1]["task_id"].as_str(), items[1]["ref"]["bytes"].as_u64().unwrap() > 900_000),
+        (Some(&*large), true)
+    );
+    api.forget(&large).await.expect(204);
+    assert!(bucket.objects_of(&large).await.is_empty(), "forget deletes the object");
+    assert_eq!(api.get_task(&large).await.json["status"], "PENDING");
+}
+
+#[tokio::test]
+async fn an_upload_is_committed_by_the_store_and_served_by_reference() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    let id = api.id("uploaded");
+    let result = json!({"rows": (0..100_000).map(|i| format!("row {i} {}", random_hex(8))).collect::<Vec<_>>()});
+    let text = result.to_string();
+    let sha = upload(&api, &id, &gzip(text.as_bytes())).await;
+    assert_eq!(api.get_task(&id).await.json["status"], "PENDING", "nothing is stored before the commit");
+    let stored = api.put_task_raw(&id, &committed(&sha)).await.expect(200);
+    assert_eq!(stored.json["status"], "SUCCESS");
+    let got = api.get_task(&id).await.expect(200);
+    assert_eq!(got.json["result_ref"]["bytes"], text.len());
+    assert_eq!(resolve(&got.json).await, text);
+    assert_eq!(bucket.objects_of(&id).await, [format!("default/task/{id}/{sha}")]);
+    // A commit sent again is a 409, and keeps the object it points to.
+    api.put_task_raw(&id, &committed(&sha)).await.expect_error(409, "state_conflict");
+    assert_eq!(resolve(&api.get_task(&id).await.json).await, text);
+}
+
+#[tokio::test]
+async fn an_upload_missing_altered_or_not_json_is_refused_and_nothing_is_stored() {
+    let api = Api::new();
+    let id = api.id("bad-upload");
+    let never = sha256_hex(b"never uploaded");
+    api.put_task_raw(&id, &committed(&never)).await.expect_error(400, "invalid_upload");
+    // Uploaded, then committed under another hash: no object there.
+    let sha = upload(&api, &id, &gzip(b"[1,2,3]")).await;
+    let other = sha256_hex(b"other");
+    api.put_task_raw(&id, &committed(&other)).await.expect_error(400, "invalid_upload");
+    for (name, object) in [("truncated", gzip(b"[1,2,")), ("plain", b"[1,2,3]".to_vec()), ("two", gzip(b"1 2"))] {
+        let id = api.id(name);
+        let sha = upload(&api, &id, &object).await;
+        let refused = api.put_task_raw(&id, &committed(&sha)).await.expect_error(400, "invalid_upload");
+        assert!(refused.text.contains("gzip-compressed JSON"), "{}", refused.text);
+        assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
+    }
+    // A result in the body and an upload: refused before any work.
+    let both = json!({"status": "SUCCESS", "result": 1, "result_upload": {"sha256": sha}}).to_string();
+    api.put_task_raw(&id, &both).await.expect_error(400, "invalid_meta");
+    assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
+    // Bad upload requests.
+    let path = format!("/v1/tasks/{id}/upload");
+    for body in [json!({"sha256": "abc"}), json!({}), json!({"sha256": sha, "bytes": (5u64 << 30) + 1})] {
+        let resp = api.call(Method::POST, &path, Some(body.to_string())).await;
+        assert!(matches!(resp.status, 400 | 413), "{}", resp.text);
+    }
+}
+
+#[tokio::test]
+async fn the_upload_size_limit_is_checked_at_the_limit_and_one_past_it() {
+    let api = Api::new();
+    let id = api.id("limit");
+    let path = format!("/v1/tasks/{id}/upload");
+    let sha = sha256_hex(b"x");
+    // MAX_RESULT_BYTES is 1 GiB by default.
+    let at = api.call(Method::POST, &path, Some(json!({"sha256": sha, "bytes": 1u64 << 30}).to_string())).await;
+    at.expect(200);
+    let past = api.call(Method::POST, &path, Some(json!({"sha256": sha, "bytes": (1u64 << 30) + 1}).to_string())).await;
+    past.expect_error(413, "result_too_large");
+}
+
+#[tokio::test]
+async fn a_refused_store_deletes_its_object_and_a_replaced_result_its_old_one() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    let id = api.id("replaced");
+    let failure = json!({"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": [random_hex(600_000)], "exc_module": "builtins"}});
+    api.put_task(&id, failure).await.expect(200);
+    let first = bucket.objects_of(&id).await;
+    assert_eq!(first.len(), 1);
+    // A SUCCESS replaces the FAILURE: the FAILURE's object goes.
+    let winner = random_hex(600_000);
+    api.put_task(&id, success(json!(winner))).await.expect(200);
+    let second = bucket.objects_of(&id).await;
+    assert_eq!(second.len(), 1);
+    assert_ne!(first, second);
+    // Another SUCCESS is refused: its object goes, the stored one stays.
+    api.put_task(&id, success(json!(random_hex(600_000)))).await.expect_error(409, "state_conflict");
+    assert_eq!(bucket.objects_of(&id).await, second);
+    // The same SUCCESS sent again (a retried store) is refused and keeps its object.
+    api.put_task(&id, success(json!(winner))).await.expect_error(409, "state_conflict");
+    assert_eq!(bucket.objects_of(&id).await, second);
+    assert_eq!(resolve(&api.get_task(&id).await.json).await, json!(winner).to_string());
+}
+
+#[tokio::test]
+async fn an_object_no_item_points_to_is_never_served() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    // What a store that crashed between its S3 put and its item write
+    // leaves behind, and an upload never committed.
+    let (crashed, uncommitted) = (api.id("crashed"), api.id("uncommitted"));
+    let object = gzip(json!(random_hex(1000)).to_string().as_bytes());
+    bucket.put(&format!("default/task/{crashed}/{}", sha256_hex(&object)), object.clone()).await;
+    upload(&api, &uncommitted, &object).await;
+    for id in [&crashed, &uncommitted] {
+        assert_eq!(api.get_task(id).await.expect(200).json["status"], "PENDING");
+        assert_eq!(bucket.objects_of(id).await.len(), 1);
+    }
+    let items = api.batch_get(&[crashed, uncommitted], None).await.expect(200).json["results"].clone();
+    assert!(items.as_array().unwrap().iter().all(|r| r["status"] == "PENDING"), "{items}");
+}
+
+#[tokio::test]
+async fn a_meta_past_the_item_limit_without_its_result_is_refused_clearly() {
+    let api = Api::new();
+    let id = api.id("huge-traceback");
+    // The result goes to S3; a traceback of 900 KB of random hex does not.
+    let meta = json!({"status": "FAILURE", "result": {"exc_type": "E", "exc_message": [], "exc_module": "m"}, "traceback": random_hex(900_000)});
+    api.put_task(&id, meta).await.expect_error(413, "result_too_large");
+    assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
+}
