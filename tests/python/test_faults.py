@@ -513,3 +513,32 @@ def test_a_batch_get_past_its_response_budget_answers_references_the_package_rea
         assert item["task_id"] == task_id and item["status"] == "SUCCESS"
     metas = Client(stack.base).batch_get(ids)
     assert [m["result"] for m in metas] == [results[task_id] for task_id in ids]
+
+
+def test_a_store_that_dies_between_its_s3_put_and_its_item_write_leaves_nothing_served(stack):
+    import boto3
+    from dynachord_celery.client import Client
+
+    task_id = f"crash-{uuid.uuid4().hex[:10]}"
+    big = os.urandom(300_000).hex()  # 600 KB that barely compresses: it goes to S3 before the item
+    # Every DynamoDB call about this id fails: the object is written, the item never is.
+    stack.rule(task_id, match=task_id, error="ThrottlingException")
+    status, _, text = stack.call("PUT", f"/v1/tasks/{task_id}", success(big))
+    assert status == 503, text
+    stack.clear(task_id)
+    s3 = boto3.client(
+        "s3", endpoint_url=stack.sqs, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    listed = s3.list_objects_v2(Bucket="dynachord-local-results", Prefix=f"default/task/{task_id}/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert len(keys) == 1, "the object was written first"
+    tags = s3.get_object_tagging(Bucket="dynachord-local-results", Key=keys[0])["TagSet"]
+    assert tags == [{"Key": "dynachord-expiry", "Value": "1d"}], "its lifecycle rule removes it"
+    # No item points to it: never served.
+    status, _, text = stack.call("GET", f"/v1/tasks/{task_id}")
+    assert (status, json.loads(text)["status"]) == (200, "PENDING")
+    status, _, text = stack.call("POST", "/v1/tasks/batch-get", {"task_ids": [task_id]})
+    assert json.loads(text)["results"][0]["status"] == "PENDING"
+    # The store sent again is stored and served, exactly.
+    assert stack.call("PUT", f"/v1/tasks/{task_id}", success(big))[0] == 200
+    assert Client(stack.base).get_task(task_id)["result"] == big

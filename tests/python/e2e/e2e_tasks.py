@@ -78,3 +78,21 @@ def get_inside(task_id):
     from celery.result import AsyncResult
 
     return AsyncResult(task_id, app=app).get(timeout=5)
+
+
+@app.task
+def blob(size, seed):
+    """`size` hex characters from a seeded generator: a large result that
+    barely compresses, which the test can compute too."""
+    import random
+
+    return random.Random(seed).randbytes(size // 2 + 1).hex()[:size]
+
+
+@app.task
+def digest(values):
+    """A chord callback for large results: how many, and a hash of them all."""
+    import hashlib
+    import json
+
+    return {"count": len(values), "sha256": hashlib.sha256(json.dumps(values).encode()).hexdigest()}

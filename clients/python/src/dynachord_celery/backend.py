@@ -451,6 +451,11 @@ def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = Non
     meta = backend.client.get_task(ref_id)
     if meta.get("status") != states.SUCCESS:
         raise ChordError(f"the chord's results ({ref_id}) are no longer stored: {meta.get('status')}")
+    request = getattr(task, "request", None)
+    if request is not None and getattr(request, "args", None) is args:
+        # The task's own meta (result_extended) keeps the reference, not
+        # the results, which may be far larger than a store request.
+        request.args = list(args)
     args[0] = meta.get("result")
 
 
