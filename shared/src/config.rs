@@ -77,7 +77,7 @@ pub struct LargeResults {
     /// result in S3 a GET or a batch-get carries in its answer; larger ones
     /// come as a presigned URL (`result_ref`).
     pub inline_bytes: usize,
-    /// `MAX_RESULT_BYTES` (default 1 GiB, at most 5 GiB): the largest result
+    /// `MAX_RESULT_BYTES` (default 512 MiB, at most 5 GiB): the largest result
     /// (its JSON, uncompressed) accepted through an upload.
     pub max_result_bytes: u64,
     /// `PRESIGN_SECONDS` (default 900, 60..=43200): how long a presigned URL
@@ -252,7 +252,7 @@ impl Config {
             bucket: var("RESULTS_BUCKET").map(|b| b.trim().to_owned()),
             spill_above: num("SPILL_ABOVE_BYTES", 65_536, 1024, 390 << 10)? as usize,
             inline_bytes: num("INLINE_RESULT_BYTES", 4_000_000, 0, 5_800_000)? as usize,
-            max_result_bytes: num("MAX_RESULT_BYTES", 1 << 30, 1024, 5 << 30)?,
+            max_result_bytes: num("MAX_RESULT_BYTES", 512 << 20, 1024, 5 << 30)?,
             presign: Duration::from_secs(num("PRESIGN_SECONDS", 900, 60, 43_200)?),
         };
         let config = Config {

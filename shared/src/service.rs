@@ -645,7 +645,7 @@ mod tests {
         for bad in [r#"{"sha256":"abc"}"#, r#"{}"#, r#"{"sha256":"x","extra":1}"#] {
             assert!(upload_task(&app, &ns, &tid("up"), bad.as_bytes()).await.is_err(), "{bad}");
         }
-        let too_big = format!(r#"{{"sha256":"{sha}","bytes":{}}}"#, (1u64 << 30) + 1);
+        let too_big = format!(r#"{{"sha256":"{sha}","bytes":{}}}"#, (512u64 << 20) + 1);
         let err = upload_task(&app, &ns, &tid("up"), too_big.as_bytes()).await.unwrap_err();
         assert_eq!(err.status_and_code(), (413, "result_too_large"));
 

@@ -149,10 +149,11 @@ async fn the_upload_size_limit_is_checked_at_the_limit_and_one_past_it() {
     let id = api.id("limit");
     let path = format!("/v1/tasks/{id}/upload");
     let sha = sha256_hex(b"x");
-    // MAX_RESULT_BYTES is 1 GiB by default.
-    let at = api.call(Method::POST, &path, Some(json!({"sha256": sha, "bytes": 1u64 << 30}).to_string())).await;
+    // MAX_RESULT_BYTES is 512 MiB by default.
+    let at = api.call(Method::POST, &path, Some(json!({"sha256": sha, "bytes": 512u64 << 20}).to_string())).await;
     at.expect(200);
-    let past = api.call(Method::POST, &path, Some(json!({"sha256": sha, "bytes": (1u64 << 30) + 1}).to_string())).await;
+    let past =
+        api.call(Method::POST, &path, Some(json!({"sha256": sha, "bytes": (512u64 << 20) + 1}).to_string())).await;
     past.expect_error(413, "result_too_large");
 }
 

@@ -69,6 +69,7 @@ def test_every_v1_route_is_in_the_template_and_the_local_router():
     assert routes == sorted(
         [
             ("PUT", "/v1/tasks/{task_id}"),
+            ("POST", "/v1/tasks/{task_id}/upload"),
             ("GET", "/v1/tasks/{task_id}"),
             ("DELETE", "/v1/tasks/{task_id}"),
             ("POST", "/v1/tasks/batch-get"),
@@ -81,3 +82,25 @@ def test_every_v1_route_is_in_the_template_and_the_local_router():
     cargo = (ROOT / "Cargo.toml").read_text()
     for _, path in routes:
         assert f'"{path}"' in cargo, f"{path} missing from cargo lambda watch's router"
+
+
+def test_the_buckets_lifecycle_rules_match_the_lifetime_classes_objects_are_tagged_with():
+    """shared/src/store/blobs.rs tags each object with the smallest class
+    that outlives its item; the template needs a rule for every class."""
+    blobs = (ROOT / "shared" / "src" / "store" / "blobs.rs").read_text()
+    classes = blobs.split("EXPIRY_CLASSES_DAYS: [u64; ")[1].split("=")[1].split(";")[0]
+    days = [int(d) for d in classes.strip(" []").split(",")]
+    bucket = load_template()["Resources"]["ResultsBucket"]["Properties"]
+    rules = {
+        (f["Key"], f["Value"]): r["ExpirationInDays"]
+        for r in bucket["LifecycleConfiguration"]["Rules"]
+        for f in r.get("TagFilters", [])
+    }
+    assert rules == {("dynachord-expiry", f"{d}d"): d for d in days}
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    assert "ServerSideEncryptionConfiguration" in bucket["BucketEncryption"]
+    policy = load_template()["Resources"]["ResultsBucketPolicy"]["Properties"]["PolicyDocument"]
+    assert any(
+        st["Effect"] == "Deny" and st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+        for st in policy["Statement"]
+    )

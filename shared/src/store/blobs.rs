@@ -340,7 +340,8 @@ mod tests {
     fn an_upload_is_checked_as_it_streams() {
         let ok = gzip(br#"{"a":[1,2,3],"s":"x"}"#);
         assert_eq!(check_upload(&ok[..], 1000).unwrap(), 21);
-        assert!(matches!(check_upload(&ok[..], 10), Err(UploadError::TooLarge { limit: 10 })));
+        assert_eq!(check_upload(&ok[..], 21).unwrap(), 21, "at the limit");
+        assert!(matches!(check_upload(&ok[..], 20), Err(UploadError::TooLarge { limit: 20 })), "one past it");
         let bad = gzip(br#"{"a":[1,2,"#);
         assert!(matches!(check_upload(&bad[..], 1000), Err(UploadError::NotJson(_))));
         assert!(matches!(check_upload(&b"plain"[..], 1000), Err(UploadError::NotJson(_))));
