@@ -10,8 +10,14 @@
 //! DynamoDB backend joining a chord of the same size
 //! (`bench/celery_dynamodb_chord.py`).
 //!
-//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000]` builds it,
-//! starts the local stack if none is up, and runs it.
+//! Then large results (`--large 1,20`, in MB): a store and a fetch through
+//! the service as the Python package makes them (upload through a presigned
+//! PUT and commit; GET, then the presigned URL it answers), against a raw
+//! S3 PutObject and GetObject of the same bytes on the same moto server;
+//! and the requests each costs, counted from the responses' headers.
+//!
+//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20]`
+//! builds it, starts the local stack if none is up, and runs it.
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
@@ -33,11 +39,17 @@ struct Args {
     /// Rounds per measurement (the median is printed).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Chord sizes to join, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    /// Chord sizes to join, comma-separated (`--chords` alone: none).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000", num_args = 0..)]
     chords: Vec<usize>,
+    /// Large result sizes to store and fetch, in MB, comma-separated (`--large` alone: none).
+    #[arg(long, value_delimiter = ',', default_value = "1,20", num_args = 0..)]
+    large: Vec<usize>,
     #[arg(long, env = "DYNACHORD_ENDPOINT", default_value = "http://127.0.0.1:9000")]
     endpoint: String,
+    /// moto's server: the local stack's S3 (and SQS).
+    #[arg(long, env = "SQS_ENDPOINT", default_value = "http://127.0.0.1:5000")]
+    moto: String,
     #[arg(long, env = "DYNAMODB_ENDPOINT", default_value = "http://127.0.0.1:8000")]
     dynamodb: String,
     #[arg(long, env = "TABLE_NAME", default_value = "dynachord-local")]
@@ -265,6 +277,10 @@ async fn main() {
         "\n(ddb/op for batch-get is per call; targets: store = 1 request, batch-get <= 1.5x raw parallel BatchGetItem)"
     );
 
+    if !a.large.is_empty() {
+        large_bench(&service, &a).await;
+    }
+
     if !a.chords.is_empty() {
         println!("\nchords: last part stored -> callback on SQS, against Celery 5.7's DynamoDB backend joining the same size");
         println!(
@@ -377,5 +393,125 @@ fn celery_join(n: usize) -> Result<(f64, u64), String> {
     match (v["seconds"].as_f64(), v["ddb_requests_last_part"].as_u64()) {
         (Some(secs), Some(calls)) => Ok((secs, calls)),
         _ => Err(format!("unexpected output: {v}")),
+    }
+}
+
+/// A response's request counts: (DynamoDB, S3) from its headers.
+fn counts(resp: &reqwest::Response) -> (u32, u32) {
+    let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    (header("x-dynachord-ddb-calls"), header("x-dynachord-s3-calls"))
+}
+
+/// Requests one large store or fetch made: the client's, and the service's.
+#[derive(Default, Clone, Copy)]
+struct Requests {
+    api: u32,
+    s3_direct: u32,
+    ddb: u32,
+    s3_by_service: u32,
+}
+
+impl Requests {
+    fn add(&mut self, resp: &reqwest::Response) {
+        let (ddb, s3) = counts(resp);
+        self.api += 1;
+        self.ddb += ddb;
+        self.s3_by_service += s3;
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} API + {} S3 from the client; the service made {} DynamoDB + {} S3",
+            self.api, self.s3_direct, self.ddb, self.s3_by_service
+        )
+    }
+}
+
+/// Stores `json` (a result's JSON) as the Python package does past its
+/// upload threshold: gzip, ask for a presigned PUT, upload, commit.
+async fn store_large(service: &Service, id: &str, json: &str) -> Requests {
+    use dynachord::store::blobs::{gzip, sha256_hex};
+    let mut requests = Requests::default();
+    let object = gzip(json.as_bytes());
+    let sha = sha256_hex(&object);
+    let ask = serde_json::json!({"sha256": sha, "bytes": object.len()}).to_string();
+    let resp = service.http.post(format!("{}/v1/tasks/{id}/upload", service.base)).body(ask).send().await.unwrap();
+    requests.add(&resp);
+    let grant: serde_json::Value = resp.error_for_status().unwrap().json().await.unwrap();
+    let mut put = service.http.put(grant["url"].as_str().unwrap()).body(object);
+    for (name, value) in grant["headers"].as_object().unwrap() {
+        put = put.header(name.as_str(), value.as_str().unwrap());
+    }
+    put.send().await.unwrap().error_for_status().unwrap();
+    requests.s3_direct += 1;
+    let commit = serde_json::json!({"status": "SUCCESS", "result_upload": {"sha256": sha}}).to_string();
+    let resp = service.http.put(format!("{}/v1/tasks/{id}", service.base)).body(commit).send().await.unwrap();
+    requests.add(&resp);
+    resp.error_for_status().unwrap();
+    requests
+}
+
+/// Fetches a large result as the package does: GET, then its `result_ref`.
+async fn fetch_large(service: &Service, id: &str, expected_len: usize) -> Requests {
+    let mut requests = Requests::default();
+    let resp = service.http.get(format!("{}/v1/tasks/{id}", service.base)).send().await.unwrap();
+    requests.add(&resp);
+    let meta: serde_json::Value = resp.error_for_status().unwrap().json().await.unwrap();
+    let text = match meta["result_ref"]["url"].as_str() {
+        Some(url) => {
+            let bytes = service.http.get(url).send().await.unwrap().bytes().await.unwrap();
+            requests.s3_direct += 1;
+            dynachord::store::blobs::gunzip(&bytes).unwrap()
+        }
+        None => meta["result"].to_string(),
+    };
+    assert_eq!(text.len(), expected_len);
+    requests
+}
+
+/// Large results through the service against raw S3 on the same moto.
+async fn large_bench(service: &Service, a: &Args) {
+    let sdk = dynachord::local::sdk_config(Some(&a.moto)).await;
+    let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build());
+    let bucket = "dynachord-local-results";
+    println!("\nlarge results: as the Python package stores and fetches them, against raw S3 of the same bytes (moto)");
+    println!("{:<48} {:>9} {:>10}", "what (median)", "seconds", "vs raw");
+    for &mb in &a.large {
+        // Random hex: barely compressible, like most large payloads.
+        let json = serde_json::json!((0..mb * 1_000_000 / 32)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect::<String>())
+        .to_string();
+        let mut t: HashMap<&str, Vec<f64>> = HashMap::new();
+        let (mut stored, mut fetched) = (Requests::default(), Requests::default());
+        for round in 0..a.rounds {
+            let id = format!("bench-large-{}-{round}", uuid::Uuid::new_v4().simple());
+            let started = Instant::now();
+            stored = store_large(service, &id, &json).await;
+            t.entry("store").or_default().push(started.elapsed().as_secs_f64());
+            let started = Instant::now();
+            fetched = fetch_large(service, &id, json.len()).await;
+            t.entry("fetch").or_default().push(started.elapsed().as_secs_f64());
+            let key = format!("bench-raw/{id}");
+            let started = Instant::now();
+            s3.put_object().bucket(bucket).key(&key).body(json.clone().into_bytes().into()).send().await.unwrap();
+            t.entry("raw put").or_default().push(started.elapsed().as_secs_f64());
+            let started = Instant::now();
+            let got = s3.get_object().bucket(bucket).key(&key).send().await.unwrap().body.collect().await.unwrap();
+            assert_eq!(got.into_bytes().len(), json.len());
+            t.entry("raw get").or_default().push(started.elapsed().as_secs_f64());
+            s3.delete_object().bucket(bucket).key(&key).send().await.unwrap();
+        }
+        let m = |k: &str| median(t[k].clone());
+        let line = |what: String, secs: f64, raw: Option<f64>| {
+            let ratio = raw.map_or("-".to_owned(), |r| format!("{:.2}x", secs / r));
+            println!("{what:<48} {secs:>9.3} {ratio:>10}");
+        };
+        line(format!("service: store {mb} MB (upload + commit)"), m("store"), Some(m("raw put")));
+        line(format!("raw: S3 PutObject {mb} MB"), m("raw put"), None);
+        line(format!("service: fetch {mb} MB (GET + presigned GET)"), m("fetch"), Some(m("raw get")));
+        line(format!("raw: S3 GetObject {mb} MB"), m("raw get"), None);
+        println!("  requests per {mb} MB store: {}", stored.describe());
+        println!("  requests per {mb} MB fetch: {}", fetched.describe());
     }
 }

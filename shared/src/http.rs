@@ -18,6 +18,8 @@ use crate::tenants::Caller;
 
 /// Header carrying how many DynamoDB requests served this request.
 pub const DDB_CALLS_HEADER: &str = "x-dynachord-ddb-calls";
+/// The S3 requests a response cost (large results).
+pub const S3_CALLS_HEADER: &str = "x-dynachord-s3-calls";
 
 /// The v1 routes.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,14 +175,16 @@ where
     Fut: Future<Output = Result<Reply, ApiError>> + 'a,
 {
     let request_id = request_id(&request);
-    let (outcome, calls) = crate::calls::counted(async move {
+    let (outcome, calls, s3_calls) = crate::calls::counted_all(async move {
         match parse(app, request) {
             Ok(incoming) => serve(incoming).await,
             Err(e) => Err(e),
         }
     })
     .await;
-    Ok(respond(outcome, calls, &request_id))
+    let mut response = respond(outcome, calls, &request_id);
+    response.headers_mut().insert(S3_CALLS_HEADER, s3_calls.into());
+    Ok(response)
 }
 
 /// The request's id: API Gateway's (which its access log records), else

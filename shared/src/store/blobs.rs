@@ -172,7 +172,10 @@ impl Blobs {
     /// local stack's moto), requests use path-style addressing.
     pub fn new(shared: &aws_config::SdkConfig, bucket: String, presign: Duration) -> Self {
         let local = std::env::var_os("AWS_ENDPOINT_URL_S3").is_some() || std::env::var_os("AWS_ENDPOINT_URL").is_some();
-        let config = aws_sdk_s3::config::Builder::from(shared).force_path_style(local).build();
+        let config = aws_sdk_s3::config::Builder::from(shared)
+            .force_path_style(local)
+            .interceptor(crate::calls::CountS3Calls)
+            .build();
         Self { client: aws_sdk_s3::Client::from_conf(config), bucket, presign }
     }
 
