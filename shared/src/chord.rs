@@ -414,7 +414,8 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                     results.push(',');
                 }
                 results.push_str(&result);
-                if results.len() > limit {
+                // With the closing bracket still to come.
+                if results.len() + 1 > limit {
                     return Ok(Err(too_many_bytes(limit)));
                 }
             }
@@ -1125,6 +1126,26 @@ mod tests {
         assert_eq!(state.phase, ChordPhase::Failed);
         assert!(state.error.as_deref().unwrap().contains("more than 1024 bytes"), "{state:?}");
         assert!(too_many.sink.sent().iter().all(|(task, _, _)| task != "t.sum"));
+    }
+
+    #[tokio::test]
+    async fn the_results_and_message_limits_hold_at_the_limit_and_not_one_past_it() {
+        // Two parts whose results are their index: `[0,1]` (5 bytes), and the
+        // fake sink counts a message by its args, `[[0,1]]` (7 bytes).
+        let outcome = |results_limit: usize, message_limit: usize| async move {
+            let mut j = joiner(FakeSink::default());
+            j.config.max_results_bytes = results_limit;
+            j.max_message_bytes = message_limit;
+            let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+            assert!(j.handle_parts(parts).await.is_empty());
+            (phase(&j).await.phase, j.sink.sent().first().map(|(_, _, args)| args.clone()))
+        };
+        let (results, message) = ("[0,1]".len(), "[[0,1]]".len());
+        assert_eq!(outcome(results, message).await, (ChordPhase::Dispatched, Some("[[0,1]]".into())));
+        assert_eq!(outcome(results - 1, message).await.0, ChordPhase::Failed, "one byte past CHORD_MAX_RESULTS_BYTES");
+        let (phase, args) = outcome(results, message - 1).await;
+        assert_eq!(phase, ChordPhase::Dispatched);
+        assert!(args.unwrap().contains("dynachord_ref"), "one byte past CALLBACK_MAX_BYTES: by reference");
     }
 
     #[tokio::test]

@@ -333,3 +333,68 @@ def test_results_a_batch_get_answers_with_references_are_read_on_their_own(serve
     client = Client(url, ClientOptions(**FAST))
     assert client.batch_get(["a", "b"]) == [{"status": "SUCCESS", "result": 1, "task_id": "a"}, whole]
     assert [(s["method"], s["path"]) for s in script.seen] == [("POST", "/v1/tasks/batch-get"), ("GET", "/v1/tasks/b")]
+
+
+def test_a_large_result_is_uploaded_then_committed_and_read_back_from_its_url(server: tuple[str, Script]) -> None:
+    import gzip
+    import hashlib
+
+    url, script = server
+    result = {"rows": ["r" * 100] * 20}
+    text = json.dumps(result, separators=(",", ":")).encode()
+    grant = {"task_id": "t", "method": "PUT", "url": f"{url}/bucket/key", "headers": {"x-amz-tagging": "k=v"}}
+    script.answers = [
+        (200, {}, grant),
+        (503, {}, None),  # S3 briefly unavailable: sent again
+        (200, {}, None),
+        (200, {}, {"task_id": "t", "status": "SUCCESS", "date_done": None, "expires_at": 1}),
+        (200, {}, {"status": "SUCCESS", "result": None, "result_ref": {"url": f"{url}/get", "encoding": "gzip"}}),
+        (200, {}, gzip.compress(text)),
+    ]
+    client = Client(url, ClientOptions(upload_above=1000, **FAST))
+    assert client.put_task("t", {"status": "SUCCESS", "result": result}) is not None
+    ask, first, put, commit = script.seen[:4]
+    object_ = gzip.decompress(put["body"])
+    assert json.loads(object_) == result
+    sha = hashlib.sha256(put["body"]).hexdigest()
+    assert json.loads(ask["body"]) == {"sha256": sha, "bytes": len(put["body"])}
+    assert (first["path"], put["path"], put["headers"]["x-amz-tagging"]) == ("/bucket/key", "/bucket/key", "k=v")
+    assert json.loads(commit["body"]) == {"status": "SUCCESS", "result_upload": {"sha256": sha}}
+    assert client.get_task("t") == {"status": "SUCCESS", "result": result}
+    assert [s["path"] for s in script.seen[4:]] == ["/v1/tasks/t", "/get"]
+
+
+def test_a_small_result_goes_in_the_request(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [(200, {}, {"task_id": "t", "status": "SUCCESS", "date_done": None, "expires_at": 1})]
+    Client(url, ClientOptions(**FAST)).put_task("t", {"status": "SUCCESS", "result": "x" * 1000})
+    assert [(s["method"], s["path"]) for s in script.seen] == [("PUT", "/v1/tasks/t")]
+    assert json.loads(script.seen[0]["body"])["result"] == "x" * 1000
+
+
+def test_a_chord_callbacks_reference_to_its_results_is_resolved_before_it_runs(server: tuple[str, Script]) -> None:
+    from celery import signals
+    from dynachord_celery.backend import RESULTS_REF
+
+    url, script = server
+    app = Celery("t", backend=f"dynachord+{url}")
+    app.conf.result_backend_transport_options = FAST
+
+    def callback(values: Any, tag: str) -> Any:
+        return values
+
+    task = app.task(callback, name="t.cb")
+    script.answers = [(200, {}, {"status": "SUCCESS", "result": [1, 2, 3], "task_id": "ref"})]
+    args: list[Any] = [{RESULTS_REF: {"task_id": "ref", "bytes": 7}}, "own"]
+    task.push_request(args=args)
+    try:
+        signals.task_prerun.send(sender=task, task_id="cb", task=task, args=args, kwargs={})
+        assert args == [[1, 2, 3], "own"], "the callback runs with the results"
+        assert task.request.args == [{RESULTS_REF: {"task_id": "ref", "bytes": 7}}, "own"], "its meta keeps the ref"
+    finally:
+        task.pop_request()
+    assert [s["path"] for s in script.seen] == ["/v1/tasks/ref"]
+    # Anything else is left as it is.
+    other: list[Any] = [{"dynachord_ref": 1}]
+    signals.task_prerun.send(sender=task, task_id="x", task=task, args=other, kwargs={})
+    assert other == [{"dynachord_ref": 1}]

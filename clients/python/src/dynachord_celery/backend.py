@@ -440,7 +440,9 @@ def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = Non
     """Before a task runs (``task_prerun``): when its first argument is the
     service's reference to a chord's results, puts the results in its place,
     so the callback receives the real list."""
-    first = args[0] if isinstance(args, list) and args else None
+    if not isinstance(args, list) or not args:
+        return
+    first = args[0]
     if not (isinstance(first, dict) and set(first) == {RESULTS_REF} and isinstance(first[RESULTS_REF], dict)):
         return
     backend = getattr(task, "backend", None)
@@ -451,11 +453,12 @@ def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = Non
     meta = backend.client.get_task(ref_id)
     if meta.get("status") != states.SUCCESS:
         raise ChordError(f"the chord's results ({ref_id}) are no longer stored: {meta.get('status')}")
+    as_sent = list(args)
     request = getattr(task, "request", None)
     if request is not None and getattr(request, "args", None) is args:
         # The task's own meta (result_extended) keeps the reference, not
         # the results, which may be far larger than a store request.
-        request.args = list(args)
+        request.args = as_sent
     args[0] = meta.get("result")
 
 
