@@ -75,7 +75,8 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
     match (method, segments.as_slice()) {
         ("POST", ["", "v1", "tasks", "batch-get"]) => Ok(Route::BatchGet),
         ("PUT", ["", "v1", "tasks", id]) => Ok(Route::PutTask(task(id)?)),
-        ("POST", ["", "v1", "tasks", id, "upload"]) => Ok(Route::UploadTask(task(id)?)),
+        // `batch-get` names the batch route; no task by that name is addressable.
+        ("POST", ["", "v1", "tasks", id, "upload"]) if *id != "batch-get" => Ok(Route::UploadTask(task(id)?)),
         ("GET", ["", "v1", "tasks", id]) => {
             let wait = match wait {
                 None => None,
@@ -239,6 +240,7 @@ mod tests {
         );
         assert!(matches!(route("PUT", "/v1/groups/g1", None, MAX), Ok(Route::PutGroup(_))));
         assert!(matches!(route("POST", "/v1/tasks/t1/upload", None, MAX), Ok(Route::UploadTask(_))));
+        assert!(matches!(route("POST", "/v1/tasks/batch-get/upload", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("PATCH", "/v1/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v2/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v1/tasks/a%2Fb", None, MAX), Err(ApiError::BadId(_))));
