@@ -112,9 +112,7 @@ pub async fn upload_task<S: ResultStore>(
     id: &TaskId,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
-    let request: UploadRequest = crate::meta::json_object(body)
-        .and_then(|()| serde_json::from_slice(body))
-        .map_err(|e| ApiError::BadBody(format!("body is not an upload request: {e}")))?;
+    let request: UploadRequest = parse_body(body, "an upload request")?;
     if !crate::ids::is_sha256_hex(&request.sha256) {
         return Err(ApiError::BadBody("sha256 must be 64 lowercase hex digits".into()));
     }
@@ -171,6 +169,14 @@ async fn result_ref<S: ResultStore>(app: &App<S>, stored: &Stored) -> Result<Str
     });
     with_result_ref(&stored.json, stored.status.as_str(), &reference.to_string())
         .ok_or_else(|| ApiError::Internal(format!("stored meta of {} has no result to refer to", blob.key)))
+}
+
+/// A request body: a JSON object read as `T`, or 400 `invalid_body` saying
+/// it is not `what`.
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    crate::meta::json_object(body)
+        .and_then(|()| serde_json::from_slice(body))
+        .map_err(|e| ApiError::BadBody(format!("body is not {what}: {e}")))
 }
 
 /// How often a read goes back to the item when the object it pointed to
@@ -257,9 +263,7 @@ struct BatchRequest {
 /// `{"results": [...]}` in request order. With a wait, re-reads only the
 /// tasks not yet ready until all are or the wait is over.
 pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u8]) -> Result<Reply, ApiError> {
-    let request: BatchRequest = crate::meta::json_object(body)
-        .and_then(|()| serde_json::from_slice(body))
-        .map_err(|e| ApiError::BadBody(format!("body is not a batch-get request: {e}")))?;
+    let request: BatchRequest = parse_body(body, "a batch-get request")?;
     if request.task_ids.len() > app.config.max_batch_ids {
         return Err(ApiError::BatchTooLarge { count: request.task_ids.len(), limit: app.config.max_batch_ids });
     }
@@ -450,9 +454,7 @@ pub async fn save_group<S: ResultStore>(
     id: &GroupId,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
-    let request: GroupRequest = crate::meta::json_object(body)
-        .and_then(|()| serde_json::from_slice(body))
-        .map_err(|e| ApiError::BadBody(format!("body is not a saved group: {e}")))?;
+    let request: GroupRequest = parse_body(body, "a saved group")?;
     let expires_at = expires_at(&app.config, request.expires_in)?;
     let doc = format!(r#"{{"result":{}}}"#, request.result.get());
     app.store.put_group(ns, id, &doc, expires_at).await?;

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use super::dynamo::classify;
+use super::retry::classify;
 use crate::error::StoreError;
 use crate::ids::{Namespace, TaskId};
 

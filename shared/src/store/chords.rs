@@ -9,7 +9,8 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use super::dynamo::{classify, DynamoStore};
+use super::dynamo::DynamoStore;
+use super::retry::classify;
 use super::schema::{attr, SK_CHORD_STATE, SK_PART_PREFIX};
 use super::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
 use crate::error::StoreError;

@@ -13,7 +13,6 @@
 //! - S6, throttling retried then 503: the SDK's retry config
 //!   ([`sdk_config`]) and [`classify`].
 
-use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_dynamodb::Client;
@@ -25,6 +24,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use super::blobs::{expiry_class, gunzip, gzip, object_key, sha256_hex, BlobRef, Blobs, Presigned};
+pub use super::retry::classify;
 use super::retry::Backoff;
 use super::schema::{attr, SK_ITEM};
 use super::{group_key, task_key, PutOutcome, ResultStore, Stored, TaskRecord};
@@ -369,37 +369,6 @@ fn decode(item: &Item, now: i64) -> Option<Stored> {
         _ => return None,
     };
     Some(Stored { status, json: decode_doc(item)?, blob: blob_of(item) })
-}
-
-const THROTTLING_CODES: [&str; 6] = [
-    "SlowDown",
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "Throttling",
-    "TransactionInProgressException",
-];
-
-/// Maps an SDK error (after the SDK's own retries) to what the caller should
-/// hear: throttling and unreachability are retryable 503s, the rest 500.
-pub fn classify<E, R>(err: SdkError<E, R>, attempts: u32) -> StoreError
-where
-    E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    if err.code().is_some_and(|code| THROTTLING_CODES.contains(&code)) {
-        return StoreError::Throttled { attempts };
-    }
-    let detail = aws_sdk_dynamodb::error::DisplayErrorContext(&err).to_string();
-    match &err {
-        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
-            StoreError::Unavailable(detail)
-        }
-        _ if matches!(err.code(), Some("InternalServerError" | "ServiceUnavailable")) => {
-            StoreError::Unavailable(detail)
-        }
-        _ => StoreError::Other(detail),
-    }
 }
 
 impl ResultStore for DynamoStore {

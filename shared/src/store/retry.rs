@@ -1,12 +1,15 @@
 //! Exponential backoff with full jitter, for the retries the SDK does not do
 //! itself (unprocessed batch keys). The SDK's own retries (throttling,
 //! transient errors) use the same attempts and delays, set in
-//! [`super::dynamo::sdk_config`].
+//! [`super::dynamo::sdk_config`]. And what an SDK error means once they are
+//! spent ([`classify`]), for DynamoDB and S3 alike.
 
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use rand::Rng;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::error::StoreError;
 
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -26,6 +29,37 @@ impl Backoff {
         let ceiling = self.initial.saturating_mul(1 << retry.saturating_sub(1).min(20)).min(self.max);
         let ms = ceiling.as_millis() as u64;
         Duration::from_millis(rand::rng().random_range(0..=ms))
+    }
+}
+
+const THROTTLING_CODES: [&str; 6] = [
+    "SlowDown",
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "Throttling",
+    "TransactionInProgressException",
+];
+
+/// Maps an SDK error (after the SDK's own retries) to what the caller should
+/// hear: throttling and unreachability are retryable 503s, the rest 500.
+pub fn classify<E, R>(err: SdkError<E, R>, attempts: u32) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    if err.code().is_some_and(|code| THROTTLING_CODES.contains(&code)) {
+        return StoreError::Throttled { attempts };
+    }
+    let detail = aws_sdk_dynamodb::error::DisplayErrorContext(&err).to_string();
+    match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            StoreError::Unavailable(detail)
+        }
+        _ if matches!(err.code(), Some("InternalServerError" | "ServiceUnavailable")) => {
+            StoreError::Unavailable(detail)
+        }
+        _ => StoreError::Other(detail),
     }
 }
 
