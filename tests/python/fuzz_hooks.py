@@ -13,14 +13,33 @@ aside only when the same request, sent again once, gets the service's own
 answer (below 500, and a JSON `error.code` unless it is a 200): the input is
 then shown to be handled. Every other failure stands, and each set-aside one
 is printed.
+
+Python 3.11's `ast` keeps the depth of the tree it is converting in state
+shared by all threads of the interpreter, so two threads converting at once
+can fail with `SystemError: AST constructor recursion depth mismatch`
+(Python 3.12 keeps it per call). Hypothesis parses the source of filter
+predicates while schemathesis's workers generate cases, and a run with
+`--workers 2` hit it now and then. `ast.parse` is made to convert one tree
+at a time in this process.
 """
 
+import ast
 import sys
+import threading
 
 import requests
 import schemathesis
 
 _replayed: dict = {}
+
+if sys.version_info < (3, 12):
+    _ast_parse, _ast_lock = ast.parse, threading.Lock()
+
+    def _parse_one_at_a_time(*args, **kwargs):
+        with _ast_lock:
+            return _ast_parse(*args, **kwargs)
+
+    ast.parse = _parse_one_at_a_time
 
 
 def _not_utf8(body) -> bool:
