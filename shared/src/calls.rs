@@ -13,12 +13,32 @@ use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::{
     BeforeDeserializationInterceptorContextRef, BeforeTransmitInterceptorContextRef,
 };
+use aws_smithy_runtime_api::client::retries::RequestAttempts;
 use std::cell::Cell;
 use std::future::Future;
 
 tokio::task_local! {
     static CALLS: Cell<u32>;
+    static RETRIES: Cell<u32>;
     static S3_CALLS: Cell<u32>;
+}
+
+/// The requests one piece of work made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calls {
+    /// DynamoDB requests, retries included.
+    pub ddb: u32,
+    /// Of those, the retries: the SDK's own (throttling, transient errors)
+    /// and the store's (unprocessed batch keys).
+    pub ddb_retries: u32,
+    /// S3 requests (large results).
+    pub s3: u32,
+}
+
+/// Notes a DynamoDB request that repeats an earlier one (the store's own
+/// retry of unprocessed keys); the SDK's retries are noted by [`CountCalls`].
+pub fn note_retry() {
+    let _ = RETRIES.try_with(|r| r.set(r.get() + 1));
 }
 
 /// Runs `work`, returning its output and the DynamoDB requests it sent.
@@ -27,10 +47,14 @@ pub async fn counted<F: Future>(work: F) -> (F::Output, u32) {
     (out, ddb)
 }
 
-/// Runs `work`, returning its output, the DynamoDB requests it sent and the S3 requests.
-pub async fn counted_all<F: Future>(work: F) -> (F::Output, u32, u32) {
-    let ((out, ddb), s3) = counted_s3(counted_ddb(work)).await;
-    (out, ddb, s3)
+/// Runs `work`, returning its output and every request it made.
+pub async fn counted_all<F: Future>(work: F) -> (F::Output, Calls) {
+    let work = RETRIES.scope(Cell::new(0), async move {
+        let out = work.await;
+        (out, RETRIES.with(Cell::get))
+    });
+    let (((out, ddb_retries), ddb), s3) = counted_s3(counted_ddb(work)).await;
+    (out, Calls { ddb, ddb_retries, s3 })
 }
 
 async fn counted_ddb<F: Future>(work: F) -> (F::Output, u32) {
@@ -87,10 +111,14 @@ impl Intercept for CountCalls {
         &self,
         _context: &BeforeTransmitInterceptorContextRef<'_>,
         _runtime_components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
+        cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
         // Outside `counted` (start-up, table creation) there is nothing to count.
         let _ = CALLS.try_with(|calls| calls.set(calls.get() + 1));
+        let attempt = cfg.load::<RequestAttempts>().map_or(1, RequestAttempts::attempts);
+        if attempt > 1 {
+            note_retry();
+        }
         Ok(())
     }
 }

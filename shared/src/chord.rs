@@ -56,6 +56,8 @@ pub struct Part {
     pub group_id: GroupId,
     pub chord: ChordRegistration,
     pub part: ChordPart,
+    /// When the part's result was stored (epoch milliseconds), if its item says.
+    pub stored_at: Option<i64>,
 }
 
 /// The image's attributes as DynamoDB JSON: `{"name": {"S": "..."}}`.
@@ -92,6 +94,7 @@ pub fn part_of(record: &EventRecord) -> Option<Part> {
         group_id,
         chord: ChordRegistration { size, callback, callback_id },
         part: ChordPart { index, task_id, expires_at },
+        stored_at: attr_str(&image, attr::STORED_AT, "N").and_then(|n| n.parse().ok()),
     })
 }
 
@@ -236,7 +239,11 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         let first = &parts[0];
         let (ns, gid) = (&first.ns, &first.group_id);
         let counted: Vec<ChordPart> = parts.iter().map(|p| p.part.clone()).collect();
-        self.store.count_parts(ns, gid, &first.chord, &counted).await?;
+        let new = self.store.count_parts(ns, gid, &first.chord, &counted).await?;
+        if new > 0 {
+            metrics::emit(&[], &[metrics::Point::count(metrics::CHORD_PARTS_COUNTED, new.into())]);
+        }
+        let newest_stored = parts.iter().filter_map(|p| p.stored_at).max();
         let state = self.store.chord_state(ns, gid).await?.ok_or_else(|| JoinError::Missing(gid.to_string()))?;
         let key = chord_key(ns, gid);
         if state.is_final() {
@@ -255,7 +262,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             // from there under the same claim, sending nothing twice (invariant C3).
             let mut state = state;
             state.body_sent = state.body_sent.max(sent);
-            return self.join(&Claim { ns, gid, token: &token, last, state: &state }).await;
+            return self.join(&Claim { ns, gid, token: &token, last, state: &state, newest_stored }).await;
         }
         if state.done < state.size {
             return Ok(());
@@ -267,7 +274,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 _ => Err(JoinError::Busy(gid.to_string())),
             };
         }
-        let claim = Claim { ns, gid, token: &token, last, state: &state };
+        let claim = Claim { ns, gid, token: &token, last, state: &state, newest_stored };
         let joined = match &state.error {
             // An earlier join began failing the chord: finish that.
             Some(message) => self.fail_claimed(&claim, message.clone(), OnTransient::Retry).await,
@@ -368,6 +375,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         }
         self.mark_dispatched(ns, gid, claim.token, total).await?;
         metrics::count(metrics::CHORD_DISPATCHED);
+        if let Some(stored) = claim.newest_stored {
+            let latency = (crate::time::now_millis() - stored).max(0) as f64;
+            metrics::emit(&[], &[metrics::Point::millis(metrics::CHORD_JOIN_LATENCY, latency)]);
+        }
         tracing::info!(chord = %gid, parts = ids.len(), messages = total, callback = %sig.task_id, "chord dispatched");
         Ok(())
     }
@@ -704,6 +715,9 @@ struct Claim<'a> {
     last: &'a TaskId,
     /// The state item as read before the claim.
     state: &'a ChordState,
+    /// When the newest part of this delivery was stored (epoch ms): the
+    /// join's latency is measured from it.
+    newest_stored: Option<i64>,
 }
 
 impl<'a> Claim<'a> {
@@ -859,6 +873,7 @@ mod tests {
             group_id: gid(),
             chord: ChordRegistration { size, callback: callback.into(), callback_id: "cb".into() },
             part: ChordPart { index: i, task_id, expires_at: now_epoch() + 3600 },
+            stored_at: Some(crate::time::now_millis()),
         }
     }
 

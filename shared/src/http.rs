@@ -20,6 +20,8 @@ use crate::tenants::Caller;
 pub const DDB_CALLS_HEADER: &str = "x-dynachord-ddb-calls";
 /// The S3 requests a response cost (large results).
 pub const S3_CALLS_HEADER: &str = "x-dynachord-s3-calls";
+/// The request's id, as its log lines and metrics carry it.
+pub const REQUEST_ID_HEADER: &str = "x-dynachord-request-id";
 
 /// The v1 routes.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,21 @@ pub enum Route {
 }
 
 impl Route {
+    /// The route's name: the `Route` dimension of its metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::PutTask(_) => "PutTask",
+            Route::UploadTask(_) => "UploadTask",
+            Route::GetTask(..) => "GetTask",
+            Route::DeleteTask(_) => "DeleteTask",
+            Route::BatchGet => "BatchGet",
+            Route::PutGroup(_) => "PutGroup",
+            Route::GetGroup(_) => "GetGroup",
+            Route::DeleteGroup(_) => "DeleteGroup",
+            Route::GetChord(_) => "GetChord",
+        }
+    }
+
     /// The answer of a function that does not serve this route.
     pub fn not_here(self) -> ApiError {
         let (method, path) = match self {
@@ -176,16 +193,60 @@ where
     Fut: Future<Output = Result<Reply, ApiError>> + 'a,
 {
     let request_id = request_id(&request);
-    let (outcome, calls, s3_calls) = crate::calls::counted_all(async move {
+    let started = std::time::Instant::now();
+    let ((outcome, route), calls) = crate::calls::counted_all(async move {
         match parse(app, request) {
-            Ok(incoming) => serve(incoming).await,
-            Err(e) => Err(e),
+            Ok(incoming) => {
+                let route = incoming.route.name();
+                (serve(incoming).await, route)
+            }
+            Err(e) => (Err(e), "Unrouted"),
         }
     })
     .await;
-    let mut response = respond(outcome, calls, &request_id);
-    response.headers_mut().insert(S3_CALLS_HEADER, s3_calls.into());
+    record(route, &outcome, calls, started.elapsed(), &request_id);
+    let mut response = respond(outcome, calls.ddb, &request_id);
+    response.headers_mut().insert(S3_CALLS_HEADER, calls.s3.into());
+    if let Ok(id) = request_id.parse() {
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
     Ok(response)
+}
+
+/// The request's metrics, one EMF line under its route: one request, its
+/// latency, its DynamoDB and S3 requests, its outcome, and what the route
+/// adds (hits, long-poll waits, batch sizes).
+fn record(
+    route: &'static str,
+    outcome: &Result<Reply, ApiError>,
+    calls: crate::calls::Calls,
+    took: Duration,
+    request_id: &str,
+) {
+    use crate::metrics::{self, Point};
+    let outcome_metric = match outcome {
+        Ok(_) => metrics::OK,
+        Err(err) => match err.status_and_code() {
+            (409, _) => metrics::REFUSED,
+            (_, "throttled") => metrics::THROTTLED,
+            (status, _) if status < 500 => metrics::REJECTED,
+            _ => metrics::FAILED,
+        },
+    };
+    let mut points = vec![
+        Point::count(metrics::REQUESTS, 1.0),
+        Point::millis(metrics::LATENCY, took.as_secs_f64() * 1000.0),
+        Point::count(metrics::DDB_CALLS, calls.ddb.into()),
+        Point::count(metrics::DDB_RETRIES, calls.ddb_retries.into()),
+        Point::count(outcome_metric, 1.0),
+    ];
+    if calls.s3 > 0 {
+        points.push(Point::count(metrics::S3_CALLS, calls.s3.into()));
+    }
+    if let Ok(reply) = outcome {
+        points.extend(reply.metrics.iter().copied());
+    }
+    metrics::emit_with(&[("Route", route)], &points, &[("request_id", request_id)]);
 }
 
 /// The request's id: API Gateway's (which its access log records), else
@@ -230,6 +291,31 @@ mod tests {
     use crate::config::Config;
 
     const MAX: Duration = Duration::from_secs(20);
+
+    #[test]
+    fn each_request_is_counted_under_its_route_with_its_outcome() {
+        use crate::metrics::{self, total_with, Point};
+        let calls = crate::calls::Calls { ddb: 3, ddb_retries: 2, s3: 0 };
+        let conflict = ApiError::Conflict { task_id: "t".into(), stored: "SUCCESS".into(), refused: "STARTED".into() };
+        let outcomes = [
+            Ok(Reply::ok("{}".into()).with(Point::count(metrics::HITS, 1.0))),
+            Err(conflict),
+            Err(ApiError::Throttled { retry_after_secs: 1 }),
+            Err(ApiError::BadBody("x".into())),
+            Err(ApiError::Unavailable { retry_after_secs: 1 }),
+        ];
+        for outcome in &outcomes {
+            record("TestRoute", outcome, calls, Duration::from_millis(5), "r-1");
+        }
+        let total = |name| total_with(name, &[("Route", "TestRoute")]);
+        assert_eq!(total(metrics::REQUESTS), 5.0);
+        for outcome in [metrics::OK, metrics::REFUSED, metrics::THROTTLED, metrics::REJECTED, metrics::FAILED] {
+            assert_eq!(total(outcome), 1.0, "{outcome}");
+        }
+        assert_eq!((total(metrics::DDB_CALLS), total(metrics::DDB_RETRIES)), (15.0, 10.0));
+        assert_eq!((total(metrics::HITS), total(metrics::S3_CALLS)), (1.0, 0.0), "what the route adds; S3 only when used");
+        assert_eq!(total(metrics::LATENCY), 25.0);
+    }
 
     #[test]
     fn routes_and_ids() {

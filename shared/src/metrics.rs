@@ -1,7 +1,11 @@
 //! Metrics as CloudWatch Embedded Metric Format: one JSON line on stdout per
-//! data point, which CloudWatch Logs turns into a metric with no extra
+//! data point, which CloudWatch Logs turns into metrics with no extra
 //! network call. The process also keeps a running total of each, which
 //! tests read.
+//!
+//! Dimensions are kept few, so the number of metrics (and their cost) stays
+//! fixed whatever the traffic: per route (`Route`, 9 values) for requests,
+//! none for chords. Never a task or chord id.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -24,31 +28,169 @@ pub const CHORD_JOIN_RETRIED: &str = "ChordJoinRetried";
 pub const CHORD_FAILED: &str = "ChordFailed";
 /// A chord's callback was sent.
 pub const CHORD_DISPATCHED: &str = "ChordDispatched";
+/// Chord parts counted for the first time (each part once).
+pub const CHORD_PARTS_COUNTED: &str = "ChordPartsCounted";
+/// Milliseconds from the newest part's store to its chord's callback sent.
+pub const CHORD_JOIN_LATENCY: &str = "ChordJoinLatency";
 
-static TOTALS: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
+/// Per request, dimension `Route`.
+pub const REQUESTS: &str = "Requests";
+/// Milliseconds the function spent on the request.
+pub const LATENCY: &str = "Latency";
+/// DynamoDB requests the request made (retries included), and the retries alone.
+pub const DDB_CALLS: &str = "DynamoDBCalls";
+pub const DDB_RETRIES: &str = "DynamoDBRetries";
+/// S3 requests (large results).
+pub const S3_CALLS: &str = "S3Calls";
+/// Outcomes: answered 2xx; refused (409, a state that stands); throttled
+/// (503 after the retries); rejected (any other 4xx, bad input); failed
+/// (any other 5xx).
+pub const OK: &str = "Ok";
+pub const REFUSED: &str = "Refused";
+pub const THROTTLED: &str = "Throttled";
+pub const REJECTED: &str = "Rejected";
+pub const FAILED: &str = "Failed";
+/// GET of a task: its result was ready (a hit), or not (pending).
+pub const HITS: &str = "Hits";
+pub const PENDING: &str = "Pending";
+/// Milliseconds a long-poll waited (only for requests with `wait`).
+pub const LONG_POLL_WAIT: &str = "LongPollWait";
+/// Ids in a batch-get, and the results it answered as references.
+pub const BATCH_SIZE: &str = "BatchSize";
+pub const BATCH_REFERENCES: &str = "BatchReferences";
 
-/// Counts one occurrence of `name`: an EMF line, and the process's total.
-pub fn count(name: &'static str) {
-    *TOTALS.lock().unwrap_or_else(|e| e.into_inner()).entry(name).or_default() += 1;
+/// A metric's unit, as CloudWatch names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Count,
+    Milliseconds,
+}
+
+impl Unit {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Count => "Count",
+            Self::Milliseconds => "Milliseconds",
+        }
+    }
+}
+
+/// One data point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub name: &'static str,
+    pub value: f64,
+    pub unit: Unit,
+}
+
+impl Point {
+    pub fn count(name: &'static str, value: f64) -> Self {
+        Self { name, value, unit: Unit::Count }
+    }
+
+    pub fn millis(name: &'static str, value: f64) -> Self {
+        Self { name, value, unit: Unit::Milliseconds }
+    }
+}
+
+/// Totals by metric name and dimension values, for tests.
+static TOTALS: Mutex<BTreeMap<(String, String), f64>> = Mutex::new(BTreeMap::new());
+
+/// The EMF line for `points` under `dimensions` (name, value).
+pub fn line(dimensions: &[(&str, &str)], points: &[Point]) -> serde_json::Value {
+    line_with(dimensions, points, &[])
+}
+
+/// As [`line`], with `properties`: fields of the log line that are not
+/// metrics (a request id, to find the request's other log lines).
+pub fn line_with(dimensions: &[(&str, &str)], points: &[Point], properties: &[(&str, &str)]) -> serde_json::Value {
     let timestamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default();
-    let line = serde_json::json!({
+    let names: Vec<&str> = dimensions.iter().map(|(name, _)| *name).collect();
+    let metrics: Vec<serde_json::Value> =
+        points.iter().map(|p| serde_json::json!({"Name": p.name, "Unit": p.unit.as_str()})).collect();
+    let mut line = serde_json::json!({
         "_aws": {
             "Timestamp": timestamp,
-            "CloudWatchMetrics": [{
-                "Namespace": NAMESPACE,
-                "Dimensions": [[]],
-                "Metrics": [{"Name": name, "Unit": "Count"}],
-            }],
+            "CloudWatchMetrics": [{"Namespace": NAMESPACE, "Dimensions": [names], "Metrics": metrics}],
         },
-        name: 1,
     });
-    println!("{line}");
+    for (name, value) in dimensions {
+        line[*name] = (*value).into();
+    }
+    for point in points {
+        line[point.name] = point.value.into();
+    }
+    for (name, value) in properties {
+        line[*name] = (*value).into();
+    }
+    line
 }
 
-/// How often `name` was counted in this process.
+/// Writes `points` under `dimensions` as one EMF line, and adds them to the
+/// process's totals.
+pub fn emit(dimensions: &[(&str, &str)], points: &[Point]) {
+    emit_with(dimensions, points, &[]);
+}
+
+/// As [`emit`], with `properties` on the line (see [`line_with`]).
+pub fn emit_with(dimensions: &[(&str, &str)], points: &[Point], properties: &[(&str, &str)]) {
+    if points.is_empty() {
+        return;
+    }
+    let key: Vec<String> = dimensions.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    let mut totals = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
+    for point in points {
+        *totals.entry((point.name.to_owned(), key.join(","))).or_default() += point.value;
+    }
+    drop(totals);
+    println!("{}", line_with(dimensions, points, properties));
+}
+
+/// Counts one occurrence of `name`, with no dimension.
+pub fn count(name: &'static str) {
+    emit(&[], &[Point::count(name, 1.0)]);
+}
+
+/// How much of `name` was emitted with no dimension in this process.
 pub fn total(name: &str) -> u64 {
-    TOTALS.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(0)
+    total_with(name, &[]) as u64
+}
+
+/// How much of `name` was emitted under `dimensions` in this process.
+pub fn total_with(name: &str, dimensions: &[(&str, &str)]) -> f64 {
+    let key: Vec<String> = dimensions.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    TOTALS.lock().unwrap_or_else(|e| e.into_inner()).get(&(name.to_owned(), key.join(","))).copied().unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_is_embedded_metric_format() {
+        let line = line(&[("Route", "GetTask")], &[Point::count(HITS, 1.0), Point::millis(LATENCY, 12.5)]);
+        let aws = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(aws["Namespace"], NAMESPACE);
+        assert_eq!(aws["Dimensions"], serde_json::json!([["Route"]]));
+        assert_eq!(
+            aws["Metrics"],
+            serde_json::json!([{"Name": "Hits", "Unit": "Count"}, {"Name": "Latency", "Unit": "Milliseconds"}])
+        );
+        assert_eq!(
+            (line["Route"].as_str(), line["Hits"].as_f64(), line["Latency"].as_f64()),
+            (Some("GetTask"), Some(1.0), Some(12.5))
+        );
+        assert!(line["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn totals_are_kept_per_dimension() {
+        emit(&[("Route", "Test")], &[Point::count("TestMetric", 2.0)]);
+        emit(&[], &[Point::count("TestMetric", 1.0)]);
+        assert!(total_with("TestMetric", &[("Route", "Test")]) >= 2.0);
+        assert!(total("TestMetric") >= 1);
+    }
 }

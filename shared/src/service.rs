@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::{join_result, pending_json, with_result_ref, TaskMeta};
+use crate::metrics::{self, Point};
 use crate::store::{PartOf, PutOutcome, ResultStore, Stored, TaskRecord};
 use crate::time::now_epoch;
 
@@ -20,20 +21,28 @@ pub struct App<S> {
     pub store: S,
 }
 
-/// A successful answer: status and JSON body (empty for 204).
+/// A successful answer: status and JSON body (empty for 204), and the
+/// metrics the route adds to the request's (see [`crate::metrics`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub status: u16,
     pub body: String,
+    pub metrics: Vec<Point>,
 }
 
 impl Reply {
     pub fn ok(body: String) -> Self {
-        Self { status: 200, body }
+        Self { status: 200, body, metrics: Vec::new() }
     }
 
     pub fn no_content() -> Self {
-        Self { status: 204, body: String::new() }
+        Self { status: 204, body: String::new(), metrics: Vec::new() }
+    }
+
+    /// The reply with one more metric.
+    pub fn with(mut self, point: Point) -> Self {
+        self.metrics.push(point);
+        self
     }
 }
 
@@ -221,13 +230,19 @@ pub async fn fetch_task<S: ResultStore>(
     id: &TaskId,
     wait: Duration,
 ) -> Result<Reply, ApiError> {
-    let deadline = Instant::now() + wait;
+    let started = Instant::now();
+    let deadline = started + wait;
     let mut pause = POLL_FIRST;
     loop {
         let stored = app.store.get_task(ns, id).await?;
         let ready = stored.as_ref().is_some_and(|s| s.status.is_ready());
         if ready || Instant::now() + pause > deadline {
-            return answer_task(app, ns, id, stored).await;
+            let reply = answer_task(app, ns, id, stored).await?;
+            let reply = reply.with(Point::count(if ready { metrics::HITS } else { metrics::PENDING }, 1.0));
+            if wait.is_zero() {
+                return Ok(reply);
+            }
+            return Ok(reply.with(Point::millis(metrics::LONG_POLL_WAIT, started.elapsed().as_secs_f64() * 1000.0)));
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(POLL_MAX);
@@ -292,7 +307,10 @@ pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u
         }
     }
     let pieces = batch_pieces(app, &ids, results).await?;
-    Ok(Reply::ok(batch_body(&ids, pieces, app.config.batch_response_bytes)))
+    let (body, references) = batch_body(&ids, pieces, app.config.batch_response_bytes);
+    Ok(Reply::ok(body)
+        .with(Point::count(metrics::BATCH_SIZE, ids.len() as f64))
+        .with(Point::count(metrics::BATCH_REFERENCES, references as f64)))
 }
 
 /// One result of a batch-get: its meta as answered, or `None` when it can
@@ -357,7 +375,8 @@ async fn batch_pieces<S: ResultStore>(
 /// the rest of the ids still fit as references; a result past that, or one
 /// in S3 not read here, comes back as a reference,
 /// `{"task_id", "status", "ref": {"bytes"}}`, to read with `GET /v1/tasks/{task_id}`.
-fn batch_body(ids: &[TaskId], pieces: Vec<Piece>, budget: usize) -> String {
+/// Returns the body and how many results it answers as references.
+fn batch_body(ids: &[TaskId], pieces: Vec<Piece>, budget: usize) -> (String, usize) {
     let costs: Vec<Option<usize>> = pieces.iter().map(|(piece, _, _)| piece.as_deref().map(escaped_len)).collect();
     let wanted: u64 = pieces.iter().map(|(_, _, size)| size + 1).sum();
     let mut body = String::with_capacity(wanted.min(budget as u64) as usize + 16);
@@ -373,7 +392,7 @@ fn batch_body(ids: &[TaskId], pieces: Vec<Piece>, budget: usize) -> String {
             body.push_str(piece.as_deref().expect("every piece is whole"));
         }
         body.push_str("]}");
-        return body;
+        return (body, 0);
     }
     let references: Vec<String> = ids
         .iter()
@@ -387,6 +406,7 @@ fn batch_body(ids: &[TaskId], pieces: Vec<Piece>, budget: usize) -> String {
     for i in (0..ids.len()).rev() {
         after[i] = after[i + 1] + escaped_len(&references[i]) + 1;
     }
+    let mut referred = 0;
     for (i, (piece, _, _)) in pieces.iter().enumerate() {
         if i > 0 {
             body.push(',');
@@ -400,11 +420,12 @@ fn batch_body(ids: &[TaskId], pieces: Vec<Piece>, budget: usize) -> String {
             _ => {
                 body.push_str(&references[i]);
                 used += escaped_len(&references[i]);
+                referred += 1;
             }
         }
     }
     body.push_str("]}");
-    body
+    (body, referred)
 }
 
 /// The length of `text` once escaped as a JSON string (as the proxy

@@ -8,6 +8,11 @@ pub fn now_epoch() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// Now, as Celery writes `date_done`: `2026-11-22T23:15:35.403592+00:00`.
 pub fn now_celery() -> String {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();

@@ -54,11 +54,27 @@ def lower_keys(headers):
 
 
 class Stack:
-    def __init__(self, base, control, sqs, pid):
+    def __init__(self, base, control, sqs, pid, state):
         self.base = base
         self.control = control
         self.sqs = sqs
         self.pid = pid
+        self.state = state
+
+    def metric_lines(self):
+        """The functions' EMF lines (CloudWatch metrics) so far."""
+        log = (self.state / "watch.log").read_text(errors="replace")
+        return [json.loads(line) for line in log.splitlines() if line.startswith("{") and '"_aws"' in line]
+
+    def metrics_of(self, request_id, deadline=30):
+        """The EMF line of one request, once the function has written it."""
+        until = time.monotonic() + deadline
+        while time.monotonic() < until:
+            for line in self.metric_lines():
+                if line.get("request_id") == request_id:
+                    return line
+            time.sleep(0.2)
+        raise AssertionError(f"no metrics line for request {request_id}")
 
     def call(self, method, path, body=None, timeout=60):
         data = None if body is None else json.dumps(body).encode()
@@ -144,7 +160,8 @@ def stack(request):
                 )
                 pytest.fail(f"the fault stack did not come up (exit {proc.poll()}):\n{logs}")
             time.sleep(0.5)
-        yield Stack(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{control}", f"http://127.0.0.1:{sqs}", proc.pid)
+        urls = [f"http://127.0.0.1:{p}" for p in (port, control, sqs)]
+        yield Stack(*urls, proc.pid, work / "state")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -542,3 +559,62 @@ def test_a_store_that_dies_between_its_s3_put_and_its_item_write_leaves_nothing_
     # The store sent again is stored and served, exactly.
     assert stack.call("PUT", f"/v1/tasks/{task_id}", success(big))[0] == 200
     assert Client(stack.base).get_task(task_id)["result"] == big
+
+
+def test_each_request_writes_its_metrics_and_a_chord_its_join_latency(stack):
+    """Every request writes one EMF line under its route, with its outcome
+    and its DynamoDB requests and retries (here made to retry by the proxy);
+    a dispatched chord writes its join latency from its newest part's store."""
+    prefix = f"metrics-{uuid.uuid4().hex[:10]}"
+    stored = f"{prefix}-stored"
+    stack.rule(stored, match=stored, error="ThrottlingException", limit=2)
+    status, headers, text = stack.call("PUT", f"/v1/tasks/{stored}", success(1))
+    assert status == 200, text
+    line = stack.metrics_of(headers["x-dynachord-request-id"])
+    assert line["_aws"]["CloudWatchMetrics"][0]["Dimensions"] == [["Route"]]
+    assert line["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "dynachord"
+    assert (line["Route"], line["Requests"], line["Ok"]) == ("PutTask", 1, 1)
+    assert (line["DynamoDBCalls"], line["DynamoDBRetries"]) == (3, 2), "two throttled attempts, then the write"
+    assert line["Latency"] > 0
+    stack.clear(stored)
+    outcomes = [
+        (("PUT", f"/v1/tasks/{stored}", {"status": "STARTED"}), "Refused"),
+        (("PUT", f"/v1/tasks/{stored}", {"status": "NOT A STATE"}), "Rejected"),
+    ]
+    for (method, path, body), outcome in outcomes:
+        _, headers, _ = stack.call(method, path, body)
+        assert stack.metrics_of(headers["x-dynachord-request-id"])[outcome] == 1, outcome
+    throttled = f"{prefix}-throttled"
+    stack.rule(throttled, match=throttled, error="ThrottlingException")
+    status, headers, _ = stack.call("PUT", f"/v1/tasks/{throttled}", success(1))
+    assert status == 503
+    assert stack.metrics_of(headers["x-dynachord-request-id"])["Throttled"] == 1
+    stack.clear(throttled)
+    _, headers, _ = stack.call("GET", f"/v1/tasks/{prefix}-never?wait=0.3")
+    line = stack.metrics_of(headers["x-dynachord-request-id"])
+    # The long-poll ends at most one pause (250 ms) before its wait is up.
+    assert (line["Route"], line["Pending"], 0 < line["LongPollWait"] < 2000) == ("GetTask", 1, True)
+    _, headers, _ = stack.call("POST", "/v1/tasks/batch-get", {"task_ids": [stored, stored, "x"]})
+    assert stack.metrics_of(headers["x-dynachord-request-id"])["BatchSize"] == 3
+
+    # A chord of three: its join latency, once dispatched.
+    before = sum(1 for line in stack.metric_lines() if "ChordJoinLatency" in line)
+    callback = {"task": "t.cb", "args": [], "kwargs": {}, "options": {"task_id": f"{prefix}-cb", "queue": prefix}}
+    import boto3
+
+    boto3.client(
+        "sqs", endpoint_url=stack.sqs, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    ).create_queue(QueueName=prefix)
+    started = time.time()
+    for i in range(3):
+        part = {"status": "SUCCESS", "result": i, "group_id": f"{prefix}-g", "group_index": i}
+        part["chord"] = {"size": 3, "callback": callback}
+        assert stack.call("PUT", f"/v1/tasks/{prefix}-p{i}", part)[0] == 200
+    deadline = time.monotonic() + 60
+    while True:
+        latencies = [line["ChordJoinLatency"] for line in stack.metric_lines() if "ChordJoinLatency" in line]
+        if len(latencies) > before:
+            break
+        assert time.monotonic() < deadline, "no join latency written"
+        time.sleep(0.2)
+    assert 0 <= latencies[-1] <= (time.time() - started) * 1000

@@ -104,3 +104,42 @@ def test_the_buckets_lifecycle_rules_match_the_lifetime_classes_objects_are_tagg
         st["Effect"] == "Deny" and st["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
         for st in policy["Statement"]
     )
+
+
+def test_the_dashboard_and_alarms_use_only_metrics_the_functions_write():
+    """Every dynachord metric the template charts or alarms on is one that
+    shared/src/metrics.rs defines (a renamed metric would leave a silent
+    alarm), and the dashboard's body is JSON."""
+    import json
+    import re
+
+    source = (ROOT / "shared" / "src" / "metrics.rs").read_text()
+    defined = set(re.findall(r'pub const [A-Z_0-9]+: &str = "([A-Za-z0-9]+)";', source)) - {"dynachord"}
+    resources = load_template()["Resources"]
+    used = set()
+    for resource in resources.values():
+        if resource["Type"] != "AWS::CloudWatch::Alarm":
+            continue
+        props = resource["Properties"]
+        if props.get("Namespace") == "dynachord":
+            used.add(props["MetricName"])
+        for metric in props.get("Metrics", []):
+            stat = metric.get("MetricStat", {}).get("Metric", {})
+            if stat.get("Namespace") == "dynachord":
+                used.add(stat["MetricName"])
+    body = resources["Dashboard"]["Properties"]["DashboardBody"]["Sub"][0]
+    widgets = json.loads(body.replace("${AWS::Region}", "us-east-1").replace("${ChordJoin}", "f"))["widgets"]
+    for widget in widgets:
+        current = None
+        for row in widget["properties"]["metrics"]:
+            # A row is [namespace, name, dimension, value...]; "." repeats the row above's.
+            names = [x for x in row if isinstance(x, str)]
+            if names and names[0] in ("dynachord", "."):
+                current = names[1] if names[1] != "." else current
+                used.add(current)
+            for item in row:
+                if isinstance(item, dict) and "expression" in item:
+                    used.update(re.findall(r'MetricName=\\?"([A-Za-z0-9]+)', item["expression"]))
+    assert used, "the template charts dynachord's metrics"
+    assert used <= defined, f"not written by the functions: {sorted(used - defined)}"
+    assert {"ChordJoinLatency", "ChordPartsCounted", "Throttled", "Hits", "LongPollWait", "BatchSize"} <= used

@@ -268,6 +268,7 @@ impl DynamoStore {
                 if attempt > self.backoff.max_attempts {
                     return Err(StoreError::Throttled { attempts: attempt - 1 });
                 }
+                crate::calls::note_retry();
                 tokio::time::sleep(self.backoff.delay(attempt - 1)).await;
             }
             let request = KeysAndAttributes::builder()
@@ -379,6 +380,7 @@ impl ResultStore for DynamoStore {
         item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
         item.insert(doc_attr.into(), doc);
         item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
+        item.insert(attr::STORED_AT.into(), AttributeValue::N(crate::time::now_millis().to_string()));
         if let Some(blob) = &blob {
             item.insert(attr::BLOB_KEY.into(), AttributeValue::S(blob.key.clone()));
             item.insert(attr::BLOB_BYTES.into(), AttributeValue::N(blob.bytes.to_string()));

@@ -21,6 +21,9 @@ pub mod attr {
     pub const DOC: &str = "doc";
     /// The same, deflate-compressed, when large.
     pub const DOC_Z: &str = "doc_z";
+    /// When a result was stored (epoch milliseconds): chord-join measures
+    /// a join's latency from its newest part's.
+    pub const STORED_AT: &str = "stored_at";
     /// On a result kept in S3: its object's key, and the result's size.
     pub const BLOB_KEY: &str = "blob_key";
     pub const BLOB_BYTES: &str = "blob_bytes";
