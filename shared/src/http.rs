@@ -313,7 +313,11 @@ mod tests {
             assert_eq!(total(outcome), 1.0, "{outcome}");
         }
         assert_eq!((total(metrics::DDB_CALLS), total(metrics::DDB_RETRIES)), (15.0, 10.0));
-        assert_eq!((total(metrics::HITS), total(metrics::S3_CALLS)), (1.0, 0.0), "what the route adds; S3 only when used");
+        assert_eq!(
+            (total(metrics::HITS), total(metrics::S3_CALLS)),
+            (1.0, 0.0),
+            "what the route adds; S3 only when used"
+        );
         assert_eq!(total(metrics::LATENCY), 25.0);
     }
 
