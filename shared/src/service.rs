@@ -105,8 +105,8 @@ pub async fn store_task<S: ResultStore>(
 #[serde(deny_unknown_fields)]
 struct UploadRequest {
     sha256: String,
-    #[serde(default)]
-    bytes: Option<u64>,
+    /// The object's size: the presigned PUT accepts exactly this many bytes.
+    bytes: u64,
     #[serde(default)]
     expires_in: Option<u64>,
 }
@@ -126,11 +126,11 @@ pub async fn upload_task<S: ResultStore>(
         return Err(ApiError::BadBody("sha256 must be 64 lowercase hex digits".into()));
     }
     let limit = app.config.results.max_result_bytes;
-    if request.bytes.is_some_and(|bytes| bytes > limit) {
+    if request.bytes > limit {
         return Err(ApiError::UploadTooLarge { limit });
     }
     let lifetime = expires_at(&app.config, request.expires_in)? - now_epoch();
-    let presigned = app.store.upload_url(ns, id, &request.sha256, lifetime).await?;
+    let presigned = app.store.upload_url(ns, id, &request.sha256, request.bytes, lifetime).await?;
     let headers: serde_json::Map<String, serde_json::Value> =
         presigned.headers.into_iter().map(|(name, value)| (name, value.into())).collect();
     Ok(Reply::ok(
@@ -665,7 +665,8 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
         assert_eq!((v["method"].as_str(), v["expires_in"].as_u64()), (Some("PUT"), Some(900)));
         assert!(v["url"].as_str().unwrap().ends_with(&format!("default/task/up/{sha}")));
-        for bad in [r#"{"sha256":"abc"}"#, r#"{}"#, r#"{"sha256":"x","extra":1}"#] {
+        let no_size = format!(r#"{{"sha256":"{sha}"}}"#);
+        for bad in [r#"{"sha256":"abc","bytes":1}"#, r#"{}"#, r#"{"sha256":"x","extra":1}"#, &no_size] {
             assert!(upload_task(&app, &ns, &tid("up"), bad.as_bytes()).await.is_err(), "{bad}");
         }
         let too_big = format!(r#"{{"sha256":"{sha}","bytes":{}}}"#, (512u64 << 20) + 1);

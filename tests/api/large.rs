@@ -115,6 +115,37 @@ async fn an_upload_is_committed_by_the_store_and_served_by_reference() {
 }
 
 #[tokio::test]
+async fn a_stored_object_cannot_be_replaced_and_an_altered_one_is_never_served() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    let id = api.id("altered");
+    // 150 KB: small enough for the local stack to read it into its answer.
+    let text = json!(random_hex(150_000)).to_string();
+    let object = gzip(text.as_bytes());
+    let sha = sha256_hex(&object);
+    let body = json!({"sha256": sha, "bytes": object.len()}).to_string();
+    let grant = api.call(Method::POST, &format!("/v1/tasks/{id}/upload"), Some(body)).await.expect(200);
+    let put = |bytes: Vec<u8>| {
+        let mut put = reqwest::Client::new().put(grant.json["url"].as_str().unwrap()).body(bytes);
+        for (name, value) in grant.json["headers"].as_object().unwrap() {
+            put = put.header(name.as_str(), value.as_str().unwrap());
+        }
+        put.send()
+    };
+    assert!(put(object.clone()).await.unwrap().status().is_success());
+    api.put_task_raw(&id, &committed(&sha)).await.expect(200);
+    assert_eq!(api.get_task(&id).await.expect(200).json["result"].to_string(), text);
+    // The URL is still valid, but it never writes over an object.
+    let mut other = gzip(json!(random_hex(150_000)).to_string().as_bytes());
+    other.resize(object.len(), b' ');
+    assert_eq!(put(other).await.unwrap().status(), 412);
+    assert_eq!(api.get_task(&id).await.expect(200).json["result"].to_string(), text);
+    // Altered behind the service's back: refused, never served.
+    bucket.put(&format!("default/task/{id}/{sha}"), gzip(b"\"tampered\"")).await;
+    let refused = api.get_task(&id).await.expect_error(500, "internal");
+    assert!(!refused.text.contains("tampered"), "{}", refused.text);
+}
+
+#[tokio::test]
 async fn an_upload_missing_altered_or_not_json_is_refused_and_nothing_is_stored() {
     let api = Api::new();
     let id = api.id("bad-upload");

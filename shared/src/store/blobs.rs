@@ -183,18 +183,47 @@ impl Blobs {
         &self.bucket
     }
 
-    pub async fn put(&self, key: &str, body: Vec<u8>, class: &str) -> Result<(), StoreError> {
-        self.client
+    /// Writes the object unless it exists: `false` when it did (objects are
+    /// named by their content, so it holds these bytes, and its tags, which
+    /// its item set, are kept).
+    pub async fn put(&self, key: &str, body: Vec<u8>, class: &str) -> Result<bool, StoreError> {
+        let sent = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_type("application/gzip")
             .tagging(format!("{EXPIRY_TAG}={class}"))
+            .if_none_match("*")
             .body(ByteStream::from(body))
             .send()
-            .await
-            .map_err(|e| classify(e, 1))?;
-        Ok(())
+            .await;
+        match sent {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("PreconditionFailed") => Ok(false),
+            Err(e) => Err(classify(e, 1)),
+        }
+    }
+
+    /// The text of the object `blob` points to, checked: its bytes hash to
+    /// the name they are stored under (an object replaced through a
+    /// presigned URL still valid is refused, never served), and it
+    /// decompresses to the size its item recorded, no more. `None` when
+    /// there is no such object.
+    pub async fn read(&self, blob: &BlobRef) -> Result<Option<String>, StoreError> {
+        let Some(bytes) = self.get(&blob.key).await? else { return Ok(None) };
+        let named = blob.key.rsplit('/').next().unwrap_or_default();
+        if sha256_hex(&bytes) != named {
+            tracing::error!(key = %blob.key, "object does not match its name; not served");
+            return Err(StoreError::Other(format!("object {} was altered after it was stored", blob.key)));
+        }
+        let mut text = String::new();
+        let mut decoder = flate2::read::GzDecoder::new(&bytes[..]).take(blob.bytes + 1);
+        decoder.read_to_string(&mut text).map_err(|e| StoreError::Other(format!("object {}: {e}", blob.key)))?;
+        if text.len() as u64 != blob.bytes {
+            return Err(StoreError::Other(format!("object {} is not the size its item recorded", blob.key)));
+        }
+        Ok(Some(text))
     }
 
     /// The object's bytes; `None` when there is no such object.
@@ -263,15 +292,18 @@ impl Blobs {
         Ok(request.uri().to_owned())
     }
 
-    /// A URL (and the headers to send with it) that writes the object once.
-    pub async fn presign_put(&self, key: &str, class: &str) -> Result<Presigned, StoreError> {
+    /// A URL (and the headers to send with it) that writes the object of
+    /// `bytes` bytes once: never over an existing one (`If-None-Match`).
+    pub async fn presign_put(&self, key: &str, class: &str, bytes: u64) -> Result<Presigned, StoreError> {
         let request = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_type("application/gzip")
+            .content_length(bytes as i64)
             .tagging(format!("{EXPIRY_TAG}={class}"))
+            .if_none_match("*")
             .presigned(self.presigning()?)
             .await
             .map_err(|e| StoreError::Other(e.to_string()))?;

@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use super::blobs::{expiry_class, gunzip, gzip, object_key, sha256_hex, BlobRef, Blobs, Presigned};
+use super::blobs::{expiry_class, gzip, object_key, sha256_hex, BlobRef, Blobs, Presigned};
 pub use super::retry::classify;
 use super::retry::Backoff;
 use super::schema::{attr, SK_ITEM};
@@ -222,19 +222,14 @@ impl DynamoStore {
     /// The document attribute of a result, and its object in S3 when the
     /// result is large: written to S3 here, before the item (see
     /// [`super::blobs`]), or, for an upload, checked there.
-    async fn place_result(
-        &self,
-        ns: &Namespace,
-        record: &TaskRecord,
-        lifetime: i64,
-    ) -> Result<(&'static str, AttributeValue, Option<BlobRef>), StoreError> {
+    async fn place_result(&self, ns: &Namespace, record: &TaskRecord, lifetime: i64) -> Result<Placed, StoreError> {
         if let Some(sha256) = &record.upload {
             let large = self.large()?;
             let key = object_key(ns, &record.task_id, sha256);
             let bytes = large.blobs.verify(&key, sha256, large.max_result_bytes).await?;
-            large.blobs.set_class(&key, &expiry_class(lifetime)).await?;
             let (name, doc, _) = encode_doc(&record.json)?;
-            return Ok((name, doc, Some(BlobRef { key, bytes })));
+            // Tagged for its item once the item is written.
+            return Ok((name, doc, Some(BlobRef { key, bytes }), true));
         }
         let (name, doc, size) = encode_doc(&record.json)?;
         let spill = self.large.as_ref().filter(|large| size > large.spill_above);
@@ -244,16 +239,18 @@ impl DynamoStore {
             if size > MAX_ITEM_DOC {
                 return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
             }
-            return Ok((name, doc, None));
+            return Ok((name, doc, None, false));
         };
         let object = gzip(result.as_bytes());
         let key = object_key(ns, &record.task_id, &sha256_hex(&object));
-        large.blobs.put(&key, object, &expiry_class(lifetime)).await?;
+        // An object already there (the same result stored before) keeps the
+        // tag its item gave it until this item is written.
+        let written = large.blobs.put(&key, object, &expiry_class(lifetime)).await?;
         let (name, doc, size) = encode_doc(&meta)?;
         if size > MAX_ITEM_DOC {
             return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
         }
-        Ok((name, doc, Some(BlobRef { key, bytes: result.len() as u64 })))
+        Ok((name, doc, Some(BlobRef { key, bytes: result.len() as u64 }), !written))
     }
 
     /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
@@ -330,6 +327,10 @@ fn encode_doc(json: &str) -> Result<(&'static str, AttributeValue, usize), Store
     Ok((attr::DOC_Z, AttributeValue::B(Blob::new(compressed)), size))
 }
 
+/// A result's document attribute, its object in S3 if any, and whether that
+/// object's lifetime tag is to be set once the item is written.
+type Placed = (&'static str, AttributeValue, Option<BlobRef>, bool);
+
 /// The object a result item points to.
 fn blob_of(item: &Item) -> Option<BlobRef> {
     match (item.get(attr::BLOB_KEY), item.get(attr::BLOB_BYTES)) {
@@ -375,7 +376,8 @@ fn decode(item: &Item, now: i64) -> Option<Stored> {
 impl ResultStore for DynamoStore {
     async fn put_task(&self, ns: &Namespace, record: &TaskRecord) -> Result<PutOutcome, StoreError> {
         let now = now_epoch();
-        let (doc_attr, doc, blob) = self.place_result(ns, record, record.expires_at - now).await?;
+        let lifetime = record.expires_at - now;
+        let (doc_attr, doc, blob, reclass) = self.place_result(ns, record, lifetime).await?;
         let mut item = Self::key(task_key(ns, &record.task_id));
         item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
         item.insert(doc_attr.into(), doc);
@@ -424,6 +426,12 @@ impl ResultStore for DynamoStore {
                 let replaced = out.attributes.as_ref().and_then(blob_of);
                 if let Some(old) = replaced.filter(|old| Some(old.key.as_str()) != ours) {
                     self.delete_object(&old.key, "its result was replaced").await;
+                }
+                // The object now lives as long as this item (invariant S8).
+                if let (Some(key), true, Some(large)) = (ours, reclass, &self.large) {
+                    if let Err(err) = large.blobs.set_class(key, &expiry_class(lifetime)).await {
+                        tracing::error!(key, error = %err, "the result's object keeps its earlier lifetime tag");
+                    }
                 }
                 Ok(PutOutcome::Stored)
             }
@@ -486,8 +494,7 @@ impl ResultStore for DynamoStore {
     }
 
     async fn read_blob(&self, blob: &BlobRef) -> Result<Option<String>, StoreError> {
-        let Some(bytes) = self.large()?.blobs.get(&blob.key).await? else { return Ok(None) };
-        gunzip(&bytes).map(Some).map_err(|e| StoreError::Other(format!("object {}: {e}", blob.key)))
+        self.large()?.blobs.read(blob).await
     }
 
     async fn blob_url(&self, blob: &BlobRef) -> Result<String, StoreError> {
@@ -499,9 +506,10 @@ impl ResultStore for DynamoStore {
         ns: &Namespace,
         id: &TaskId,
         sha256: &str,
+        bytes: u64,
         lifetime: i64,
     ) -> Result<Presigned, StoreError> {
-        self.large()?.blobs.presign_put(&object_key(ns, id, sha256), &expiry_class(lifetime)).await
+        self.large()?.blobs.presign_put(&object_key(ns, id, sha256), &expiry_class(lifetime), bytes).await
     }
 
     async fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> Result<(), StoreError> {

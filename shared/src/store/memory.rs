@@ -121,6 +121,7 @@ impl ResultStore for MemoryStore {
         ns: &Namespace,
         id: &TaskId,
         sha256: &str,
+        _bytes: u64,
         _lifetime: i64,
     ) -> Result<Presigned, StoreError> {
         let key = super::blobs::object_key(ns, id, sha256);

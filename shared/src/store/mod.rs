@@ -120,13 +120,15 @@ pub trait ResultStore: Send + Sync {
     fn read_blob(&self, blob: &BlobRef) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
     /// A presigned URL that reads a result's object (gzip-compressed JSON).
     fn blob_url(&self, blob: &BlobRef) -> impl Future<Output = Result<String, StoreError>> + Send;
-    /// A presigned PUT for the result of `id`, an object whose SHA-256 is
-    /// `sha256`, kept at least `lifetime` seconds if never committed.
+    /// A presigned PUT for the result of `id`, an object of `bytes` bytes
+    /// whose SHA-256 is `sha256`, kept at least `lifetime` seconds if never
+    /// committed.
     fn upload_url(
         &self,
         ns: &Namespace,
         id: &TaskId,
         sha256: &str,
+        bytes: u64,
         lifetime: i64,
     ) -> impl Future<Output = Result<Presigned, StoreError>> + Send;
     fn put_group(

@@ -275,20 +275,31 @@ class Client:
 
     # -- large results (S3) -------------------------------------------------
 
-    def _upload(self, task_id: str, result_json: bytes) -> str:
+    def _upload(self, task_id: str, result_json: bytes, expires_in: Any = None) -> str:
         """Uploads a result's JSON, gzip-compressed, through a presigned URL
         the service hands out; returns its SHA-256 for the store's
-        ``result_upload``."""
+        ``result_upload``. The URL never replaces an object: a 412 means an
+        earlier attempt's upload is there already."""
         data = gzip.compress(result_json, compresslevel=1)
         sha256 = hashlib.sha256(data).hexdigest()
         path = _task_path(task_id) + "/upload"
-        grant = self.request("POST", path, body={"sha256": sha256, "bytes": len(data)}).json()
+        ask: dict[str, Any] = {"sha256": sha256, "bytes": len(data)}
+        if isinstance(expires_in, int) and (self._max_expires_in is None or expires_in <= self._max_expires_in):
+            ask["expires_in"] = expires_in
+        try:
+            grant = self.request("POST", path, body=ask).json()
+        except DynachordError as exc:
+            if not isinstance(getattr(exc, "max_expires_in", None), int):
+                raise
+            # Longer than the service keeps results: the store clamps it (see _put_expiring).
+            ask.pop("expires_in")
+            grant = self.request("POST", path, body=ask).json()
         url, headers = str(grant["url"]), {str(k): str(v) for k, v in (grant.get("headers") or {}).items()}
 
         def send(timeout: tuple[float, float]) -> requests.Response:
             return self._session().put(url, data=data, headers=headers, timeout=timeout)
 
-        self._with_retries("PUT", path + " (S3)", send, self.options.transfer_timeout, frozenset({200}), None)
+        self._with_retries("PUT", path + " (S3)", send, self.options.transfer_timeout, frozenset({200, 412}), None)
         logger.debug("dynachord uploaded %s's result: %d bytes, %d compressed", task_id, len(result_json), len(data))
         return sha256
 
@@ -326,7 +337,7 @@ class Client:
             if len(result_json) > self.options.upload_above:
                 # Too large for a request: to S3 first, then the store commits it.
                 body.pop("result")
-                body["result_upload"] = {"sha256": self._upload(task_id, result_json)}
+                body["result_upload"] = {"sha256": self._upload(task_id, result_json, body.get("expires_in"))}
         response = self._put_expiring(_task_path(task_id), body, ok=(200, 409))
         if response.status_code == 409:
             logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
