@@ -71,7 +71,9 @@ pub struct LargeResults {
     /// Unset: a result past the item limit is refused (413 `result_too_large`).
     pub bucket: Option<String>,
     /// `SPILL_ABOVE_BYTES` (default 65536, 1024..=390 KiB): a result whose
-    /// compressed size passes this goes to S3; its item keeps a pointer.
+    /// compressed size passes this goes to S3; its item keeps a pointer. So
+    /// does one larger than `INLINE_RESULT_BYTES` uncompressed, however well
+    /// it compresses, so that no read answers it whole past that size.
     pub spill_above: usize,
     /// `INLINE_RESULT_BYTES` (default 4,000,000, 0..=5,800,000): the largest
     /// result in S3 a GET or a batch-get carries in its answer; larger ones

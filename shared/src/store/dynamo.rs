@@ -79,6 +79,10 @@ pub struct Large {
     pub blobs: Blobs,
     /// A result whose compressed meta passes this many bytes goes to S3.
     pub spill_above: usize,
+    /// So does one whose meta, uncompressed, is more than a read answers in
+    /// full (`INLINE_RESULT_BYTES`): a result that compresses well would
+    /// otherwise come back whole, past Lambda's response limit.
+    pub inline_bytes: usize,
     /// The largest uploaded result, uncompressed.
     pub max_result_bytes: u64,
 }
@@ -148,6 +152,7 @@ impl DynamoStore {
             Some(bucket) => store.with_large(Large {
                 blobs: Blobs::new(shared, bucket.clone(), config.results.presign),
                 spill_above: config.results.spill_above,
+                inline_bytes: config.results.inline_bytes,
                 max_result_bytes: config.results.max_result_bytes,
             }),
             None => store,
@@ -232,7 +237,8 @@ impl DynamoStore {
             return Ok((name, doc, Some(BlobRef { key, bytes }), true));
         }
         let (name, doc, size) = encode_doc(&record.json)?;
-        let spill = self.large.as_ref().filter(|large| size > large.spill_above);
+        let spill =
+            self.large.as_ref().filter(|large| size > large.spill_above || record.json.len() > large.inline_bytes);
         let split =
             spill.and_then(|large| Some((large, crate::meta::split_result(&record.json, record.status.as_str())?)));
         let Some((large, (meta, result))) = split else {
