@@ -454,11 +454,13 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         results: String,
     ) -> Result<Result<String, String>, JoinError> {
         let event = || lambda_event(claim, sig, &results);
-        let too_large = messages.iter().any(|task| {
-            let args = args_with_results(task, &results);
-            let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
-            self.sink.message_bytes(claim.ns, &out) > self.max_message_bytes
-        });
+        // Past the limit on its own, the list needs no message built to tell.
+        let too_large = results.len() > self.max_message_bytes
+            || messages.iter().any(|task| {
+                let args = args_with_results(task, &results);
+                let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
+                self.sink.message_bytes(claim.ns, &out) > self.max_message_bytes
+            });
         if !too_large {
             return Ok(Ok(results));
         }

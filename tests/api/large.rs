@@ -230,10 +230,11 @@ async fn an_object_no_item_points_to_is_never_served() {
 
 #[tokio::test]
 async fn a_meta_past_the_item_limit_without_its_result_is_refused_clearly() {
-    let api = Api::new();
+    let (api, bucket) = (Api::new(), Bucket::local().await);
     let id = api.id("huge-traceback");
     // The result goes to S3; a traceback of 900 KB of random hex does not.
     let meta = json!({"status": "FAILURE", "result": {"exc_type": "E", "exc_message": [], "exc_module": "m"}, "traceback": random_hex(900_000)});
     api.put_task(&id, meta).await.expect_error(413, "result_too_large");
     assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
+    assert!(bucket.objects_of(&id).await.is_empty(), "the result's object went with the refusal");
 }

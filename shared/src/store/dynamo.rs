@@ -234,7 +234,7 @@ impl DynamoStore {
             let bytes = large.blobs.verify(&key, sha256, large.max_result_bytes).await?;
             let (name, doc, _) = encode_doc(&record.json)?;
             // Tagged for its item once the item is written.
-            return Ok((name, doc, Some(BlobRef { key, bytes }), true));
+            return Ok((name, doc, Some(BlobRef { key, bytes }), false));
         }
         let (name, doc, size) = encode_doc(&record.json)?;
         let spill =
@@ -254,9 +254,12 @@ impl DynamoStore {
         let written = large.blobs.put(&key, object, &expiry_class(lifetime)).await?;
         let (name, doc, size) = encode_doc(&meta)?;
         if size > MAX_ITEM_DOC {
+            if written {
+                large.blobs.delete_quietly(&key, "the meta without its result is too large").await;
+            }
             return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
         }
-        Ok((name, doc, Some(BlobRef { key, bytes: result.len() as u64 }), !written))
+        Ok((name, doc, Some(BlobRef { key, bytes: result.len() as u64 }), written))
     }
 
     /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
@@ -333,8 +336,9 @@ fn encode_doc(json: &str) -> Result<(&'static str, AttributeValue, usize), Store
     Ok((attr::DOC_Z, AttributeValue::B(Blob::new(compressed)), size))
 }
 
-/// A result's document attribute, its object in S3 if any, and whether that
-/// object's lifetime tag is to be set once the item is written.
+/// A result's document attribute, its object in S3 if any, and whether this
+/// store wrote that object (else it was there: uploaded, or stored before,
+/// and its lifetime tag is set once the item is written).
 type Placed = (&'static str, AttributeValue, Option<BlobRef>, bool);
 
 /// The object a result item points to.
@@ -383,7 +387,7 @@ impl ResultStore for DynamoStore {
     async fn put_task(&self, ns: &Namespace, record: &TaskRecord) -> Result<PutOutcome, StoreError> {
         let now = now_epoch();
         let lifetime = record.expires_at - now;
-        let (doc_attr, doc, blob, reclass) = self.place_result(ns, record, lifetime).await?;
+        let (doc_attr, doc, blob, fresh) = self.place_result(ns, record, lifetime).await?;
         let mut item = Self::key(task_key(ns, &record.task_id));
         item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
         item.insert(doc_attr.into(), doc);
@@ -407,6 +411,9 @@ impl ResultStore for DynamoStore {
         // large rather than by DynamoDB with an error text of its own.
         let size = item_size(&item);
         if size > MAX_ITEM_BYTES {
+            if let (Some(blob), true) = (&blob, fresh) {
+                self.delete_object(&blob.key, "its item is too large").await;
+            }
             return Err(StoreError::TooLarge { size, limit: MAX_ITEM_BYTES });
         }
         let (condition, values) = write_condition(&record.status, now);
@@ -434,7 +441,7 @@ impl ResultStore for DynamoStore {
                     self.delete_object(&old.key, "its result was replaced").await;
                 }
                 // The object now lives as long as this item (invariant S8).
-                if let (Some(key), true, Some(large)) = (ours, reclass, &self.large) {
+                if let (Some(key), false, Some(large)) = (ours, fresh, &self.large) {
                     if let Err(err) = large.blobs.set_class(key, &expiry_class(lifetime)).await {
                         tracing::error!(key, error = %err, "the result's object keeps its earlier lifetime tag");
                     }
