@@ -187,17 +187,7 @@ impl Blobs {
     /// named by their content, so it holds these bytes, and its tags, which
     /// its item set, are kept).
     pub async fn put(&self, key: &str, body: Vec<u8>, class: &str) -> Result<bool, StoreError> {
-        let sent = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type("application/gzip")
-            .tagging(format!("{EXPIRY_TAG}={class}"))
-            .if_none_match("*")
-            .body(ByteStream::from(body))
-            .send()
-            .await;
+        let sent = self.put_once(key, class).body(ByteStream::from(body)).send().await;
         match sent {
             Ok(_) => Ok(true),
             Err(e) if e.code() == Some("PreconditionFailed") => Ok(false),
@@ -235,6 +225,18 @@ impl Blobs {
         };
         let bytes = out.body.collect().await.map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(Some(bytes.into_bytes().to_vec()))
+    }
+
+    /// A PUT of the object, tagged with its lifetime class, that never
+    /// writes over an existing one.
+    fn put_once(&self, key: &str, class: &str) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/gzip")
+            .tagging(format!("{EXPIRY_TAG}={class}"))
+            .if_none_match("*")
     }
 
     /// Deletes the object (idempotent).
@@ -296,14 +298,8 @@ impl Blobs {
     /// `bytes` bytes once: never over an existing one (`If-None-Match`).
     pub async fn presign_put(&self, key: &str, class: &str, bytes: u64) -> Result<Presigned, StoreError> {
         let request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type("application/gzip")
+            .put_once(key, class)
             .content_length(bytes as i64)
-            .tagging(format!("{EXPIRY_TAG}={class}"))
-            .if_none_match("*")
             .presigned(self.presigning()?)
             .await
             .map_err(|e| StoreError::Other(e.to_string()))?;
