@@ -87,9 +87,10 @@ class ClientOptions:
     backoff_cap: float = 5.0
     #: Longest long-poll the service accepts in one request (MAX_WAIT_SECONDS).
     max_wait: float = 20.0
-    #: A result whose JSON is larger than this many bytes is uploaded to the
-    #: service's S3 bucket through a presigned URL instead of sent in the
-    #: store request (whose body the service caps at MAX_BODY_BYTES, 1 MiB).
+    #: A store whose body (the meta, as JSON) is larger than this many bytes
+    #: has its result uploaded to the service's S3 bucket through a
+    #: presigned URL instead of sent in the request (whose body the service
+    #: caps at MAX_BODY_BYTES, 1 MiB).
     upload_above: int = 900_000
     #: Seconds to send or read one large result to or from S3 (its own
     #: time-out, on top of the caller's deadline).
@@ -219,7 +220,8 @@ class Client:
         (``time.monotonic()``), every attempt and every pause between them
         ends by it: past it, :class:`DynachordTimeout`."""
         url = self.endpoint + path + ("?" + urlencode(params) if params else "")
-        data = None if body is None else _dumps(body).encode("utf-8")
+        # Bytes are a body encoded already (see put_task).
+        data = body if isinstance(body, bytes) or body is None else _dumps(body).encode("utf-8")
 
         def send(timeout: tuple[float, float]) -> requests.Response:
             headers = self._headers(method, url, data)
@@ -331,14 +333,15 @@ class Client:
         """Stores task meta. Returns the service's receipt, or ``None`` when the
         store was refused because the task already holds a state that must not
         be replaced (409: e.g. SUCCESS is never overwritten)."""
-        body = dict(meta)
-        if body.get("result") is not None:
-            result_json = _dumps(body["result"]).encode("utf-8")
-            if len(result_json) > self.options.upload_above:
-                # Too large for a request: to S3 first, then the store commits it.
-                body.pop("result")
-                body["result_upload"] = {"sha256": self._upload(task_id, result_json, body.get("expires_in"))}
-        response = self._put_expiring(_task_path(task_id), body, ok=(200, 409))
+        body = self._clamp_expiry(meta)
+        encoded = _dumps(body).encode("utf-8")
+        upload = len(encoded) > self.options.upload_above and body.get("result") is not None
+        if upload:
+            # Too large for a request: the result goes to S3 first, then the store commits it.
+            result_json = _dumps(body.pop("result")).encode("utf-8")
+            body["result_upload"] = {"sha256": self._upload(task_id, result_json, body.get("expires_in"))}
+        path = _task_path(task_id)
+        response = self._put_expiring(path, body, ok=(200, 409), encoded=None if upload else encoded)
         if response.status_code == 409:
             logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
             return None
@@ -381,17 +384,25 @@ class Client:
             body["expires_in"] = expires_in
         self._put_expiring(_group_path(group_id), body)
 
-    def _put_expiring(self, path: str, body: Mapping[str, Any], ok: Iterable[int] = (200, 204)) -> requests.Response:
-        """PUTs a body that may carry ``expires_in``. A lifetime longer than
-        the service allows (``MAX_RESULT_TTL_SECONDS``) is clamped to its
-        maximum, with a warning, instead of failing every store."""
+    def _clamp_expiry(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """The body with an ``expires_in`` past the service's known maximum cut to it."""
         body = dict(body)
-        requested = body.get("expires_in")
-        limit = self._max_expires_in
+        requested, limit = body.get("expires_in"), self._max_expires_in
         if isinstance(requested, int) and limit is not None and requested > limit:
             body["expires_in"] = limit
+        return body
+
+    def _put_expiring(
+        self, path: str, body: Mapping[str, Any], ok: Iterable[int] = (200, 204), encoded: bytes | None = None
+    ) -> requests.Response:
+        """PUTs a body that may carry ``expires_in``. A lifetime longer than
+        the service allows (``MAX_RESULT_TTL_SECONDS``) is clamped to its
+        maximum, with a warning, instead of failing every store. ``encoded``
+        is the body, clamped, already encoded (it is not encoded again)."""
+        requested = body.get("expires_in")
+        body = self._clamp_expiry(body)
         try:
-            return self.request("PUT", path, body=body, ok=ok)
+            return self.request("PUT", path, body=body if encoded is None else encoded, ok=ok)
         except DynachordError as exc:
             limit = getattr(exc, "max_expires_in", None)
             if not isinstance(requested, int) or not isinstance(limit, int) or requested <= limit:
