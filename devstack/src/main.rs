@@ -40,7 +40,13 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 30] = [
+const PASSED_ON: [&str; 36] = [
+    "CACHE_LEASE_SECONDS",
+    "CACHE_MAX_WAITERS",
+    "CACHE_MAX_WAITERS_BYTES",
+    "CACHE_MAX_CB_ARGS_BYTES",
+    "CACHE_MAX_KEYS",
+    "CACHE_INLINE_RESULT_BYTES",
     "RESULTS_BUCKET",
     "SPILL_ABOVE_BYTES",
     "INLINE_RESULT_BYTES",

@@ -389,7 +389,9 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
     let body = format!("[{args},{kwargs},{embed}]");
     let args_value: Vec<Value> = serde_json::from_str(args).unwrap_or_default();
     let task_id = sig.task_id.as_str();
+    // A message outside any group (the processing cache's) has no group header.
     let group = sig.options.get("group_id").and_then(Value::as_str).unwrap_or(cx.group_id);
+    let group = if group.is_empty() { Value::Null } else { Value::from(group) };
     // As amqp.as_task_v2 turns them into headers: a countdown becomes an
     // eta, a relative expires an absolute one.
     let eta = match option("eta") {

@@ -768,7 +768,7 @@ fn args_with_results(task: &Signature, results: &str) -> String {
 }
 
 /// The `result` of a stored meta, as raw JSON text (exact).
-fn result_of(meta_json: &str) -> String {
+pub(crate) fn result_of(meta_json: &str) -> String {
     #[derive(serde::Deserialize)]
     struct Meta<'a> {
         #[serde(borrow)]

@@ -61,6 +61,32 @@ pub struct Config {
     pub results: LargeResults,
     /// The chord join's lease, retries and bounds.
     pub chord: ChordConfig,
+    /// The processing cache's leases and bounds.
+    pub cache: CacheConfig,
+}
+
+/// The processing cache (`/v1/cache/...`, see `docs/CACHE.md`).
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// `CACHE_LEASE_SECONDS` (default 900, 10..=86400): how long a
+    /// processing holds its entry before a request may delegate it again
+    /// (an operation may ask for its own `lease`). A processing's STARTED
+    /// and RETRY states renew it.
+    pub lease: Duration,
+    /// `CACHE_MAX_WAITERS` (default 1000, 1..=10000): the `cb_args` one
+    /// processing collects; past it a miss is refused (409 `too_many_waiters`).
+    pub max_waiters: u64,
+    /// `CACHE_MAX_WAITERS_BYTES` (default 65536, 1024..=131072): what they
+    /// may add up to, as JSON.
+    pub max_waiters_bytes: u64,
+    /// `CACHE_MAX_CB_ARGS_BYTES` (default 8192, 16..=65536): one request's `cb_args`.
+    pub max_cb_args_bytes: usize,
+    /// `CACHE_MAX_KEYS` (default 1000, 1..=5000): keys in one request.
+    pub max_keys: usize,
+    /// `CACHE_INLINE_RESULT_BYTES` (default 204800, 0..=262144): a result
+    /// up to this size is copied into its entry, so a hit is one read; a
+    /// larger one stays on the processing's task and a hit names that task.
+    pub inline_result_bytes: usize,
 }
 
 /// Results too large for a DynamoDB item, or for a Lambda response, go
@@ -275,6 +301,14 @@ impl Config {
             callbacks,
             results,
             chord,
+            cache: CacheConfig {
+                lease: Duration::from_secs(num("CACHE_LEASE_SECONDS", 900, 10, DAY)?),
+                max_waiters: num("CACHE_MAX_WAITERS", 1000, 1, 10_000)?,
+                max_waiters_bytes: num("CACHE_MAX_WAITERS_BYTES", 65_536, 1024, 131_072)?,
+                max_cb_args_bytes: num("CACHE_MAX_CB_ARGS_BYTES", 8192, 16, 65_536)? as usize,
+                max_keys: num("CACHE_MAX_KEYS", 1000, 1, 5000)? as usize,
+                inline_result_bytes: num("CACHE_INLINE_RESULT_BYTES", 204_800, 0, 262_144)? as usize,
+            },
         };
         if config.result_ttl > config.max_result_ttl {
             return Err(ConfigError {

@@ -176,7 +176,8 @@ impl CallbackSink for Target {
         let mut request = self.sqs.send_message().queue_url(&url).message_body(body);
         if url.ends_with(".fifo") {
             // FIFO queues drop a second message with the same id within 5 minutes.
-            request = request.message_group_id(out.cx.group_id).message_deduplication_id(out.sig.task_id.as_str());
+            let group = if out.cx.group_id.is_empty() { out.sig.task_id.as_str() } else { out.cx.group_id };
+            request = request.message_group_id(group).message_deduplication_id(out.sig.task_id.as_str());
         }
         request.send().await.map_err(|e| match e.as_service_error() {
             Some(s) if s.is_queue_does_not_exist() => DispatchError::NoSuchTarget { target: "SQS queue", name: queue },

@@ -34,6 +34,18 @@ pub enum ApiError {
     CallbackTooLarge { size: usize, limit: usize },
     #[error("chord callback refused: {0}")]
     CallbackNotAllowed(String),
+    /// A processing cache miss past the waiters' bound.
+    #[error("{0}")]
+    TooManyWaiters(String),
+    /// A miss whose operation the request does not describe.
+    #[error("{0}")]
+    UnknownOperation(String),
+    /// The processing could not be handed to its queue or function.
+    #[error("the processing could not be delegated: {0}; retry")]
+    DelegationFailed(String),
+    /// Its queue or function refused the processing's message for good.
+    #[error("the processing could not be delegated: {0}")]
+    DelegationRefused(String),
     #[error("no route for {method} {path}")]
     NoRoute { method: String, path: String },
     #[error("group {0} not found")]
@@ -71,6 +83,10 @@ impl ApiError {
             Self::UploadTooLarge { .. } => (413, "result_too_large"),
             Self::NoBucket => (400, "large_results_disabled"),
             Self::CallbackNotAllowed(_) => (400, "callback_not_allowed"),
+            Self::TooManyWaiters(_) => (409, "too_many_waiters"),
+            Self::UnknownOperation(_) => (400, "unknown_operation"),
+            Self::DelegationFailed(_) => (503, "delegation_failed"),
+            Self::DelegationRefused(_) => (502, "delegation_refused"),
             Self::NoRoute { .. } => (404, "no_route"),
             Self::GroupNotFound(_) => (404, "group_not_found"),
             Self::ChordNotFound(_) => (404, "chord_not_found"),
@@ -87,6 +103,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u32> {
         match self {
             Self::Throttled { retry_after_secs } | Self::Unavailable { retry_after_secs } => Some(*retry_after_secs),
+            Self::DelegationFailed(_) => Some(1),
             _ => None,
         }
     }

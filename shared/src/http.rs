@@ -37,6 +37,12 @@ pub enum Route {
     GetGroup(GroupId),
     DeleteGroup(GroupId),
     GetChord(GroupId),
+    /// `POST /v1/cache/get-or-delegate`: the processing cache, one key or many.
+    CacheGetOrDelegate,
+    /// `POST /v1/cache/entry`: an entry's state.
+    CacheEntry,
+    /// `POST /v1/cache/invalidate`.
+    CacheInvalidate,
 }
 
 impl Route {
@@ -52,6 +58,9 @@ impl Route {
             Route::GetGroup(_) => "GetGroup",
             Route::DeleteGroup(_) => "DeleteGroup",
             Route::GetChord(_) => "GetChord",
+            Route::CacheGetOrDelegate => "CacheGetOrDelegate",
+            Route::CacheEntry => "CacheEntry",
+            Route::CacheInvalidate => "CacheInvalidate",
         }
     }
 
@@ -67,6 +76,9 @@ impl Route {
             Route::GetGroup(id) => ("GET", format!("/v1/groups/{id}")),
             Route::DeleteGroup(id) => ("DELETE", format!("/v1/groups/{id}")),
             Route::GetChord(id) => ("GET", format!("/v1/chords/{id}")),
+            Route::CacheGetOrDelegate => ("POST", "/v1/cache/get-or-delegate".to_owned()),
+            Route::CacheEntry => ("POST", "/v1/cache/entry".to_owned()),
+            Route::CacheInvalidate => ("POST", "/v1/cache/invalidate".to_owned()),
         };
         ApiError::NoRoute { method: method.to_owned(), path }
     }
@@ -110,6 +122,9 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
         ("GET", ["", "v1", "groups", id]) => Ok(Route::GetGroup(group(id)?)),
         ("DELETE", ["", "v1", "groups", id]) => Ok(Route::DeleteGroup(group(id)?)),
         ("GET", ["", "v1", "chords", id]) => Ok(Route::GetChord(group(id)?)),
+        ("POST", ["", "v1", "cache", "get-or-delegate"]) => Ok(Route::CacheGetOrDelegate),
+        ("POST", ["", "v1", "cache", "entry"]) => Ok(Route::CacheEntry),
+        ("POST", ["", "v1", "cache", "invalidate"]) => Ok(Route::CacheInvalidate),
         _ => Err(no_route()),
     }
 }
@@ -332,6 +347,9 @@ mod tests {
         assert!(matches!(route("POST", "/v1/tasks/t1/upload", None, MAX), Ok(Route::UploadTask(_))));
         assert!(matches!(route("POST", "/v1/tasks/batch-get/upload", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("PATCH", "/v1/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
+        assert_eq!(route("POST", "/v1/cache/get-or-delegate", None, MAX).unwrap(), Route::CacheGetOrDelegate);
+        assert_eq!(route("POST", "/v1/cache/invalidate", None, MAX).unwrap(), Route::CacheInvalidate);
+        assert!(matches!(route("GET", "/v1/cache/entry", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v2/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert!(matches!(route("GET", "/v1/tasks/a%2Fb", None, MAX), Err(ApiError::BadId(_))));
         assert_eq!(

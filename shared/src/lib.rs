@@ -27,10 +27,13 @@
 //! - [`chord`]: the chord join from DynamoDB Streams (the `chord-join` function).
 //! - [`service`]: the operations behind the routes (store, fetch, long-poll,
 //!   batch-get, forget, groups), generic over the store.
+//! - [`cache`]: the processing cache: get-or-delegate, invalidate, entry
+//!   state, and the settling of processings from the stream.
 //! - [`local`]: the SDK configuration of the local stack's tools.
 //! - [`http`]: routes, request parsing (auth, body cap, query), and the mapping
 //!   of every error to a status and a JSON body.
 
+pub mod cache;
 pub mod calls;
 pub mod celery;
 pub mod chord;

@@ -33,6 +33,17 @@ pub const CHORD_PARTS_COUNTED: &str = "ChordPartsCounted";
 /// Milliseconds from the newest part's store to its chord's callback sent.
 pub const CHORD_JOIN_LATENCY: &str = "ChordJoinLatency";
 
+/// Processing cache: keys answered from the cache, misses that delegated
+/// a processing, and misses that joined one (per request, under its route).
+pub const CACHE_HITS: &str = "CacheHits";
+pub const CACHE_DELEGATED: &str = "CacheDelegated";
+pub const CACHE_COALESCED: &str = "CacheCoalesced";
+/// Processings settled from the stream: callbacks sent, failures
+/// quarantined, and messages that could not be sent at all.
+pub const CACHE_CALLBACKS_SENT: &str = "CacheCallbacksSent";
+pub const CACHE_QUARANTINED: &str = "CacheQuarantined";
+pub const CACHE_SEND_FAILED: &str = "CacheSendFailed";
+
 /// Per request, dimension `Route`.
 pub const REQUESTS: &str = "Requests";
 /// Milliseconds the function spent on the request.

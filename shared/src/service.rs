@@ -182,7 +182,7 @@ async fn result_ref<S: ResultStore>(app: &App<S>, stored: &Stored) -> Result<Str
 
 /// A request body: a JSON object read as `T`, or 400 `invalid_body` saying
 /// it is not `what`.
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
     crate::meta::json_object(body)
         .and_then(|()| serde_json::from_slice(body))
         .map_err(|e| ApiError::BadBody(format!("body is not {what}: {e}")))

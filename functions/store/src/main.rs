@@ -4,19 +4,25 @@
 //! - `DELETE /v1/tasks/{task_id}`: forget a result
 //! - `PUT /v1/groups/{group_id}`: save a group
 //! - `DELETE /v1/groups/{group_id}`: delete a group
+//! - `POST /v1/cache/get-or-delegate`, `/v1/cache/entry`, `/v1/cache/invalidate`:
+//!   the processing cache (a miss sends the processing's task message)
 
+use dynachord::dispatch::Target;
 use dynachord::http::{self, App, Route};
-use dynachord::{config::Config, service, store::DynamoStore};
+use dynachord::store::dynamo::shared_config;
+use dynachord::{cache, config::Config, service, store::DynamoStore};
 use lambda_http::{run, service_fn, Error, Request};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     dynachord::init_tracing();
     let config = Config::from_env()?;
-    let store = DynamoStore::from_config(&config).await?;
+    let shared = shared_config(&config).await;
+    let store = DynamoStore::from_shared(&config, &shared).await?;
+    let sink = Target::new(config.callbacks.clone(), &shared);
     let app = App { config, store };
     run(service_fn(|request: Request| {
-        let app = &app;
+        let (app, sink) = (&app, &sink);
         http::handle(app, request, move |incoming| async move {
             let ns = &incoming.ns;
             match incoming.route {
@@ -25,6 +31,9 @@ async fn main() -> Result<(), Error> {
                 Route::DeleteTask(id) => service::forget_task(app, ns, &id).await,
                 Route::PutGroup(id) => service::save_group(app, ns, &id, &incoming.body).await,
                 Route::DeleteGroup(id) => service::delete_group(app, ns, &id).await,
+                Route::CacheGetOrDelegate => cache::get_or_delegate(app, sink, ns, &incoming.body).await,
+                Route::CacheEntry => cache::entry_state(app, ns, &incoming.body).await,
+                Route::CacheInvalidate => cache::invalidate(app, ns, &incoming.body).await,
                 other => Err(other.not_here()),
             }
         })

@@ -236,12 +236,21 @@ impl DynamoStore {
             // Tagged for its item once the item is written.
             return Ok((name, doc, Some(BlobRef { key, bytes }), false));
         }
-        let (name, doc, size) = encode_doc(&record.json)?;
-        let spill =
-            self.large.as_ref().filter(|large| size > large.spill_above || record.json.len() > large.inline_bytes);
+        // Larger than a read answers whole: to S3 whatever it compresses to,
+        // so it is not compressed just to tell (a chord's results may be 100 MB).
+        let must_spill = self.large.as_ref().is_some_and(|large| record.json.len() > large.inline_bytes);
+        let encoded = if must_spill { None } else { Some(encode_doc(&record.json)?) };
+        let spill = self
+            .large
+            .as_ref()
+            .filter(|large| must_spill || encoded.as_ref().is_some_and(|(_, _, size)| *size > large.spill_above));
         let split =
             spill.and_then(|large| Some((large, crate::meta::split_result(&record.json, record.status.as_str())?)));
         let Some((large, (meta, result))) = split else {
+            let (name, doc, size) = match encoded {
+                Some(encoded) => encoded,
+                None => encode_doc(&record.json)?,
+            };
             if size > MAX_ITEM_DOC {
                 return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
             }
@@ -264,7 +273,7 @@ impl DynamoStore {
 
     /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
     /// unprocessed keys with backoff until done or out of attempts.
-    async fn get_chunk(&self, pks: &[String]) -> Result<HashMap<String, Item>, StoreError> {
+    pub(crate) async fn get_chunk(&self, pks: &[String]) -> Result<HashMap<String, Item>, StoreError> {
         let mut found = HashMap::with_capacity(pks.len());
         let mut pending: Vec<Item> = pks.iter().map(|pk| Self::key(pk.clone())).collect();
         let mut attempt = 0;
@@ -402,6 +411,10 @@ impl ResultStore for DynamoStore {
         }
         if let Some(index) = record.group_index {
             item.insert(attr::GROUP_INDEX.into(), AttributeValue::N(index.to_string()));
+        }
+        // A processing cache's task: its result settles the entry it names.
+        if let Some(hash) = super::cache::hash_of_task(record.task_id.as_str()) {
+            item.insert(super::cache::cattr::CACHE_KEY.into(), AttributeValue::S(hash.to_owned()));
         }
         if let Some(chord) = &record.chord {
             item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(chord.size.to_string()));

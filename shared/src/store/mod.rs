@@ -5,6 +5,7 @@
 //! an item: `<ns>/task/<task_id>`, `<ns>/group/<group_id>`.
 
 pub mod blobs;
+pub mod cache;
 pub mod chords;
 pub mod dynamo;
 pub mod retry;

@@ -1,0 +1,649 @@
+//! The processing cache's entries in DynamoDB (see `docs/CACHE.md`): one item
+//! per `(namespace, operation, uri)`, keyed by a hash of the operation and
+//! the uri, moved between its phases by conditional writes only.
+//!
+//! - `processing`: one delegated processing (`task_id`) holds the entry
+//!   until `lease_until`; concurrent misses append their `cb_args` to
+//!   `waiters` (bounded in count and bytes).
+//! - `settling`: the processing's result came in; one chord-join invocation
+//!   (`token`, lease in `lease_until`) sends the callback or the quarantine
+//!   message. A success already carries its result, so it reads as a hit.
+//! - `cached`: the result (`result`, or `result_task` when it is large),
+//!   until `expires_at`.
+//! - `quarantined`: the processing failed; requests are answered so until
+//!   `until`, then delegate again.
+
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
+use std::collections::HashMap;
+
+use super::dynamo::{DynamoStore, BATCH_CHUNK};
+use super::retry::classify;
+use super::schema::{attr, SK_ITEM};
+use crate::error::StoreError;
+use crate::ids::{Namespace, TaskId};
+
+type Item = HashMap<String, AttributeValue>;
+
+/// Attribute names of cache entries (besides `pk`, `sk`, `state`,
+/// `task_id`, `lease_until`, `token`, `error`, `expires_at`).
+pub mod cattr {
+    pub const OP: &str = "op";
+    pub const URI: &str = "uri";
+    /// The operation as the delegating request described it (JSON).
+    pub const SPEC: &str = "spec";
+    /// The `cb_args` of every request that joined the processing, as JSON texts.
+    pub const WAITERS: &str = "waiters";
+    pub const WAITER_COUNT: &str = "waiter_count";
+    pub const WAITERS_BYTES: &str = "waiters_bytes";
+    pub const RESULT: &str = "result";
+    pub const RESULT_TASK: &str = "result_task";
+    /// `success` or `failure`, while settling.
+    pub const OUTCOME: &str = "outcome";
+    pub const UNTIL: &str = "until";
+    /// Settling attempts that failed before sending.
+    pub const ATTEMPTS: &str = "attempts";
+    /// On a processing task's own result item: the entry it settles.
+    pub const CACHE_KEY: &str = "cache_key";
+}
+
+/// The partition key of an entry.
+pub fn entry_key(ns: &Namespace, hash: &str) -> String {
+    format!("{}/cache/{hash}", ns.as_str())
+}
+
+/// Where an entry is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePhase {
+    Processing,
+    Settling,
+    Cached,
+    Quarantined,
+}
+
+impl CachePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processing => "processing",
+            Self::Settling => "settling",
+            Self::Cached => "cached",
+            Self::Quarantined => "quarantined",
+        }
+    }
+
+    fn parse(raw: &str) -> Option<Self> {
+        Some(match raw {
+            "processing" => Self::Processing,
+            "settling" => Self::Settling,
+            "cached" => Self::Cached,
+            "quarantined" => Self::Quarantined,
+            _ => return None,
+        })
+    }
+}
+
+/// An entry as read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheEntry {
+    pub op: String,
+    pub uri: String,
+    pub phase: CachePhase,
+    pub task_id: String,
+    /// Processing: until when the processing holds the entry; settling: the claim's lease.
+    pub lease_until: i64,
+    pub waiters: Vec<String>,
+    pub waiter_count: u64,
+    pub waiters_bytes: u64,
+    pub spec: String,
+    pub result: Option<String>,
+    pub result_task: Option<String>,
+    /// Settling: whether the processing succeeded.
+    pub succeeded: bool,
+    pub until: i64,
+    pub token: Option<String>,
+    pub error: Option<String>,
+    pub attempts: u32,
+    pub expires_at: i64,
+}
+
+impl CacheEntry {
+    /// Whether the entry answers with a result: cached, or settling a success.
+    pub fn has_result(&self) -> bool {
+        match self.phase {
+            CachePhase::Cached => true,
+            CachePhase::Settling => self.succeeded,
+            _ => false,
+        }
+    }
+
+    /// Whether a request may delegate the processing again: the processing's
+    /// lease ran out, or the quarantine is over.
+    pub fn is_open(&self, now: i64) -> bool {
+        match self.phase {
+            CachePhase::Processing => self.lease_until <= now,
+            CachePhase::Quarantined => self.until <= now,
+            _ => false,
+        }
+    }
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn get_s(item: &Item, name: &str) -> Option<String> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn get_n(item: &Item, name: &str) -> i64 {
+    match item.get(name) {
+        Some(AttributeValue::N(v)) => v.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// An entry item as the service sees it: `None` when expired or unreadable.
+pub fn decode_entry(item: &Item, now: i64) -> Option<CacheEntry> {
+    let expires_at = get_n(item, attr::EXPIRES_AT);
+    if expires_at <= now {
+        return None;
+    }
+    let waiters = match item.get(cattr::WAITERS) {
+        Some(AttributeValue::L(list)) => list.iter().filter_map(|v| v.as_s().ok().cloned()).collect(),
+        _ => Vec::new(),
+    };
+    Some(CacheEntry {
+        op: get_s(item, cattr::OP)?,
+        uri: get_s(item, cattr::URI)?,
+        phase: CachePhase::parse(&get_s(item, attr::STATE)?)?,
+        task_id: get_s(item, attr::TASK_ID).unwrap_or_default(),
+        lease_until: get_n(item, attr::LEASE_UNTIL),
+        waiters,
+        waiter_count: get_n(item, cattr::WAITER_COUNT).max(0) as u64,
+        waiters_bytes: get_n(item, cattr::WAITERS_BYTES).max(0) as u64,
+        spec: get_s(item, cattr::SPEC).unwrap_or_default(),
+        result: get_s(item, cattr::RESULT),
+        result_task: get_s(item, cattr::RESULT_TASK),
+        succeeded: get_s(item, cattr::OUTCOME).as_deref() != Some("failure"),
+        until: get_n(item, cattr::UNTIL),
+        token: get_s(item, attr::TOKEN),
+        error: get_s(item, attr::ERROR),
+        attempts: get_n(item, cattr::ATTEMPTS).max(0) as u32,
+        expires_at,
+    })
+}
+
+/// How a processing's result settles its entry.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// The result, inline (JSON) or on the task (its id), kept until `expires_at`.
+    Success { result: Option<String>, result_task: Option<String>, expires_at: i64 },
+    /// The processing failed with `error` (Celery's exception JSON).
+    Failure { error: String },
+}
+
+/// A settling claim: the processing's task, the claim's token and its lease.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryClaim<'a> {
+    pub task_id: &'a str,
+    pub token: &'a str,
+    pub lease_until: i64,
+}
+
+/// The outcome of a conditional write on an entry.
+#[derive(Debug)]
+pub enum Written {
+    /// It applied; the entry as it is now.
+    Applied(CacheEntry),
+    /// Its condition did not hold; the entry as it was (`None`: absent or expired).
+    Refused(Option<CacheEntry>),
+}
+
+/// A miss to write: join the processing, or delegate it.
+#[derive(Debug, Clone)]
+pub struct Miss<'a> {
+    pub hash: &'a str,
+    pub op: &'a str,
+    pub uri: &'a str,
+    /// The `cb_args` of the requests, as JSON texts.
+    pub waiters: &'a [String],
+    pub max_waiters: u64,
+    pub max_waiters_bytes: u64,
+}
+
+impl Miss<'_> {
+    fn bytes(&self) -> u64 {
+        self.waiters.iter().map(|w| w.len() as u64).sum()
+    }
+}
+
+/// A delegation: the new processing's task and lease, and the operation.
+#[derive(Debug, Clone)]
+pub struct Delegation<'a> {
+    pub task_id: &'a str,
+    pub spec: &'a str,
+    pub lease_until: i64,
+    /// A processing entry outlives its lease by a day, so a vanished
+    /// processing's waiters are kept for the next.
+    pub expires_at: i64,
+    /// The processing whose lease ran out, taken over with its waiters;
+    /// `None` for an entry that is absent, expired, or out of quarantine.
+    pub replaces: Option<&'a str>,
+}
+
+impl DynamoStore {
+    fn entry_item_key(ns: &Namespace, hash: &str) -> Item {
+        HashMap::from([(attr::PK.to_owned(), s(entry_key(ns, hash))), (attr::SK.to_owned(), s(SK_ITEM))])
+    }
+
+    /// One entry, read consistently.
+    pub async fn cache_entry(&self, ns: &Namespace, hash: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let item = self.get_item(entry_key(ns, hash)).await?;
+        Ok(item.and_then(|item| decode_entry(&item, crate::time::now_epoch())))
+    }
+
+    /// Entries in the order of `hashes` (distinct), read consistently in
+    /// chunks of 100, concurrently.
+    pub async fn cache_entries(
+        &self,
+        ns: &Namespace,
+        hashes: &[String],
+    ) -> Result<Vec<Option<CacheEntry>>, StoreError> {
+        if hashes.len() == 1 {
+            return Ok(vec![self.cache_entry(ns, &hashes[0]).await?]);
+        }
+        let keys: Vec<String> = hashes.iter().map(|h| entry_key(ns, h)).collect();
+        let chunks = futures::future::try_join_all(keys.chunks(BATCH_CHUNK).map(|c| self.get_chunk(c))).await?;
+        let mut found: HashMap<String, Item> = HashMap::new();
+        for chunk in chunks {
+            found.extend(chunk);
+        }
+        let now = crate::time::now_epoch();
+        Ok(keys.iter().map(|k| found.get(k).and_then(|item| decode_entry(item, now))).collect())
+    }
+
+    /// Sends an update of an entry; the entry after it, or before it when
+    /// its condition did not hold.
+    async fn write_entry(
+        &self,
+        request: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    ) -> Result<Written, StoreError> {
+        let now = crate::time::now_epoch();
+        let sent = request
+            .return_values(ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match sent {
+            Ok(out) => {
+                let entry = out.attributes.as_ref().and_then(|item| decode_entry(item, now - 1));
+                entry
+                    .map(Written::Applied)
+                    .ok_or_else(|| StoreError::Other("an updated cache entry is unreadable".into()))
+            }
+            Err(err) => match err.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(refusal)) => {
+                    Ok(Written::Refused(refusal.item.as_ref().and_then(|item| decode_entry(item, now))))
+                }
+                _ => Err(classify(err, self.attempts())),
+            },
+        }
+    }
+
+    fn update_entry(
+        &self,
+        ns: &Namespace,
+        hash: &str,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client().update_item().table_name(self.table()).set_key(Some(Self::entry_item_key(ns, hash)))
+    }
+
+    /// A concurrent miss: appends its `cb_args` to the processing `task_id`
+    /// while that processing holds the entry and the bounds allow.
+    pub async fn cache_join(
+        &self,
+        ns: &Namespace,
+        miss: &Miss<'_>,
+        task_id: &str,
+        now: i64,
+    ) -> Result<Written, StoreError> {
+        let bytes = miss.bytes();
+        let request = self
+            .update_entry(ns, miss.hash)
+            .update_expression("SET #w = list_append(#w, :w) ADD #wc :k, #wb :b")
+            .condition_expression(
+                "#state = :processing AND #task = :task AND #lease > :now AND #exp > :now \
+                 AND #wc <= :maxc AND #wb <= :maxb",
+            )
+            .expression_attribute_names("#w", cattr::WAITERS)
+            .expression_attribute_names("#wc", cattr::WAITER_COUNT)
+            .expression_attribute_names("#wb", cattr::WAITERS_BYTES)
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#task", attr::TASK_ID)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#exp", attr::EXPIRES_AT)
+            .expression_attribute_values(":w", AttributeValue::L(miss.waiters.iter().map(|w| s(w.clone())).collect()))
+            .expression_attribute_values(":k", n(miss.waiters.len()))
+            .expression_attribute_values(":b", n(bytes))
+            .expression_attribute_values(":processing", s(CachePhase::Processing.as_str()))
+            .expression_attribute_values(":task", s(task_id))
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":maxc", n(miss.max_waiters.saturating_sub(miss.waiters.len() as u64)))
+            .expression_attribute_values(":maxb", n(miss.max_waiters_bytes.saturating_sub(bytes)));
+        self.write_entry(request).await
+    }
+
+    /// A miss that delegates: the entry is absent or expired, its
+    /// quarantine is over, or its processing's lease ran out (then its
+    /// waiters are kept for the new one). One conditional write decides
+    /// which request delegates.
+    pub async fn cache_delegate(
+        &self,
+        ns: &Namespace,
+        miss: &Miss<'_>,
+        delegation: &Delegation<'_>,
+        now: i64,
+    ) -> Result<Written, StoreError> {
+        let bytes = miss.bytes();
+        let (waiters, condition) = match delegation.replaces {
+            Some(_) => (
+                "#w = list_append(#w, :w), #wc = #wc + :k, #wb = #wb + :b",
+                "#state = :processing AND #task = :old AND #lease <= :now AND #exp > :now \
+                 AND #wc <= :maxc AND #wb <= :maxb",
+            ),
+            None => (
+                "#w = :w, #wc = :k, #wb = :b",
+                "attribute_not_exists(#state) OR #exp <= :now OR (#state = :quarantined AND #until <= :now)",
+            ),
+        };
+        let mut request = self
+            .update_entry(ns, miss.hash)
+            .update_expression(format!(
+                "SET #op = :op, #uri = :uri, #state = :processing, #task = :task, #lease = :lease, \
+                 #spec = :spec, #exp = :exp, {waiters} \
+                 REMOVE #result, #rtask, #token, #outcome, #error, #attempts, #until"
+            ))
+            .condition_expression(condition)
+            .expression_attribute_names("#op", cattr::OP)
+            .expression_attribute_names("#uri", cattr::URI)
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#task", attr::TASK_ID)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#spec", cattr::SPEC)
+            .expression_attribute_names("#exp", attr::EXPIRES_AT)
+            .expression_attribute_names("#w", cattr::WAITERS)
+            .expression_attribute_names("#wc", cattr::WAITER_COUNT)
+            .expression_attribute_names("#wb", cattr::WAITERS_BYTES)
+            .expression_attribute_names("#result", cattr::RESULT)
+            .expression_attribute_names("#rtask", cattr::RESULT_TASK)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#outcome", cattr::OUTCOME)
+            .expression_attribute_names("#error", attr::ERROR)
+            .expression_attribute_names("#attempts", cattr::ATTEMPTS)
+            .expression_attribute_names("#until", cattr::UNTIL)
+            .expression_attribute_values(":op", s(miss.op))
+            .expression_attribute_values(":uri", s(miss.uri))
+            .expression_attribute_values(":processing", s(CachePhase::Processing.as_str()))
+            .expression_attribute_values(":task", s(delegation.task_id))
+            .expression_attribute_values(":lease", n(delegation.lease_until))
+            .expression_attribute_values(":spec", s(delegation.spec))
+            .expression_attribute_values(":exp", n(delegation.expires_at))
+            .expression_attribute_values(":w", AttributeValue::L(miss.waiters.iter().map(|w| s(w.clone())).collect()))
+            .expression_attribute_values(":k", n(miss.waiters.len()))
+            .expression_attribute_values(":b", n(bytes))
+            .expression_attribute_values(":now", n(now));
+        request = match delegation.replaces {
+            Some(old) => request
+                .expression_attribute_values(":old", s(old))
+                .expression_attribute_values(":maxc", n(miss.max_waiters.saturating_sub(miss.waiters.len() as u64)))
+                .expression_attribute_values(":maxb", n(miss.max_waiters_bytes.saturating_sub(bytes))),
+            None => request.expression_attribute_values(":quarantined", s(CachePhase::Quarantined.as_str())),
+        };
+        self.write_entry(request).await
+    }
+
+    /// Moves a processing's lease (its task started, retried, or its
+    /// delegation failed: `lease_until` now), while `task_id` still holds it.
+    pub async fn cache_lease(
+        &self,
+        ns: &Namespace,
+        hash: &str,
+        task_id: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError> {
+        let request = self
+            .update_entry(ns, hash)
+            .update_expression("SET #lease = :lease")
+            .condition_expression("#state = :processing AND #task = :task")
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#task", attr::TASK_ID)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_values(":processing", s(CachePhase::Processing.as_str()))
+            .expression_attribute_values(":task", s(task_id))
+            .expression_attribute_values(":lease", n(lease_until));
+        Ok(matches!(self.write_entry(request).await?, Written::Applied(_)))
+    }
+
+    /// processing → settling under `token` (or takes over a settling claim
+    /// whose lease ran out), for the result of `task_id`. A success keeps
+    /// its result from here on, so requests read it as a hit.
+    pub async fn cache_claim(
+        &self,
+        ns: &Namespace,
+        hash: &str,
+        claim: &EntryClaim<'_>,
+        settle: &Settle,
+        now: i64,
+    ) -> Result<Written, StoreError> {
+        let EntryClaim { task_id, token, lease_until } = *claim;
+        let mut request = self
+            .update_entry(ns, hash)
+            .condition_expression("#task = :task AND (#state = :processing OR (#state = :settling AND #lease <= :now))")
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#task", attr::TASK_ID)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#outcome", cattr::OUTCOME)
+            .expression_attribute_names("#attempts", cattr::ATTEMPTS)
+            .expression_attribute_values(":task", s(task_id))
+            .expression_attribute_values(":processing", s(CachePhase::Processing.as_str()))
+            .expression_attribute_values(":settling", s(CachePhase::Settling.as_str()))
+            .expression_attribute_values(":now", n(now))
+            .expression_attribute_values(":lease", n(lease_until))
+            .expression_attribute_values(":token", s(token))
+            .expression_attribute_values(":one", n(1));
+        let common = "SET #state = :settling, #lease = :lease, #token = :token, #outcome = :outcome";
+        request = match settle {
+            Settle::Success { result, result_task, expires_at } => {
+                let (set, value) = match (result, result_task) {
+                    (Some(result), _) => ("#result", s(result.clone())),
+                    (None, Some(task)) => ("#rtask", s(task.clone())),
+                    (None, None) => ("#result", s("null")),
+                };
+                request
+                    .update_expression(format!("{common}, {set} = :value, #exp = :exp ADD #attempts :one"))
+                    .expression_attribute_names(set, if set == "#result" { cattr::RESULT } else { cattr::RESULT_TASK })
+                    .expression_attribute_names("#exp", attr::EXPIRES_AT)
+                    .expression_attribute_values(":value", value)
+                    .expression_attribute_values(":exp", n(*expires_at))
+                    .expression_attribute_values(":outcome", s("success"))
+            }
+            Settle::Failure { error } => request
+                .update_expression(format!("{common}, #error = :error ADD #attempts :one"))
+                .expression_attribute_names("#error", attr::ERROR)
+                .expression_attribute_values(":error", s(error.clone()))
+                .expression_attribute_values(":outcome", s("failure")),
+        };
+        self.write_entry(request).await
+    }
+
+    /// Renews a settling claim's lease just before a send: `false` when
+    /// `token` no longer holds it.
+    pub async fn cache_renew(
+        &self,
+        ns: &Namespace,
+        hash: &str,
+        token: &str,
+        lease_until: i64,
+    ) -> Result<bool, StoreError> {
+        let request = self
+            .update_entry(ns, hash)
+            .update_expression("SET #lease = :lease")
+            .condition_expression("#state = :settling AND #token = :token")
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_values(":settling", s(CachePhase::Settling.as_str()))
+            .expression_attribute_values(":token", s(token))
+            .expression_attribute_values(":lease", n(lease_until));
+        Ok(matches!(self.write_entry(request).await?, Written::Applied(_)))
+    }
+
+    /// settling → cached (a success) or quarantined until `until` (a
+    /// failure), dropping the waiters, while `token` holds the claim. A
+    /// failure with no quarantine time removes the entry instead, so the
+    /// next request delegates again.
+    pub async fn cache_finish(
+        &self,
+        ns: &Namespace,
+        hash: &str,
+        token: &str,
+        quarantined_until: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let names = [("#state", attr::STATE), ("#token", attr::TOKEN)];
+        let held = "#state = :settling AND #token = :token";
+        match quarantined_until {
+            Some(until) if until <= 0 => {
+                let mut request = self
+                    .client()
+                    .delete_item()
+                    .table_name(self.table())
+                    .set_key(Some(Self::entry_item_key(ns, hash)))
+                    .condition_expression(held)
+                    .expression_attribute_values(":settling", s(CachePhase::Settling.as_str()))
+                    .expression_attribute_values(":token", s(token));
+                for (name, value) in names {
+                    request = request.expression_attribute_names(name, value);
+                }
+                match request.send().await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(classify(e, self.attempts())),
+                }
+            }
+            _ => {
+                let (phase, set) = match quarantined_until {
+                    Some(_) => (CachePhase::Quarantined, ", #until = :until"),
+                    None => (CachePhase::Cached, ""),
+                };
+                let mut request = self
+                    .update_entry(ns, hash)
+                    .update_expression(format!(
+                        "SET #state = :phase{set} REMOVE #w, #wc, #wb, #token, #lease, #outcome, #attempts"
+                    ))
+                    .condition_expression(held)
+                    .expression_attribute_names("#w", cattr::WAITERS)
+                    .expression_attribute_names("#wc", cattr::WAITER_COUNT)
+                    .expression_attribute_names("#wb", cattr::WAITERS_BYTES)
+                    .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+                    .expression_attribute_names("#outcome", cattr::OUTCOME)
+                    .expression_attribute_names("#attempts", cattr::ATTEMPTS)
+                    .expression_attribute_values(":settling", s(CachePhase::Settling.as_str()))
+                    .expression_attribute_values(":token", s(token))
+                    .expression_attribute_values(":phase", s(phase.as_str()));
+                if let Some(until) = quarantined_until {
+                    request = request
+                        .expression_attribute_names("#until", cattr::UNTIL)
+                        .expression_attribute_values(":until", n(until));
+                }
+                for (name, value) in names {
+                    request = request.expression_attribute_names(name, value);
+                }
+                Ok(matches!(self.write_entry(request).await?, Written::Applied(_)))
+            }
+        }
+    }
+
+    /// Removes a cached or quarantined (or expired) entry; an entry being
+    /// processed or settled stays. Returns the entry as it was.
+    pub async fn cache_invalidate(&self, ns: &Namespace, hash: &str) -> Result<Written, StoreError> {
+        let now = crate::time::now_epoch();
+        let sent = self
+            .client()
+            .delete_item()
+            .table_name(self.table())
+            .set_key(Some(Self::entry_item_key(ns, hash)))
+            .condition_expression("#state IN (:cached, :quarantined) OR #exp <= :now")
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#exp", attr::EXPIRES_AT)
+            .expression_attribute_values(":cached", s(CachePhase::Cached.as_str()))
+            .expression_attribute_values(":quarantined", s(CachePhase::Quarantined.as_str()))
+            .expression_attribute_values(":now", n(now))
+            .return_values(ReturnValue::AllOld)
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match sent {
+            Ok(out) => Ok(match out.attributes.as_ref().and_then(|item| decode_entry(item, now)) {
+                Some(entry) => Written::Applied(entry),
+                None => Written::Refused(None),
+            }),
+            Err(err) => match err.as_service_error() {
+                Some(aws_sdk_dynamodb::operation::delete_item::DeleteItemError::ConditionalCheckFailedException(
+                    refusal,
+                )) => Ok(Written::Refused(refusal.item.as_ref().and_then(|item| decode_entry(item, now)))),
+                _ => Err(classify(err, self.attempts())),
+            },
+        }
+    }
+}
+
+/// The id of a processing's task: `dcache-{hash}-{nonce}`, so its stored
+/// result names the entry it settles.
+pub fn processing_task_id(hash: &str) -> TaskId {
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    TaskId::parse(&format!("dcache-{hash}-{nonce}")).expect("hex and dashes make a valid id")
+}
+
+/// The entry hash a processing's task id names, if it is one.
+pub fn hash_of_task(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix("dcache-")?;
+    let (hash, nonce) = rest.split_once('-')?;
+    let hex = |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (hex(hash, 32) && hex(nonce, 32)).then_some(hash)
+}
+
+/// The entry hash of `(op, uri)`: 128 bits of SHA-256.
+pub fn entry_hash(op: &str, uri: &str) -> String {
+    let mut text = String::with_capacity(op.len() + uri.len() + 1);
+    text.push_str(op);
+    text.push('\n');
+    text.push_str(uri);
+    super::blobs::sha256_hex(text.as_bytes())[..32].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_processing_task_id_names_its_entry() {
+        let hash = entry_hash("thumbnail", "s3://bucket/a.png");
+        assert_eq!(hash.len(), 32);
+        assert_ne!(hash, entry_hash("thumbnail", "s3://bucket/b.png"));
+        let id = processing_task_id(&hash);
+        assert_eq!(hash_of_task(id.as_str()), Some(hash.as_str()));
+        for other in ["dcache-", "dcache-abc-def", "celery-1", &format!("dcache-{hash}-XYZ")] {
+            assert_eq!(hash_of_task(other), None, "{other}");
+        }
+    }
+}
