@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use crate::celery::{MessageContext, Signature};
 use crate::config::Config;
@@ -595,15 +596,28 @@ pub enum SettleError {
 const FINISH_ATTEMPTS: u32 = 6;
 const FINISH_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// An entry of a namespace: `(namespace, hash)`.
+type EntryKey = (String, String);
+/// A claim whose message went out: its token, and the quarantine's end.
+type Unfinished = (String, Option<i64>);
+
 /// Settles processings from the stream (in chord-join): keeps the result
 /// and sends the callback, or sends the quarantine message, each once.
 pub struct Settler<T> {
     pub store: DynamoStore,
     pub sink: T,
     pub config: Config,
+    /// Entries whose message went out but whose final write kept failing:
+    /// `(namespace, hash)` → (claim token, quarantined until). A retry in
+    /// this process finishes them and never sends again (invariant K3).
+    unfinished: Mutex<HashMap<EntryKey, Unfinished>>,
 }
 
 impl<T: CallbackSink> Settler<T> {
+    pub fn new(store: DynamoStore, sink: T, config: Config) -> Self {
+        Self { store, sink, config, unfinished: Mutex::new(HashMap::new()) }
+    }
+
     /// Settles the batch's processings (a key's records in order, keys
     /// concurrently); returns the sequence numbers to retry.
     pub async fn handle(&self, done: Vec<Done>) -> Vec<String> {
@@ -632,6 +646,13 @@ impl<T: CallbackSink> Settler<T> {
         let Some(entry) = self.store.cache_entry(ns, hash).await? else { return Ok(()) };
         if entry.task_id != task_id {
             return Ok(()); // a processing that was replaced after its lease ran out
+        }
+        if let Some((token, until)) = self.unfinished_of(ns, hash) {
+            if entry.phase == CachePhase::Settling && entry.token.as_deref() == Some(token.as_str()) {
+                // Its message went out, but finishing the entry failed: finish it now, sending nothing.
+                return self.finish(ns, hash, &token, until).await;
+            }
+            self.forget_unfinished(ns, hash);
         }
         let spec: OperationSpec = serde_json::from_str(&entry.spec).unwrap_or(OperationSpec {
             task: String::new(),
@@ -695,6 +716,14 @@ impl<T: CallbackSink> Settler<T> {
             Settle::Success { .. } => None,
             Settle::Failure { .. } => Some(spec.quarantine_for.map_or(0, |s| now + s as i64)),
         };
+        if claimed.sending.as_deref().is_some_and(|earlier| earlier != token) {
+            // An earlier claim re-checked itself for a send and then lost
+            // its lease (a crash, or its final write kept failing): its
+            // message may have gone out, so none goes out again (K3).
+            tracing::error!(task = %task_id, "an earlier claim was sending; settled without sending again");
+            metrics::count(metrics::CACHE_RESEND_SKIPPED);
+            return self.finish(ns, hash, &token, quarantined_until).await;
+        }
         if claimed.attempts > self.config.chord.max_attempts {
             tracing::error!(task = %task_id, attempts = claimed.attempts, "giving up sending the processing's message");
             metrics::count(metrics::CACHE_SEND_FAILED);
@@ -716,7 +745,7 @@ impl<T: CallbackSink> Settler<T> {
             }
             Err(SendOutcome::Retry(err)) => {
                 // Nothing went out: end the claim now so a retry takes it at once.
-                let _ = self.store.cache_renew(ns, hash, &token, now).await;
+                let _ = self.store.cache_renew(ns, hash, &token, now, false).await;
                 return Err(err);
             }
         }
@@ -799,7 +828,7 @@ impl<T: CallbackSink> Settler<T> {
     async fn send(&self, ns: &Namespace, token: &str, task_id: &str, out: &Outgoing<'_>) -> Result<(), SendOutcome> {
         let hash = crate::store::cache::hash_of_task(task_id).unwrap_or_default();
         let lease = now_epoch() + self.config.chord.lease.as_secs() as i64;
-        match self.store.cache_renew(ns, hash, token, lease).await {
+        match self.store.cache_renew(ns, hash, token, lease, true).await {
             Ok(true) => {}
             Ok(false) => return Err(SendOutcome::Lost),
             Err(e) => return Err(SendOutcome::Retry(e.into())),
@@ -811,17 +840,28 @@ impl<T: CallbackSink> Settler<T> {
         }
     }
 
-    /// Moves the entry to its final phase after the send, retrying with backoff.
+    /// Moves the entry to its final phase after the send, retrying with
+    /// backoff. If every attempt fails, the claim is kept in this process,
+    /// so the record's retry finishes the entry without sending again.
     async fn finish(&self, ns: &Namespace, hash: &str, token: &str, until: Option<i64>) -> Result<(), SettleError> {
         let mut pause = FINISH_FIRST_PAUSE;
         for attempt in 1..=FINISH_ATTEMPTS {
             match self.store.cache_finish(ns, hash, token, until).await {
-                Ok(true) => return Ok(()),
+                Ok(true) => {
+                    self.forget_unfinished(ns, hash);
+                    return Ok(());
+                }
                 Ok(false) => {
+                    self.forget_unfinished(ns, hash);
                     tracing::error!(hash, "finishing found the entry no longer ours");
                     return Ok(());
                 }
-                Err(err) if attempt == FINISH_ATTEMPTS => return Err(err.into()),
+                Err(err) if attempt == FINISH_ATTEMPTS => {
+                    metrics::count(metrics::CACHE_FINISH_FAILED);
+                    let key = (ns.as_str().to_owned(), hash.to_owned());
+                    self.unfinished.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (token.to_owned(), until));
+                    return Err(err.into());
+                }
                 Err(err) => {
                     tracing::warn!(hash, attempt, error = %err, "finishing the entry failed; retrying");
                     tokio::time::sleep(pause).await;
@@ -830,6 +870,18 @@ impl<T: CallbackSink> Settler<T> {
             }
         }
         Ok(())
+    }
+}
+
+impl<T> Settler<T> {
+    fn unfinished_of(&self, ns: &Namespace, hash: &str) -> Option<(String, Option<i64>)> {
+        let key = (ns.as_str().to_owned(), hash.to_owned());
+        self.unfinished.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
+    }
+
+    fn forget_unfinished(&self, ns: &Namespace, hash: &str) {
+        let key = (ns.as_str().to_owned(), hash.to_owned());
+        self.unfinished.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
     }
 }
 

@@ -43,6 +43,12 @@ pub const CACHE_COALESCED: &str = "CacheCoalesced";
 pub const CACHE_CALLBACKS_SENT: &str = "CacheCallbacksSent";
 pub const CACHE_QUARANTINED: &str = "CacheQuarantined";
 pub const CACHE_SEND_FAILED: &str = "CacheSendFailed";
+/// An entry whose message went out but whose final write kept failing
+/// (kept in the process, finished by the record's retry, never sent twice).
+pub const CACHE_FINISH_FAILED: &str = "CacheFinishFailed";
+/// A settling claim taken over from one that was about to send: settled
+/// without sending again (its message may or may not have gone out).
+pub const CACHE_RESEND_SKIPPED: &str = "CacheResendSkipped";
 
 /// Per request, dimension `Route`.
 pub const REQUESTS: &str = "Requests";

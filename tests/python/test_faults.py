@@ -507,6 +507,62 @@ def test_a_poison_chord_fails_after_its_attempts_and_never_holds_up_a_healthy_on
     )
 
 
+def test_a_cache_entry_whose_finish_keeps_failing_after_its_callback_went_out_never_calls_back_twice(stack):
+    """The processing cache's callback goes out, then every attempt at
+    finishing the entry (settling -> cached) is throttled past the SDK's
+    retries, so chord-join's invocation fails and the pump retries the
+    record. The retry finishes the entry from the claim it kept and sends
+    nothing; without that, the claim's lease (3 s) would run out and a new
+    claim would send the callback a second time."""
+    import boto3
+
+    prefix = f"finish-{uuid.uuid4().hex[:10]}"
+    sqs = boto3.client(
+        "sqs", endpoint_url=stack.sqs, region_name="us-east-1", aws_access_key_id="local", aws_secret_access_key="local"
+    )
+    queue = f"{prefix}-q"
+    url = sqs.create_queue(QueueName=queue)["QueueUrl"]
+    operation = {
+        "task": "tests.measure",
+        "queue": queue,
+        "callback": {"task": "tests.measure_done", "queue": queue},
+        "quarantine": {"task": "tests.quarantine", "queue": queue},
+    }
+    key = {"op": "measure", "uri": f"s3://{prefix}/a.png"}
+    # Only an entry's finish has this update expression, and only this test
+    # uses the cache on the fault stack: every finish is throttled until
+    # chord-join's invocation has given up on it.
+    stack.rule(prefix, match="REMOVE #w, #wc, #wb, #token", error="ThrottlingException")
+    status, _, text = stack.call("POST", "/v1/cache/get-or-delegate", {**key, "cb_args": 1, "operation": operation})
+    assert status == 200, text
+    task_id = json.loads(text)["task_id"]
+    assert stack.call("PUT", f"/v1/tasks/{task_id}", success({"w": 64}))[0] == 200
+
+    def lines(message):
+        log = (stack.state / "watch.log").read_text(errors="replace").splitlines()
+        return [line for line in log if task_id in line and message in line]
+
+    deadline = time.monotonic() + 120
+    while not lines("settling failed; will retry"):
+        assert time.monotonic() < deadline, "\n".join(["chord-join never gave up finishing", *lines("")])
+        time.sleep(0.2)
+    assert len(lines("cache callback sent")) == 1
+    assert stack.injected(prefix) >= 6, "every attempt at finishing was throttled"
+    stack.clear(prefix)
+    while json.loads(stack.call("POST", "/v1/cache/entry", key)[2])["state"] != "cached":
+        assert time.monotonic() < deadline, "\n".join(["the entry was never finished", *lines("")])
+        time.sleep(0.2)
+    messages = []
+    # Watched past two claim leases: a second claim would have sent by then.
+    settle = time.monotonic() + 3 * LEASE
+    while time.monotonic() < settle:
+        messages += sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+    names = [json.loads(base64.b64decode(m["Body"]))["headers"]["task"] for m in messages]
+    assert sorted(names) == ["tests.measure", "tests.measure_done"], "\n".join([str(names), *lines("")])
+    status, _, text = stack.call("POST", "/v1/cache/get-or-delegate", {**key, "operation": operation})
+    assert json.loads(text)["result"] == {"w": 64}, text
+
+
 def test_a_batch_get_past_its_response_budget_answers_references_the_package_reads_on_its_own(stack):
     """Not a fault: this stack is the one with a small BATCH_RESPONSE_BYTES.
     No response passes the budget as Lambda counts it (the body JSON-escaped),

@@ -15,7 +15,7 @@ use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 async fn main() -> Result<(), Error> {
     dynachord::init_tracing();
     let joiner = Joiner::from_env().await?;
-    let settler = Settler { store: joiner.store.clone(), sink: joiner.sink.clone(), config: Config::from_env()? };
+    let settler = Settler::new(joiner.store.clone(), joiner.sink.clone(), Config::from_env()?);
     run(service_fn(|event: LambdaEvent<Event>| {
         let (joiner, settler) = (&joiner, &settler);
         async move {

@@ -43,6 +43,10 @@ pub mod cattr {
     pub const UNTIL: &str = "until";
     /// Settling attempts that failed before sending.
     pub const ATTEMPTS: &str = "attempts";
+    /// While settling: the token of the claim that was about to send (set
+    /// by the conditional re-check just before the send), so a claim taken
+    /// over later knows a message may have gone out and sends none.
+    pub const SENDING: &str = "sending";
     /// On a processing task's own result item: the entry it settles.
     pub const CACHE_KEY: &str = "cache_key";
 }
@@ -101,6 +105,8 @@ pub struct CacheEntry {
     pub succeeded: bool,
     pub until: i64,
     pub token: Option<String>,
+    /// Settling: the claim that re-checked itself for a send (see [`cattr::SENDING`]).
+    pub sending: Option<String>,
     pub error: Option<String>,
     pub attempts: u32,
     pub expires_at: i64,
@@ -174,6 +180,7 @@ pub fn decode_entry(item: &Item, now: i64) -> Option<CacheEntry> {
         succeeded: get_s(item, cattr::OUTCOME).as_deref() != Some("failure"),
         until: get_n(item, cattr::UNTIL),
         token: get_s(item, attr::TOKEN),
+        sending: get_s(item, cattr::SENDING),
         error: get_s(item, attr::ERROR),
         attempts: get_n(item, cattr::ATTEMPTS).max(0) as u32,
         expires_at,
@@ -368,9 +375,10 @@ impl DynamoStore {
             .update_expression(format!(
                 "SET #op = :op, #uri = :uri, #state = :processing, #task = :task, #lease = :lease, \
                  #spec = :spec, #exp = :exp, {waiters} \
-                 REMOVE #result, #rtask, #token, #outcome, #error, #attempts, #until"
+                 REMOVE #result, #rtask, #token, #outcome, #error, #attempts, #until, #sending"
             ))
             .condition_expression(condition)
+            .expression_attribute_names("#sending", cattr::SENDING)
             .expression_attribute_names("#op", cattr::OP)
             .expression_attribute_names("#uri", cattr::URI)
             .expression_attribute_names("#state", attr::STATE)
@@ -484,19 +492,25 @@ impl DynamoStore {
         self.write_entry(request).await
     }
 
-    /// Renews a settling claim's lease just before a send: `false` when
-    /// `token` no longer holds it.
+    /// Renews a settling claim's lease: just before a send (`sending`,
+    /// which records that this claim is about to send), or to give the
+    /// claim back after a send that failed with nothing sent (`lease_until`
+    /// now, clearing that record). `false` when `token` no longer holds it.
     pub async fn cache_renew(
         &self,
         ns: &Namespace,
         hash: &str,
         token: &str,
         lease_until: i64,
+        sending: bool,
     ) -> Result<bool, StoreError> {
+        let update =
+            if sending { "SET #lease = :lease, #sending = :token" } else { "SET #lease = :lease REMOVE #sending" };
         let request = self
             .update_entry(ns, hash)
-            .update_expression("SET #lease = :lease")
+            .update_expression(update)
             .condition_expression("#state = :settling AND #token = :token")
+            .expression_attribute_names("#sending", cattr::SENDING)
             .expression_attribute_names("#state", attr::STATE)
             .expression_attribute_names("#token", attr::TOKEN)
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
@@ -548,9 +562,10 @@ impl DynamoStore {
                 let mut request = self
                     .update_entry(ns, hash)
                     .update_expression(format!(
-                        "SET #state = :phase{set} REMOVE #w, #wc, #wb, #token, #lease, #outcome, #attempts"
+                        "SET #state = :phase{set} REMOVE #w, #wc, #wb, #token, #lease, #outcome, #attempts, #sending"
                     ))
                     .condition_expression(held)
+                    .expression_attribute_names("#sending", cattr::SENDING)
                     .expression_attribute_names("#w", cattr::WAITERS)
                     .expression_attribute_names("#wc", cattr::WAITER_COUNT)
                     .expression_attribute_names("#wb", cattr::WAITERS_BYTES)
