@@ -16,8 +16,13 @@
 //! S3 PutObject and GetObject of the same bytes on the same moto server;
 //! and the requests each costs, counted from the responses' headers.
 //!
-//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20]`
+//! Then the processing cache (`--cache 500`, see `cache.rs`): a hit and a
+//! coalesced miss against the raw GetItem and UpdateItem they stand for.
+//!
+//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20] [--cache 500]`
 //! builds it, starts the local stack if none is up, and runs it.
+
+mod cache;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
@@ -45,6 +50,9 @@ struct Args {
     /// Large result sizes to store and fetch, in MB, comma-separated (`--large` alone: none).
     #[arg(long, value_delimiter = ',', default_value = "1,20", num_args = 0..)]
     large: Vec<usize>,
+    /// Processing cache requests per measurement (hits, coalesced misses; 0: none).
+    #[arg(long, default_value_t = 500)]
+    cache: usize,
     #[arg(long, env = "DYNACHORD_ENDPOINT", default_value = "http://127.0.0.1:9000")]
     endpoint: String,
     /// moto's server: the local stack's S3 (and SQS).
@@ -279,6 +287,12 @@ async fn main() {
 
     if !a.large.is_empty() {
         large_bench(&service, &a).await;
+    }
+
+    if a.cache > 0 {
+        let sqs =
+            aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&sdk).endpoint_url(&a.moto).build());
+        cache::cache_bench(&service, &raw.client, &a.table, &sqs, a.cache).await;
     }
 
     if !a.chords.is_empty() {

@@ -9,6 +9,7 @@ mod helpers;
 mod sqs;
 
 mod batch;
+mod cache;
 mod chords;
 mod errors;
 mod groups;

@@ -96,3 +96,67 @@ def digest(values):
     import json
 
     return {"count": len(values), "sha256": hashlib.sha256(json.dumps(values).encode()).hexdigest()}
+
+
+# -- the processing cache (test_cache.py) ------------------------------------
+
+import time  # noqa: E402
+
+from dynachord_celery.cache import ProcessingCache  # noqa: E402
+
+cache = ProcessingCache(
+    app,
+    queue=os.environ["E2E_QUEUE"],
+    callback_queue=os.environ["E2E_QUEUE"],
+    quarantine_queue=os.environ["E2E_QUEUE"],
+    ttl=3600,
+)
+
+
+@cache.operation("measure")
+def measure(uri, context):
+    """Measures a uri; slow on a uri naming "slow", so concurrent misses overlap it."""
+    if "slow" in uri:
+        time.sleep(1.5)
+    return {"uri": uri, "length": len(uri)}
+
+
+@cache.callback("measure")
+def measure_done(result):
+    value, cb_args = result
+    return {"result": value, "cb_args": cb_args}
+
+
+@cache.operation("flaky")
+def flaky(uri, context, attempt=1):
+    """Fails its first attempt and retries itself, as Backache's example does."""
+    if attempt < 2:
+        raise context.retry(countdown=0.2, attempt=attempt + 1)
+    return {"uri": uri, "attempt": attempt}
+
+
+@cache.callback("flaky")
+def flaky_done(result):
+    value, cb_args = result
+    return {"result": value, "cb_args": cb_args}
+
+
+@cache.operation("broken")
+def broken(uri, context):
+    raise ValueError(f"cannot process {uri}")
+
+
+@cache.operation("gives_up")
+def gives_up(uri, context):
+    raise context.quarantine(reason="not found", uri=uri)
+
+
+@cache.quarantine_consumer
+def quarantined(operation, uri, exc):
+    return {
+        "operation": operation,
+        "uri": uri,
+        "exc_type": type(exc).__name__,
+        "exc": str(exc),
+        "op_kwargs": getattr(exc, "op_kwargs", None),
+    }
