@@ -77,6 +77,9 @@ def test_every_v1_route_is_in_the_template_and_the_local_router():
             ("GET", "/v1/groups/{group_id}"),
             ("DELETE", "/v1/groups/{group_id}"),
             ("GET", "/v1/chords/{group_id}"),
+            ("POST", "/v1/cache/get-or-delegate"),
+            ("POST", "/v1/cache/entry"),
+            ("POST", "/v1/cache/invalidate"),
         ]
     )
     cargo = (ROOT / "Cargo.toml").read_text()
