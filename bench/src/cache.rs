@@ -10,12 +10,10 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
 use dynachord::ids::Namespace;
 use dynachord::store::cache::{entry_hash, entry_key};
-use dynachord::store::schema::{attr, SK_ITEM};
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::{median, Service};
+use crate::{item_key, median, Service};
 
 /// Joins per processing: well under `CACHE_MAX_WAITERS` and its bytes.
 const JOINS_PER_KEY: usize = 250;
@@ -73,13 +71,7 @@ pub async fn cache_bench(service: &Service, raw: &Client, table: &str, sqs: &aws
     }
 
     // The raw calls: the entry's consistent GetItem; an append to a list on an item of its own.
-    let key = |pk: String| {
-        HashMap::from([
-            (attr::PK.to_owned(), AttributeValue::S(pk)),
-            (attr::SK.to_owned(), AttributeValue::S(SK_ITEM.into())),
-        ])
-    };
-    let entry = key(entry_key(&Namespace::default(), &entry_hash("measure", &hit_uri)));
+    let entry = item_key(entry_key(&Namespace::default(), &entry_hash("measure", &hit_uri)));
     let mut raw_gets = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -88,7 +80,7 @@ pub async fn cache_bench(service: &Service, raw: &Client, table: &str, sqs: &aws
         raw_gets.push(started.elapsed().as_secs_f64());
         assert!(out.item.is_some());
     }
-    let appended = key(format!("bench-raw-cache/{tag}"));
+    let appended = item_key(format!("bench-raw-cache/{tag}"));
     let mut raw_updates = Vec::with_capacity(n);
     for i in 0..n {
         let started = Instant::now();

@@ -129,6 +129,14 @@ impl Service {
     }
 }
 
+/// The key of the table's item under partition key `pk`.
+fn item_key(pk: String) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        (attr::PK.to_owned(), AttributeValue::S(pk)),
+        (attr::SK.to_owned(), AttributeValue::S(SK_ITEM.to_owned())),
+    ])
+}
+
 struct Raw {
     client: Client,
     table: String,
@@ -136,11 +144,7 @@ struct Raw {
 
 impl Raw {
     fn key(&self, id: &str) -> HashMap<String, AttributeValue> {
-        let pk = task_key(&Namespace::default(), &TaskId::parse(id).unwrap());
-        HashMap::from([
-            (attr::PK.to_owned(), AttributeValue::S(pk)),
-            (attr::SK.to_owned(), AttributeValue::S(SK_ITEM.to_owned())),
-        ])
+        item_key(task_key(&Namespace::default(), &TaskId::parse(id).unwrap()))
     }
 
     async fn put_all(&self, ids: &[String]) -> Duration {

@@ -30,9 +30,13 @@ fn operation(queue: &str) -> Value {
     })
 }
 
-async fn ask(api: &Api, op: &Value, uri: &str, cb_args: Value) -> Resp {
-    let body = json!({"op": "thumbnail", "uri": uri, "cb_args": cb_args, "operation": op});
+/// `POST /v1/cache/get-or-delegate` with `body`: one key or many.
+async fn get_or_delegate(api: &Api, body: Value) -> Resp {
     api.call(Method::POST, "/v1/cache/get-or-delegate", Some(body.to_string())).await
+}
+
+async fn ask(api: &Api, op: &Value, uri: &str, cb_args: Value) -> Resp {
+    get_or_delegate(api, json!({"op": "thumbnail", "uri": uri, "cb_args": cb_args, "operation": op})).await
 }
 
 async fn entry(api: &Api, uri: &str) -> Value {
@@ -112,9 +116,7 @@ async fn a_bulk_request_answers_hits_and_delegates_misses_in_request_order() {
     let bulk = |uris: Vec<String>, cb: Value| {
         let requests: Vec<Value> =
             uris.iter().map(|u| json!({"op": "thumbnail", "uri": u, "cb_args": cb.clone()})).collect();
-        let body = json!({"requests": requests, "operations": {"thumbnail": op.clone()}});
-        let api = &api;
-        async move { api.call(Method::POST, "/v1/cache/get-or-delegate", Some(body.to_string())).await }
+        get_or_delegate(&api, json!({"requests": requests, "operations": {"thumbnail": op.clone()}}))
     };
     // Half of them cached first.
     let first = bulk(uris[..150].to_vec(), json!("first")).await.expect(200);
@@ -166,10 +168,6 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let queue = Queue::new(&api.id("bad")).await;
     let op = operation(&queue.name);
     let uri = format!("s3://b/{}", api.id("bad"));
-    let post = |body: Value| {
-        let api = &api;
-        async move { api.call(Method::POST, "/v1/cache/get-or-delegate", Some(body.to_string())).await }
-    };
     let with = |field: &str, value: Value| {
         let mut spec = op.clone();
         spec[field] = value;
@@ -190,10 +188,12 @@ async fn bad_requests_are_refused_and_change_nothing() {
         (json!({"requests": [], "operations": {"thumbnail": op}}), 413, "batch_too_large"),
     ];
     for (body, status, code) in cases {
-        post(body.clone()).await.expect_error(status, code);
+        get_or_delegate(&api, body.clone()).await.expect_error(status, code);
     }
     let many: Vec<Value> = (0..1001).map(|i| json!({"op": "thumbnail", "uri": format!("{uri}/{i}")})).collect();
-    post(json!({"requests": many, "operations": {"thumbnail": op}})).await.expect_error(413, "batch_too_large");
+    get_or_delegate(&api, json!({"requests": many, "operations": {"thumbnail": op}}))
+        .await
+        .expect_error(413, "batch_too_large");
     assert_eq!(entry(&api, &uri).await["state"], "missing", "nothing was stored");
     assert!(queue.drain(DUPLICATES).await.is_empty(), "nothing was sent");
 }
