@@ -43,7 +43,8 @@ pub enum ApiError {
     /// The processing could not be handed to its queue or function.
     #[error("the processing could not be delegated: {0}; retry")]
     DelegationFailed(String),
-    /// Its queue or function refused the processing's message for good.
+    /// Its queue or function refused the processing's message for good (it
+    /// does not exist, or the message is too large): the request's to mend.
     #[error("the processing could not be delegated: {0}")]
     DelegationRefused(String),
     #[error("no route for {method} {path}")]
@@ -86,7 +87,7 @@ impl ApiError {
             Self::TooManyWaiters(_) => (409, "too_many_waiters"),
             Self::UnknownOperation(_) => (400, "unknown_operation"),
             Self::DelegationFailed(_) => (503, "delegation_failed"),
-            Self::DelegationRefused(_) => (502, "delegation_refused"),
+            Self::DelegationRefused(_) => (400, "delegation_refused"),
             Self::NoRoute { .. } => (404, "no_route"),
             Self::GroupNotFound(_) => (404, "group_not_found"),
             Self::ChordNotFound(_) => (404, "chord_not_found"),

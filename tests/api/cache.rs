@@ -350,3 +350,16 @@ async fn a_large_result_stays_on_its_task_and_the_callback_refers_to_it() {
     assert_eq!(callbacks[0].body[0][0][0]["dynachord_ref"]["task_id"], task.as_str());
     assert_eq!(callbacks[0].body[0][0][1], json!([7]));
 }
+
+#[tokio::test]
+async fn a_queue_that_refuses_the_processing_is_a_400_and_the_key_stays_open() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("open")).await;
+    let uri = format!("s3://b/{}", api.id("refused"));
+    let missing = operation(&format!("{}-never-created", queue.name));
+    ask(&api, &missing, &uri, json!("w1")).await.expect_error(400, "delegation_refused");
+    let again = ask(&api, &operation(&queue.name), &uri, json!("w2")).await.expect(200).json;
+    assert_eq!(again["delegated"], true, "{again}");
+    let sent = queue.expect(SETTLE, DUPLICATES).await;
+    assert_eq!(named(&sent, "tests.thumbnail").len(), 1);
+}
