@@ -9,7 +9,8 @@ Exactly that failure is set aside.
 The emulator also, rarely and not reproducibly, answers a request 500 itself
 (the same problem body, no function error in its log) when its hand-off to
 a function instance fails under concurrent requests. Such a failure is set
-aside only when the same request, sent again once, gets the service's own
+aside only when the same request, sent again (up to three times while the
+emulator keeps answering it so), gets the service's own
 answer (below 500, and a JSON `error.code` unless it is a 200): the input is
 then shown to be handled. Every other failure stands, and each set-aside one
 is printed.
@@ -28,11 +29,14 @@ import ast
 import builtins
 import sys
 import threading
+import time
 
 import requests
 import schemathesis
 
 _replayed: dict = {}
+# Times a request the emulator itself answered 500 is sent again.
+REPLAYS = 3
 
 if sys.version_info < (3, 12):
     # Every conversion goes through compile(), ast.parse's too: one at a time
@@ -71,13 +75,22 @@ def _served_when_sent_again(request) -> bool:
     service itself answers it."""
     key = id(request)
     if key not in _replayed:
-        try:
-            again = requests.Session().send(request, timeout=65)
-            body = again.json() if again.content else None
+        ok, verdicts = False, []
+        # Up to REPLAYS times while the emulator keeps answering it 500 itself.
+        for attempt in range(REPLAYS):
+            if attempt:
+                time.sleep(0.5)
+            try:
+                again = requests.Session().send(request, timeout=65)
+                body = again.json() if again.content else None
+            except (requests.RequestException, ValueError, AttributeError) as e:
+                verdicts.append(repr(e))
+                continue
+            verdicts.append(f"{again.status_code}")
             ok = again.status_code < 500 and (again.status_code == 200 or "code" in (body or {}).get("error", {}))
-            verdict = f"{again.status_code}"
-        except (requests.RequestException, ValueError, AttributeError) as e:
-            ok, verdict = False, repr(e)
+            if ok or b"httpstatuses.com/500" not in again.content:
+                break
+        verdict = ", ".join(verdicts)
         print(
             f"fuzz_hooks: the emulator answered {request.method} {request.path_url[:80]} 500 itself;"
             f" sent again: {verdict} ({'set aside' if ok else 'stands'})",
