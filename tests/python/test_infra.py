@@ -60,11 +60,9 @@ def test_local_table_matches_the_templates_table():
 def test_every_v1_route_is_in_the_template_and_the_local_router():
     resources = load_template()["Resources"]
     routes = sorted(
-        (event["Properties"]["Method"], event["Properties"]["Path"])
+        tuple(resource["Properties"]["RouteKey"].split(" ", 1))
         for resource in resources.values()
-        if resource["Type"] == "AWS::Serverless::Function"
-        for event in resource["Properties"].get("Events", {}).values()
-        if event["Type"] == "HttpApi"
+        if resource["Type"] == "AWS::ApiGatewayV2::Route"
     )
     assert routes == sorted(
         [

@@ -1,0 +1,76 @@
+// The stack the app deploys: the SAM template's parameters, rule, outputs and
+// console layout around one Dynachord construct.
+
+import { CfnOutput, CfnParameter, CfnRule, Fn, Stack, StackProps } from "aws-cdk-lib";
+import { Construct } from "constructs";
+import { Dynachord, DynachordProps, DynachordSettings } from "./dynachord";
+import { PARAMETERS, PARAMETER_GROUPS, ParameterName } from "./parameters";
+
+export interface DynachordStackProps extends StackProps {
+  /** Each function's code, or where `cargo lambda build` wrote it. */
+  readonly code?: DynachordProps["code"];
+  readonly assetsDir?: string;
+}
+
+export class DynachordStack extends Stack {
+  readonly service: Dynachord;
+
+  constructor(scope: Construct, id: string, props: DynachordStackProps = {}) {
+    super(scope, id, {
+      description:
+        "dynachord: a serverless result service for task queues. An HTTP API (IAM auth) over four Rust Lambda functions and one DynamoDB table; chords are joined from the table's stream and their callbacks sent to SQS or Lambda.",
+      ...props,
+    });
+    const settings: Partial<DynachordSettings> = {};
+    const parameters: Partial<Record<ParameterName, CfnParameter>> = {};
+    for (const [name, spec] of Object.entries(PARAMETERS) as [ParameterName, (typeof PARAMETERS)[ParameterName]][]) {
+      const parameter = new CfnParameter(this, name, {
+        type: spec.type,
+        default: spec.default,
+        description: spec.description,
+        ...("allowedValues" in spec ? { allowedValues: spec.allowedValues } : {}),
+        ...("allowedPattern" in spec ? { allowedPattern: spec.allowedPattern } : {}),
+        ...("minValue" in spec ? { minValue: spec.minValue } : {}),
+        ...("maxValue" in spec ? { maxValue: spec.maxValue } : {}),
+      });
+      parameters[name] = parameter;
+      settings[name] =
+        spec.type === "Number"
+          ? parameter.valueAsNumber
+          : spec.type === "CommaDelimitedList"
+            ? parameter.valueAsList
+            : parameter.valueAsString;
+    }
+    this.templateOptions.metadata = {
+      "AWS::CloudFormation::Interface": {
+        ParameterGroups: PARAMETER_GROUPS.map((g) => ({ Label: { default: g.label }, Parameters: g.parameters })),
+      },
+    };
+    // A multi-tenant stack scopes sqs:SendMessage to the queues it grants.
+    new CfnRule(this, "TenantsNameTheirQueues", {
+      ruleCondition: Fn.conditionAnd(
+        Fn.conditionNot(Fn.conditionEquals(parameters.Tenants!.valueAsString, "")),
+        Fn.conditionEquals(parameters.CallbackTarget!.valueAsString, "sqs"),
+      ),
+      assertions: [
+        {
+          assert: Fn.conditionNot(Fn.conditionEachMemberEquals(parameters.CallbackQueueArns!.valueAsList, "")),
+          assertDescription: "With Tenants set, list the granted queues' ARNs in CallbackQueueArns.",
+        },
+      ],
+    });
+
+    this.service = new Dynachord(this, "Dynachord", { settings, code: props.code, assetsDir: props.assetsDir });
+    const s = this.service;
+    // Outputs share CloudFormation's names with the parameters' (TableName is
+    // both), so they live in a scope of their own under the SAM names.
+    const outputs = new Construct(this, "Outputs");
+    const output = (id: string, description: string, value: string) =>
+      new CfnOutput(outputs, id, { description, value }).overrideLogicalId(id);
+    output("DashboardUrl", "The stack's CloudWatch dashboard", s.dashboardUrl);
+    output("ApiUrl", "Base URL of the v1 API (SigV4-signed requests, service execute-api)", s.apiUrl);
+    output("TableName", "The results table", s.table.ref);
+    output("StreamArn", "The table's stream, consumed by chord-join", s.table.attrStreamArn);
+    output("DeadLetterQueueUrl", "Stream records chord-join gave up on", s.deadLetterQueue.ref);
+  }
+}
