@@ -100,10 +100,20 @@ pub fn dynamodb_config(shared: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Conf
     aws_sdk_dynamodb::config::Builder::from(shared).interceptor(crate::calls::CountCalls).build()
 }
 
+/// The HTTPS client of every AWS client here: hyper with rustls on ring,
+/// trusting the system's certificates. The SDK's default would be rustls on
+/// aws-lc, which the workspace leaves out to keep the functions small (its C
+/// code takes about 2 MB of each binary; see docs/OPERATIONS.md).
+pub fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https()
+}
+
 /// The AWS configuration every client of a function shares: region,
 /// credentials and endpoints from the environment, our retries and timeouts.
 pub async fn shared_config(config: &Config) -> aws_config::SdkConfig {
     aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(https_client())
         .retry_config(
             RetryConfig::standard()
                 .with_max_attempts(config.ddb_max_attempts)
