@@ -19,10 +19,15 @@
 //! Then the processing cache (`--cache 500`, see `cache.rs`): a hit and a
 //! coalesced miss against the raw GetItem and UpdateItem they stand for.
 //!
+//! Or only the cold-start bench (`--cold-start`, see `coldstart.rs`), or only
+//! the cost model, which writes docs/COST.md (`--cost`, see `cost.rs`).
+//!
 //! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20] [--cache 500]`
 //! builds it, starts the local stack if none is up, and runs it.
 
 mod cache;
+mod coldstart;
+mod cost;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
@@ -53,6 +58,24 @@ struct Args {
     /// Processing cache requests per measurement (hits, coalesced misses; 0: none).
     #[arg(long, default_value_t = 500)]
     cache: usize,
+    /// Only the cold-start bench: each release function (`--lambda-dir`) against a Runtime API stub.
+    #[arg(long)]
+    cold_start: bool,
+    /// Only the cost model: the cold-start bench, then the service's requests; writes docs/COST.md.
+    #[arg(long)]
+    cost: bool,
+    /// Fresh processes per function in the cold-start bench.
+    #[arg(long, default_value_t = 10)]
+    cold_runs: usize,
+    /// Warm invocations per process in the cold-start bench.
+    #[arg(long, default_value_t = 100)]
+    warm: usize,
+    /// Where `cargo lambda build --release` wrote the functions.
+    #[arg(long, default_value = "target/lambda")]
+    lambda_dir: std::path::PathBuf,
+    /// The functions' environment, as the local stack writes it.
+    #[arg(long, default_value = ".local/functions.env")]
+    functions_env: std::path::PathBuf,
     #[arg(long, env = "DYNACHORD_ENDPOINT", default_value = "http://127.0.0.1:9000")]
     endpoint: String,
     /// moto's server: the local stack's S3 (and SQS).
@@ -217,6 +240,14 @@ async fn main() {
     let a = <Args as clap::Parser>::parse();
     let service = Service { http: reqwest::Client::new(), base: a.endpoint.clone() };
     let sdk = dynachord::local::sdk_config(Some(&a.dynamodb)).await;
+    if a.cold_start || a.cost {
+        let figures = coldstart::measure(&a.lambda_dir, &a.functions_env, a.cold_runs, a.warm).await;
+        coldstart::print(&figures, a.cold_runs, a.warm);
+        if a.cost {
+            cost::run(&service, &sdk, &a.table, &figures).await;
+        }
+        return;
+    }
     let raw = Raw { client: Client::new(&sdk), table: a.table.clone() };
     println!(
         "dynachord bench: n = {}, rounds = {}, service {}, DynamoDB Local {}",
@@ -314,7 +345,17 @@ async fn main() {
 }
 
 /// One chord of `n` parts through the service, then Celery's join of the same size.
-async fn chord_bench(service: &Service, sdk: &aws_config::SdkConfig, n: usize) {
+/// One chord's figures: its parts' stores, chord-join's requests, the time
+/// from the last part's store to the callback on SQS, the callback's size.
+pub(crate) struct ChordRun {
+    pub store_calls_per_part: f64,
+    pub join_calls: Option<u64>,
+    pub landed_secs: f64,
+    pub callback_bytes: usize,
+}
+
+/// Joins a chord of `n` parts through the service and waits for its callback.
+pub(crate) async fn chord_run(service: &Service, sdk: &aws_config::SdkConfig, n: usize) -> ChordRun {
     use futures::StreamExt;
     let sqs_endpoint = std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
     let sqs =
@@ -353,17 +394,40 @@ async fn chord_bench(service: &Service, sdk: &aws_config::SdkConfig, n: usize) {
     // The measured step: the last part's store until the callback is on the queue.
     let started = Instant::now();
     let last_calls = service.send(part(n - 1)).await.1;
-    loop {
+    let callback_bytes = loop {
         let got = sqs.receive_message().queue_url(&url).wait_time_seconds(1).send().await.unwrap();
-        if got.messages.is_some_and(|m| !m.is_empty()) {
-            break;
+        if let Some(message) = got.messages.and_then(|m| m.into_iter().next()) {
+            break message.body.map_or(0, |b| b.len());
         }
         assert!(started.elapsed() < Duration::from_secs(600), "no callback");
+    };
+    let landed_secs = started.elapsed().as_secs_f64();
+    // chord-join writes its line for the chord once the callback is marked sent.
+    let join_calls = wait_for_join_calls(&gid).await;
+    ChordRun {
+        store_calls_per_part: (store_calls + last_calls) as f64 / n as f64,
+        join_calls,
+        landed_secs,
+        callback_bytes,
     }
-    let landed = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let join_calls = join_calls_from_log(&gid);
-    let store_per_part = (store_calls + last_calls) as f64 / n as f64;
+}
+
+/// chord-join's requests for a chord, once its log shows the dispatch (up to 10 s).
+async fn wait_for_join_calls(gid: &str) -> Option<u64> {
+    let started = Instant::now();
+    loop {
+        let calls = join_calls_from_log(gid);
+        if calls.is_some_and(|c| c > 0) || started.elapsed() > Duration::from_secs(10) {
+            return calls;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn chord_bench(service: &Service, sdk: &aws_config::SdkConfig, n: usize) {
+    let run = chord_run(service, sdk, n).await;
+    let (landed, join_calls) = (run.landed_secs, run.join_calls);
+    let store_per_part = run.store_calls_per_part;
     let join_per_part = join_calls.map(|c| c as f64 / n as f64);
     let celery = celery_join(n);
     let fmt = |v: Option<f64>, p: usize| v.map_or("n/a".to_owned(), |v| format!("{v:.p$}"));
@@ -422,7 +486,7 @@ fn counts(resp: &reqwest::Response) -> (u32, u32) {
 
 /// Requests one large store or fetch made: the client's, and the service's.
 #[derive(Default, Clone, Copy)]
-struct Requests {
+pub(crate) struct Requests {
     api: u32,
     s3_direct: u32,
     ddb: u32,
