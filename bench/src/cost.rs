@@ -109,6 +109,8 @@ struct Measured {
     store_calls: f64,
     fetch_calls: f64,
     item_bytes: usize,
+    /// (result KB, its item's bytes).
+    by_size: Vec<(usize, usize)>,
     poll_calls: f64,
     poll_secs: f64,
     part_store_calls: f64,
@@ -141,6 +143,23 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
         .expect("DynamoDB Local answers");
     let item = got.item.expect("the stored result's item");
 
+    // Items by result size: results of random hex (deflate halves it; a
+    // document over 16 KB is stored compressed), read back raw.
+    let mut by_size = Vec::new();
+    for kb in [1usize, 4, 16, 64] {
+        let id = format!("cost-{tag}-{kb}kb");
+        let hex: String = (0..kb * 1024 / 32).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
+        let body = serde_json::json!({"status": "SUCCESS", "result": hex}).to_string();
+        service.send(service.http.put(format!("{}/v1/tasks/{id}", service.base)).body(body)).await;
+        let key = crate::item_key(dynachord::store::task_key(
+            &dynachord::ids::Namespace::default(),
+            &dynachord::ids::TaskId::parse(&id).unwrap(),
+        ));
+        let raw_item =
+            raw.get_item().table_name(table).set_key(Some(key)).send().await.expect("DynamoDB Local answers");
+        by_size.push((kb, item_bytes(&raw_item.item.expect("stored"))));
+    }
+
     // Long-polls of 5 s on a result that never comes (the worst case: the
     // whole wait is billed, and every poll of the table is a read).
     let (mut poll_calls, mut poll_secs) = (0u32, 0f64);
@@ -167,6 +186,7 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
         store_calls: store_calls as f64 / n as f64,
         fetch_calls: fetch_calls as f64 / n as f64,
         item_bytes: item_bytes(&item),
+        by_size,
         poll_calls: poll_calls as f64 / polls as f64,
         poll_secs: poll_secs / polls as f64,
         part_store_calls: chord.store_calls_per_part,
@@ -393,6 +413,24 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
         f64::from(ls.ddb + lf.ddb),
         f64::from(ls.s3_direct + lf.s3_direct + ls.s3_by_service + lf.s3_by_service)
     );
+    // By result size: a result's units grow with its item (a write unit per
+    // KB, a consistent read unit per 4 KB), as stored here; past
+    // SpillAboveBytes (64 KB compressed) it goes to S3 (the row above).
+    let _ = writeln!(d, "\nBy result size, a million stored and fetched once (results of random hex; a document over 16 KB is stored deflate-compressed, so its item is smaller than the result):\n");
+    let _ =
+        writeln!(d, "| result | its item | write + read units each | DynamoDB | all of it |\n|---|---|---|---|---|");
+    let base_ddb = (wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION;
+    for &(kb, bytes) in &m.by_size {
+        let (w, r) = (write_units(bytes), read_units(bytes));
+        let ddb = (wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION;
+        let _ = writeln!(
+            d,
+            "| {kb} KB | {:.1} KB | {w:.0} + {r:.0} | {} | {} |",
+            bytes as f64 / 1024.0,
+            usd(ddb),
+            usd(tasks - base_ddb + ddb)
+        );
+    }
     let _ = writeln!(d, "\nWhere a million tasks stored and fetched once goes: API Gateway {}, Lambda {}, DynamoDB {}, CloudWatch Logs {}.",
         usd(2.0 * api * MILLION),
         usd((lambda_cost(p, 512.0, billed("store", m.store_calls)) + lambda_cost(p, 256.0, billed("fetch", m.fetch_calls))) * MILLION),
