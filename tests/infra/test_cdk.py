@@ -81,7 +81,8 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
         (assets / name).mkdir(parents=True)
         (assets / name / "bootstrap").write_text("synth only\n")
     out = tmp / "cdk.out"
-    env = {**os.environ, "CDK_DISABLE_VERSION_CHECK": "1", "CI": "true"}
+    # Offline: no version check, no notices, no telemetry.
+    env = {**os.environ, "CDK_DISABLE_VERSION_CHECK": "1", "CDK_DISABLE_CLI_TELEMETRY": "true", "CI": "true"}
     subprocess.run(["npx", "--no-install", "tsc"], cwd=CDK, check=True, env=env)
     subprocess.run(
         [

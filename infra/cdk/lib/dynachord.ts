@@ -6,6 +6,7 @@
 // to use it; tests/infra/test_cdk.py compares its synthesized template with
 // the SAM template's.
 
+import * as fs from "node:fs";
 import * as path from "node:path";
 import {
   Aws,
@@ -43,7 +44,7 @@ export interface DynachordProps {
   /** Any of the SAM template's parameters; the rest take its defaults. */
   readonly settings?: Partial<DynachordSettings>;
   /**
-   * Each function's code. Default: `{assetsDir}/{name}`, the directory
+   * Each function's code. Default: `{assetsDir}/{name}/bootstrap.zip`, or that directory
    * `cargo lambda build --release --arm64` (or `--x86-64`, to match
    * Architecture) writes each `bootstrap` to.
    */
@@ -80,6 +81,16 @@ const ROUTES: [string, string, string, string][] = [
   ["GetChord", "GET", "/v1/chords/{group_id}", "Fetch"],
   ["BatchGet", "POST", "/v1/tasks/batch-get", "BatchFetch"],
 ];
+
+/**
+ * A function's code as cargo lambda writes it: `{dir}/{name}/bootstrap.zip`
+ * (`--output-format zip`, as `./dev build-lambdas` builds), used as it is, or
+ * else the directory holding `bootstrap`, which CDK zips.
+ */
+function defaultCode(dir: string, name: FunctionName): lambda.Code {
+  const zip = path.join(dir, name, "bootstrap.zip");
+  return lambda.Code.fromAsset(fs.existsSync(zip) ? zip : path.join(dir, name));
+}
 
 /** The bucket's lifetime classes (shared/src/store/blobs.rs tags objects with them). */
 const EXPIRY_DAYS = [1, 7, 30, 90, 365, 3650];
@@ -368,7 +379,7 @@ export class Dynachord extends Construct {
         ],
       });
       const fn = new lambda.Function(this, spec.id, {
-        code: props.code?.[spec.binary] ?? lambda.Code.fromAsset(path.join(assetsDir, spec.binary)),
+        code: props.code?.[spec.binary] ?? defaultCode(assetsDir, spec.binary),
         handler: "bootstrap",
         runtime: lambda.Runtime.PROVIDED_AL2023,
         architecture: lambda.Architecture.custom(str("Architecture")),
