@@ -102,8 +102,8 @@ pub fn dynamodb_config(shared: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Conf
 
 /// The HTTPS client of every AWS client here: hyper with rustls on ring,
 /// trusting the system's certificates. The SDK's default would be rustls on
-/// aws-lc, which the workspace leaves out to keep the functions small (its C
-/// code takes about 2 MB of each binary; see docs/OPERATIONS.md).
+/// aws-lc, which the workspace leaves out to keep the functions small (ring
+/// made each zip 0.65 MB smaller; see docs/OPERATIONS.md).
 pub fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
     aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https()
