@@ -134,10 +134,7 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
     let got = raw
         .get_item()
         .table_name(table)
-        .set_key(Some(crate::item_key(dynachord::store::task_key(
-            &dynachord::ids::Namespace::default(),
-            &dynachord::ids::TaskId::parse(&ids[0]).unwrap(),
-        ))))
+        .set_key(Some(crate::task_item_key(&ids[0])))
         .send()
         .await
         .expect("DynamoDB Local answers");
@@ -148,15 +145,10 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
     let mut by_size = Vec::new();
     for kb in [1usize, 4, 16, 64] {
         let id = format!("cost-{tag}-{kb}kb");
-        let hex: String = (0..kb * 1024 / 32).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect();
-        let body = serde_json::json!({"status": "SUCCESS", "result": hex}).to_string();
+        let body = serde_json::json!({"status": "SUCCESS", "result": crate::random_hex(kb * 1024)}).to_string();
         service.send(service.http.put(format!("{}/v1/tasks/{id}", service.base)).body(body)).await;
-        let key = crate::item_key(dynachord::store::task_key(
-            &dynachord::ids::Namespace::default(),
-            &dynachord::ids::TaskId::parse(&id).unwrap(),
-        ));
-        let raw_item =
-            raw.get_item().table_name(table).set_key(Some(key)).send().await.expect("DynamoDB Local answers");
+        let raw_item = raw.get_item().table_name(table).set_key(Some(crate::task_item_key(&id))).send().await;
+        let raw_item = raw_item.expect("DynamoDB Local answers");
         by_size.push((kb, item_bytes(&raw_item.item.expect("stored"))));
     }
 
@@ -171,9 +163,7 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
         poll_secs += started.elapsed().as_secs_f64();
     }
 
-    let json =
-        serde_json::json!((0..1_000_000 / 32).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect::<String>())
-            .to_string();
+    let json = serde_json::json!(crate::random_hex(1_000_000)).to_string();
     let id = format!("cost-{tag}-large");
     let started = Instant::now();
     let large_store = crate::store_large(service, &id, &json).await;

@@ -160,6 +160,16 @@ fn item_key(pk: String) -> HashMap<String, AttributeValue> {
     ])
 }
 
+/// The item key of task `id` in the default namespace.
+fn task_item_key(id: &str) -> HashMap<String, AttributeValue> {
+    item_key(task_key(&Namespace::default(), &TaskId::parse(id).unwrap()))
+}
+
+/// About `bytes` of random hex: barely compressible, like most large payloads.
+fn random_hex(bytes: usize) -> String {
+    (0..bytes / 32).map(|_| uuid::Uuid::new_v4().simple().to_string()).collect()
+}
+
 struct Raw {
     client: Client,
     table: String,
@@ -167,7 +177,7 @@ struct Raw {
 
 impl Raw {
     fn key(&self, id: &str) -> HashMap<String, AttributeValue> {
-        item_key(task_key(&Namespace::default(), &TaskId::parse(id).unwrap()))
+        task_item_key(id)
     }
 
     async fn put_all(&self, ids: &[String]) -> Duration {
@@ -559,11 +569,7 @@ async fn large_bench(service: &Service, a: &Args) {
     println!("\nlarge results: as the Python package stores and fetches them, against raw S3 of the same bytes (moto)");
     println!("{:<48} {:>9} {:>10}", "what (median)", "seconds", "vs raw");
     for &mb in &a.large {
-        // Random hex: barely compressible, like most large payloads.
-        let json = serde_json::json!((0..mb * 1_000_000 / 32)
-            .map(|_| uuid::Uuid::new_v4().simple().to_string())
-            .collect::<String>())
-        .to_string();
+        let json = serde_json::json!(random_hex(mb * 1_000_000)).to_string();
         let mut t: HashMap<&str, Vec<f64>> = HashMap::new();
         let (mut stored, mut fetched) = (Requests::default(), Requests::default());
         for round in 0..a.rounds {
