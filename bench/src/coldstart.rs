@@ -22,6 +22,7 @@
 //! `./dev bench --cold-start [--cold-runs 10] [--warm 100]` builds the
 //! release zips and runs it. `--cost` uses its warm durations and log bytes.
 
+use crate::median;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -282,11 +283,6 @@ fn env_file(path: &Path) -> HashMap<String, String> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
 }
 
 fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {

@@ -254,6 +254,8 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     let wru = |units: f64| units * p.ddb_write_units_per_million / MILLION;
     let rru = |units: f64| units * p.ddb_read_units_per_million / MILLION;
     let api = p.api_per_million / MILLION;
+    // A million tasks' DynamoDB price, stored and fetched once, at (w, r) units an item.
+    let tasks_ddb_cost = |w: f64, r: f64| (wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION;
 
     // 1. A million tasks stored and fetched once.
     let (w, r) = (write_units(m.item_bytes), read_units(m.item_bytes));
@@ -409,10 +411,10 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     let _ = writeln!(d, "\nBy result size, a million stored and fetched once (results of random hex; a document over 16 KB is stored deflate-compressed, so its item is smaller than the result):\n");
     let _ =
         writeln!(d, "| result | its item | write + read units each | DynamoDB | all of it |\n|---|---|---|---|---|");
-    let base_ddb = (wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION;
+    let base_ddb = tasks_ddb_cost(w, r);
     for &(kb, bytes) in &m.by_size {
         let (w, r) = (write_units(bytes), read_units(bytes));
-        let ddb = (wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION;
+        let ddb = tasks_ddb_cost(w, r);
         let _ = writeln!(
             d,
             "| {kb} KB | {:.1} KB | {w:.0} + {r:.0} | {} | {} |",
@@ -424,7 +426,7 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     let _ = writeln!(d, "\nWhere a million tasks stored and fetched once goes: API Gateway {}, Lambda {}, DynamoDB {}, CloudWatch Logs {}.",
         usd(2.0 * api * MILLION),
         usd((lambda_cost(p, 512.0, billed("store", m.store_calls)) + lambda_cost(p, 256.0, billed("fetch", m.fetch_calls))) * MILLION),
-        usd((wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION),
+        usd(tasks_ddb_cost(w, r)),
         usd((log_cost("store") + log_cost("fetch")) * MILLION));
     let _ = writeln!(d, "A long-poll is mostly Lambda's wait ({} of {} per million): clients that can wait on a chord or a batch (one request for many results) pay it once.",
         usd(lambda_cost(p, 256.0, m.poll_secs * 1000.0) * MILLION), usd(polls));
