@@ -17,9 +17,10 @@ async fn a_long_poll_returns_soon_after_another_client_stores_the_result() {
     });
     let returned_at = started.elapsed();
     assert_eq!(resp.expect(200).json["result"], "done");
-    // Functional bound, not a benchmark: the poll saw the write long before its 15 s limit.
+    // Functional bound, not a benchmark: the poll saw the write long before its
+    // 15 s limit (it reads about every 200 ms; the margin is for a busy machine).
     let lag = returned_at.saturating_sub(stored_at);
-    assert!(lag < Duration::from_secs(2), "returned {lag:?} after the store");
+    assert!(lag < Duration::from_secs(5), "returned {lag:?} after the store");
 }
 
 #[tokio::test]
