@@ -486,7 +486,7 @@ async fn delegate<T: CallbackSink>(
 
 /// Messages of the cache belong to no group.
 fn no_group() -> MessageContext<'static> {
-    MessageContext { group_id: "", parent_id: None, root_id: None }
+    MessageContext { group_id: "", parent_id: None, root_id: None, chord_error: None }
 }
 
 /// `POST /v1/cache/entry`: an entry's state: `cached`, `processing` (with

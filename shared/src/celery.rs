@@ -362,7 +362,18 @@ pub struct MessageContext<'a> {
     /// The last header task.
     pub parent_id: Option<&'a str>,
     pub root_id: Option<&'a str>,
+    /// On an errback of a failed chord only: the failed callback and its
+    /// error, sent in the [`CHORD_ERROR_HEADER`] header, from which the
+    /// Python package calls a new-style errback (`request, exc, traceback`)
+    /// as Celery's own backends do.
+    pub chord_error: Option<&'a Value>,
 }
+
+/// The message header that marks an errback sent for a failed chord (see
+/// [`MessageContext::chord_error`]): `id`, `task`, `args` and `kwargs` of the
+/// failed callback, its `errbacks`, the errback's `immutable`, and `exc`,
+/// the ChordError as Celery serializes exceptions.
+pub const CHORD_ERROR_HEADER: &str = "dynachord_chord_error";
 
 /// The SQS message body of a Celery protocol-2 task message for `sig` with
 /// `args` (a JSON array, already including the chord results when there are
@@ -403,7 +414,7 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
         at @ Value::String(_) => at,
         _ => Value::Null,
     };
-    let envelope = json!({
+    let mut envelope = json!({
         "body": B64.encode(body.as_bytes()),
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -438,6 +449,9 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
             "delivery_tag": uuid::Uuid::new_v4().to_string(),
         },
     });
+    if let Some(info) = cx.chord_error {
+        envelope["headers"][CHORD_ERROR_HEADER] = info.clone();
+    }
     B64.encode(envelope.to_string().as_bytes())
 }
 
@@ -536,7 +550,7 @@ mod tests {
             r#"{"task":"proj.tasks.tsum","args":[7],"kwargs":{"k":1},"options":{"task_id":"cb-id","reply_to":"oid","group_id":"g1","link_error":[{"task":"proj.err"}]},"subtask_type":null,"immutable":false}"#,
         )
         .unwrap();
-        let cx = MessageContext { group_id: "g1", parent_id: Some("t3"), root_id: None };
+        let cx = MessageContext { group_id: "g1", parent_id: Some("t3"), root_id: None, chord_error: None };
         let body = celery_sqs_body(&sig, r#"[[1,2,123456789012345678901234567890],7]"#, "celery", &cx);
         let envelope: Value = serde_json::from_slice(&B64.decode(body).unwrap()).unwrap();
         let headers = &envelope["headers"];
@@ -556,6 +570,13 @@ mod tests {
         let inner: Value = serde_json::from_str(&inner).unwrap();
         assert_eq!(inner[2]["errbacks"], json!([{"task": "proj.err"}]));
         assert_eq!(inner[2]["chord"], Value::Null);
+        assert!(headers.get(CHORD_ERROR_HEADER).is_none(), "only an errback of a failed chord carries it");
+
+        let failed = json!({"id": "cb-id", "exc": {"exc_type": "ChordError"}});
+        let cx = MessageContext { chord_error: Some(&failed), ..cx };
+        let envelope: Value =
+            serde_json::from_slice(&B64.decode(celery_sqs_body(&sig, "[]", "q", &cx)).unwrap()).unwrap();
+        assert_eq!(envelope["headers"][CHORD_ERROR_HEADER], failed);
     }
 
     #[test]
@@ -569,7 +590,7 @@ mod tests {
                 "link":{"task":"t.linked","options":{"task_id":"l1"}},"time_limit":30}}"#,
         )
         .unwrap();
-        let cx = MessageContext { group_id: "inner", parent_id: Some("p"), root_id: None };
+        let cx = MessageContext { group_id: "inner", parent_id: Some("p"), root_id: None, chord_error: None };
         let envelope: Value =
             serde_json::from_slice(&B64.decode(celery_sqs_body(&sig, "[[1]]", "celery", &cx)).unwrap()).unwrap();
         let headers = &envelope["headers"];
@@ -588,7 +609,7 @@ mod tests {
     fn a_countdown_and_a_relative_expiry_become_absolute_as_celery_sends_them() {
         let header = |options: &str| {
             let sig = Signature::parse(&format!(r#"{{"task":"t.a","options":{{"task_id":"a",{options}}}}}"#)).unwrap();
-            let cx = MessageContext { group_id: "g", parent_id: None, root_id: None };
+            let cx = MessageContext { group_id: "g", parent_id: None, root_id: None, chord_error: None };
             let envelope: Value =
                 serde_json::from_slice(&B64.decode(celery_sqs_body(&sig, "[]", "celery", &cx)).unwrap()).unwrap();
             (envelope["headers"]["eta"].clone(), envelope["headers"]["expires"].clone())

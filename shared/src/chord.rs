@@ -574,14 +574,22 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             return Ok(());
         }
         let errbacks = sig.errbacks();
+        let failed_callback = json!({
+            "id": sig.task_id.as_str(), "task": sig.task, "args": sig.args, "kwargs": sig.kwargs,
+            "errbacks": errbacks, "exc": error,
+        });
         let already = already as usize;
         for (i, raw) in errbacks.into_iter().enumerate().take(self.config.max_errbacks).skip(already) {
             let fallback = uuid::Uuid::new_v4().to_string();
             let Ok(errback) = Signature::from_value(raw, Some(&fallback)) else { continue };
-            // Old-style errback call: the failed task's id first.
-            let mut args = vec![Value::String(sig.task_id.to_string())];
+            // As Celery sends an old-style errback: the failed task's id
+            // first, unless the errback is immutable. The header lets the
+            // worker's package call a new-style one instead.
+            let mut args = if errback.immutable { Vec::new() } else { vec![Value::String(sig.task_id.to_string())] };
             args.extend(errback.args.iter().cloned());
             let args = Value::Array(args).to_string();
+            let mut chord_error = failed_callback.clone();
+            chord_error["immutable"] = errback.immutable.into();
             let event = || {
                 json!({"chord_id": gid.as_str(), "namespace": ns.as_str(), "callback": sig.raw, "error": error})
                     .to_string()
@@ -589,8 +597,8 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             if !self.still_ours(claim).await? {
                 return Ok(());
             }
-            match self.sink.send(ns, &Outgoing { sig: &errback, args: &args, event: &event, cx: claim.context() }).await
-            {
+            let cx = MessageContext { chord_error: Some(&chord_error), ..claim.context() };
+            match self.sink.send(ns, &Outgoing { sig: &errback, args: &args, event: &event, cx }).await {
                 Ok(()) => {}
                 Err(err) if err.is_permanent() || on_transient == OnTransient::Skip => {
                     tracing::error!(chord = %gid, errback = %errback.task, error = %err, "errback not sent")
@@ -724,7 +732,12 @@ struct Claim<'a> {
 
 impl<'a> Claim<'a> {
     fn context(&self) -> MessageContext<'a> {
-        MessageContext { group_id: self.gid.as_str(), parent_id: Some(self.last.as_str()), root_id: None }
+        MessageContext {
+            group_id: self.gid.as_str(),
+            parent_id: Some(self.last.as_str()),
+            root_id: None,
+            chord_error: None,
+        }
     }
 }
 
@@ -804,12 +817,14 @@ mod tests {
     #[derive(Default)]
     struct FakeSink {
         sent: Mutex<Vec<(String, String, String)>>,
+        /// The chord-error header of each errback that went out.
+        chord_errors: Mutex<Vec<Value>>,
         script: Mutex<VecDeque<Result<(), DispatchError>>>,
     }
 
     impl FakeSink {
         fn answering(answers: Vec<Result<(), DispatchError>>) -> Self {
-            Self { sent: Mutex::default(), script: Mutex::new(answers.into()) }
+            Self { script: Mutex::new(answers.into()), ..Self::default() }
         }
 
         /// (task, task id, args) of each message that went out.
@@ -827,6 +842,7 @@ mod tests {
                     out.sig.task_id.to_string(),
                     out.args.to_owned(),
                 ));
+                self.chord_errors.lock().unwrap().extend(out.cx.chord_error.cloned());
             }
             answer
         }
@@ -1047,6 +1063,37 @@ mod tests {
         assert_eq!(state.phase, ChordPhase::Failed);
         assert!(state.error.as_deref().unwrap().starts_with("Dependency p1 raised"), "{state:?}");
         assert!(j.sink.sent().iter().all(|(task, _, _)| task != "t.sum"), "the callback is never sent");
+    }
+
+    #[tokio::test]
+    async fn errbacks_go_out_as_celery_sends_them_with_the_failed_callback_in_a_header() {
+        let callback = r#"{"task":"t.sum","args":[7],"kwargs":{"k":1},"options":{"task_id":"cb","link_error":[
+            {"task":"t.old","args":["note"],"options":{"task_id":"e1"}},
+            {"task":"t.fixed","args":["a","b"],"immutable":true,"options":{"task_id":"e2"}}]}}"#;
+        let j = joiner(FakeSink::default());
+        let parts =
+            vec![part_with(&j, 0, 2, "SUCCESS", callback).await, part_with(&j, 1, 2, "FAILURE", callback).await];
+        assert!(j.handle_parts(parts).await.is_empty());
+        let sent: Vec<(String, String)> = j.sink.sent().into_iter().map(|(task, _, args)| (task, args)).collect();
+        let expected = [("t.old", r#"["cb","note"]"#), ("t.fixed", r#"["a","b"]"#)];
+        assert_eq!(
+            sent,
+            expected.map(|(t, a)| (t.to_owned(), a.to_owned())),
+            "the failed task's id first, unless immutable"
+        );
+        let headers = j.sink.chord_errors.lock().unwrap().clone();
+        assert_eq!(headers.len(), 2, "one header a message");
+        for (header, immutable) in headers.iter().zip([false, true]) {
+            assert_eq!(header["immutable"], immutable);
+            assert_eq!((&header["id"], &header["task"], &header["args"]), (&json!("cb"), &json!("t.sum"), &json!([7])));
+            assert_eq!(header["kwargs"], json!({"k": 1}));
+            assert_eq!(header["errbacks"].as_array().map(Vec::len), Some(2));
+            assert_eq!(
+                (&header["exc"]["exc_type"], &header["exc"]["exc_module"]),
+                (&json!("ChordError"), &json!("celery.exceptions"))
+            );
+            assert!(header["exc"]["exc_message"][0].as_str().unwrap().starts_with("Dependency p1 raised"), "{header}");
+        }
     }
 
     #[tokio::test]

@@ -228,7 +228,12 @@ mod tests {
     }
 
     fn outgoing<'a>(sig: &'a Signature, args: &'a str, event: &'a (dyn Fn() -> String + Sync)) -> Outgoing<'a> {
-        Outgoing { sig, args, event, cx: MessageContext { group_id: "g1", parent_id: None, root_id: None } }
+        Outgoing {
+            sig,
+            args,
+            event,
+            cx: MessageContext { group_id: "g1", parent_id: None, root_id: None, chord_error: None },
+        }
     }
 
     #[tokio::test]

@@ -162,6 +162,37 @@ CANVASES: dict[str, Recipe] = {
     "parts with ignore_result": lambda s: chord(
         [s("add", 1, 1).set(ignore_result=True), s("add", 2, 2)], s("collect", "ignored")
     ),
+    "a part replaced by a task": lambda s: chord([s("replaced", 1, "task"), s("add", 2, 2)], s("collect", "r")),
+    "a part replaced by a chain": lambda s: chord([s("replaced", 1, "chain"), s("add", 2, 2)], s("collect", "r")),
+    "a part replaced by a group": lambda s: chord([s("replaced", 1, "group"), s("add", 2, 2)], s("collect", "r")),
+    "a part replaced by a chord": lambda s: chord([s("replaced", 1, "chord"), s("add", 2, 2)], s("collect", "r")),
+    "a body replaced by a chain": lambda s: chord([s("add", 1, 1), s("add", 2, 2)], s("replaced", "sum, then add")),
+    "a task replaced by a chord, in a chain": lambda s: chain(s("replaced", 1, "chord"), s("add", 1)),
+    "a task replaced by a group": lambda s: s("replaced", 1, "group"),
+    "a group piped into a task": lambda s: group(s("add", 1, 1), s("add", 2, 2)) | s("tsum"),
+    "a chain with a group in the middle": lambda s: chain(s("add", 1, 1), group(s("add", 1), s("mul", 2)), s("tsum")),
+    "three chords in one chain": lambda s: chain(
+        chord([s("add", 1, 1)], s("tsum")), chord([s("add", 1)], s("tsum")), chord([s("mul", 2)], s("tsum"))
+    ),
+    "a group of chains ending in chords": lambda s: group(
+        chain(s("add", 1, 1), chord([s("add", 1), s("add", 2)], s("tsum"))), chain(s("add", 2, 2), s("mul", 2))
+    ),
+    "an empty header": lambda s: chord([], s("tsum")),
+    "a group then a group": lambda s: chain(group(s("add", 1, 1), s("add", 2, 2)), group(s("tsum"), s("tsum"))),
+    "a chord body with kwargs": lambda s: chord([s("add", 1, 1)], s("collect").set().clone(kwargs={"tag": "kw"})),
+    "immutable parts": lambda s: chord([s("add", 1, 1).set(immutable=True), s("add", 2, 2)], s("tsum")),
+    "a chain after a chord as the header part": lambda s: chord(
+        [chain(chord([s("add", 1, 1)], s("tsum")), s("add", 1)), s("add", 3, 3)], s("collect", "cc")
+    ),
+    "a chord of 50": lambda s: chord([s("add", i, i) for i in range(50)], s("tsum")),
+    "nested groups in the header": lambda s: chord(
+        [group(group(s("add", 1, 1), s("add", 2, 2)), s("add", 3, 3)), s("add", 4, 4)], s("collect", "ng")
+    ),
+    "a chord with a chain body inside a chain": lambda s: chain(
+        s("add", 1, 1), chord([s("add", 1), s("add", 2)], s("tsum") | s("mul", 2)), s("add", 1)
+    ),
+    "a body with a link": lambda s: chord([s("add", 1, 1)], s("tsum").set(link=s("add", 100))),
+    "a group of one chord": lambda s: group(chord([s("add", 1, 1), s("add", 2, 2)], s("tsum"))),
 }
 
 
@@ -193,6 +224,23 @@ def without_ids(value: Any) -> Any:
 FAILING: dict[str, Recipe] = {
     "a chain after a failing chord": lambda s: chain(chord([s("add", 1, 1), s("fail", "x")], s("tsum")), s("add", 1)),
     "a chain as a failing chord's body": lambda s: chord([s("add", 1, 1), s("fail", "x")], s("tsum") | s("add", 1)),
+    "a failing body": lambda s: chord([s("add", 1, 1)], s("fail", "body").set(immutable=True)),
+    "a failing body, then a chain": lambda s: chain(
+        chord([s("add", 1, 1)], s("fail", "body").set(immutable=True)), s("add", 1)
+    ),
+    "a failing chord inside the header": lambda s: chord(
+        [chord([s("fail", "in"), s("add", 1, 1)], s("tsum")), s("add", 2, 2)], s("collect", "n")
+    ),
+    "a failing chord in a chain of chords": lambda s: chain(
+        chord([s("add", 1, 1)], s("tsum")),
+        chord([s("fail", "2nd").set(immutable=True)], s("tsum")),
+        chord([s("add", 1)], s("tsum")),
+    ),
+    "a failing part in a group of chords": lambda s: group(
+        chord([s("add", 1, 1)], s("tsum")), chord([s("fail", "g")], s("tsum"))
+    ),
+    "a chain in the header failing": lambda s: chord([s("add", 1, 1) | s("fail"), s("add", 2, 2)], s("tsum")),
+    "a replaced part failing": lambda s: chord([s("replaced", 1, "a failure"), s("add", 2, 2)], s("tsum")),
 }
 
 
@@ -279,3 +327,15 @@ def test_waiting_on_a_result_inside_a_task_is_refused_as_on_redis(apps):
         value = s("get_inside", done.id).apply_async().get(timeout=TIMEOUT, propagate=False)
         got.append((type(value).__name__, "Never call result.get() within a task" in str(value)))
     assert got[0] == got[1] == ("RuntimeError", True), got
+
+
+def test_a_new_style_errback_of_a_failed_chord_is_called_as_on_redis(apps):
+    """An errback written as Celery's docs write it, `(request, exc,
+    traceback)`, gets the failed callback's request and the ChordError."""
+    for each in apps:
+        s = t(each)
+        result = chord([s("add", 1, 1), s("fail", "x")], s("tsum").on_error(s("note_failure"))).apply_async()
+        with pytest.raises((ValueError, ChordError)):
+            result.get(timeout=TIMEOUT)
+        noted = AsyncResult(f"{result.id}-noted", app=each).get(timeout=TIMEOUT)
+        assert noted == {"failed": result.id, "exc": "ChordError"}, each.conf.result_backend

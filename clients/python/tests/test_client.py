@@ -398,3 +398,54 @@ def test_a_chord_callbacks_reference_to_its_results_is_resolved_before_it_runs(s
     other: list[Any] = [{"dynachord_ref": 1}]
     signals.task_prerun.send(sender=task, task_id="x", task=task, args=other, kwargs={})
     assert other == [{"dynachord_ref": 1}]
+
+
+def test_an_errback_of_a_failed_chord_is_called_new_style_when_celery_would() -> None:
+    from celery import signals
+    from celery.exceptions import ChordError
+    from dynachord_celery.backend import CHORD_ERROR_HEADER
+
+    app = Celery("t", backend="dynachord+http://127.0.0.1:9")
+    info = {
+        "id": "cb",
+        "task": "t.sum",
+        "args": [7],
+        "kwargs": {},
+        "errbacks": [],
+        "immutable": False,
+        "exc": {
+            "exc_type": "ChordError",
+            "exc_message": ["Dependency p1 raised ValueError('x')"],
+            "exc_module": "celery.exceptions",
+        },
+    }
+
+    def new_style(request: Any, exc: Any, traceback: Any, note: str) -> None: ...
+    def old_style(task_id: str, note: str) -> None: ...
+    def bound(self: Any, request: Any, exc: Any, traceback: Any) -> None: ...
+
+    def prerun(fn: Any, args: list[Any], header: dict[str, Any] | None = None, **task_options: Any) -> Any:
+        task = app.task(fn, name=f"t.{fn.__name__}", **task_options)
+        task.push_request(args=args, **({CHORD_ERROR_HEADER: header} if header else {}))
+        try:
+            signals.task_prerun.send(sender=task, task_id="e", task=task, args=args, kwargs={})
+            return task.request.args
+        finally:
+            task.pop_request()
+
+    args: list[Any] = ["cb", "n"]
+    assert prerun(new_style, args, info) == ["cb", "n"], "the errback's meta keeps the args as sent"
+    request, exc, traceback, note = args
+    assert (request.id, request.task, request.args, traceback, note) == ("cb", "t.sum", [7], None, "n")
+    assert isinstance(exc, ChordError) and "Dependency p1 raised" in str(exc)
+    # An old-style one, a bound one and an immutable one run as sent, and so
+    # does any task the service did not send as a chord's errback.
+    for fn, sent, header, options in [
+        (old_style, ["cb", "n"], info, {}),
+        (bound, ["cb"], info, {"bind": True}),
+        (new_style, ["a", "b", "c", "d"], dict(info, immutable=True), {}),
+        (new_style, ["cb", "n"], None, {}),
+    ]:
+        args = list(sent)
+        prerun(fn, args, header, **options)
+        assert args == sent, fn

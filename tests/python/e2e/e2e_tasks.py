@@ -56,6 +56,13 @@ def record_error(task_id, note):
 
 
 @app.task
+def note_failure(request, exc, traceback):
+    """A new-style errback (the form Celery's docs give): records what
+    failed as the result of `<failed task's id>-noted`."""
+    app.backend.store_result(f"{request.id}-noted", {"failed": request.id, "exc": type(exc).__name__}, "SUCCESS")
+
+
+@app.task
 def tsum(values):
     return sum(values)
 
@@ -69,6 +76,23 @@ def progress(self, steps):
         self.update_state(state="PROGRESS", meta={"step": i, "of": steps})
         time.sleep(1.2)
     return "done"
+
+
+@app.task(bind=True)
+def replaced(self, x, kind):
+    """Replaces itself (Task.replace) with a task, chain, group or chord
+    of its own, which gives the result in its place."""
+    from celery import chord, group
+
+    by = {
+        "task": lambda: add.s(x, 1),
+        "chain": lambda: add.s(x, 1) | mul.s(2),
+        "group": lambda: group(add.s(x, 1), add.s(x, 2)),
+        "chord": lambda: chord([add.s(x, 1), add.s(x, 2)], tsum.s()),
+        "sum, then add": lambda: tsum.s(x) | add.s(1),
+        "a failure": lambda: fail.si(f"replaced {x}"),
+    }
+    return self.replace(by[kind]())
 
 
 @app.task

@@ -16,21 +16,28 @@ What it does differently from Celery's key-value backends:
 - results of any size: a large result goes to the service's S3 bucket
   through a presigned URL and comes back the same way; a chord callback
   whose results are too large for a queue message receives them all the
-  same (see :func:`_resolve_chord_results`).
+  same (see :func:`_resolve_chord_results`);
+- a failed chord's errbacks are sent by the service; a new-style errback
+  (``def on_error(request, exc, traceback)``) is called with the failed
+  callback's request and its ChordError, as Celery's own backends call it
+  (see :func:`_call_new_style_errback`).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from celery import signals, states
+from celery.app.task import Context
 from celery.backends.base import BaseBackend
 from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import result_from_tuple
+from celery.utils.functional import arity_greater
 
 from .client import Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
 
@@ -463,5 +470,70 @@ def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = Non
 
 
 signals.task_prerun.connect(_resolve_chord_results, weak=False, dispatch_uid="dynachord-chord-results")
+
+#: The message header on each errback the service sends for a failed chord:
+#: the failed callback (``id``, ``task``, ``args``, ``kwargs``,
+#: ``errbacks``), whether the errback is ``immutable``, and ``exc``, the
+#: ChordError as Celery serializes exceptions.
+CHORD_ERROR_HEADER = "dynachord_chord_error"
+
+
+def _is_new_style(task: Any, own_args: list[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Celery's rule for an errback (``BaseBackend._call_task_errbacks``): a
+    task made with ``@app.task`` whose function takes more than one argument
+    besides those its signature already holds is called as
+    ``errback(request, exc, traceback)``; a ``bind=True`` task, or one that
+    takes a single argument, is sent the failed task's id instead."""
+    header = getattr(task, "__header__", None)
+    if header is None or isinstance(header, functools.partial):
+        return False
+    if own_args or kwargs:
+        try:
+            return bool(arity_greater(functools.partial(header, *own_args, **kwargs), 1))
+        except (TypeError, ValueError):
+            pass
+    return bool(arity_greater(header, 1))
+
+
+def _call_new_style_errback(
+    sender: Any = None, task: Any = None, args: Any = None, kwargs: Any = None, **_: Any
+) -> None:
+    """Before a task runs (``task_prerun``): when the service sent it as an
+    errback of a failed chord and it is a new-style errback, calls it as
+    Celery's own backends do, with the failed callback's request, the
+    ChordError and no traceback, followed by its own arguments. The service
+    sends every errback as Celery sends an old-style one (the failed task's
+    id first, unless immutable), so old-style errbacks run untouched."""
+    request = getattr(task, "request", None)
+    info = getattr(request, CHORD_ERROR_HEADER, None)
+    if not isinstance(info, dict) or not isinstance(args, list):
+        return
+    if info.get("immutable"):
+        # Either way Celery calls an immutable errback with its own
+        # arguments only, which is how the service sent it.
+        return
+    own = list(args[1:])
+    if not _is_new_style(task, own, kwargs or {}):
+        return
+    failed = Context(
+        {
+            "id": info.get("id"),
+            "task": info.get("task") or "unknown",
+            "args": info.get("args") or [],
+            "kwargs": info.get("kwargs") or {},
+            "errbacks": info.get("errbacks") or [],
+            "delivery_info": {},
+        }
+    )
+    exc = task.backend.exception_to_python(info.get("exc"))
+    as_sent: list[Any] = list(args)
+    if request is not None and getattr(request, "args", None) is args:
+        # The errback's own meta (result_extended) keeps the args as sent,
+        # which are JSON; the request and the exception are not.
+        request.args = as_sent
+    args[:] = [failed, exc, None, *own]
+
+
+signals.task_prerun.connect(_call_new_style_errback, weak=False, dispatch_uid="dynachord-chord-errbacks")
 
 __all__ = ["DynachordBackend", "DynachordError", "DynachordTimeout", "DynachordUnavailable"]
