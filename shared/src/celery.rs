@@ -255,6 +255,40 @@ impl Signature {
         }
     }
 
+    /// A group's members (each a task, or a chain whose id is its last
+    /// task's); nothing for any other signature.
+    pub fn group_members(&self) -> Vec<Signature> {
+        if self.task != GROUP {
+            return Vec::new();
+        }
+        let tasks = self.kwargs.get("tasks").and_then(Value::as_array);
+        tasks.map(|tasks| tasks.iter().filter_map(|t| member(t).ok()).collect()).unwrap_or_default()
+    }
+
+    /// The errbacks a failed chord with this body calls, in order, as
+    /// Celery 5.7's `chord_error_from_stack` calls them: a task's or a
+    /// chain's own, each reporting the body's failure; for a group, each
+    /// member's own and then the group's (where `group.on_error` does not
+    /// already put them on every member), without repeats, each reporting
+    /// that member's failure.
+    pub fn errback_calls(&self) -> Vec<ErrbackCall> {
+        if self.task != GROUP {
+            return self.errbacks().into_iter().map(|errback| ErrbackCall { failed: self.clone(), errback }).collect();
+        }
+        let group = self.errbacks();
+        let mut calls = Vec::new();
+        for member in self.group_members() {
+            let mut seen: Vec<Value> = Vec::new();
+            for errback in member.errbacks().into_iter().chain(group.iter().cloned()) {
+                if !seen.contains(&errback) {
+                    seen.push(errback.clone());
+                    calls.push(ErrbackCall { failed: member.clone(), errback });
+                }
+            }
+        }
+        calls
+    }
+
     /// Every queue named anywhere in this signature: its own `options.queue`
     /// and that of every signature nested in it (errbacks, links, a chain's
     /// rest, a group's tasks, a chord's body), wherever it sits.
@@ -280,6 +314,13 @@ impl Signature {
 }
 
 /// `kwargs[key]`, a list of signatures (`what` names the canvas in errors).
+/// One errback call of a failed chord: the errback's signature, and the
+/// task whose failure it reports (Celery's request of that call).
+pub struct ErrbackCall {
+    pub failed: Signature,
+    pub errback: Value,
+}
+
 fn list_of<'a>(kwargs: &'a Map<String, Value>, key: &str, what: &str) -> Result<&'a [Value], String> {
     kwargs.get(key).and_then(Value::as_array).map(Vec::as_slice).ok_or_else(|| format!("{what} needs kwargs.{key}"))
 }

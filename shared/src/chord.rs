@@ -364,7 +364,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 Err(err) if err.is_permanent() => {
                     let message = format!("ChordError: callback not sent: {err}");
                     let spared: Vec<TaskId> = messages[..i].iter().flat_map(Signature::ids_that_never_run).collect();
-                    return self.fail_sparing(claim, &sig, message, OnTransient::Retry, &spared).await;
+                    return self.fail_sparing(claim, &sig, message.into(), OnTransient::Retry, &spared).await;
                 }
                 Err(err) => return Err(err.into()),
             }
@@ -387,7 +387,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
     /// inner `Err`, the ChordError message of the first part that failed,
     /// has no result, or makes the results larger than chord-join holds
     /// (`CHORD_MAX_RESULTS_BYTES`). Results kept in S3 are read from there.
-    async fn read_results(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Result<String, String>, JoinError> {
+    async fn read_results(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Result<String, Failure>, JoinError> {
         let limit = self.config.max_results_bytes;
         let mut results = String::from("[");
         let mut start = 0;
@@ -398,10 +398,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             let metas = self.store.get_tasks(ns, chunk).await?;
             let mut read = 0usize;
             for (id, meta) in chunk.iter().zip(metas) {
-                let gone = || Ok(Err(format!("Dependency {id} has no result (forgotten or expired)")));
+                let gone = || Ok(Err(format!("Dependency {id} has no result (forgotten or expired)").into()));
                 let Some(stored) = meta else { return gone() };
                 if stored.blob.as_ref().is_some_and(|blob| results.len() as u64 + blob.bytes > limit as u64) {
-                    return Ok(Err(too_many_bytes(limit)));
+                    return Ok(Err(too_many_bytes(limit).into()));
                 }
                 let (json, result) = match &stored.blob {
                     None => {
@@ -419,7 +419,8 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 };
                 read += json.len();
                 if matches!(stored.status, State::Failure | State::Revoked) {
-                    return Ok(Err(chord_error_message(id, &json)));
+                    let cause = exception_in(&result);
+                    return Ok(Err(Failure { message: chord_error_message(id, &json), cause }));
                 }
                 if results.len() > 1 {
                     results.push(',');
@@ -427,7 +428,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 results.push_str(&result);
                 // With the closing bracket still to come.
                 if results.len() + 1 > limit {
-                    return Ok(Err(too_many_bytes(limit)));
+                    return Ok(Err(too_many_bytes(limit).into()));
                 }
             }
             start += chunk.len();
@@ -515,7 +516,20 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             }
             _ => Vec::new(),
         };
-        self.fail_sparing(claim, &sig, message, on_transient, &spared).await
+        let cause = self.cause_of(claim.ns, &message).await?;
+        self.fail_sparing(claim, &sig, Failure { message, cause }, on_transient, &spared).await
+    }
+
+    /// The exception of the part a ChordError message names
+    /// (`Dependency <id> raised ...`), read again, so a retry gives a group
+    /// body's members the same exception the first attempt did.
+    async fn cause_of(&self, ns: &Namespace, message: &str) -> Result<Option<Value>, JoinError> {
+        let named = message.strip_prefix("Dependency ").and_then(|rest| rest.split_once(" raised "));
+        let Some(id) = named.and_then(|(id, _)| TaskId::parse(id).ok()) else { return Ok(None) };
+        let stored = self.store.get_tasks(ns, std::slice::from_ref(&id)).await?.pop().flatten();
+        Ok(stored
+            .filter(|t| matches!(t.status, State::Failure | State::Revoked))
+            .and_then(|t| exception_in(&result_of(&t.json))))
     }
 
     /// Fails the chord as Celery does: the callback's task stored as FAILURE
@@ -525,10 +539,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         &self,
         claim: &Claim<'_>,
         sig: &Signature,
-        message: String,
+        failure: impl Into<Failure>,
         on_transient: OnTransient,
     ) -> Result<(), JoinError> {
-        self.fail_sparing(claim, sig, message, on_transient, &[]).await
+        self.fail_sparing(claim, sig, failure.into(), on_transient, &[]).await
     }
 
     /// As [`Joiner::fail`], leaving the tasks in `spared` alone: they were
@@ -537,12 +551,26 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         &self,
         claim: &Claim<'_>,
         sig: &Signature,
-        message: String,
+        failure: Failure,
         on_transient: OnTransient,
         spared: &[TaskId],
     ) -> Result<(), JoinError> {
         let Claim { ns, gid, token, .. } = *claim;
+        let Failure { message, cause } = failure;
         let error = json!({"exc_type": "ChordError", "exc_message": [message], "exc_module": "celery.exceptions"});
+        // A group body's members, and the group, get the failed part's own
+        // exception when there is one, as Celery 5.7 gives them (the
+        // ChordError's cause); everything else gets the ChordError.
+        let members = sig.group_members();
+        let mut caused: Vec<TaskId> = Vec::new();
+        if cause.is_some() && !members.is_empty() {
+            caused.push(sig.task_id.clone());
+            caused.extend(members.iter().flat_map(Signature::ids_that_never_run));
+        }
+        let exception_of = |id: &TaskId| match &cause {
+            Some(cause) if caused.contains(id) => cause,
+            _ => &error,
+        };
         let meta = json!({
             "status": "FAILURE", "result": error, "traceback": null, "children": [],
             "date_done": now_celery(), "group_id": gid.as_str(), "task_id": sig.task_id.as_str(),
@@ -553,6 +581,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         for task_id in sig.ids_that_never_run().into_iter().filter(|id| !spared.contains(id)) {
             let mut meta = meta.clone();
             meta["task_id"] = task_id.as_str().into();
+            meta["result"] = exception_of(&task_id).clone();
             let record = TaskRecord {
                 task_id,
                 status: State::Failure,
@@ -573,23 +602,22 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             self.lost(gid, "recording the failure");
             return Ok(());
         }
-        let errbacks = sig.errbacks();
-        let failed_callback = json!({
-            "id": sig.task_id.as_str(), "task": sig.task, "args": sig.args, "kwargs": sig.kwargs,
-            "errbacks": errbacks, "exc": error,
-        });
+        let calls = sig.errback_calls();
         let already = already as usize;
-        for (i, raw) in errbacks.into_iter().enumerate().take(self.config.max_errbacks).skip(already) {
+        for (i, call) in calls.iter().enumerate().take(self.config.max_errbacks).skip(already) {
             let fallback = uuid::Uuid::new_v4().to_string();
-            let Ok(errback) = Signature::from_value(raw, Some(&fallback)) else { continue };
+            let Ok(errback) = Signature::from_value(call.errback.clone(), Some(&fallback)) else { continue };
+            let failed = &call.failed;
             // As Celery sends an old-style errback: the failed task's id
             // first, unless the errback is immutable. The header lets the
             // worker's package call a new-style one instead.
-            let mut args = if errback.immutable { Vec::new() } else { vec![Value::String(sig.task_id.to_string())] };
+            let mut args = if errback.immutable { Vec::new() } else { vec![Value::String(failed.task_id.to_string())] };
             args.extend(errback.args.iter().cloned());
             let args = Value::Array(args).to_string();
-            let mut chord_error = failed_callback.clone();
-            chord_error["immutable"] = errback.immutable.into();
+            let chord_error = json!({
+                "id": failed.task_id.as_str(), "task": failed.task, "args": failed.args, "kwargs": failed.kwargs,
+                "errbacks": failed.errbacks(), "immutable": errback.immutable, "exc": exception_of(&failed.task_id),
+            });
             let event = || {
                 json!({"chord_id": gid.as_str(), "namespace": ns.as_str(), "callback": sig.raw, "error": error})
                     .to_string()
@@ -760,6 +788,24 @@ pub fn results_id(gid: &GroupId) -> TaskId {
     TaskId::parse(&format!("dynachord-chord-results-{}", &digest[..40])).expect("a valid id")
 }
 
+/// Why a chord fails: Celery's ChordError message and, when a part failed,
+/// that part's exception (the ChordError's cause in Celery 5.7).
+struct Failure {
+    message: String,
+    cause: Option<Value>,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self { message, cause: None }
+    }
+}
+
+/// A failed part's result, when it is an exception as Celery stores one.
+fn exception_in(result: &str) -> Option<Value> {
+    serde_json::from_str::<Value>(result).ok().filter(|r| r["exc_type"].is_string())
+}
+
 fn too_many_bytes(limit: usize) -> String {
     format!(
         "ChordError: the parts' results add up to more than {limit} bytes, the most chord-join joins \
@@ -872,7 +918,13 @@ mod tests {
     async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str, callback: &str) -> Part {
         let ns = Namespace::default();
         let task_id = TaskId::parse(&format!("p{i}")).unwrap();
-        let json = format!(r#"{{"status":"{status}","result":{i},"task_id":"p{i}"}}"#);
+        // A failed part's result is its exception, as Celery stores it.
+        let result = if status == "FAILURE" {
+            format!(r#"{{"exc_type":"ValueError","exc_message":["part {i}"],"exc_module":"builtins"}}"#)
+        } else {
+            i.to_string()
+        };
+        let json = format!(r#"{{"status":"{status}","result":{result},"task_id":"p{i}"}}"#);
         let status = State::parse(status).unwrap();
         let record = TaskRecord {
             task_id: task_id.clone(),
@@ -1094,6 +1146,38 @@ mod tests {
             );
             assert!(header["exc"]["exc_message"][0].as_str().unwrap().starts_with("Dependency p1 raised"), "{header}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_group_body_gives_each_member_the_parts_exception_and_calls_its_errbacks_as_celery() {
+        // group(t.a.on_error(e.own), t.b | t.c) with the group's errback e.all
+        // (the shape group.on_error leaves when a member has none of its own).
+        let callback = r#"{"task":"celery.group","options":{"task_id":"grp","link_error":[{"task":"e.all"}]},
+            "kwargs":{"tasks":[
+              {"task":"t.a","options":{"task_id":"ga","link_error":[{"task":"e.own"},{"task":"e.all"}]}},
+              {"task":"celery.chain","options":{},"kwargs":{"tasks":[
+                {"task":"t.b","options":{"task_id":"gb"}},{"task":"t.c","options":{"task_id":"gc"}}]}}]}}"#;
+        let j = joiner(FakeSink::default());
+        let parts =
+            vec![part_with(&j, 0, 2, "FAILURE", callback).await, part_with(&j, 1, 2, "SUCCESS", callback).await];
+        assert!(j.handle_parts(parts).await.is_empty());
+        let ns = Namespace::default();
+        for id in ["grp", "ga", "gb", "gc"] {
+            let stored = j.store.get_task(&ns, &TaskId::parse(id).unwrap()).await.unwrap().unwrap();
+            let meta: Value = serde_json::from_str(&stored.json).unwrap();
+            assert_eq!(meta["result"]["exc_type"], "ValueError", "{id}: the failed part's own exception");
+            assert_eq!(meta["result"]["exc_message"], json!(["part 0"]), "{id}");
+        }
+        let sent: Vec<(String, String)> = j.sink.sent().into_iter().map(|(task, _, args)| (task, args)).collect();
+        let expected = [("e.own", r#"["ga"]"#), ("e.all", r#"["ga"]"#), ("e.all", r#"["gc"]"#)];
+        assert_eq!(
+            sent,
+            expected.map(|(t, a)| (t.to_owned(), a.to_owned())),
+            "each member's own, then the group's, once each"
+        );
+        let headers = j.sink.chord_errors.lock().unwrap().clone();
+        assert_eq!(headers.iter().map(|h| h["id"].as_str().unwrap()).collect::<Vec<_>>(), ["ga", "ga", "gc"]);
+        assert!(headers.iter().all(|h| h["exc"]["exc_type"] == "ValueError"), "{headers:?}");
     }
 
     #[tokio::test]
