@@ -192,6 +192,10 @@ CANVASES: dict[str, Recipe] = {
         s("add", 1, 1), chord([s("add", 1), s("add", 2)], s("tsum") | s("mul", 2)), s("add", 1)
     ),
     "a body with a link": lambda s: chord([s("add", 1, 1)], s("tsum").set(link=s("add", 100))),
+    "a part that retries": lambda s: chord([s("retry_once", 5), s("add", 2, 2)], s("collect", "retried")),
+    "a body that retries": lambda s: chord([s("add", 1, 1), s("add", 2, 2)], s("retry_once")),
+    "a chain of parts that retry": lambda s: chord([s("retry_once", 1) | s("retry_once")], s("tsum")),
+    "a body with its own task id": lambda s: chord([s("add", 1, 1)], s("tsum").set(task_id=str(uuid.uuid4()))),
     "a group of one chord": lambda s: group(chord([s("add", 1, 1), s("add", 2, 2)], s("tsum"))),
 }
 

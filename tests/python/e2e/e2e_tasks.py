@@ -95,6 +95,14 @@ def replaced(self, x, kind):
     return self.replace(by[kind]())
 
 
+@app.task(bind=True)
+def retry_once(self, x):
+    """Retries itself once (Celery's retry), then gives `x`."""
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1)
+    return x
+
+
 @app.task
 def get_inside(task_id):
     """Waits on another task's result inside a task: Celery refuses that
