@@ -602,9 +602,14 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             self.lost(gid, "recording the failure");
             return Ok(());
         }
-        let calls = sig.errback_calls();
+        // A group member sent before the failure runs: it reports no failure.
+        let calls: Vec<_> = sig.errback_calls().into_iter().filter(|c| !spared.contains(&c.failed.task_id)).collect();
         let already = already as usize;
-        for (i, call) in calls.iter().enumerate().take(self.config.max_errbacks).skip(already) {
+        // Checked at store time: at most CHORD_MAX_ERRBACKS of the callback's
+        // own, and of each group member's, which with the group's makes at
+        // most twice that a member.
+        let most = self.config.max_errbacks * if members.is_empty() { 1 } else { 2 * members.len() };
+        for (i, call) in calls.iter().enumerate().take(most).skip(already) {
             let fallback = uuid::Uuid::new_v4().to_string();
             let Ok(errback) = Signature::from_value(call.errback.clone(), Some(&fallback)) else { continue };
             let failed = &call.failed;
@@ -901,6 +906,14 @@ mod tests {
     const CALLBACK: &str = r#"{"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"cb",
         "link_error":[{"task":"t.e1","options":{"task_id":"e1"}},{"task":"t.e2","options":{"task_id":"e2"}}]}}"#;
 
+    /// group(t.a.on_error(e.own), t.b | t.c) with the group's errback e.all
+    /// also on t.a (as group.on_error leaves it) and on the group itself.
+    const GROUP_WITH_ERRBACKS: &str = r#"{"task":"celery.group","options":{"task_id":"grp","link_error":[{"task":"e.all"}]},
+        "kwargs":{"tasks":[
+          {"task":"t.a","options":{"task_id":"ga","link_error":[{"task":"e.own"},{"task":"e.all"}]}},
+          {"task":"celery.chain","options":{},"kwargs":{"tasks":[
+            {"task":"t.b","options":{"task_id":"gb"}},{"task":"t.c","options":{"task_id":"gc"}}]}}]}}"#;
+
     fn joiner(sink: FakeSink) -> Joiner<MemoryStore, FakeSink> {
         Joiner::new(MemoryStore::default(), sink, &Config::for_table("t"))
     }
@@ -1150,16 +1163,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_group_body_gives_each_member_the_parts_exception_and_calls_its_errbacks_as_celery() {
-        // group(t.a.on_error(e.own), t.b | t.c) with the group's errback e.all
-        // (the shape group.on_error leaves when a member has none of its own).
-        let callback = r#"{"task":"celery.group","options":{"task_id":"grp","link_error":[{"task":"e.all"}]},
-            "kwargs":{"tasks":[
-              {"task":"t.a","options":{"task_id":"ga","link_error":[{"task":"e.own"},{"task":"e.all"}]}},
-              {"task":"celery.chain","options":{},"kwargs":{"tasks":[
-                {"task":"t.b","options":{"task_id":"gb"}},{"task":"t.c","options":{"task_id":"gc"}}]}}]}}"#;
         let j = joiner(FakeSink::default());
-        let parts =
-            vec![part_with(&j, 0, 2, "FAILURE", callback).await, part_with(&j, 1, 2, "SUCCESS", callback).await];
+        let parts = vec![
+            part_with(&j, 0, 2, "FAILURE", GROUP_WITH_ERRBACKS).await,
+            part_with(&j, 1, 2, "SUCCESS", GROUP_WITH_ERRBACKS).await,
+        ];
         assert!(j.handle_parts(parts).await.is_empty());
         let ns = Namespace::default();
         for id in ["grp", "ga", "gb", "gc"] {
@@ -1178,6 +1186,26 @@ mod tests {
         let headers = j.sink.chord_errors.lock().unwrap().clone();
         assert_eq!(headers.iter().map(|h| h["id"].as_str().unwrap()).collect::<Vec<_>>(), ["ga", "ga", "gc"]);
         assert!(headers.iter().all(|h| h["exc"]["exc_type"] == "ValueError"), "{headers:?}");
+    }
+
+    #[tokio::test]
+    async fn a_group_body_refused_midway_calls_errbacks_only_for_the_members_not_sent() {
+        let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
+        let j = joiner(FakeSink::answering(vec![Ok(()), Err(refused)]));
+        let parts = vec![
+            part_with(&j, 0, 2, "SUCCESS", GROUP_WITH_ERRBACKS).await,
+            part_with(&j, 1, 2, "SUCCESS", GROUP_WITH_ERRBACKS).await,
+        ];
+        assert!(j.handle_parts(parts).await.is_empty());
+        let sent: Vec<(String, String)> = j.sink.sent().into_iter().map(|(task, _, args)| (task, args)).collect();
+        let expected = [("t.a", "[[0,1]]"), ("e.all", r#"["gc"]"#)];
+        assert_eq!(
+            sent,
+            expected.map(|(t, a)| (t.to_owned(), a.to_owned())),
+            "t.a was sent and runs: no errback for it"
+        );
+        let headers = j.sink.chord_errors.lock().unwrap().clone();
+        assert_eq!(headers[0]["exc"]["exc_type"], "ChordError", "no part failed: the ChordError itself");
     }
 
     #[tokio::test]

@@ -192,7 +192,8 @@ pub struct ChordConfig {
     /// `CHORD_MAX_ATTEMPTS` (default 8, 1..=100): joins that fail with an
     /// error retrying might fix before the chord fails for good.
     pub max_attempts: u32,
-    /// `CHORD_MAX_ERRBACKS` (default 16, 0..=100): errbacks one callback may carry.
+    /// `CHORD_MAX_ERRBACKS` (default 16, 0..=100): errbacks one callback may
+    /// carry, and each task of a group callback.
     pub max_errbacks: usize,
     /// `CHORD_MAX_CALLBACK_BYTES` (default 65536, 1024..=262144): the largest
     /// callback signature a part may carry.

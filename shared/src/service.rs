@@ -201,12 +201,19 @@ fn check_callback(config: &Config, ns: &Namespace, callback: &str) -> Result<(),
         return Err(ApiError::CallbackTooLarge { size: callback.len(), limit: limits.max_callback_bytes });
     }
     let sig = Signature::parse(callback).map_err(|e| ApiError::BadBody(format!("chord: {e}")))?;
-    let errbacks = sig.errbacks().len();
-    if errbacks > limits.max_errbacks {
-        return Err(ApiError::CallbackNotAllowed(format!(
-            "the callback has {errbacks} errbacks; at most {} are allowed",
-            limits.max_errbacks
-        )));
+    // The callback's own errbacks, and each of a group body's members' (a
+    // failed chord calls those for each member).
+    let members = sig.group_members();
+    for (what, errbacks) in std::iter::once(("the callback", &sig))
+        .chain(members.iter().map(|m| ("a task of its group", m)))
+        .map(|(what, s)| (what, s.errbacks().len()))
+    {
+        if errbacks > limits.max_errbacks {
+            return Err(ApiError::CallbackNotAllowed(format!(
+                "{what} has {errbacks} errbacks; at most {} are allowed",
+                limits.max_errbacks
+            )));
+        }
     }
     if config.callbacks.lambda_function.is_some() {
         return Ok(());

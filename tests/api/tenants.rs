@@ -136,9 +136,19 @@ async fn what_one_part_can_make_chord_join_send_is_bounded_at_store_time() {
     let chord = Chord::new(&api, &queue, json!({"link_error": vec![errback.clone(); 16]}));
     let id = a.id("sixteen");
     a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await.expect(200);
-    let chord = Chord::new(&api, &queue, json!({"link_error": vec![errback; 17]}));
+    let chord = Chord::new(&api, &queue, json!({"link_error": vec![errback.clone(); 17]}));
     let id = a.id("seventeen");
     a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await.expect_error(400, "callback_not_allowed");
+    // So are 17 on a task of a group callback (a failed chord calls them for that task).
+    let mut chord = Chord::new(&api, &queue, json!({}));
+    let member =
+        json!({"task": "t", "options": {"task_id": api.id("m"), "queue": queue.name, "link_error": vec![errback; 17]}});
+    chord.callback["task"] = json!("celery.group");
+    chord.callback["kwargs"] = json!({"tasks": [member]});
+    let id = a.id("seventeen-in-a-group");
+    let resp = a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await;
+    assert!(resp.text.contains("a task of its group has 17 errbacks"), "{}", resp.text);
+    resp.expect_error(400, "callback_not_allowed");
     // A callback past 64 KiB is refused as too large.
     let mut chord = Chord::new(&api, &queue, json!({}));
     chord.callback["kwargs"] = json!({"pad": "x".repeat(70_000)});
