@@ -290,7 +290,7 @@ def test_what_the_service_sends_is_routed_to_the_sqs_queue_name_kombu_uses() -> 
 
 def test_the_callers_timeout_bounds_every_call_retries_included() -> None:
     """A service that never answers: each attempt would wait its own read
-    timeout (15 s, then 8 retries); the caller's 1.5 s bounds them all."""
+    timeout (30 s, then 8 retries); the caller's 1.5 s bounds them all."""
     import socket
     import time
 

@@ -78,8 +78,12 @@ class ClientOptions:
     #: the AWS configuration (``AWS_REGION``, profile).
     region: str | None = None
     #: Seconds to connect, and to read an answer (a long-poll adds its wait).
+    #: The read time-out is past API Gateway's own 29 s limit, so a request
+    #: still running on the service (a bulk get-or-delegate of many keys on
+    #: a busy function) is not sent again while it may still answer: a
+    #: get-or-delegate sent again appends its ``cb_args`` a second time.
     connect_timeout: float = 3.05
-    read_timeout: float = 15.0
+    read_timeout: float = 30.0
     #: Attempts after the first on a retryable answer or connection error.
     max_retries: int = 6
     #: Backoff: the n-th retry waits a random time up to min(cap, base * 2**n).
