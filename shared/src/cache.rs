@@ -164,6 +164,25 @@ struct GetOrDelegateRequest {
     cb_args: Option<Box<RawValue>>,
     #[serde(default)]
     operation: Option<OperationSpec>,
+    /// Chosen by the client for the request and kept when it sends it
+    /// again: a repeat appends no `cb_args` a second time.
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+/// The most characters of a `request_id`.
+const MAX_REQUEST_ID_LEN: usize = 64;
+
+fn check_request_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        return Ok(());
+    }
+    Err(ApiError::BadBody(format!(
+        "request_id {id:?} must be 1 to {MAX_REQUEST_ID_LEN} characters of letters, digits, - and _"
+    )))
 }
 
 /// `POST /v1/cache/entry` and `POST /v1/cache/invalidate`.
@@ -219,7 +238,11 @@ pub async fn get_or_delegate<T: CallbackSink>(
     ns: &Namespace,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
-    let request: GetOrDelegateRequest = parse_body(body, "a get-or-delegate request")?;
+    let mut request: GetOrDelegateRequest = parse_body(body, "a get-or-delegate request")?;
+    let request_id = request.request_id.take();
+    if let Some(id) = &request_id {
+        check_request_id(id)?;
+    }
     let (requests, operations, single) = match request {
         GetOrDelegateRequest {
             requests: Some(requests),
@@ -228,8 +251,17 @@ pub async fn get_or_delegate<T: CallbackSink>(
             uri: None,
             cb_args: None,
             operation: None,
+            request_id: None,
         } => (requests, operations.unwrap_or_default(), false),
-        GetOrDelegateRequest { requests: None, operations: None, op: Some(op), uri: Some(uri), cb_args, operation } => {
+        GetOrDelegateRequest {
+            requests: None,
+            operations: None,
+            op: Some(op),
+            uri: Some(uri),
+            cb_args,
+            operation,
+            request_id: None,
+        } => {
             let operations = operation.map(|spec| HashMap::from([(op.clone(), spec)])).unwrap_or_default();
             (vec![KeyRequest { op, uri, cb_args }], operations, true)
         }
@@ -279,7 +311,9 @@ pub async fn get_or_delegate<T: CallbackSink>(
     let entries = app.store.cache_entries(ns, &hashes).await?;
     // The futures are built first: a stream that maps with a closure over
     // borrowed keys is not Send in the function's handler.
-    let pending: Vec<_> = keys.iter().zip(entries).map(|(key, entry)| resolve(app, sink, ns, key, entry)).collect();
+    let rid = request_id.as_deref();
+    let pending: Vec<_> =
+        keys.iter().zip(entries).map(|(key, entry)| resolve(app, sink, ns, key, rid, entry)).collect();
     let answers: Vec<Answer> = futures::stream::iter(pending).buffered(CONCURRENT_KEYS).collect().await;
     let counts = |f: fn(&Answer) -> bool| answers.iter().filter(|a| f(a)).count() as f64;
     let points = [
@@ -372,6 +406,7 @@ async fn resolve<T: CallbackSink>(
     sink: &T,
     ns: &Namespace,
     key: &Key,
+    request_id: Option<&str>,
     mut entry: Option<CacheEntry>,
 ) -> Answer {
     let config = &app.config;
@@ -380,6 +415,7 @@ async fn resolve<T: CallbackSink>(
         op: &key.op,
         uri: &key.uri,
         waiters: &key.waiters,
+        request_id,
         max_waiters: config.cache.max_waiters,
         max_waiters_bytes: config.cache.max_waiters_bytes,
     };
@@ -394,11 +430,17 @@ async fn resolve<T: CallbackSink>(
         let now = now_epoch();
         let written = match &entry {
             Some(e) if e.has_result() => return Answer::Hit(e.clone()),
+            // This request, sent again: its cb_args are there already.
+            Some(e) if !e.is_open(now) && e.waited_on_by(request_id) => {
+                return Answer::Processing { entry: e.clone(), delegated: false };
+            }
             Some(e) if e.phase == CachePhase::Settling => return Answer::Settling(e.clone()),
             Some(e) if e.phase == CachePhase::Quarantined && !e.is_open(now) => return Answer::Quarantined(e.clone()),
             Some(e) if e.phase == CachePhase::Processing && !e.is_open(now) => {
                 match app.store.cache_join(ns, &miss, &e.task_id, now).await {
-                    Ok(Written::Refused(Some(old))) if old.task_id == e.task_id && !old.is_open(now_epoch()) => {
+                    Ok(Written::Refused(Some(old)))
+                        if old.task_id == e.task_id && !old.is_open(now_epoch()) && !old.waited_on_by(request_id) =>
+                    {
                         if old.phase == CachePhase::Processing {
                             return Answer::Failed(too_many(&old));
                         }
@@ -409,6 +451,10 @@ async fn resolve<T: CallbackSink>(
             }
             open => {
                 let replaces = open.as_ref().filter(|e| e.phase == CachePhase::Processing).map(|e| e.task_id.clone());
+                // Taking over a processing this request already waits on
+                // (sent again after the lease ran out): nothing to append.
+                let again = Miss { waiters: &[], request_id: None, ..miss.clone() };
+                let miss = if open.as_ref().is_some_and(|e| e.waited_on_by(request_id)) { &again } else { &miss };
                 let task_id = processing_task_id(&key.hash);
                 let spec = serde_json::to_string(&key.spec).expect("a spec serializes");
                 let lease_until = now + key.spec.lease(config);
@@ -419,7 +465,7 @@ async fn resolve<T: CallbackSink>(
                     expires_at: lease_until + 86_400,
                     replaces: replaces.as_deref(),
                 };
-                match app.store.cache_delegate(ns, &miss, &delegation, now).await {
+                match app.store.cache_delegate(ns, miss, &delegation, now).await {
                     Ok(Written::Applied(new)) => return delegate(app, sink, ns, key, &task_id, new).await,
                     Ok(Written::Refused(Some(old)))
                         if replaces.is_some()

@@ -108,6 +108,49 @@ async fn concurrent_misses_make_one_processing_and_one_callback_with_every_cb_ar
 }
 
 #[tokio::test]
+async fn a_request_sent_again_with_its_request_id_appends_its_cb_args_once() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("again")).await;
+    let op = operation(&queue.name);
+    let uri = format!("s3://bucket/{}.png", api.id("again"));
+    let body = |client: u64, rid: &str| json!({"op": "thumbnail", "uri": uri, "cb_args": {"client": client}, "operation": op, "request_id": rid});
+    let first = get_or_delegate(&api, body(0, "req-0")).await.expect(200).json;
+    assert_eq!((first["delegated"].as_bool(), first["waiters"].as_u64()), (Some(true), Some(1)));
+    let task_id = first["task_id"].as_str().unwrap().to_owned();
+    // The delegating request and a joining one, each sent twice: two waiters.
+    let joined = get_or_delegate(&api, body(1, "req-1")).await.expect(200).json;
+    assert_eq!(joined["waiters"], 2);
+    for (client, rid) in [(0, "req-0"), (1, "req-1")] {
+        let again = get_or_delegate(&api, body(client, rid)).await;
+        assert_eq!(again.ddb_calls, Some(1), "a repeat is answered from the read: {}", again.text);
+        let again = again.expect(200).json;
+        assert_eq!((again["state"].as_str(), again["task_id"].as_str()), (Some("processing"), Some(task_id.as_str())));
+        assert_eq!((again["delegated"].as_bool(), again["waiters"].as_u64()), (Some(false), Some(2)));
+    }
+    // Bulk requests carry one too.
+    let requests = json!([{"op": "thumbnail", "uri": uri, "cb_args": {"client": 2}}]);
+    let bulk = json!({"requests": requests, "operations": {"thumbnail": op}, "request_id": "req-2"});
+    for _ in 0..2 {
+        let answer = get_or_delegate(&api, bulk.clone()).await.expect(200).json;
+        assert_eq!(answer["results"][0]["waiters"], 3);
+    }
+    // A bad request id changes nothing.
+    for rid in ["", "has space", &"x".repeat(65)] {
+        get_or_delegate(&api, body(3, rid)).await.expect_error(400, "invalid_body");
+    }
+    assert_eq!(entry(&api, &uri).await["waiters"], 3);
+
+    api.put_task(&task_id, success(json!("done"))).await.expect(200);
+    wait_state(&api, &uri, "cached").await;
+    let sent = queue.expect(SETTLE, DUPLICATES).await;
+    let callbacks = named(&sent, "tests.thumbnail_done");
+    assert_eq!(callbacks.len(), 1, "{sent:?}");
+    let clients: Vec<u64> =
+        callbacks[0].body[0][0][1].as_array().unwrap().iter().map(|c| c["client"].as_u64().unwrap()).collect();
+    assert_eq!(clients, [0, 1, 2], "each request's cb_args once");
+}
+
+#[tokio::test]
 async fn a_bulk_request_answers_hits_and_delegates_misses_in_request_order() {
     let api = Api::new();
     let queue = Queue::new(&api.id("bulk")).await;

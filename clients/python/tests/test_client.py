@@ -449,3 +449,25 @@ def test_an_errback_of_a_failed_chord_is_called_new_style_when_celery_would() ->
         args = list(sent)
         prerun(fn, args, header, **options)
         assert args == sent, fn
+
+
+def test_a_get_or_delegate_sent_again_keeps_its_request_id(server: tuple[str, Script]) -> None:
+    from dynachord_celery.cache import ProcessingCache
+
+    url, script = server
+    app = Celery("t", backend=f"dynachord+{url}")
+    app.conf.result_backend_transport_options = FAST
+    cache = ProcessingCache(app)
+
+    @cache.operation("thumb")
+    def thumb(uri: str, context: Any) -> str:
+        return uri
+
+    answer = {"op": "thumb", "uri": "u", "state": "processing", "task_id": "dcache-x", "delegated": True, "waiters": 1}
+    script.answers = [(500, {}, {"error": {"code": "internal", "message": "x"}}), (200, {}, answer)]
+    assert cache.get_or_delegate("thumb", "u", cb_args=1).task_id == "dcache-x"
+    ids = [json.loads(seen["body"])["request_id"] for seen in script.seen]
+    assert len(ids) == 2 and ids[0] == ids[1], "the repeat carries the same id"
+    script.answers = [(200, {}, answer)]
+    cache.get_or_delegate("thumb", "u", cb_args=1)
+    assert json.loads(script.seen[-1]["body"])["request_id"] != ids[0], "a new request, a new id"

@@ -36,6 +36,9 @@ pub mod cattr {
     pub const WAITERS: &str = "waiters";
     pub const WAITER_COUNT: &str = "waiter_count";
     pub const WAITERS_BYTES: &str = "waiters_bytes";
+    /// The `request_id`s of the requests whose `cb_args` are in `waiters`
+    /// (a string set), so a request sent again appends nothing.
+    pub const REQUEST_IDS: &str = "request_ids";
     pub const RESULT: &str = "result";
     pub const RESULT_TASK: &str = "result_task";
     /// `success` or `failure`, while settling.
@@ -98,6 +101,8 @@ pub struct CacheEntry {
     pub waiters: Vec<String>,
     pub waiter_count: u64,
     pub waiters_bytes: u64,
+    /// The `request_id`s whose `cb_args` are in `waiters`.
+    pub request_ids: Vec<String>,
     pub spec: String,
     pub result: Option<String>,
     pub result_task: Option<String>,
@@ -120,6 +125,12 @@ impl CacheEntry {
             CachePhase::Settling => self.succeeded,
             _ => false,
         }
+    }
+
+    /// Whether the request `request_id` already waits on this processing
+    /// (it was sent again after its answer was lost).
+    pub fn waited_on_by(&self, request_id: Option<&str>) -> bool {
+        self.phase == CachePhase::Processing && request_id.is_some_and(|id| self.request_ids.iter().any(|r| r == id))
     }
 
     /// Whether a request may delegate the processing again: the processing's
@@ -174,6 +185,10 @@ pub fn decode_entry(item: &Item, now: i64) -> Option<CacheEntry> {
         waiters,
         waiter_count: get_n(item, cattr::WAITER_COUNT).max(0) as u64,
         waiters_bytes: get_n(item, cattr::WAITERS_BYTES).max(0) as u64,
+        request_ids: match item.get(cattr::REQUEST_IDS) {
+            Some(AttributeValue::Ss(ids)) => ids.clone(),
+            _ => Vec::new(),
+        },
         spec: get_s(item, cattr::SPEC).unwrap_or_default(),
         result: get_s(item, cattr::RESULT),
         result_task: get_s(item, cattr::RESULT_TASK),
@@ -221,6 +236,9 @@ pub struct Miss<'a> {
     pub uri: &'a str,
     /// The `cb_args` of the requests, as JSON texts.
     pub waiters: &'a [String],
+    /// The request's `request_id`: a request sent again with the same one
+    /// appends nothing.
+    pub request_id: Option<&'a str>,
     pub max_waiters: u64,
     pub max_waiters_bytes: u64,
 }
@@ -322,13 +340,14 @@ impl DynamoStore {
         now: i64,
     ) -> Result<Written, StoreError> {
         let bytes = miss.bytes();
+        let (add_id, not_joined) = Self::request_id_clauses(miss);
         let request = self
             .update_entry(ns, miss.hash)
-            .update_expression("SET #w = list_append(#w, :w) ADD #wc :k, #wb :b")
-            .condition_expression(
+            .update_expression(format!("SET #w = list_append(#w, :w) ADD #wc :k, #wb :b{add_id}"))
+            .condition_expression(format!(
                 "#state = :processing AND #task = :task AND #lease > :now AND #exp > :now \
-                 AND #wc <= :maxc AND #wb <= :maxb",
-            )
+                 AND #wc <= :maxc AND #wb <= :maxb{not_joined}"
+            ))
             .expression_attribute_names("#w", cattr::WAITERS)
             .expression_attribute_names("#wc", cattr::WAITER_COUNT)
             .expression_attribute_names("#wb", cattr::WAITERS_BYTES)
@@ -344,7 +363,35 @@ impl DynamoStore {
             .expression_attribute_values(":now", n(now))
             .expression_attribute_values(":maxc", n(miss.max_waiters.saturating_sub(miss.waiters.len() as u64)))
             .expression_attribute_values(":maxb", n(miss.max_waiters_bytes.saturating_sub(bytes)));
-        self.write_entry(request).await
+        self.write_entry(Self::with_request_id(request, miss, true)).await
+    }
+
+    /// The update and condition clauses that record `miss.request_id` and
+    /// refuse a request already recorded (`#rids`, `:rid`, `:rids`); empty
+    /// without one.
+    fn request_id_clauses(miss: &Miss<'_>) -> (&'static str, &'static str) {
+        match miss.request_id {
+            Some(_) => (", #rids :rids", " AND NOT contains(#rids, :rid)"),
+            None => ("", ""),
+        }
+    }
+
+    /// Names `#rids` and gives `:rids` (and `:rid`, for a condition on it)
+    /// when the miss has a request id.
+    fn with_request_id(
+        request: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+        miss: &Miss<'_>,
+        in_condition: bool,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        let Some(id) = miss.request_id else { return request };
+        let request = request
+            .expression_attribute_names("#rids", cattr::REQUEST_IDS)
+            .expression_attribute_values(":rids", AttributeValue::Ss(vec![id.to_owned()]));
+        if in_condition {
+            request.expression_attribute_values(":rid", s(id))
+        } else {
+            request
+        }
     }
 
     /// A miss that delegates: the entry is absent or expired, its
@@ -359,24 +406,32 @@ impl DynamoStore {
         now: i64,
     ) -> Result<Written, StoreError> {
         let bytes = miss.bytes();
-        let (waiters, condition) = match delegation.replaces {
+        // A takeover keeps the old processing's request ids and adds this
+        // one (to a set: a second add changes nothing), its own condition
+        // deciding any race; a new processing has only this request's.
+        let add_id = if miss.request_id.is_some() { " ADD #rids :rids" } else { "" };
+        let (set_ids, remove_ids) = match miss.request_id {
+            Some(_) => (", #rids = :rids", ""),
+            None => ("", ", #rids"),
+        };
+        let (update, condition) = match delegation.replaces {
             Some(_) => (
-                "#w = list_append(#w, :w), #wc = #wc + :k, #wb = #wb + :b",
+                format!("SET {COMMON}, #w = list_append(#w, :w), #wc = #wc + :k, #wb = #wb + :b {REMOVE}{add_id}"),
                 "#state = :processing AND #task = :old AND #lease <= :now AND #exp > :now \
-                 AND #wc <= :maxc AND #wb <= :maxb",
+                 AND #wc <= :maxc AND #wb <= :maxb"
+                    .to_owned(),
             ),
             None => (
-                "#w = :w, #wc = :k, #wb = :b",
-                "attribute_not_exists(#state) OR #exp <= :now OR (#state = :quarantined AND #until <= :now)",
+                format!("SET {COMMON}, #w = :w, #wc = :k, #wb = :b{set_ids} {REMOVE}{remove_ids}"),
+                "attribute_not_exists(#state) OR #exp <= :now OR (#state = :quarantined AND #until <= :now)".to_owned(),
             ),
         };
+        const COMMON: &str =
+            "#op = :op, #uri = :uri, #state = :processing, #task = :task, #lease = :lease, #spec = :spec, #exp = :exp";
+        const REMOVE: &str = "REMOVE #result, #rtask, #token, #outcome, #error, #attempts, #until, #sending";
         let mut request = self
             .update_entry(ns, miss.hash)
-            .update_expression(format!(
-                "SET #op = :op, #uri = :uri, #state = :processing, #task = :task, #lease = :lease, \
-                 #spec = :spec, #exp = :exp, {waiters} \
-                 REMOVE #result, #rtask, #token, #outcome, #error, #attempts, #until, #sending"
-            ))
+            .update_expression(update)
             .condition_expression(condition)
             .expression_attribute_names("#sending", cattr::SENDING)
             .expression_attribute_names("#op", cattr::OP)
@@ -408,11 +463,19 @@ impl DynamoStore {
             .expression_attribute_values(":b", n(bytes))
             .expression_attribute_values(":now", n(now));
         request = match delegation.replaces {
-            Some(old) => request
+            Some(old) => Self::with_request_id(request, miss, false)
                 .expression_attribute_values(":old", s(old))
                 .expression_attribute_values(":maxc", n(miss.max_waiters.saturating_sub(miss.waiters.len() as u64)))
                 .expression_attribute_values(":maxb", n(miss.max_waiters_bytes.saturating_sub(bytes))),
-            None => request.expression_attribute_values(":quarantined", s(CachePhase::Quarantined.as_str())),
+            None => {
+                let request = request
+                    .expression_attribute_names("#rids", cattr::REQUEST_IDS)
+                    .expression_attribute_values(":quarantined", s(CachePhase::Quarantined.as_str()));
+                match miss.request_id {
+                    Some(id) => request.expression_attribute_values(":rids", AttributeValue::Ss(vec![id.to_owned()])),
+                    None => request,
+                }
+            }
         };
         self.write_entry(request).await
     }
@@ -562,8 +625,9 @@ impl DynamoStore {
                 let mut request = self
                     .update_entry(ns, hash)
                     .update_expression(format!(
-                        "SET #state = :phase{set} REMOVE #w, #wc, #wb, #token, #lease, #outcome, #attempts, #sending"
+                        "SET #state = :phase{set} REMOVE #w, #wc, #wb, #rids, #token, #lease, #outcome, #attempts, #sending"
                     ))
+                    .expression_attribute_names("#rids", cattr::REQUEST_IDS)
                     .condition_expression(held)
                     .expression_attribute_names("#sending", cattr::SENDING)
                     .expression_attribute_names("#w", cattr::WAITERS)

@@ -33,6 +33,7 @@ delegates; see the repository's ``docs/CACHE.md``)::
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,7 +267,9 @@ class ProcessingCache:
         """The result of ``op`` on ``uri`` if cached (``outcome.hit``), else
         the processing it was handed to (``outcome.task_id``; its callback
         will get ``cb_args`` among the others)."""
-        body = {"op": op, "uri": uri, "cb_args": cb_args, "operation": self._spec(op)}
+        # The request id stays the same when the client sends the request
+        # again (no answer, a 5xx): the service appends cb_args once.
+        body = {"op": op, "uri": uri, "cb_args": cb_args, "operation": self._spec(op), "request_id": _request_id()}
         deadline = time.monotonic() + settle_timeout
         while True:
             answer = self.client.request("POST", "/v1/cache/get-or-delegate", body=body).json()
@@ -297,6 +300,7 @@ class ProcessingCache:
                 body = {
                     "requests": [{"op": op, "uri": uri, "cb_args": cb_args} for op, uri in chunk],
                     "operations": {op: operations[op] for op in {op for op, _ in chunk}},
+                    "request_id": _request_id(),
                 }
                 answers = self.client.request("POST", "/v1/cache/get-or-delegate", body=body).json()["results"]
                 for key, answer in zip(chunk, answers):
@@ -360,6 +364,11 @@ class ProcessingCache:
             else:
                 outcome.result = answer.get("result")
         return outcome
+
+
+def _request_id() -> str:
+    """A get-or-delegate request's id (see ``docs/CACHE.md``)."""
+    return uuid.uuid4().hex
 
 
 def _backend_client(app: Celery) -> Client:
