@@ -313,7 +313,6 @@ impl Signature {
     }
 }
 
-/// `kwargs[key]`, a list of signatures (`what` names the canvas in errors).
 /// One errback call of a failed chord: the errback's signature, and the
 /// task whose failure it reports (Celery's request of that call).
 pub struct ErrbackCall {
@@ -321,6 +320,7 @@ pub struct ErrbackCall {
     pub errback: Value,
 }
 
+/// `kwargs[key]`, a list of signatures (`what` names the canvas in errors).
 fn list_of<'a>(kwargs: &'a Map<String, Value>, key: &str, what: &str) -> Result<&'a [Value], String> {
     kwargs.get(key).and_then(Value::as_array).map(Vec::as_slice).ok_or_else(|| format!("{what} needs kwargs.{key}"))
 }
@@ -412,8 +412,10 @@ pub struct MessageContext<'a> {
 
 /// The message header that marks an errback sent for a failed chord (see
 /// [`MessageContext::chord_error`]): `id`, `task`, `args` and `kwargs` of the
-/// failed callback, its `errbacks`, the errback's `immutable`, and `exc`,
-/// the ChordError as Celery serializes exceptions.
+/// task whose failure it reports (the callback, or a group body's task), its
+/// `errbacks`, the errback's `immutable`, and `exc`, the exception (the
+/// ChordError, or for a group body's task the failed part's own) as Celery
+/// serializes exceptions.
 pub const CHORD_ERROR_HEADER: &str = "dynachord_chord_error";
 
 /// The SQS message body of a Celery protocol-2 task message for `sig` with

@@ -472,9 +472,11 @@ def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = Non
 signals.task_prerun.connect(_resolve_chord_results, weak=False, dispatch_uid="dynachord-chord-results")
 
 #: The message header on each errback the service sends for a failed chord:
-#: the failed callback (``id``, ``task``, ``args``, ``kwargs``,
-#: ``errbacks``), whether the errback is ``immutable``, and ``exc``, the
-#: ChordError as Celery serializes exceptions.
+#: the task whose failure it reports (``id``, ``task``, ``args``,
+#: ``kwargs``, ``errbacks``: the callback, or a task of a group body),
+#: whether the errback is ``immutable``, and ``exc``, the exception (the
+#: ChordError, or for a group body's task the failed part's own) as Celery
+#: serializes exceptions.
 CHORD_ERROR_HEADER = "dynachord_chord_error"
 
 
@@ -501,7 +503,7 @@ def _call_new_style_errback(
     """Before a task runs (``task_prerun``): when the service sent it as an
     errback of a failed chord and it is a new-style errback, calls it as
     Celery's own backends do, with the failed callback's request, the
-    ChordError and no traceback, followed by its own arguments. The service
+    exception and no traceback, followed by its own arguments. The service
     sends every errback as Celery sends an old-style one (the failed task's
     id first, unless immutable), so old-style errbacks run untouched."""
     request = getattr(task, "request", None)
