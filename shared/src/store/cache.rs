@@ -625,7 +625,7 @@ impl DynamoStore {
                 let mut request = self
                     .update_entry(ns, hash)
                     .update_expression(format!(
-                        "SET #state = :phase{set} REMOVE #w, #wc, #wb, #rids, #token, #lease, #outcome, #attempts, #sending"
+                        "SET #state = :phase{set} REMOVE #w, #wc, #wb, #token, #lease, #outcome, #attempts, #sending, #rids"
                     ))
                     .expression_attribute_names("#rids", cattr::REQUEST_IDS)
                     .condition_expression(held)
