@@ -467,15 +467,10 @@ impl DynamoStore {
                 .expression_attribute_values(":old", s(old))
                 .expression_attribute_values(":maxc", n(miss.max_waiters.saturating_sub(miss.waiters.len() as u64)))
                 .expression_attribute_values(":maxb", n(miss.max_waiters_bytes.saturating_sub(bytes))),
-            None => {
-                let request = request
-                    .expression_attribute_names("#rids", cattr::REQUEST_IDS)
-                    .expression_attribute_values(":quarantined", s(CachePhase::Quarantined.as_str()));
-                match miss.request_id {
-                    Some(id) => request.expression_attribute_values(":rids", AttributeValue::Ss(vec![id.to_owned()])),
-                    None => request,
-                }
-            }
+            // `#rids` is set, or removed when the request has no id.
+            None => Self::with_request_id(request, miss, false)
+                .expression_attribute_names("#rids", cattr::REQUEST_IDS)
+                .expression_attribute_values(":quarantined", s(CachePhase::Quarantined.as_str())),
         };
         self.write_entry(request).await
     }

@@ -460,13 +460,19 @@ def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = Non
     meta = backend.client.get_task(ref_id)
     if meta.get("status") != states.SUCCESS:
         raise ChordError(f"the chord's results ({ref_id}) are no longer stored: {meta.get('status')}")
-    as_sent = list(args)
+    # Its own meta keeps the reference, not the results, which may be far
+    # larger than a store request.
+    _run_with(task, args, [meta.get("result"), *args[1:]])
+
+
+def _run_with(task: Any, args: list[Any], new: list[Any]) -> None:
+    """In a ``task_prerun`` hook: the task runs with ``new`` in place of
+    ``args`` (the list it is then called with), while its own meta
+    (``result_extended``) keeps the args as they were sent."""
     request = getattr(task, "request", None)
     if request is not None and getattr(request, "args", None) is args:
-        # The task's own meta (result_extended) keeps the reference, not
-        # the results, which may be far larger than a store request.
-        request.args = as_sent
-    args[0] = meta.get("result")
+        request.args = list(args)
+    args[:] = new
 
 
 signals.task_prerun.connect(_resolve_chord_results, weak=False, dispatch_uid="dynachord-chord-results")
@@ -528,12 +534,9 @@ def _call_new_style_errback(
         }
     )
     exc = task.backend.exception_to_python(info.get("exc"))
-    as_sent: list[Any] = list(args)
-    if request is not None and getattr(request, "args", None) is args:
-        # The errback's own meta (result_extended) keeps the args as sent,
-        # which are JSON; the request and the exception are not.
-        request.args = as_sent
-    args[:] = [failed, exc, None, *own]
+    # Its own meta keeps the args as sent, which are JSON; the request and
+    # the exception are not.
+    _run_with(task, args, [failed, exc, None, *own])
 
 
 signals.task_prerun.connect(_call_new_style_errback, weak=False, dispatch_uid="dynachord-chord-errbacks")
