@@ -82,12 +82,11 @@ const PASSED_ON: [&str; 36] = [
 /// The local stack's results bucket, on moto's server.
 const LOCAL_BUCKET: &str = "dynachord-local-results";
 
-/// Answers the local stack's functions give whole, smaller than the
-/// deployed defaults: `cargo lambda watch` sometimes never relays an answer
-/// of a few MB (see the README's "Limits"), so larger results come as
-/// presigned URLs, read from moto directly.
-const LOCAL_INLINE_RESULT_BYTES: &str = "262144";
-const LOCAL_BATCH_RESPONSE_BYTES: &str = "1000000";
+/// The function host: cargo-lambda built from its crates.io source with the
+/// patch in `tools/cargo-lambda/` (`./dev setup` builds it once), so that
+/// every answer is relayed whole (see docs/LOCAL_STACK.md).
+/// `DYNACHORD_CARGO_LAMBDA` names another build, to compare hosts.
+const CARGO_LAMBDA: &str = ".tools/cargo-lambda/bin/cargo-lambda";
 
 /// The local stack's tenants: two callers, for the tenant-isolation tests
 /// (which send API Gateway events with these identities). Requests without a
@@ -400,8 +399,6 @@ fn write_functions_env(
         // S3 goes to moto directly, also under the fault proxy.
         format!("AWS_ENDPOINT_URL_S3={queues_url}"),
         format!("RESULTS_BUCKET={LOCAL_BUCKET}"),
-        format!("INLINE_RESULT_BYTES={LOCAL_INLINE_RESULT_BYTES}"),
-        format!("BATCH_RESPONSE_BYTES={LOCAL_BATCH_RESPONSE_BYTES}"),
         format!("CALLBACK_QUEUE_URL_PREFIX={queues_url}/123456789012/"),
         format!("TABLE_NAME={}", s.table),
         "AUTH_MODE=none".to_owned(),
@@ -427,7 +424,12 @@ fn write_functions_env(
 /// function answers a real request (the first request of each may compile
 /// it); returns the service's base URL.
 async fn start_functions(s: &Settings, state: &Path, env_file: &Path, procs: &mut Processes) -> Result<String, String> {
-    let mut watch = Command::new("cargo");
+    let host = std::env::var("DYNACHORD_CARGO_LAMBDA").unwrap_or_else(|_| CARGO_LAMBDA.to_owned());
+    if !Path::new(&host).is_file() {
+        return Err(format!("no {host} (the patched function host): run ./dev setup from the checkout's root"));
+    }
+    // Run as cargo runs a subcommand: `cargo-lambda lambda watch ...`.
+    let mut watch = Command::new(&host);
     watch
         .args(["lambda", "watch", "--invoke-address", "127.0.0.1"])
         .args(["--invoke-port", &s.port.to_string()])

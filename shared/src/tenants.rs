@@ -6,12 +6,16 @@
 //! `TENANTS` is a JSON object from caller to namespace. A key is, most
 //! specific first:
 //!
-//! 1. a caller's ARN exactly: `arn:aws:iam::111122223333:user/ci`, or an
-//!    assumed role's session `arn:aws:sts::111122223333:assumed-role/worker/i-0abc`;
-//! 2. an assumed role without its session name:
+//! 1. an IAM user's ARN exactly: `arn:aws:iam::111122223333:user/ci`;
+//! 2. an assumed role, without a session name:
 //!    `arn:aws:sts::111122223333:assumed-role/worker` (every session of it);
 //! 3. an account id: `111122223333`;
 //! 4. `*`: every other caller.
+//!
+//! A role session's name (`assumed-role/<role>/<session>`) and a federated
+//! user's name (`federated-user/<name>`) are chosen by whoever assumes the
+//! role or gets the token, so a caller of one tenant could take another's:
+//! such keys are refused at start-up. Map the role (or the user) instead.
 //!
 //! With `TENANTS` unset every caller is in `NAMESPACE` (one tenant). With it
 //! set, a caller no key matches is refused (403 `unknown_tenant`); `{}`
@@ -55,6 +59,9 @@ impl TenantMap {
             if caller.trim().is_empty() {
                 return Err("has an empty caller key".to_owned());
             }
+            if let Some(why) = chosen_by_the_caller(&caller) {
+                return Err(format!("{caller:?}: {why}"));
+            }
             let ns = Namespace::parse(&namespace).map_err(|message| format!("{caller:?}: {message}"))?;
             entries.insert(caller, ns);
         }
@@ -78,6 +85,24 @@ impl TenantMap {
             .or_else(|| caller.account_id.as_deref().and_then(|a| self.entries.get(a)))
             .or_else(|| self.entries.get("*"))
     }
+}
+
+/// Why a key names something its caller picks (and so may not map a
+/// tenant), if it does: a role session's name or a federated user's name.
+fn chosen_by_the_caller(key: &str) -> Option<String> {
+    if let Some(role) = role_of_session(key) {
+        return Some(format!(
+            "names a role session, whose name whoever assumes the role chooses; map the role ({role:?})"
+        ));
+    }
+    if key.starts_with("arn:") && key.contains(":federated-user/") {
+        return Some(
+            "names a federated user, whose name whoever calls GetFederationToken chooses; map the account \
+             or an IAM user"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// `arn:aws:sts::<account>:assumed-role/<role>/<session>` → the same without
@@ -107,7 +132,7 @@ mod tests {
             r#"{
                 "arn:aws:iam::111122223333:user/ci": "ci",
                 "arn:aws:sts::111122223333:assumed-role/worker": "workers",
-                "arn:aws:sts::111122223333:assumed-role/worker/special": "special",
+                "arn:aws:sts::111122223333:assumed-role/special": "special",
                 "444455556666": "other-account"
             }"#,
         )
@@ -121,7 +146,7 @@ mod tests {
         assert_eq!(ns(&caller(Some("arn:aws:iam::111122223333:user/ci"), Some("111122223333"))).as_deref(), Some("ci"));
         let session = caller(Some("arn:aws:sts::111122223333:assumed-role/worker/i-0abc"), Some("111122223333"));
         assert_eq!(ns(&session).as_deref(), Some("workers"));
-        let special = caller(Some("arn:aws:sts::111122223333:assumed-role/worker/special"), Some("111122223333"));
+        let special = caller(Some("arn:aws:sts::111122223333:assumed-role/special/worker"), Some("111122223333"));
         assert_eq!(ns(&special).as_deref(), Some("special"));
         let any_in_account = caller(Some("arn:aws:iam::444455556666:user/x"), Some("444455556666"));
         assert_eq!(ns(&any_in_account).as_deref(), Some("other-account"));
@@ -145,6 +170,24 @@ mod tests {
         assert!(TenantMap::parse(r#"{"a": "Has/Slash"}"#).unwrap_err().contains("\"a\""));
         assert!(TenantMap::parse(r#"{" ": "ok"}"#).is_err());
         assert!(TenantMap::parse("{}").unwrap().is_empty());
+    }
+
+    /// Tenant B's caller can assume its role with any session name, tenant
+    /// A's included: a key naming a session (or a federated user) would let
+    /// it in, so the table is refused at start-up, naming the key and why.
+    #[test]
+    fn keys_whose_names_the_caller_chooses_are_refused_at_start_up() {
+        let session = r#"{"arn:aws:sts::111122223333:assumed-role/worker/tenant-a": "a"}"#;
+        let err = TenantMap::parse(session).unwrap_err();
+        assert!(err.contains("assumed-role/worker/tenant-a") && err.contains("role session"), "{err}");
+        assert!(err.contains(r#"map the role ("arn:aws:sts::111122223333:assumed-role/worker")"#), "{err}");
+        let federated = r#"{"arn:aws:sts::111122223333:federated-user/alice": "a"}"#;
+        let err = TenantMap::parse(federated).unwrap_err();
+        assert!(err.contains("federated-user/alice") && err.contains("federated user"), "{err}");
+        // Roles, users and accounts stay.
+        assert!(
+            TenantMap::parse(r#"{"arn:aws:sts::1:assumed-role/worker": "a", "arn:aws:iam::1:user/u": "b"}"#).is_ok()
+        );
     }
 
     #[test]

@@ -106,14 +106,29 @@ async fn unknown_routes_and_methods_are_404() {
     }
 }
 
-/// A body that is not UTF-8 reaches a function from API Gateway base64-encoded
-/// (`isBase64Encoded`); cargo lambda watch cannot build that event from HTTP
-/// and answers 500 itself, so the event goes straight to the function here.
+/// A body that is not UTF-8 reaches a function base64-encoded
+/// (`isBase64Encoded`), as API Gateway hands it over, and each route answers
+/// its own 400: sent over HTTP, as a worker would.
 #[tokio::test]
 async fn a_body_that_is_not_utf8_is_a_400_from_the_function() {
     let api = Api::new();
     let id = api.id("binary");
-    let event = api_gateway_event("PUT", &format!("/v1/tasks/{id}"), "", Some(&[0xff, 0xfe, 0x00, b'{']), None);
+    let binary = vec![0xff, 0xfe, 0x00, b'{'];
+    for path in [
+        format!("/v1/tasks/{id}"),
+        format!("/v1/groups/{id}"),
+        "/v1/cache/entry".to_owned(),
+        "/v1/cache/get-or-delegate".to_owned(),
+    ] {
+        let method = if path.starts_with("/v1/cache") { reqwest::Method::POST } else { reqwest::Method::PUT };
+        let resp = api.call_bytes(method, &path, binary.clone()).await;
+        assert_eq!(resp.status, 400, "{path}: {}", resp.text);
+        assert!(!resp.code().is_empty(), "{path}: the service's own error: {}", resp.text);
+    }
+    assert_eq!(api.get_task(&id).await.json["status"], "PENDING", "nothing stored");
+    api.get_group(&id).await.expect_error(404, "group_not_found");
+    // The same event straight to the function: the same answer.
+    let event = api_gateway_event("PUT", &format!("/v1/tasks/{id}"), "", Some(&binary), None);
     assert_eq!(event["isBase64Encoded"], true);
     let resp = api
         .call(reqwest::Method::POST, "/2015-03-31/functions/store/invocations", Some(event.to_string()))
@@ -122,5 +137,21 @@ async fn a_body_that_is_not_utf8_is_a_400_from_the_function() {
     assert_eq!(resp.json["statusCode"], 400, "{}", resp.text);
     let body: serde_json::Value = serde_json::from_str(resp.json["body"].as_str().unwrap()).unwrap();
     assert_eq!(body["error"]["code"], "invalid_meta");
+}
+
+/// A body past API Gateway's 10 MB is refused before any function runs, as
+/// API Gateway refuses it (413); one past the service's own `MAX_BODY_BYTES`
+/// but within 10 MB is the service's 413, with its JSON error.
+#[tokio::test]
+async fn a_body_past_the_gateways_limit_is_a_413() {
+    let api = Api::new();
+    let id = api.id("huge");
+    let huge = format!(r#"{{"status":"SUCCESS","result":"{}"}}"#, "x".repeat(11 << 20));
+    let resp = api.call_bytes(reqwest::Method::PUT, &format!("/v1/tasks/{id}"), huge.into_bytes()).await;
+    assert_eq!(resp.status, 413, "{}", resp.text);
+    let large = format!(r#"{{"status":"SUCCESS","result":"{}"}}"#, "x".repeat(2 << 20));
+    api.call_bytes(reqwest::Method::PUT, &format!("/v1/tasks/{id}"), large.into_bytes())
+        .await
+        .expect_error(413, "body_too_large");
     assert_eq!(api.get_task(&id).await.json["status"], "PENDING", "nothing stored");
 }

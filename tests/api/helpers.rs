@@ -76,12 +76,17 @@ impl Api {
     pub async fn call(&self, method: Method, path: &str, body: Option<String>) -> Resp {
         match &self.caller {
             Some(arn) => self.invoke_as(arn, method, path, body).await,
-            None => self.send_http(method, path, body).await,
+            None => self.send_http(method, path, body.map(String::into_bytes)).await,
         }
     }
 
+    /// `body` as it is, bytes that need not be UTF-8, over HTTP as a worker sends it.
+    pub async fn call_bytes(&self, method: Method, path: &str, body: Vec<u8>) -> Resp {
+        self.send_http(method, path, Some(body)).await
+    }
+
     /// The request over HTTP to cargo lambda watch, as a worker sends it.
-    async fn send_http(&self, method: Method, path: &str, body: Option<String>) -> Resp {
+    async fn send_http(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Resp {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
         if let Some(body) = body {
             request = request.header("content-type", "application/json").body(body);
@@ -108,7 +113,11 @@ impl Api {
         };
         let event = api_gateway_event(method.as_str(), raw_path, query, body.as_deref().map(str::as_bytes), Some(arn));
         let invoked = self
-            .send_http(Method::POST, &format!("/2015-03-31/functions/{function}/invocations"), Some(event.to_string()))
+            .send_http(
+                Method::POST,
+                &format!("/2015-03-31/functions/{function}/invocations"),
+                Some(event.to_string().into_bytes()),
+            )
             .await;
         assert_eq!(invoked.status, 200, "invoke {function}: {}", invoked.text);
         let answer = &invoked.json;

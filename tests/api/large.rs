@@ -42,7 +42,8 @@ impl Bucket {
 
 /// The result of a GET answered by reference: read from its presigned URL.
 async fn resolve(meta: &Value) -> String {
-    let url = meta["result_ref"]["url"].as_str().unwrap_or_else(|| panic!("no result_ref in {meta}"));
+    let url =
+        meta["result_ref"]["url"].as_str().unwrap_or_else(|| panic!("no result_ref in {:.300}", meta.to_string()));
     let bytes = reqwest::get(url).await.unwrap().error_for_status().unwrap().bytes().await.unwrap();
     gunzip(&bytes).unwrap()
 }
@@ -73,23 +74,17 @@ async fn a_result_past_the_spill_threshold_goes_to_s3_and_round_trips_exactly() 
     let (big, mid) = (random_hex(900_000), random_hex(200_000));
     api.put_task(&large, success(json!(big))).await.expect(200);
     api.put_task(&medium, success(json!(mid))).await.expect(200);
-    // Past the stack's INLINE_RESULT_BYTES: a presigned URL.
+    // Under INLINE_RESULT_BYTES (4 MB): read from S3 and put back in the answer.
     let got = api.get_task(&large).await.expect(200);
-    assert_eq!((got.json["status"].clone(), got.json["result"].clone()), (json!("SUCCESS"), Value::Null));
-    assert_eq!(got.json["result_ref"]["bytes"], big.len() + 2);
-    assert_eq!(resolve(&got.json).await, json!(big).to_string(), "the exact JSON text");
-    // Under it: the result put back in the answer.
+    assert_eq!((&got.json["status"], &got.json["result"]), (&json!("SUCCESS"), &json!(big)));
+    assert!(got.json.get("result_ref").is_none(), "answered whole");
     assert_eq!(api.get_task(&medium).await.expect(200).json["result"], json!(mid));
     let keys = bucket.objects_of(&large).await;
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert_eq!(bucket.tag_of(&keys[0]).await, "dynachord-expiry=1d", "the default TTL's lifetime class");
-    // The same through batch-get: read from S3, or a reference to GET.
+    // The same through batch-get: read from S3, in the answer.
     let items = api.batch_get(&[medium.clone(), large.clone()], None).await.expect(200).json["results"].clone();
-    assert_eq!(items[0]["result"], json!(mid));
-    assert_eq!(
-        (items[1]["task_id"].as_str(), items[1]["ref"]["bytes"].as_u64().unwrap() > 900_000),
-        (Some(&*large), true)
-    );
+    assert_eq!((&items[0]["result"], &items[1]["result"]), (&json!(mid), &json!(big)));
     api.forget(&large).await.expect(204);
     assert!(bucket.objects_of(&large).await.is_empty(), "forget deletes the object");
     assert_eq!(api.get_task(&large).await.json["status"], "PENDING");
@@ -99,7 +94,8 @@ async fn a_result_past_the_spill_threshold_goes_to_s3_and_round_trips_exactly() 
 async fn an_upload_is_committed_by_the_store_and_served_by_reference() {
     let (api, bucket) = (Api::new(), Bucket::local().await);
     let id = api.id("uploaded");
-    let result = json!({"rows": (0..100_000).map(|i| format!("row {i} {}", random_hex(8))).collect::<Vec<_>>()});
+    // About 5 MB: past INLINE_RESULT_BYTES (4 MB), so a GET answers a presigned URL.
+    let result = json!({"rows": (0..250_000).map(|i| format!("row {i} {}", random_hex(8))).collect::<Vec<_>>()});
     let text = result.to_string();
     let sha = upload(&api, &id, &gzip(text.as_bytes())).await;
     assert_eq!(api.get_task(&id).await.json["status"], "PENDING", "nothing is stored before the commit");
@@ -208,7 +204,8 @@ async fn a_refused_store_deletes_its_object_and_a_replaced_result_its_old_one() 
     // The same SUCCESS sent again (a retried store) is refused and keeps its object.
     api.put_task(&id, success(json!(winner))).await.expect_error(409, "state_conflict");
     assert_eq!(bucket.objects_of(&id).await, second);
-    assert_eq!(resolve(&api.get_task(&id).await.json).await, json!(winner).to_string());
+    // 600 KB, under INLINE_RESULT_BYTES: read back from S3 into the answer.
+    assert_eq!(api.get_task(&id).await.expect(200).json["result"], json!(winner));
 }
 
 #[tokio::test]

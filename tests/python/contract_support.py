@@ -78,12 +78,6 @@ def schemathesis(tmp_path, *args, config="", max_time="240"):
         # emulator may queue one behind another on the same function.
         "--request-timeout",
         "65",
-        # cargo lambda watch now and then never relays a function's answer
-        # (see the README's "Limits"; the function posted it): such a request
-        # is sent once more, as any client of the API would. An answer that
-        # is wrong is never retried.
-        "--request-retries",
-        "1",
         *args,
     ]
     env = dict(os.environ, SCHEMATHESIS_HOOKS="fuzz_hooks", PYTHONPATH=str(Path(__file__).parent))

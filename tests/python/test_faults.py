@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ATTEMPTS = 8
 LEASE = 3
 CHORD_ATTEMPTS = 3
-# A small batch-get response budget, so that references come back with
-# answers small enough for the emulator (see the README's "Limits").
+# A small batch-get response budget, so that a batch of a few small results
+# already comes back with references.
 BATCH_BUDGET = 65536
 
 

@@ -9,11 +9,8 @@
 //! - every chord's callback arrives exactly once, with its parts' results
 //!   complete and in order (no duplicate, none lost);
 //! - no request answered anything but 200 (a 503 is counted and fails the
-//!   run). A request with no answer at all within 30 s, or answered with a
-//!   5xx of cargo lambda watch's own (not the service's JSON error), is sent
-//!   again, as a worker's client would, at most twice, and counted: in long
-//!   runs the local router has been seen to leave a request unanswered, and to
-//!   answer a few batch-gets 500 itself while it starts function instances.
+//!   run), and none left without an answer within 30 s: each is sent once,
+//!   and a 5xx or a time-out is a failure, whoever answered it.
 //!
 //! It prints throughput and the p50/p99 latency of stores and fetches beside
 //! the raw DynamoDB Local figures. Figures only, never asserted: the machine
@@ -150,14 +147,9 @@ fn summary(what: &str, mut ms: Vec<f64>) -> (f64, f64) {
 }
 
 /// The service: each client stores its next result, reads it back at once
-/// and compares (requests sent again are counted in `retried`). Returns the
+/// and compares. Returns the
 /// acknowledged results and the wall time.
-async fn service_run(
-    a: &Args,
-    work: Arc<Vec<Work>>,
-    tally: Arc<Mutex<Tally>>,
-    retried: Arc<AtomicUsize>,
-) -> (Vec<Work>, Duration) {
+async fn service_run(a: &Args, work: Arc<Vec<Work>>, tally: Arc<Mutex<Tally>>) -> (Vec<Work>, Duration) {
     let http =
         reqwest::Client::builder().pool_max_idle_per_host(a.clients).timeout(Duration::from_secs(30)).build().unwrap();
     let next = Arc::new(AtomicUsize::new(0));
@@ -166,22 +158,15 @@ async fn service_run(
     let progress = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..a.clients)
         .map(|_| {
-            let (http, work, next, acked, tally, progress, retried) = (
-                http.clone(),
-                work.clone(),
-                next.clone(),
-                acked.clone(),
-                tally.clone(),
-                progress.clone(),
-                retried.clone(),
-            );
+            let (http, work, next, acked, tally, progress) =
+                (http.clone(), work.clone(), next.clone(), acked.clone(), tally.clone(), progress.clone());
             let base = a.endpoint.clone();
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(w) = work.get(i) else { break };
                     let t = Instant::now();
-                    let stored = store(&http, &base, w, &retried).await;
+                    let stored = store(&http, &base, w).await;
                     let store_ms = t.elapsed().as_secs_f64() * 1000.0;
                     if let Err(why) = stored {
                         tally.lock().unwrap().failures.push(format!("store {}: {why}", w.id));
@@ -189,7 +174,7 @@ async fn service_run(
                     }
                     acked.lock().unwrap().push(w.clone());
                     let t = Instant::now();
-                    let read = fetch(&http, &base, &w.id, &retried).await;
+                    let read = fetch(&http, &base, &w.id).await;
                     let fetch_ms = t.elapsed().as_secs_f64() * 1000.0;
                     let mut tally = tally.lock().unwrap();
                     tally.store_ms.push(store_ms);
@@ -215,70 +200,40 @@ async fn service_run(
     (acked, took)
 }
 
-/// Attempts per request when the local router does not answer in time.
-const ATTEMPTS: usize = 3;
-
-/// Sends a request and reads its answer. A request that gets no answer
-/// within the client's timeout, or a 5xx that is not the service's own (the
-/// local router's, cargo lambda watch's: its body has no `error.code`), is
-/// sent again (counted in `retried`), up to [`ATTEMPTS`] in all, as a
-/// worker's client would. Returns the attempt that got the answer, its
-/// status and its body.
-async fn send(
-    request: impl Fn() -> reqwest::RequestBuilder,
-    retried: &AtomicUsize,
-) -> Result<(usize, u16, String), String> {
-    for attempt in 1..=ATTEMPTS {
-        let last = attempt == ATTEMPTS;
-        match request().send().await {
-            Ok(response) => {
-                let status = response.status().as_u16();
-                let text = response.text().await.map_err(|e| e.to_string())?;
-                let from_the_router = status >= 500 && !text.contains(r#""error":{"code""#);
-                if !from_the_router || last {
-                    return Ok((attempt, status, text));
-                }
-            }
-            Err(e) if e.is_timeout() && !last => {}
-            Err(e) => return Err(e.to_string()),
-        }
-        retried.fetch_add(1, Ordering::Relaxed);
-    }
-    unreachable!("the last attempt returns")
+/// Sends a request once and reads its answer: its status and its body.
+async fn send(request: reqwest::RequestBuilder) -> Result<(u16, String), String> {
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await.map_err(|e| e.to_string())?))
 }
 
-/// Stores one result, as a worker's client does; a 409 naming a stored
-/// SUCCESS after a retry means an unanswered attempt landed.
-async fn store(http: &reqwest::Client, base: &str, w: &Work, retried: &AtomicUsize) -> Result<(), String> {
-    let (attempt, status, text) =
-        send(|| http.put(format!("{base}/v1/tasks/{}", w.id)).body(w.body.clone()), retried).await?;
-    let landed_before = status == 409 && attempt > 1 && text.contains(r#""stored_status":"SUCCESS""#);
-    if status == 200 || landed_before {
-        Ok(())
-    } else {
-        Err(format!("{status} {text}"))
+/// Stores one result, as a worker's client does.
+async fn store(http: &reqwest::Client, base: &str, w: &Work) -> Result<(), String> {
+    match send(http.put(format!("{base}/v1/tasks/{}", w.id)).body(w.body.clone())).await? {
+        (200, _) => Ok(()),
+        (status, text) => Err(format!("{status} {text}")),
     }
 }
 
 /// Reads one result back.
-async fn fetch(http: &reqwest::Client, base: &str, id: &str, retried: &AtomicUsize) -> Result<Value, String> {
-    match send(|| http.get(format!("{base}/v1/tasks/{id}")), retried).await? {
-        (_, 200, text) => serde_json::from_str(&text).map_err(|e| e.to_string()),
-        (_, status, text) => Err(format!("{status} {text}")),
+async fn fetch(http: &reqwest::Client, base: &str, id: &str) -> Result<Value, String> {
+    match send(http.get(format!("{base}/v1/tasks/{id}"))).await? {
+        (200, text) => serde_json::from_str(&text).map_err(|e| e.to_string()),
+        (status, text) => Err(format!("{status} {text}")),
     }
 }
 
 /// Every acknowledged result again, 1,000 per batch-get.
-async fn verify_all(a: &Args, acked: &[Work], retried: &AtomicUsize) -> Vec<String> {
+async fn verify_all(a: &Args, acked: &[Work]) -> Vec<String> {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap();
     let mut lost = Vec::new();
     for chunk in acked.chunks(1000) {
         let ids: Vec<&str> = chunk.iter().map(|w| w.id.as_str()).collect();
         let body = json!({"task_ids": ids}).to_string();
         let url = format!("{}/v1/tasks/batch-get", a.endpoint);
-        let body: Value = match send(|| http.post(&url).body(body.clone()), retried).await {
-            Ok((_, 200, text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
-            Ok((_, status, text)) => {
+        let body: Value = match send(http.post(&url).body(body)).await {
+            Ok((200, text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
+            Ok((status, text)) => {
                 lost.push(format!("batch-get: {status} {text}"));
                 continue;
             }
@@ -295,8 +250,8 @@ async fn verify_all(a: &Args, acked: &[Work], retried: &AtomicUsize) -> Vec<Stri
             // A result past the response's size budget comes as a reference: read it on its own.
             let got = match got.get("ref") {
                 None => got.clone(),
-                Some(_) => match send(|| http.get(format!("{}/v1/tasks/{}", a.endpoint, w.id)), retried).await {
-                    Ok((_, 200, text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
+                Some(_) => match send(http.get(format!("{}/v1/tasks/{}", a.endpoint, w.id))).await {
+                    Ok((200, text)) => serde_json::from_str(&text).unwrap_or(Value::Null),
                     other => json!({"unreadable reference": format!("{other:?}")}),
                 },
             };
@@ -427,12 +382,11 @@ async fn main() {
     );
     let work = Arc::new(work);
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let sent_again = Arc::new(AtomicUsize::new(0));
 
-    let (acked, took) = service_run(&a, work.clone(), tally.clone(), sent_again.clone()).await;
+    let (acked, took) = service_run(&a, work.clone(), tally.clone()).await;
     eprintln!("service run done in {:.1} s; reading every acknowledged result back", took.as_secs_f64());
     let phase = Instant::now();
-    let lost = verify_all(&a, &acked, &sent_again).await;
+    let lost = verify_all(&a, &acked).await;
     eprintln!("read back in {:.1} s; waiting for {} chord callbacks", phase.elapsed().as_secs_f64(), chords.len());
     let phase = Instant::now();
     let (duplicates, missing, wrong) = collect_callbacks(&sqs, &url, &chords).await;
@@ -474,8 +428,10 @@ async fn main() {
     );
     println!("\nchecks:");
     println!(
-        "  acknowledged stores: {} of {}; failed requests: {}; sent again (no answer in 30 s, or the local router's own 5xx): {}",
-        acked.len(), work.len(), tally.failures.len(), sent_again.load(Ordering::Relaxed)
+        "  acknowledged stores: {} of {}; failed requests (each sent once): {}",
+        acked.len(),
+        work.len(),
+        tally.failures.len()
     );
     println!("  lost or changed after the run (batch-get of all {}): {}", acked.len(), lost.len());
     println!(
