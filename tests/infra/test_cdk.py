@@ -147,6 +147,8 @@ class Renderer:
                 text, variables = (arg, None) if isinstance(arg, str) else (arg[0], arg[1])
                 return self.render(self.sub(text, variables))
             if key == "Fn::Join":
+                if not isinstance(arg[1], list):  # a list parameter: {"Ref": ...}
+                    return {"Join": [arg[0], self.render(arg[1])]}
                 parts = [self.render(p) for p in arg[1]]
                 if all(isinstance(p, str) for p in parts):
                     return self.render(arg[0].join(parts))

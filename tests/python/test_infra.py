@@ -144,3 +144,24 @@ def test_the_dashboard_and_alarms_use_only_metrics_the_functions_write():
     assert used, "the template charts dynachord's metrics"
     assert used <= defined, f"not written by the functions: {sorted(used - defined)}"
     assert {"ChordJoinLatency", "ChordPartsCounted", "Throttled", "Hits", "LongPollWait", "BatchSize"} <= used
+
+
+def test_only_api_gateway_may_invoke_the_functions_and_chord_join_has_its_own_slots():
+    """The functions trust the authorizer context in their event, so the
+    template grants invocation to this API alone (the stream's event source
+    mapping needs no permission); chord-join keeps reserved concurrency
+    (a parameter, none at 0) and may delete the objects it replaces."""
+    resources = load_template()["Resources"]
+    permissions = {k: r["Properties"] for k, r in resources.items() if r["Type"] == "AWS::Lambda::Permission"}
+    for name, p in permissions.items():
+        assert p["Principal"] == "apigateway.amazonaws.com", name
+        assert p["Action"] == "lambda:InvokeFunction", name
+        assert "${HttpApi}/" in p["SourceArn"]["Sub"], name
+    invoked = {p["FunctionName"]["Ref"] for p in permissions.values()}
+    assert invoked == {"StoreFunction", "FetchFunction", "BatchFetchFunction"}
+    join = resources["ChordJoinFunction"]["Properties"]
+    assert join["ReservedConcurrentExecutions"] == {
+        "If": ["HasChordJoinReservation", {"Ref": "ChordJoinReservedConcurrency"}, {"Ref": "AWS::NoValue"}]
+    }
+    actions = [a for st in join["Policies"][0]["Statement"] for a in st["Action"]]
+    assert "s3:DeleteObject" in actions

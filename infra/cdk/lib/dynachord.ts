@@ -145,6 +145,14 @@ export class Dynachord extends Construct {
       "IsDeletionProtected",
       Fn.conditionEquals(str("DeletionProtection"), "true"),
     );
+    const hasQueueKmsKeys = condition(
+      "HasQueueKmsKeys",
+      Fn.conditionNot(Fn.conditionEquals(Fn.join("", list("CallbackQueueKmsKeyArns")), "")),
+    );
+    const hasChordJoinReservation = condition(
+      "HasChordJoinReservation",
+      Fn.conditionNot(Fn.conditionEquals(str("ChordJoinReservedConcurrency"), "0")),
+    );
 
     // Results too large for an item: one object per result, tagged with the
     // lifetime class that outlives its item; one rule per class removes it.
@@ -258,6 +266,12 @@ export class Dynachord extends Construct {
       `arn:${Aws.PARTITION}:sqs:${Aws.REGION}:${Aws.ACCOUNT_ID}:*`,
     );
     const sendToQueues = { Effect: "Allow", Action: ["sqs:SendMessage"], Resource: queues };
+    // Queues encrypted with a customer managed KMS key need the key to send.
+    const useQueueKeys = Fn.conditionIf(
+      hasQueueKmsKeys.logicalId,
+      { Effect: "Allow", Action: ["kms:GenerateDataKey", "kms:Decrypt"], Resource: list("CallbackQueueKmsKeyArns") },
+      Aws.NO_VALUE,
+    );
     const invokeCallbackLambda = Fn.conditionIf(
       isLambdaTarget.logicalId,
       { Effect: "Allow", Action: ["lambda:InvokeFunction"], Resource: str("CallbackLambdaFunctionArn") },
@@ -305,6 +319,7 @@ export class Dynachord extends Construct {
           onTable("dynamodb:PutItem", "dynamodb:DeleteItem"),
           onTable("dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:UpdateItem"),
           sendToQueues,
+          useQueueKeys,
           invokeCallbackLambda,
           onObjects("s3:PutObject", "s3:PutObjectTagging", "s3:GetObject", "s3:DeleteObject"),
         ],
@@ -341,8 +356,9 @@ export class Dynachord extends Construct {
             "dynamodb:Query",
             "dynamodb:BatchGetItem",
           ),
-          onObjects("s3:GetObject", "s3:PutObject", "s3:PutObjectTagging"),
+          onObjects("s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:DeleteObject"),
           sendToQueues,
+          useQueueKeys,
           invokeCallbackLambda,
         ],
         managedPolicies: ["service-role/AWSLambdaDynamoDBExecutionRole"],
@@ -395,6 +411,15 @@ export class Dynachord extends Construct {
       // Tracing is a setting (Active or PassThrough), so it is written as is.
       const cfn = fn.node.defaultChild as lambda.CfnFunction;
       cfn.tracingConfig = { mode: str("Tracing") };
+      if (spec.binary === "chord-join") {
+        cfn.reservedConcurrentExecutions = Token.asNumber(
+          Fn.conditionIf(
+            hasChordJoinReservation.logicalId,
+            num("ChordJoinReservedConcurrency"),
+            Aws.NO_VALUE,
+          ),
+        );
+      }
       functions[spec.binary] = fn;
     }
     this.functions = functions as Record<FunctionName, lambda.Function>;

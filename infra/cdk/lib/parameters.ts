@@ -174,6 +174,13 @@ export const PARAMETERS = {
     maxValue: 100,
     description: "Joins of one chord that may fail with an error a retry might fix (throttling, a 5xx) before the chord is failed with ChordError.",
   },
+  ChordJoinReservedConcurrency: {
+    type: "Number",
+    default: 5,
+    minValue: 0,
+    maxValue: 1000,
+    description: "Concurrent executions reserved for chord-join, so that long-polls and other requests cannot take every Lambda slot of the account from the join (a stream shard runs one invocation at a time; 5 covers a table of several shards). 0 reserves none (for accounts whose concurrency limit leaves no room for a reservation).",
+  },
   CallbackQueueUrlPrefix: {
     type: "String",
     default: "",
@@ -193,6 +200,11 @@ export const PARAMETERS = {
     type: "CommaDelimitedList",
     default: "",
     description: "ARNs of the queues chord-join may send to (least privilege): list the queues of CallbackQueues here. Empty: every queue in this account and region (single-tenant stacks only; a stack with Tenants must list them).",
+  },
+  CallbackQueueKmsKeyArns: {
+    type: "CommaDelimitedList",
+    default: "",
+    description: "ARNs of the customer managed KMS keys that encrypt callback queues, if any: the store and chord-join may use them to send (kms:GenerateDataKey, kms:Decrypt). Empty: the queues use SQS's own encryption or none.",
   },
   CallbackLambdaFunctionArn: {
     type: "String",
@@ -240,7 +252,7 @@ export type ParameterName = keyof typeof PARAMETERS;
 export const PARAMETER_GROUPS: { label: string; parameters: ParameterName[] }[] = [
   { label: "Table", parameters: ["TableName", "BillingMode", "ReadCapacityUnits", "WriteCapacityUnits", "EnableAutoScaling", "AutoScalingMinCapacity", "AutoScalingMaxCapacity", "AutoScalingTargetUtilization", "DeletionProtection"] },
   { label: "Service", parameters: ["AuthMode", "Namespace", "Tenants", "ResultTtlSeconds", "MaxWaitSeconds", "LogLevel", "Architecture", "ApiThrottlingRateLimit", "ApiThrottlingBurstLimit", "Tracing"] },
-  { label: "Chords", parameters: ["StreamBatchSize", "StreamBatchingWindowSeconds", "StreamMaximumRetryAttempts", "StreamMaximumRecordAgeSeconds", "CallbackTarget", "CallbackQueues", "CallbackQueueUrlPrefix", "CallbackQueueUrls", "CallbackDefaultQueue", "CallbackQueueArns", "CallbackLambdaFunctionArn", "ChordMaxAttempts"] },
+  { label: "Chords", parameters: ["StreamBatchSize", "StreamBatchingWindowSeconds", "StreamMaximumRetryAttempts", "StreamMaximumRecordAgeSeconds", "CallbackTarget", "CallbackQueues", "CallbackQueueUrlPrefix", "CallbackQueueUrls", "CallbackDefaultQueue", "CallbackQueueArns", "CallbackLambdaFunctionArn", "ChordMaxAttempts", "ChordJoinReservedConcurrency", "CallbackQueueKmsKeyArns"] },
   { label: "Large results", parameters: ["SpillAboveBytes", "MaxResultBytes", "CallbackMaxBytes", "PresignSeconds"] },
   { label: "Alarms", parameters: ["AlarmTopicArn"] },
 ];
