@@ -386,7 +386,7 @@ def test_a_chord_callbacks_reference_to_its_results_is_resolved_before_it_runs(s
     task = app.task(callback, name="t.cb")
     script.answers = [(200, {}, {"status": "SUCCESS", "result": [1, 2, 3], "task_id": "ref"})]
     args: list[Any] = [{RESULTS_REF: {"task_id": "ref", "bytes": 7}}, "own"]
-    task.push_request(args=args)
+    task.push_request(args=args, origin="dynachord@chord-join")
     try:
         signals.task_prerun.send(sender=task, task_id="cb", task=task, args=args, kwargs={})
         assert args == [[1, 2, 3], "own"], "the callback runs with the results"
@@ -398,6 +398,17 @@ def test_a_chord_callbacks_reference_to_its_results_is_resolved_before_it_runs(s
     other: list[Any] = [{"dynachord_ref": 1}]
     signals.task_prerun.send(sender=task, task_id="x", task=task, args=other, kwargs={})
     assert other == [{"dynachord_ref": 1}]
+    # A reference in a message the service did not send (any client can
+    # call a task with it) is an argument like any other: nothing is read.
+    forged: list[Any] = [{RESULTS_REF: {"task_id": "someone-elses", "bytes": 7}}, "own"]
+    for origin in (None, "gen123@laptop"):
+        task.push_request(args=forged, origin=origin)
+        try:
+            signals.task_prerun.send(sender=task, task_id="t", task=task, args=forged, kwargs={})
+        finally:
+            task.pop_request()
+        assert forged == [{RESULTS_REF: {"task_id": "someone-elses", "bytes": 7}}, "own"]
+    assert [s["path"] for s in script.seen] == ["/v1/tasks/ref"], "no other read"
 
 
 def test_an_errback_of_a_failed_chord_is_called_new_style_when_celery_would() -> None:

@@ -442,12 +442,24 @@ class DynachordBackend(BaseBackend):
 #: a queue message: the service stored them as a result of their own.
 RESULTS_REF = "dynachord_ref"
 
+#: The ``origin`` header of every message the service's chord-join sends
+#: (chord callbacks and errbacks, the processing cache's callbacks).
+SERVICE_ORIGIN = "dynachord@chord-join"
+
+
+def sent_by_the_service(task: Any) -> bool:
+    """Whether the message ``task`` runs from was sent by the service's
+    chord-join: only those may carry a reference for the worker to resolve.
+    A task that any client sends with ``{"dynachord_ref": ...}`` as an
+    argument runs with that argument as it is."""
+    return getattr(getattr(task, "request", None), "origin", None) == SERVICE_ORIGIN
+
 
 def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = None, **_: Any) -> None:
-    """Before a task runs (``task_prerun``): when its first argument is the
-    service's reference to a chord's results, puts the results in its place,
-    so the callback receives the real list."""
-    if not isinstance(args, list) or not args:
+    """Before a task runs (``task_prerun``): when the service sent it and its
+    first argument is the service's reference to a chord's results, puts the
+    results in its place, so the callback receives the real list."""
+    if not isinstance(args, list) or not args or not sent_by_the_service(task):
         return
     first = args[0]
     if not (isinstance(first, dict) and set(first) == {RESULTS_REF} and isinstance(first[RESULTS_REF], dict)):

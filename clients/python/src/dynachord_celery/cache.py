@@ -40,7 +40,7 @@ from typing import Any
 
 from celery import Celery
 
-from .backend import RESULTS_REF, DynachordBackend
+from .backend import RESULTS_REF, DynachordBackend, sent_by_the_service
 from .client import Client, DynachordError
 
 #: Task names the package registers: ``{OPERATION_PREFIX}{op}`` runs the
@@ -206,7 +206,7 @@ class ProcessingCache:
 
             def run(task: Any, result: Any) -> Any:
                 value, cb_args = result
-                if isinstance(value, dict) and set(value) == {RESULTS_REF}:
+                if isinstance(value, dict) and set(value) == {RESULTS_REF} and sent_by_the_service(task):
                     # Too large for the message: the processing's own result.
                     value = _backend_client(task.app).get_task(str(value[RESULTS_REF]["task_id"]))["result"]
                 return fn((value, list(cb_args)))
