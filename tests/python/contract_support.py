@@ -9,6 +9,7 @@ same time.
 
 import json
 import os
+import random
 import subprocess
 import sys
 import urllib.error
@@ -25,7 +26,10 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 # rules a schema cannot say (409 for a stored SUCCESS, task_id equal to the
 # path's, a chord part's group_index below its size).
 EXCLUDED = "unsupported_method,use_after_free,ensure_resource_availability,positive_data_acceptance"
-EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "25")
+EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "40")
+# Each run draws its own seed, printed, so that every `./dev test` fuzzes
+# anew and a failure can be replayed (FUZZ_SEED=<seed>).
+SEED = os.environ.get("FUZZ_SEED") or str(random.randrange(1 << 31))
 
 
 def call(method, path, body=None):
@@ -67,6 +71,8 @@ def schemathesis(tmp_path, *args, config="", max_time="240"):
         EXCLUDED,
         "--max-examples",
         EXAMPLES,
+        "--seed",
+        SEED,
         "--max-time",
         max_time,
         "--generation-database",
@@ -84,6 +90,7 @@ def schemathesis(tmp_path, *args, config="", max_time="240"):
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
     )
+    print(f"schemathesis seed {SEED} (FUZZ_SEED), {EXAMPLES} examples per operation (FUZZ_EXAMPLES)")
     print(proc.stdout, proc.stderr[-5000:])
     assert proc.returncode == 0, f"schemathesis found failures (exit {proc.returncode}); see the output above"
     return proc.stdout
