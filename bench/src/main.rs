@@ -330,6 +330,8 @@ async fn main() {
         "\n(ddb/op for batch-get is per call; targets: store = 1 request, batch-get <= 1.5x raw parallel BatchGetItem)"
     );
 
+    long_poll_bench(&service).await;
+
     if !a.large.is_empty() {
         large_bench(&service, &a).await;
     }
@@ -352,6 +354,28 @@ async fn main() {
         println!("(ddb/part: DynamoDB requests per part, amortised: each store's, plus chord-join's from its log;");
         println!(" celery ddb: requests of Celery's on_chord_part_return for the last part alone; target: ddb/part <= 2, speedup >= 5x at 1000)");
     }
+}
+
+/// What a long-poll of many pending results costs: a 5 s batch-get of 1,000
+/// ids that are never stored, its DynamoDB calls (BatchGetItem, 100 keys
+/// each), the results they read, and how long it held the request.
+async fn long_poll_bench(service: &Service) {
+    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let ids: Vec<String> = (0..1000).map(|i| format!("bench-{tag}-pending-{i}")).collect();
+    let started = Instant::now();
+    let req = service
+        .http
+        .post(format!("{}/v1/tasks/batch-get", service.base))
+        .body(serde_json::json!({ "task_ids": ids, "wait": 5 }).to_string());
+    let (body, calls) = service.send(req).await;
+    assert_eq!(body.matches("\"PENDING\"").count(), ids.len());
+    println!(
+        "\nlong-poll: batch-get of 1000 pending ids, wait 5 s: {:.2} s, {calls} DynamoDB calls, {} results read \
+         (bound: n + 200 per second of wait + n at its end = {})",
+        started.elapsed().as_secs_f64(),
+        calls as usize * 100,
+        1000 + 200 * 5 + 1000
+    );
 }
 
 /// One chord of `n` parts through the service, then Celery's join of the same size.

@@ -74,13 +74,13 @@ pub struct OperationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<TaskRef>,
     /// Seconds a result stays cached (default `RESULT_TTL_SECONDS`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing_if = "Option::is_none")]
     pub ttl: Option<u64>,
     /// Seconds a processing holds its entry (default `CACHE_LEASE_SECONDS`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing_if = "Option::is_none")]
     pub lease: Option<u64>,
     /// Seconds a failed key stays quarantined (default 0: the next request delegates again).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing_if = "Option::is_none")]
     pub quarantine_for: Option<u64>,
 }
 
@@ -272,7 +272,10 @@ pub async fn get_or_delegate<T: CallbackSink>(
         }
     };
     let config = &app.config;
-    if requests.is_empty() || requests.len() > config.cache.max_keys {
+    if requests.is_empty() {
+        return Err(ApiError::BadBody("requests is empty: give at least one key".into()));
+    }
+    if requests.len() > config.cache.max_keys {
         return Err(ApiError::BatchTooLarge { count: requests.len(), limit: config.cache.max_keys });
     }
     for (op, spec) in &operations {
@@ -306,6 +309,22 @@ pub async fn get_or_delegate<T: CallbackSink>(
         });
         keys[at].waiters.push(waiter);
         slots.push(at);
+        // The waiters one request adds to a key are bounded as the entry's
+        // are, before anything is written (a new entry's first write takes
+        // them all at once).
+        let key = &keys[at];
+        let bytes: usize = key.waiters.iter().map(String::len).sum();
+        if key.waiters.len() as u64 > config.cache.max_waiters || bytes as u64 > config.cache.max_waiters_bytes {
+            return Err(ApiError::TooManyWaiters(format!(
+                "the request waits on {} {:?} {} times with {bytes} bytes of cb_args; the limits are {} and {} \
+                 (CACHE_MAX_WAITERS, CACHE_MAX_WAITERS_BYTES)",
+                key.op,
+                key.uri,
+                key.waiters.len(),
+                config.cache.max_waiters,
+                config.cache.max_waiters_bytes
+            )));
+        }
     }
     let hashes: Vec<String> = keys.iter().map(|k| k.hash.clone()).collect();
     let entries = app.store.cache_entries(ns, &hashes).await?;
@@ -371,7 +390,10 @@ fn answer_json(key: &Key, answer: &Answer, budget: &mut usize) -> String {
         Answer::Settling(entry) => json!({"state": "settling", "task_id": entry.task_id}),
         Answer::Failed(err) => {
             let (status, code) = err.status_and_code();
-            json!({"state": "error", "error": {"code": code, "message": err.to_string(), "status": status}})
+            if status >= 500 {
+                tracing::warn!(op = %key.op, uri = %key.uri, error = %err, "a key of a bulk get-or-delegate failed");
+            }
+            json!({"state": "error", "error": {"code": code, "message": err.public_message(None), "status": status}})
         }
     };
     if let (Value::Object(map), Value::Object(head)) = (&mut fields, head) {

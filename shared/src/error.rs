@@ -68,6 +68,26 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The message a caller is shown. An error that carries another
+    /// service's text (an SDK's, which can name ARNs, accounts, tables and
+    /// queues) shows none of it, only where the log has it; a 5xx names the
+    /// request id when there is one.
+    pub fn public_message(&self, request_id: Option<&str>) -> String {
+        let status = self.status_and_code().0;
+        let under = request_id.map_or_else(String::new, |id| format!(" under request id {id}"));
+        match self {
+            Self::Internal(_) => format!("internal error; the service's log has the details{under}"),
+            Self::DelegationFailed(_) => {
+                format!("the processing could not be delegated; retry (the service's log has the details{under})")
+            }
+            _ if status >= 500 => match request_id {
+                Some(id) => format!("{self} (request id {id})"),
+                None => self.to_string(),
+            },
+            _ => self.to_string(),
+        }
+    }
+
     /// The HTTP status and `error.code` of this error: the one mapping.
     pub fn status_and_code(&self) -> (u16, &'static str) {
         match self {
@@ -116,13 +136,7 @@ impl ApiError {
     /// under which the log has the details.
     pub fn to_json(&self, request_id: &str) -> String {
         let (status, code) = self.status_and_code();
-        let message = match self {
-            Self::Internal(_) => {
-                format!("internal error; the service's log has the details under request id {request_id}")
-            }
-            _ if status >= 500 => format!("{self} (request id {request_id})"),
-            _ => self.to_string(),
-        };
+        let message = self.public_message(Some(request_id));
         let mut error = serde_json::json!({"code": code, "message": message});
         if status >= 500 {
             error["request_id"] = request_id.into();
@@ -200,6 +214,17 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("req-42"));
         let unavailable = ApiError::from(StoreError::Unavailable(detail.into())).to_json("req-43");
         assert!(!unavailable.contains("arn:") && unavailable.contains("req-43"), "{unavailable}");
+    }
+
+    #[test]
+    fn a_failed_delegation_shows_no_sdk_text_alone_or_in_a_bulk_answer() {
+        let detail = "dispatch failure: arn:aws:sqs:eu-west-1:123456789012:secret-queue timed out";
+        let e = ApiError::DelegationFailed(detail.into());
+        for text in [e.to_json("req-7"), e.public_message(None)] {
+            assert!(!text.contains("arn:") && !text.contains("123456789012"), "{text}");
+            assert!(text.contains("could not be delegated"), "{text}");
+        }
+        assert!(e.to_json("req-7").contains("req-7"));
     }
 
     #[test]

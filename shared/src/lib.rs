@@ -11,8 +11,9 @@
 //! Layers point one way: a module uses only those listed before it (see
 //! `docs/ARCHITECTURE.md`).
 //!
-//! - [`ids`], [`time`]: validated identifiers (an invalid id cannot be
-//!   constructed, so it never reaches a key) and wall-clock helpers.
+//! - [`ids`], [`time`], [`whole`]: validated identifiers (an invalid id cannot be
+//!   constructed, so it never reaches a key), wall-clock helpers, and whole
+//!   numbers as JSON Schema counts them.
 //! - [`celery`]: Celery's wire formats: the signature, Python reprs, kombu's
 //!   queue names and SQS envelope.
 //! - [`meta`]: Celery task meta and states: what a worker stores and a client reads.
@@ -51,6 +52,7 @@ pub mod service;
 pub mod store;
 pub mod tenants;
 pub mod time;
+pub mod whole;
 
 /// Sets up tracing for a function: JSON lines, level from `RUST_LOG` (default
 /// `info`). Call once at the top of `main`.

@@ -126,7 +126,7 @@ pub struct TaskMeta {
         skip_serializing_if = "Option::is_none"
     )]
     pub group_id: Option<GroupId>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing_if = "Option::is_none")]
     pub group_index: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<String>,
@@ -140,14 +140,14 @@ pub struct TaskMeta {
     pub kwargs: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
     #[serde(default)]
     pub task_id: Option<String>,
     /// Request only: this result's time to live in seconds.
-    #[serde(default, skip_serializing)]
+    #[serde(default, deserialize_with = "crate::whole::optional", skip_serializing)]
     pub expires_in: Option<u64>,
     /// Request only: the chord this task is a part of (`request.chord` and
     /// `chord_size` from the worker). Kept on the part's item, never served.
@@ -173,6 +173,7 @@ pub const MAX_CHORD_SIZE: u32 = 100_000;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChordSpec {
+    #[serde(deserialize_with = "crate::whole::required")]
     pub size: u32,
     pub callback: Box<RawValue>,
 }
@@ -407,6 +408,19 @@ mod tests {
             let err = TaskMeta::parse(body.as_bytes(), &t1).unwrap_err().to_string();
             assert!(err.contains(needle), "{body}: {err}");
         }
+    }
+
+    /// JSON Schema's integers include integral floats: `1.0` is taken as 1
+    /// and stored as 1, so a client reading it back gets an integer.
+    #[test]
+    fn integral_floats_are_integers_and_are_stored_as_such() {
+        let body = r#"{"status":"SUCCESS","group_id":"g","group_index":1.0,"retries":2.0,"expires_in":60.0,"chord":{"size":2.0,"callback":{"task":"t","options":{"task_id":"cb"}}}}"#;
+        let meta = TaskMeta::parse(body.as_bytes(), &tid("t1")).unwrap();
+        assert_eq!((meta.group_index, meta.retries, meta.expires_in), (Some(1), Some(2), Some(60)));
+        let json = meta.to_json();
+        assert!(json.contains(r#""group_index":1,"#) && json.contains(r#""retries":2"#), "{json}");
+        let bad = r#"{"status":"SUCCESS","retries":2.5}"#;
+        assert!(TaskMeta::parse(bad.as_bytes(), &tid("t1")).unwrap_err().to_string().contains("whole number"));
     }
 
     #[test]

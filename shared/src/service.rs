@@ -3,6 +3,7 @@
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -51,6 +52,20 @@ impl Reply {
 /// second, while a result stored mid-wait is seen within a quarter second.
 const POLL_FIRST: Duration = Duration::from_millis(25);
 const POLL_MAX: Duration = Duration::from_millis(250);
+
+/// The most results a batch-get's long-poll re-reads per second, on
+/// average: before it re-reads `k` results still waiting, it pauses at
+/// least `k / BATCH_POLL_READS_PER_SECOND` seconds. One waiting result is
+/// re-read every 250 ms, as by a single long-poll; 1,000 every 5 s. A
+/// batch-get of `n` ids waiting `W` seconds therefore reads at most
+/// `n + 200 W` results before its wait ends, and `n` more once at its end:
+/// 1,000 pending ids for 20 s, at most 6,000 (it was 80,000).
+const BATCH_POLL_READS_PER_SECOND: f64 = 200.0;
+
+/// The pause before re-reading `waiting` results, the backoff's `pause` at least.
+fn batch_poll_pause(pause: Duration, waiting: usize) -> Duration {
+    pause.max(Duration::from_secs_f64(waiting as f64 / BATCH_POLL_READS_PER_SECOND))
+}
 
 fn expires_at(config: &Config, expires_in: Option<u64>) -> Result<i64, ApiError> {
     let ttl = match expires_in {
@@ -106,8 +121,9 @@ pub async fn store_task<S: ResultStore>(
 struct UploadRequest {
     sha256: String,
     /// The object's size: the presigned PUT accepts exactly this many bytes.
+    #[serde(deserialize_with = "crate::whole::required")]
     bytes: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::optional")]
     expires_in: Option<u64>,
 }
 
@@ -283,7 +299,9 @@ struct BatchRequest {
 
 /// `POST /v1/tasks/batch-get`: `{"task_ids": [...], "wait": S?}` to
 /// `{"results": [...]}` in request order. With a wait, re-reads only the
-/// tasks not yet ready until all are or the wait is over.
+/// tasks not yet ready, each distinct id once a round, until all are ready or
+/// the wait is over; the pauses grow with how many still wait (see
+/// [`BATCH_POLL_READS_PER_SECOND`]), and the last read is at the wait's end.
 pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u8]) -> Result<Reply, ApiError> {
     let request: BatchRequest = parse_body(body, "a batch-get request")?;
     if request.task_ids.len() > app.config.max_batch_ids {
@@ -301,16 +319,24 @@ pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u
     let mut pause = POLL_FIRST;
     let mut results: Vec<Option<Stored>> = app.store.get_tasks(ns, &ids).await?;
     loop {
-        let waiting: Vec<usize> =
-            (0..ids.len()).filter(|&i| !results[i].as_ref().is_some_and(|s| s.status.is_ready())).collect();
-        if waiting.is_empty() || Instant::now() + pause > deadline {
+        let mut again: Vec<TaskId> = (0..ids.len())
+            .filter(|&i| !results[i].as_ref().is_some_and(|s| s.status.is_ready()))
+            .map(|i| ids[i].clone())
+            .collect();
+        again.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        again.dedup();
+        let left = deadline.saturating_duration_since(Instant::now());
+        if again.is_empty() || left < POLL_FIRST {
             break;
         }
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(batch_poll_pause(pause, again.len()).min(left)).await;
         pause = (pause * 2).min(POLL_MAX);
-        let again: Vec<TaskId> = waiting.iter().map(|&i| ids[i].clone()).collect();
-        for (i, stored) in waiting.into_iter().zip(app.store.get_tasks(ns, &again).await?) {
-            results[i] = stored;
+        let read: HashMap<&str, Option<Stored>> =
+            again.iter().map(TaskId::as_str).zip(app.store.get_tasks(ns, &again).await?).collect();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(stored) = read.get(id.as_str()) {
+                results[i] = stored.clone();
+            }
         }
     }
     let pieces = batch_pieces(app, &ids, results).await?;
@@ -470,7 +496,7 @@ pub async fn forget_task<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Task
 #[serde(deny_unknown_fields)]
 struct GroupRequest {
     result: Box<RawValue>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::optional")]
     expires_in: Option<u64>,
 }
 
@@ -566,6 +592,25 @@ mod tests {
         assert!(got.body.contains("late"));
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "{took:?}");
+    }
+
+    /// A long-poll of many pending ids reads at most `n + 200 W` results
+    /// before its wait of `W` seconds ends, and `n` more at its end, each
+    /// distinct id once a round however often it is asked for (here 700
+    /// distinct of 1,000 ids for 2 s: at most 1,000 + 400 + 700; the backoff
+    /// alone re-read all 1,000 every 25 to 250 ms).
+    #[tokio::test]
+    async fn a_batch_long_poll_reads_a_bounded_number_of_results() {
+        let app = app();
+        let mut ids: Vec<String> = (0..700).map(|i| format!("pending-{i}")).collect();
+        ids.extend(ids[..300].to_vec());
+        let body = serde_json::json!({"task_ids": ids, "wait": 2.0}).to_string();
+        let got = batch_fetch(&app, &Namespace::default(), body.as_bytes()).await.unwrap();
+        let reads = app.store.reads();
+        let results: serde_json::Value = serde_json::from_str(&got.body).unwrap();
+        assert_eq!(results["results"].as_array().unwrap().len(), 1000);
+        assert!(reads <= 1000 + 200 * 2 + 700, "{reads} results read");
+        assert!(reads >= 1000 + 700, "read again at the wait's end: {reads}");
     }
 
     #[tokio::test]

@@ -228,7 +228,8 @@ async fn bad_requests_are_refused_and_change_nothing() {
         (with("lease", json!(5)), 400, "invalid_body"),
         (with("task", json!("")), 400, "invalid_body"),
         (with("color", json!("red")), 400, "invalid_body"),
-        (json!({"requests": [], "operations": {"thumbnail": op}}), 413, "batch_too_large"),
+        // No key at all is bad input, not a batch too large.
+        (json!({"requests": [], "operations": {"thumbnail": op}}), 400, "invalid_body"),
     ];
     for (body, status, code) in cases {
         get_or_delegate(&api, body.clone()).await.expect_error(status, code);
@@ -257,6 +258,29 @@ async fn waiters_are_bounded_in_bytes_with_a_clear_error() {
     assert_eq!(entry(&api, &uri).await["waiters"], 8);
     // Small cb_args still fit.
     assert_eq!(ask(&api, &op, &uri, json!(1)).await.expect(200).json["waiters"], 9);
+}
+
+/// One request that names a new key many times adds all its waiters in the
+/// entry's first write: they are bounded as the entry's are, before anything
+/// is written (60 copies of 8 KB would pass DynamoDB's item limit).
+#[tokio::test]
+async fn one_request_cannot_pass_the_waiters_bounds_of_a_new_key() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("copies")).await;
+    let op = operation(&queue.name);
+    let uri = format!("s3://b/{}", api.id("copies"));
+    let big = "x".repeat(8000);
+    let requests: Vec<Value> = (0..60).map(|_| json!({"op": "thumbnail", "uri": uri, "cb_args": big})).collect();
+    let refused = get_or_delegate(&api, json!({"requests": requests, "operations": {"thumbnail": op}}))
+        .await
+        .expect_error(409, "too_many_waiters");
+    assert!(refused.text.contains("CACHE_MAX_WAITERS_BYTES"), "{}", refused.text);
+    assert_eq!(entry(&api, &uri).await["state"], "missing", "nothing written");
+    // Within the bounds, the same key many times is one processing.
+    let requests: Vec<Value> = (0..8).map(|i| json!({"op": "thumbnail", "uri": uri, "cb_args": i})).collect();
+    let answered =
+        get_or_delegate(&api, json!({"requests": requests, "operations": {"thumbnail": op}})).await.expect(200);
+    assert_eq!(answered.json["results"][7]["waiters"], 8, "{}", answered.text);
 }
 
 #[tokio::test]
