@@ -26,7 +26,9 @@
 //! proxy between the functions and DynamoDB Local and SQS (see [`faults`]).
 //! The functions get `TENANTS` mapping two local test callers (see
 //! `LOCAL_TENANTS`), and `CALLBACK_QUEUES` granting each of them the queues
-//! named after it (see `local_callback_queues`).
+//! named after it, and the default namespace the queues `--callback-queues`
+//! names (`celery` unless told more, as a fresh deployment; `./dev` tells it
+//! `*`, for the tests' own queues; see `local_callback_queues`).
 //! Any of the service's own variables (`MAX_WAIT_SECONDS`, `DDB_MAX_ATTEMPTS`,
 //! ...) set in the environment are passed on to the functions.
 
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 36] = [
+const PASSED_ON: [&str; 37] = [
     "CACHE_LEASE_SECONDS",
     "CACHE_MAX_WAITERS",
     "CACHE_MAX_WAITERS_BYTES",
@@ -63,6 +65,7 @@ const PASSED_ON: [&str; 36] = [
     "CALLBACK_LAMBDA_FUNCTION",
     "CALLBACK_MAX_BYTES",
     "CALLBACK_DEFAULT_QUEUE",
+    "CALLBACK_QUEUE_NAMES",
     "CALLBACK_QUEUE_URLS",
     "NAMESPACE",
     "RESULT_TTL_SECONDS",
@@ -96,10 +99,23 @@ const LOCAL_TENANTS: &str =
     r#"{"arn:aws:iam::111111111111:user/tenant-a": "tenant-a", "arn:aws:iam::222222222222:user/tenant-b": "tenant-b"}"#;
 
 /// The queues each local namespace's callbacks may use: the unauthenticated
-/// default namespace any queue, each test tenant only queues named after it.
-fn local_callback_queues(prefix: &str) -> String {
+/// default namespace those `names` grants (exact names, `prefix-*`, or `*`
+/// for any; `--callback-queues`), each test tenant only queues named after it.
+fn local_callback_queues(prefix: &str, names: &str) -> String {
+    let default: serde_json::Map<String, serde_json::Value> = names
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            let url = match name.ends_with('*') {
+                true => prefix.to_owned(),
+                false => format!("{prefix}{}", dynachord::celery::kombu_queue_name(name)),
+            };
+            (name.to_owned(), url.into())
+        })
+        .collect();
     serde_json::json!({
-        "default": {"*": prefix},
+        "default": default,
         "tenant-a": {"tenant-a-*": prefix},
         "tenant-b": {"tenant-b-*": prefix},
     })
@@ -150,6 +166,11 @@ struct Settings {
     /// Instances per function.
     #[arg(long, default_value_t = 8)]
     concurrency: u32,
+    /// The queues the default namespace's callbacks and processings may use,
+    /// as a deployment names them (`CallbackQueueNames`): exact names,
+    /// `prefix-*`, or `*` for any. Default: Celery's default queue alone.
+    #[arg(long, default_value = "celery")]
+    callback_queues: String,
     /// Keep DynamoDB data on disk in DIR (default: in memory).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -407,7 +428,7 @@ fn write_functions_env(
         "AWS_SECRET_ACCESS_KEY=local".to_owned(),
         "AWS_REGION=us-east-1".to_owned(),
         env_line("TENANTS", LOCAL_TENANTS),
-        env_line("CALLBACK_QUEUES", &local_callback_queues(&format!("{queues_url}/123456789012/"))),
+        env_line("CALLBACK_QUEUES", &local_callback_queues(&format!("{queues_url}/123456789012/"), &s.callback_queues)),
     ];
     for var in PASSED_ON {
         if let Ok(value) = std::env::var(var) {

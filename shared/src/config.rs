@@ -122,9 +122,11 @@ pub struct CallbackConfig {
     /// `CALLBACK_QUEUES`: per namespace, the queues its callbacks may use
     /// (see [`QueueRoutes`]). Unset: every namespace uses [`Self::shared`].
     pub tenant_queues: Option<HashMap<Namespace, QueueRoutes>>,
-    /// `CALLBACK_QUEUE_URLS` (`name=url,...`) and `CALLBACK_QUEUE_URL_PREFIX`
-    /// (the kombu queue name is appended): the queues of a single-tenant
-    /// deployment.
+    /// `CALLBACK_QUEUE_URLS` (`name=url,...`), and `CALLBACK_QUEUE_URL_PREFIX`
+    /// (the kombu queue name is appended) for the names `CALLBACK_QUEUE_NAMES`
+    /// grants (default: the default queue alone; `proj-*` a prefix, `*` any):
+    /// the queues of a single-tenant deployment. No queue is granted that
+    /// the configuration does not name.
     pub shared: QueueRoutes,
     /// `CALLBACK_DEFAULT_QUEUE` (default `celery`): for callbacks without `options.queue`.
     pub default_queue: String,
@@ -363,8 +365,21 @@ fn callback_config(
             .ok_or(ConfigError { var: "CALLBACK_QUEUE_URLS", message: format!("{pair:?} is not name=url") })?;
         pairs.push((name.trim().to_owned(), url.trim().to_owned()));
     }
+    let default_queue = var("CALLBACK_DEFAULT_QUEUE").unwrap_or_else(|| "celery".into());
     if let Some(prefix) = var("CALLBACK_QUEUE_URL_PREFIX") {
-        pairs.push(("*".to_owned(), prefix.trim().to_owned()));
+        let prefix = prefix.trim();
+        let names = var("CALLBACK_QUEUE_NAMES").unwrap_or_else(|| default_queue.clone());
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if name.contains('*') && !name.ends_with('*') || name.matches('*').count() > 1 {
+                return Err(ConfigError {
+                    var: "CALLBACK_QUEUE_NAMES",
+                    message: format!("{name:?}: a name is exact, or a prefix ending in a single *"),
+                });
+            }
+            let url =
+                if name.ends_with('*') { prefix.to_owned() } else { format!("{prefix}{}", kombu_queue_name(name)) };
+            pairs.push((name.to_owned(), url));
+        }
     }
     let tenant_queues = match var("CALLBACK_QUEUES") {
         None => None,
@@ -376,7 +391,7 @@ fn callback_config(
         lambda_function,
         tenant_queues,
         shared: QueueRoutes::from_pairs(pairs),
-        default_queue: var("CALLBACK_DEFAULT_QUEUE").unwrap_or_else(|| "celery".into()),
+        default_queue,
         max_bytes: num("CALLBACK_MAX_BYTES", 1 << 20, 1024, 1 << 20)? as usize,
     })
 }
@@ -483,12 +498,51 @@ mod tests {
             ("TABLE_NAME", "t"),
             ("CALLBACK_QUEUE_URLS", "special=https://q/special-url"),
             ("CALLBACK_QUEUE_URL_PREFIX", "https://sqs/123/"),
+            ("CALLBACK_QUEUE_NAMES", "celery,proj.*"),
         ])
         .unwrap();
         let ns = Namespace::default();
         assert_eq!(c.callbacks.queue_url(&ns, "special").as_deref(), Some("https://q/special-url"));
         assert_eq!(c.callbacks.queue_url(&ns, "proj.high").as_deref(), Some("https://sqs/123/proj-high"));
+        assert_eq!(c.callbacks.queue_url(&ns, "celery").as_deref(), Some("https://sqs/123/celery"));
+        assert_eq!(c.callbacks.queue_url(&ns, "payments"), None, "a queue no name grants");
         let bare = load(&[("TABLE_NAME", "t")]).unwrap();
         assert_eq!(bare.callbacks.queue_url(&ns, "celery"), None);
+    }
+
+    /// A fresh deployment (the template's defaults: this account's URL
+    /// prefix, no names) lets a caller put a task on Celery's default queue
+    /// alone, not on any queue of the account; more is granted by name.
+    #[test]
+    fn the_url_prefix_alone_grants_the_default_queue_only() {
+        let ns = Namespace::default();
+        let fresh = load(&[("TABLE_NAME", "t"), ("CALLBACK_QUEUE_URL_PREFIX", "https://sqs/123/")]).unwrap();
+        assert_eq!(fresh.callbacks.queue_url(&ns, "celery").as_deref(), Some("https://sqs/123/celery"));
+        for other in ["payments", "celery-admin", "celeryx", ""] {
+            assert_eq!(fresh.callbacks.queue_url(&ns, other), None, "{other:?}");
+        }
+        let own_default = load(&[
+            ("TABLE_NAME", "t"),
+            ("CALLBACK_QUEUE_URL_PREFIX", "https://sqs/123/"),
+            ("CALLBACK_DEFAULT_QUEUE", "work"),
+        ])
+        .unwrap();
+        assert!(own_default.callbacks.queue_url(&ns, "work").is_some());
+        assert_eq!(own_default.callbacks.queue_url(&ns, "celery"), None);
+        let any = load(&[
+            ("TABLE_NAME", "t"),
+            ("CALLBACK_QUEUE_URL_PREFIX", "https://sqs/123/"),
+            ("CALLBACK_QUEUE_NAMES", "*"),
+        ])
+        .unwrap();
+        assert!(any.callbacks.queue_url(&ns, "payments").is_some(), "every queue, when told so");
+        for bad in ["a*b", "**", "*a"] {
+            let err = load(&[
+                ("TABLE_NAME", "t"),
+                ("CALLBACK_QUEUE_URL_PREFIX", "https://q/"),
+                ("CALLBACK_QUEUE_NAMES", bad),
+            ]);
+            assert!(err.unwrap_err().to_string().contains("CALLBACK_QUEUE_NAMES"), "{bad}");
+        }
     }
 }

@@ -136,6 +136,9 @@ def stack(request):
         "4",
         "--invoke-timeout-secs",
         "15",
+        # The tests' own queues, as ./dev grants them (a deployment names its own).
+        "--callback-queues",
+        "*",
     ]
     env = dict(
         os.environ,

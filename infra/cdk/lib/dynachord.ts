@@ -297,6 +297,7 @@ export class Dynachord extends Construct {
           `https://sqs.${Aws.REGION}.${Aws.URL_SUFFIX}/${Aws.ACCOUNT_ID}/`,
         ),
       ),
+      CALLBACK_QUEUE_NAMES: str("CallbackQueueNames"),
       CALLBACK_QUEUE_URLS: str("CallbackQueueUrls"),
       CALLBACK_DEFAULT_QUEUE: str("CallbackDefaultQueue"),
       CALLBACK_LAMBDA_FUNCTION: str("CallbackLambdaFunctionArn"),

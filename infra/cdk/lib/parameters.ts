@@ -186,6 +186,11 @@ export const PARAMETERS = {
     default: "",
     description: "SQS URL prefix the callback's queue name is appended to, as kombu spells it, e.g. https://sqs.eu-west-1.amazonaws.com/123456789012/ (empty: this account and region).",
   },
+  CallbackQueueNames: {
+    type: "String",
+    default: "",
+    description: "Queue names the callbacks, errbacks and processings of a single-tenant stack may use with CallbackQueueUrlPrefix, comma-separated: exact names, prefixes ending in * (proj-*), or * for every queue of the prefix. Empty: CallbackDefaultQueue alone, so a fresh stack lets no caller put a task on any other queue. A stack with Tenants names its queues in CallbackQueues instead.",
+  },
   CallbackQueueUrls: {
     type: "String",
     default: "",
@@ -252,7 +257,7 @@ export type ParameterName = keyof typeof PARAMETERS;
 export const PARAMETER_GROUPS: { label: string; parameters: ParameterName[] }[] = [
   { label: "Table", parameters: ["TableName", "BillingMode", "ReadCapacityUnits", "WriteCapacityUnits", "EnableAutoScaling", "AutoScalingMinCapacity", "AutoScalingMaxCapacity", "AutoScalingTargetUtilization", "DeletionProtection"] },
   { label: "Service", parameters: ["AuthMode", "Namespace", "Tenants", "ResultTtlSeconds", "MaxWaitSeconds", "LogLevel", "Architecture", "ApiThrottlingRateLimit", "ApiThrottlingBurstLimit", "Tracing"] },
-  { label: "Chords", parameters: ["StreamBatchSize", "StreamBatchingWindowSeconds", "StreamMaximumRetryAttempts", "StreamMaximumRecordAgeSeconds", "CallbackTarget", "CallbackQueues", "CallbackQueueUrlPrefix", "CallbackQueueUrls", "CallbackDefaultQueue", "CallbackQueueArns", "CallbackLambdaFunctionArn", "ChordMaxAttempts", "ChordJoinReservedConcurrency", "CallbackQueueKmsKeyArns"] },
+  { label: "Chords", parameters: ["StreamBatchSize", "StreamBatchingWindowSeconds", "StreamMaximumRetryAttempts", "StreamMaximumRecordAgeSeconds", "CallbackTarget", "CallbackQueues", "CallbackQueueUrlPrefix", "CallbackQueueNames", "CallbackQueueUrls", "CallbackDefaultQueue", "CallbackQueueArns", "CallbackLambdaFunctionArn", "ChordMaxAttempts", "ChordJoinReservedConcurrency", "CallbackQueueKmsKeyArns"] },
   { label: "Large results", parameters: ["SpillAboveBytes", "MaxResultBytes", "CallbackMaxBytes", "PresignSeconds"] },
   { label: "Alarms", parameters: ["AlarmTopicArn"] },
 ];
