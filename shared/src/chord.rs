@@ -259,8 +259,14 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         let last = &parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty").part.task_id;
         if let Some((token, sent)) = self.unmarked_progress(&key) {
             // Our messages went out earlier but recording it failed: go on
-            // from there under the same claim, sending nothing twice (invariant C3).
+            // from there under the same claim, sending nothing twice
+            // (invariant C3): the callback's, or a failing chord's errbacks.
             let mut state = state;
+            if let Some(message) = state.error.clone() {
+                state.errbacks_sent = state.errbacks_sent.max(sent);
+                let claim = Claim { ns, gid, token: &token, last, state: &state, newest_stored };
+                return self.fail_claimed(&claim, message, OnTransient::Retry).await;
+            }
             state.body_sent = state.body_sent.max(sent);
             return self.join(&Claim { ns, gid, token: &token, last, state: &state, newest_stored }).await;
         }
@@ -638,9 +644,19 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 }
                 Err(err) => return Err(err.into()),
             }
-            if !self.store.record_failure(ns, gid, token, &message, i as u32 + 1).await? {
-                self.lost(gid, "recording an errback");
-                return Ok(());
+            // Recorded as the callback's progress is: retried, and kept in
+            // this process when it keeps failing, so the errback that went
+            // out is never sent again from here (invariant C3).
+            let sent = i as u32 + 1;
+            let recorded =
+                self.persist(gid, "recording an errback", || self.store.record_failure(ns, gid, token, &message, sent));
+            match recorded.await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.lost(gid, "recording an errback");
+                    return Ok(());
+                }
+                Err(err) => return Err(self.keep_unmarked(ns, gid, token, sent, err)),
             }
         }
         self.finish(claim, ChordPhase::Failed, Some(&message)).await?;
@@ -1030,6 +1046,25 @@ mod tests {
         assert!(j.handle_parts(parts).await.is_empty());
         assert_eq!(j.sink.sent(), group_sent());
         assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    }
+
+    /// An errback went out, and every attempt to record it failed: the
+    /// records come again, and the join goes on from the next errback in
+    /// this process, never sending the first again (C3).
+    #[tokio::test]
+    async fn an_errback_whose_record_fails_is_never_sent_again() {
+        let j = joiner(FakeSink::default());
+        j.store.fail_errback_records.store(MARK_ATTEMPTS, Ordering::SeqCst);
+        let parts = chord_of(&j, &["SUCCESS", "FAILURE"]).await;
+        assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "the records come again");
+        let sent =
+            |j: &Joiner<MemoryStore, FakeSink>| -> Vec<String> { j.sink.sent().into_iter().map(|s| s.0).collect() };
+        assert_eq!(sent(&j), ["t.e1"], "stopped after the errback it could not record");
+        assert_eq!(phase(&j).await.phase, ChordPhase::Joining, "the claim is kept after a send");
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        assert!(j.handle_parts(parts).await.is_empty());
+        assert_eq!(sent(&j), ["t.e1", "t.e2"], "each errback once");
+        assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
     }
 
     #[tokio::test]

@@ -34,6 +34,9 @@ pub struct MemoryStore {
     pub fail_finishes: AtomicU32,
     /// How many coming `record_sent` calls fail as if DynamoDB were down.
     pub fail_records: AtomicU32,
+    /// How many coming `record_failure` calls that record an errback sent
+    /// (not the failure itself) fail as if DynamoDB were down.
+    pub fail_errback_records: AtomicU32,
     /// Fault: every `renew_claim` finds the claim taken over.
     pub steal_claims: AtomicBool,
     /// Results whose meta is longer than this (0: none) are kept as blobs,
@@ -273,6 +276,11 @@ impl ChordStore for MemoryStore {
         error: &str,
         errbacks_sent: u32,
     ) -> Result<bool, StoreError> {
+        let failing = self.fail_errback_records.load(Ordering::SeqCst);
+        if failing > 0 && errbacks_sent > 0 {
+            self.fail_errback_records.store(failing - 1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected".into()));
+        }
         Ok(self.if_held(ns, gid, token, |state, _| {
             state.error = Some(error.to_owned());
             state.errbacks_sent = errbacks_sent;
