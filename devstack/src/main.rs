@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
 /// Variables of the service's `Config` passed on to the functions when set.
-const PASSED_ON: [&str; 37] = [
+const PASSED_ON: [&str; 38] = [
     "CACHE_LEASE_SECONDS",
     "CACHE_MAX_WAITERS",
     "CACHE_MAX_WAITERS_BYTES",
@@ -59,6 +59,7 @@ const PASSED_ON: [&str; 37] = [
     "CHORD_MAX_ATTEMPTS",
     "CHORD_MAX_ERRBACKS",
     "CHORD_MAX_CALLBACK_BYTES",
+    "CHORD_MAX_MESSAGES",
     "CALLBACK_QUEUES",
     "CALLBACK_QUEUE_URL_PREFIX",
     "CALLBACK_TARGET",

@@ -200,6 +200,12 @@ pub struct ChordConfig {
     /// `CHORD_MAX_CALLBACK_BYTES` (default 65536, 1024..=262144): the largest
     /// callback signature a part may carry.
     pub max_callback_bytes: usize,
+    /// `CHORD_MAX_MESSAGES` (default 500, 1..=10000): the most messages one
+    /// part's callback can make chord-join send, in total: the body's (a
+    /// group body's, one a member) and the errbacks a failure calls (each
+    /// member's own and the group's). A 64 KiB callback could otherwise
+    /// describe some 25,000, far past one invocation.
+    pub max_messages: usize,
     /// `CHORD_MAX_RESULTS_BYTES` (default 128 MiB, 1 KiB..=512 MiB): the most
     /// a chord's results may add up to; chord-join holds them in memory.
     pub max_results_bytes: usize,
@@ -277,6 +283,7 @@ impl Config {
             max_attempts: num("CHORD_MAX_ATTEMPTS", 8, 1, 100)? as u32,
             max_errbacks: num("CHORD_MAX_ERRBACKS", 16, 0, 100)? as usize,
             max_callback_bytes: num("CHORD_MAX_CALLBACK_BYTES", 65_536, 1024, 262_144)? as usize,
+            max_messages: num("CHORD_MAX_MESSAGES", 500, 1, 10_000)? as usize,
             max_results_bytes: num("CHORD_MAX_RESULTS_BYTES", 128 << 20, 1024, 512 << 20)? as usize,
         };
         let results = LargeResults {

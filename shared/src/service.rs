@@ -231,6 +231,15 @@ fn check_callback(config: &Config, ns: &Namespace, callback: &str) -> Result<(),
             )));
         }
     }
+    // Everything a success or a failure of the chord makes chord-join send.
+    let sends = sig.body_messages().map_or(1, |m| m.len()) + sig.errback_calls().len();
+    if sends > limits.max_messages {
+        return Err(ApiError::CallbackNotAllowed(format!(
+            "the callback would make the chord send {sends} messages (its body's and the errbacks a failure \
+             calls); at most {} are allowed (CHORD_MAX_MESSAGES)",
+            limits.max_messages
+        )));
+    }
     if config.callbacks.lambda_function.is_some() {
         return Ok(());
     }

@@ -10,7 +10,7 @@
 use crate::chords::Chord;
 use crate::helpers::{poll_until, random_hex, success, Api};
 use crate::sqs::Queue;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 const TENANT_A: &str = "arn:aws:iam::111111111111:user/tenant-a";
@@ -149,6 +149,30 @@ async fn what_one_part_can_make_chord_join_send_is_bounded_at_store_time() {
     let resp = a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await;
     assert!(resp.text.contains("a task of its group has 17 errbacks"), "{}", resp.text);
     resp.expect_error(400, "callback_not_allowed");
+    // A group body whose members and errbacks would make one failed part send
+    // 509 + 509 x 16 messages is refused, naming the limit (CHORD_MAX_MESSAGES,
+    // 500); 29 members and 16 errbacks, 493 messages, are accepted.
+    let group_body = |members: usize, errbacks: usize| {
+        let mut chord = Chord::new(&api, &queue, json!({}));
+        let tasks: Vec<Value> = (0..members)
+            .map(|i| json!({"task": "t", "options": {"task_id": api.id(&format!("m{i}")), "queue": queue.name}}))
+            .collect();
+        let group_errbacks: Vec<Value> =
+            (0..errbacks).map(|i| json!({"task": format!("e{i}"), "options": {"queue": queue.name}})).collect();
+        chord.callback["task"] = json!("celery.group");
+        chord.callback["kwargs"] = json!({"tasks": tasks});
+        chord.callback["options"]["link_error"] = json!(group_errbacks);
+        chord
+    };
+    let chord = group_body(509, 16);
+    let id = a.id("many-messages");
+    let resp = a.put_task(&id, chord.part(&id, 0, 2, "FAILURE", json!(1))).await;
+    assert!(resp.text.contains("CHORD_MAX_MESSAGES") && resp.text.contains("8653"), "{}", resp.text);
+    resp.expect_error(400, "callback_not_allowed");
+    assert_eq!(a.get_task(&id).await.expect(200).json["status"], "PENDING", "nothing stored");
+    let chord = group_body(29, 16);
+    let id = a.id("under-the-limit");
+    a.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(1))).await.expect(200);
     // A callback past 64 KiB is refused as too large.
     let mut chord = Chord::new(&api, &queue, json!({}));
     chord.callback["kwargs"] = json!({"pad": "x".repeat(70_000)});
