@@ -35,6 +35,13 @@ impl Bucket {
         tags.tag_set().iter().map(|t| format!("{}={}", t.key(), t.value())).collect::<Vec<_>>().join(",")
     }
 
+    /// When the object was last written, in seconds since the epoch: what S3's
+    /// lifecycle counts an object's age from.
+    async fn written_at(&self, key: &str) -> i64 {
+        let head = self.s3.head_object().bucket(&self.name).key(key).send().await.unwrap();
+        head.last_modified().expect("a last-modified time").secs()
+    }
+
     async fn put(&self, key: &str, body: Vec<u8>) {
         self.s3.put_object().bucket(&self.name).key(key).body(body.into()).send().await.unwrap();
     }
@@ -206,6 +213,39 @@ async fn a_refused_store_deletes_its_object_and_a_replaced_result_its_old_one() 
     assert_eq!(bucket.objects_of(&id).await, second);
     // 600 KB, under INLINE_RESULT_BYTES: read back from S3 into the answer.
     assert_eq!(api.get_task(&id).await.expect(200).json["result"], json!(winner));
+}
+
+/// The same id storing the same large result again after its item expired
+/// finds its object there (objects are named by content): the object is
+/// written again, so S3's lifecycle counts its age from the new store, not
+/// the first (S8), and it carries the new item's lifetime class.
+#[tokio::test]
+async fn a_result_stored_again_renews_its_objects_age_and_class() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    let id = api.id("again");
+    let value = json!(random_hex(200_000));
+    let mut short = success(value.clone());
+    short["expires_in"] = json!(1);
+    api.put_task(&id, short).await.expect(200);
+    let keys = bucket.objects_of(&id).await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let first = bucket.written_at(&keys[0]).await;
+    // Until the item has expired (reads treat it as missing) and the clock
+    // has passed the object's second, so a new write shows.
+    crate::helpers::poll_until("the first item expired", std::time::Duration::from_secs(30), || async {
+        let expired = api.get_task(&id).await.json["status"] == "PENDING";
+        let later =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 > first;
+        (expired && later).then_some(())
+    })
+    .await;
+    let mut long = success(value.clone());
+    long["expires_in"] = json!(7 * 86_400);
+    api.put_task(&id, long).await.expect(200);
+    assert_eq!(bucket.objects_of(&id).await, keys, "the same object");
+    assert!(bucket.written_at(&keys[0]).await > first, "written again: its age counts from now");
+    assert_eq!(bucket.tag_of(&keys[0]).await, "dynachord-expiry=7d");
+    assert_eq!(api.get_task(&id).await.expect(200).json["result"], value);
 }
 
 #[tokio::test]

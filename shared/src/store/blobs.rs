@@ -38,6 +38,11 @@ pub fn expiry_class(seconds: i64) -> String {
     format!("{class}d")
 }
 
+/// The days of lifetime class `class` (`"7d"` → 7); 0 for anything else.
+fn class_days(class: &str) -> u64 {
+    class.strip_suffix('d').and_then(|d| d.parse().ok()).unwrap_or(0)
+}
+
 /// Where a task's object lives: `{ns}/task/{id}/{sha256}`.
 pub fn object_key(ns: &Namespace, id: &TaskId, sha256: &str) -> String {
     format!("{}/{sha256}", super::task_key(ns, id))
@@ -183,14 +188,40 @@ impl Blobs {
         &self.bucket
     }
 
-    /// Writes the object unless it exists: `false` when it did (objects are
-    /// named by their content, so it holds these bytes, and its tags, which
-    /// its item set, are kept).
+    /// Writes the object unless it exists: `false` when it did. Objects are
+    /// named by their content, so one that exists holds these bytes (a
+    /// result stored again under its id, after its item expired or by a
+    /// retried store); it is written again all the same, because S3's
+    /// lifecycle counts an object's age from when it was written, not
+    /// tagged: reused as it was, an object from a day ago would be removed
+    /// under a new item that lives a day more (S8). Written again, it lives
+    /// from now, under the longer of its own lifetime class and `class` (an
+    /// item that still points to it keeps its time), and one deleted since
+    /// the check is there again.
     pub async fn put(&self, key: &str, body: Vec<u8>, class: &str) -> Result<bool, StoreError> {
-        let sent = self.put_once(key, class).body(ByteStream::from(body)).send().await;
+        let body = aws_smithy_types::body::SdkBody::from(body);
+        let again = body.try_clone().expect("an in-memory body clones");
+        let sent = self.put_once(key, class).body(ByteStream::new(body)).send().await;
         match sent {
             Ok(_) => Ok(true),
-            Err(e) if e.code() == Some("PreconditionFailed") => Ok(false),
+            Err(e) if e.code() == Some("PreconditionFailed") => {
+                let class = match self.class_of(key).await? {
+                    Some(old) if class_days(&old) > class_days(class) => old,
+                    _ => class.to_owned(),
+                };
+                self.put_tagged(key, &class).body(ByteStream::new(again)).send().await.map_err(|e| classify(e, 1))?;
+                Ok(false)
+            }
+            Err(e) => Err(classify(e, 1)),
+        }
+    }
+
+    /// The object's lifetime class (its `dynachord-expiry` tag), if it has
+    /// one; `None` also when the object is gone.
+    async fn class_of(&self, key: &str) -> Result<Option<String>, StoreError> {
+        match self.client.get_object_tagging().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => Ok(out.tag_set.into_iter().find(|t| t.key == EXPIRY_TAG).map(|t| t.value)),
+            Err(e) if e.code() == Some("NoSuchKey") => Ok(None),
             Err(e) => Err(classify(e, 1)),
         }
     }
@@ -230,13 +261,21 @@ impl Blobs {
     /// A PUT of the object, tagged with its lifetime class, that never
     /// writes over an existing one.
     fn put_once(&self, key: &str, class: &str) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        self.put_tagged(key, class).if_none_match("*")
+    }
+
+    /// A PUT of the object, tagged with its lifetime class.
+    fn put_tagged(
+        &self,
+        key: &str,
+        class: &str,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
             .content_type("application/gzip")
             .tagging(format!("{EXPIRY_TAG}={class}"))
-            .if_none_match("*")
     }
 
     /// Deletes the object (idempotent).
