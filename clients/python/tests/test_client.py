@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -33,6 +34,8 @@ class Script:
     def __init__(self) -> None:
         self.answers: list[tuple[int, dict[str, str], Any]] = []
         self.seen: list[dict[str, Any]] = []
+        #: Seconds each answer waits before it is sent.
+        self.delay = 0.0
 
 
 @pytest.fixture
@@ -44,6 +47,7 @@ def server() -> Iterator[tuple[str, Script]]:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
             script.seen.append({"method": self.command, "path": self.path, "headers": dict(self.headers), "body": body})
+            time.sleep(script.delay)
             status, headers, payload = (
                 script.answers.pop(0)
                 if script.answers
@@ -127,6 +131,30 @@ def test_a_500_is_sent_again_as_the_aws_sdks_do(server: tuple[str, Script]) -> N
     client = Client(url, ClientOptions(**FAST))
     assert client.get_task("t1")["result"] == 3
     assert len(script.seen) == 2
+
+
+def test_a_suite_can_see_every_500_the_first_time(server: tuple[str, Script]) -> None:
+    """With ``retry_statuses`` of the service's own retryable answers, a 500
+    is raised at once (the e2e tests run so), while a 503 is still retried."""
+    url, script = server
+    script.answers = [
+        (503, {"Retry-After": "0"}, {"error": {"code": "unavailable", "message": "briefly"}}),
+        (500, {}, {"type": "https://httpstatuses.com/500", "status": 500, "title": "Internal Server Error"}),
+    ]
+    options = ClientOptions.from_mapping({"retry_statuses": [429, 503], **FAST})
+    with pytest.raises(DynachordError) as err:
+        Client(url, options).get_task("t1")
+    assert err.value.status == 500 and len(script.seen) == 2
+
+
+def test_a_request_left_without_an_answer_is_not_sent_again_when_told(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.delay = 1.0
+    script.answers = [(200, {}, {"status": "SUCCESS", "result": 3, "task_id": "t1"})] * 2
+    options = ClientOptions(read_timeout=0.2, retry_timeouts=False, **FAST)
+    with pytest.raises(DynachordUnavailable) as err:
+        Client(url, options).get_task("t1")
+    assert err.value.code == "unreachable" and len(script.seen) == 1
 
 
 def test_retries_end_in_a_clear_unavailable_error(server: tuple[str, Script]) -> None:

@@ -26,6 +26,11 @@ app.conf.update(
     task_default_queue=os.environ["E2E_QUEUE"],
     worker_prefetch_multiplier=8,
 )
+if not os.environ.get("E2E_RESULT_BACKEND"):
+    # Every failure of the local stack shows: only the service's own
+    # retryable answers (throttled, unavailable) are sent again, never a 500
+    # or a request left without an answer.
+    app.conf.result_backend_transport_options = {"retry_statuses": [429, 503], "retry_timeouts": False}
 
 
 @app.task

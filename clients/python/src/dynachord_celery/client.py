@@ -86,6 +86,13 @@ class ClientOptions:
     read_timeout: float = 30.0
     #: Attempts after the first on a retryable answer or connection error.
     max_retries: int = 6
+    #: The statuses sent again (with backoff): by default ``RETRYABLE_STATUSES``.
+    #: A test suite that must see every failure of its own stack keeps the
+    #: service's own retryable answers (429, 503) and drops the rest.
+    retry_statuses: tuple[int, ...] = tuple(sorted(RETRYABLE_STATUSES))
+    #: Whether a request that got no answer within ``read_timeout`` is sent
+    #: again (a connection that could not be made always is).
+    retry_timeouts: bool = True
     #: Backoff: the n-th retry waits a random time up to min(cap, base * 2**n).
     backoff_base: float = 0.05
     backoff_cap: float = 5.0
@@ -105,6 +112,8 @@ class ClientOptions:
     result_chord_ordered: bool = True
 
     def __post_init__(self) -> None:
+        # From a Celery setting, a list: kept as a tuple.
+        object.__setattr__(self, "retry_statuses", tuple(int(s) for s in self.retry_statuses))
         if not self.result_chord_ordered:
             logger.warning("dynachord: result_chord_ordered=False is not available; chord results come in header order")
 
@@ -263,13 +272,14 @@ class Client:
             except requests.RequestException as exc:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise out_of_time() from exc
-                if attempt >= self.options.max_retries:
+                no_retry = isinstance(exc, requests.Timeout) and not self.options.retry_timeouts
+                if attempt >= self.options.max_retries or no_retry:
                     raise DynachordUnavailable(method, path, 0, "unreachable", str(exc)) from exc
                 pause, why = self._backoff(attempt, None), f"{type(exc).__name__}: {exc}"
             else:
                 if response.status_code in ok:
                     return response
-                if response.status_code not in RETRYABLE_STATUSES or attempt >= self.options.max_retries:
+                if response.status_code not in self.options.retry_statuses or attempt >= self.options.max_retries:
                     raise _error(method, path, response)
                 pause = self._backoff(attempt, response.headers.get("Retry-After"))
                 why = f"status {response.status_code}"
