@@ -131,24 +131,17 @@ export class Dynachord extends Construct {
       Fn.conditionAnd(isProvisioned, Fn.conditionEquals(str("EnableAutoScaling"), "true")),
     );
     const isIamAuth = condition("IsIamAuth", Fn.conditionEquals(str("AuthMode"), "iam"));
-    const hasQueueArns = condition(
-      "HasQueueArns",
-      Fn.conditionNot(Fn.conditionEquals(Fn.join("", list("CallbackQueueArns")), "")),
-    );
-    const hasQueuePrefix = condition(
-      "HasQueuePrefix",
-      Fn.conditionNot(Fn.conditionEquals(str("CallbackQueueUrlPrefix"), "")),
-    );
+    // A setting that is not empty (a list: any of its members).
+    const isSet = (name: string, value: string) => condition(name, Fn.conditionNot(Fn.conditionEquals(value, "")));
+    const hasQueueArns = isSet("HasQueueArns", Fn.join("", list("CallbackQueueArns")));
+    const hasQueuePrefix = isSet("HasQueuePrefix", str("CallbackQueueUrlPrefix"));
     const isLambdaTarget = condition("IsLambdaTarget", Fn.conditionEquals(str("CallbackTarget"), "lambda"));
-    const hasAlarmTopic = condition("HasAlarmTopic", Fn.conditionNot(Fn.conditionEquals(str("AlarmTopicArn"), "")));
+    const hasAlarmTopic = isSet("HasAlarmTopic", str("AlarmTopicArn"));
     const isDeletionProtected = condition(
       "IsDeletionProtected",
       Fn.conditionEquals(str("DeletionProtection"), "true"),
     );
-    const hasQueueKmsKeys = condition(
-      "HasQueueKmsKeys",
-      Fn.conditionNot(Fn.conditionEquals(Fn.join("", list("CallbackQueueKmsKeyArns")), "")),
-    );
+    const hasQueueKmsKeys = isSet("HasQueueKmsKeys", Fn.join("", list("CallbackQueueKmsKeyArns")));
     const hasChordJoinReservation = condition(
       "HasChordJoinReservation",
       Fn.conditionNot(Fn.conditionEquals(str("ChordJoinReservedConcurrency"), "0")),
