@@ -102,25 +102,18 @@ const LOCAL_TENANTS: &str =
 /// The queues each local namespace's callbacks may use: the unauthenticated
 /// default namespace those `names` grants (exact names, `prefix-*`, or `*`
 /// for any; `--callback-queues`), each test tenant only queues named after it.
-fn local_callback_queues(prefix: &str, names: &str) -> String {
-    let default: serde_json::Map<String, serde_json::Value> = names
-        .split(',')
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
-        .map(|name| {
-            let url = match name.ends_with('*') {
-                true => prefix.to_owned(),
-                false => format!("{prefix}{}", dynachord::celery::kombu_queue_name(name)),
-            };
-            (name.to_owned(), url.into())
-        })
+fn local_callback_queues(prefix: &str, names: &str) -> Result<String, String> {
+    let default: serde_json::Map<String, serde_json::Value> = dynachord::config::named_queues(prefix, names)
+        .map_err(|e| format!("--callback-queues: {e}"))?
+        .into_iter()
+        .map(|(name, url)| (name, url.into()))
         .collect();
-    serde_json::json!({
+    Ok(serde_json::json!({
         "default": default,
         "tenant-a": {"tenant-a-*": prefix},
         "tenant-b": {"tenant-b-*": prefix},
     })
-    .to_string()
+    .to_string())
 }
 
 /// One `VAR=value` line of the functions' env file; values with quotes,
@@ -429,7 +422,10 @@ fn write_functions_env(
         "AWS_SECRET_ACCESS_KEY=local".to_owned(),
         "AWS_REGION=us-east-1".to_owned(),
         env_line("TENANTS", LOCAL_TENANTS),
-        env_line("CALLBACK_QUEUES", &local_callback_queues(&format!("{queues_url}/123456789012/"), &s.callback_queues)),
+        env_line(
+            "CALLBACK_QUEUES",
+            &local_callback_queues(&format!("{queues_url}/123456789012/"), &s.callback_queues)?,
+        ),
     ];
     for var in PASSED_ON {
         if let Ok(value) = std::env::var(var) {

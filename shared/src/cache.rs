@@ -309,10 +309,11 @@ pub async fn get_or_delegate<T: CallbackSink>(
         });
         keys[at].waiters.push(waiter);
         slots.push(at);
-        // The waiters one request adds to a key are bounded as the entry's
-        // are, before anything is written (a new entry's first write takes
-        // them all at once).
-        let key = &keys[at];
+    }
+    // The waiters one request adds to a key are bounded as the entry's are,
+    // before anything is written (a new entry's first write takes them all
+    // at once).
+    for key in &keys {
         let bytes: usize = key.waiters.iter().map(String::len).sum();
         if key.waiters.len() as u64 > config.cache.max_waiters || bytes as u64 > config.cache.max_waiters_bytes {
             return Err(ApiError::TooManyWaiters(format!(

@@ -374,19 +374,10 @@ fn callback_config(
     }
     let default_queue = var("CALLBACK_DEFAULT_QUEUE").unwrap_or_else(|| "celery".into());
     if let Some(prefix) = var("CALLBACK_QUEUE_URL_PREFIX") {
-        let prefix = prefix.trim();
         let names = var("CALLBACK_QUEUE_NAMES").unwrap_or_else(|| default_queue.clone());
-        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if name.contains('*') && !name.ends_with('*') || name.matches('*').count() > 1 {
-                return Err(ConfigError {
-                    var: "CALLBACK_QUEUE_NAMES",
-                    message: format!("{name:?}: a name is exact, or a prefix ending in a single *"),
-                });
-            }
-            let url =
-                if name.ends_with('*') { prefix.to_owned() } else { format!("{prefix}{}", kombu_queue_name(name)) };
-            pairs.push((name.to_owned(), url));
-        }
+        let named = named_queues(prefix.trim(), &names)
+            .map_err(|message| ConfigError { var: "CALLBACK_QUEUE_NAMES", message })?;
+        pairs.extend(named);
     }
     let tenant_queues = match var("CALLBACK_QUEUES") {
         None => None,
@@ -401,6 +392,21 @@ fn callback_config(
         default_queue,
         max_bytes: num("CALLBACK_MAX_BYTES", 1 << 20, 1024, 1 << 20)? as usize,
     })
+}
+
+/// The routes of `names` (comma-separated: exact queue names, or prefixes
+/// ending in a single `*`) under a queue URL `prefix`: an exact name's URL
+/// is the prefix and the name as kombu spells it, a prefix's the URL prefix.
+pub fn named_queues(prefix: &str, names: &str) -> Result<Vec<(String, String)>, String> {
+    let mut routes = Vec::new();
+    for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if name.contains('*') && !name.ends_with('*') || name.matches('*').count() > 1 {
+            return Err(format!("{name:?}: a name is exact, or a prefix ending in a single *"));
+        }
+        let url = if name.ends_with('*') { prefix.to_owned() } else { format!("{prefix}{}", kombu_queue_name(name)) };
+        routes.push((name.to_owned(), url));
+    }
+    Ok(routes)
 }
 
 /// `{"<namespace>": {"<queue name or prefix*>": "<url or url prefix>"}}`.
