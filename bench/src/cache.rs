@@ -8,8 +8,8 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_dynamodb::Client;
+use dynachord::cache::{entry_hash, entry_key};
 use dynachord::ids::Namespace;
-use dynachord::store::cache::{entry_hash, entry_key};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 

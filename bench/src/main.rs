@@ -249,7 +249,7 @@ fn row(what: &str, secs: f64, n: usize, calls: Option<f64>, raw: Option<f64>) {
 async fn main() {
     let a = <Args as clap::Parser>::parse();
     let service = Service { http: reqwest::Client::new(), base: a.endpoint.clone() };
-    let sdk = dynachord::local::sdk_config(Some(&a.dynamodb)).await;
+    let sdk = dynachord::aws::local_config(Some(&a.dynamodb)).await;
     if a.cold_start || a.cost {
         let figures = coldstart::measure(&a.lambda_dir, &a.functions_env, a.cold_runs, a.warm).await;
         coldstart::print(&figures, a.cold_runs, a.warm);
@@ -587,7 +587,7 @@ async fn fetch_large(service: &Service, id: &str, expected_len: usize) -> Reques
 
 /// Large results through the service against raw S3 on the same moto.
 async fn large_bench(service: &Service, a: &Args) {
-    let sdk = dynachord::local::sdk_config(Some(&a.moto)).await;
+    let sdk = dynachord::aws::local_config(Some(&a.moto)).await;
     let s3 = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&sdk).force_path_style(true).build());
     let bucket = "dynachord-local-results";
     println!("\nlarge results: as the Python package stores and fetches them, against raw S3 of the same bytes (moto)");

@@ -365,7 +365,7 @@ async fn start_dynamodb(
         None => procs.0.push(("DynamoDB Local", child)),
     }
     let dynamodb_url = format!("http://127.0.0.1:{}", s.dynamodb_port);
-    let client = aws_sdk_dynamodb::Client::new(&dynachord::local::sdk_config(Some(&dynamodb_url)).await);
+    let client = aws_sdk_dynamodb::Client::new(&dynachord::aws::local_config(Some(&dynamodb_url)).await);
     wait_until("DynamoDB Local", Duration::from_secs(60), procs, || async {
         client.list_tables().send().await.is_ok()
     })
@@ -384,7 +384,7 @@ async fn start_sqs(s: &Settings, state: &Path, procs: &mut Processes) -> Result<
     eprintln!("devstack: moto (SQS) pid {} on port {}", child.id().unwrap_or(0), s.sqs_port);
     procs.0.push(("moto (SQS)", child));
     let sqs_url = format!("http://127.0.0.1:{}", s.sqs_port);
-    let sqs = aws_sdk_sqs::Client::new(&dynachord::local::sdk_config(Some(&sqs_url)).await);
+    let sqs = aws_sdk_sqs::Client::new(&dynachord::aws::local_config(Some(&sqs_url)).await);
     wait_until("moto (SQS)", Duration::from_secs(60), procs, || async {
         sqs.create_queue().queue_name("celery").send().await.is_ok()
     })
@@ -484,7 +484,7 @@ async fn start_functions(s: &Settings, state: &Path, env_file: &Path, procs: &mu
 
 /// The stream pumps, in this process: they stop with it.
 async fn start_pumps(s: &Settings, dynamodb_url: &str, base: &str) {
-    let sdk = dynachord::local::sdk_config(Some(dynamodb_url)).await;
+    let sdk = dynachord::aws::local_config(Some(dynamodb_url)).await;
     let (client, streams) = (aws_sdk_dynamodb::Client::new(&sdk), aws_sdk_dynamodbstreams::Client::new(&sdk));
     for n in 0..s.pumps {
         let config = pump::PumpConfig {

@@ -36,6 +36,21 @@ pub fn is_sha256_hex(raw: &str) -> bool {
     raw.len() == 64 && raw.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The id of a processing cache's task: `dcache-{hash}-{nonce}`, so its
+/// stored result names the cache entry it settles (`docs/CACHE.md`).
+pub fn processing_task_id(hash: &str) -> TaskId {
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    TaskId::parse(&format!("dcache-{hash}-{nonce}")).expect("hex and dashes make a valid id")
+}
+
+/// The cache entry's hash a processing's task id names, if it is one.
+pub fn entry_of_processing(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix("dcache-")?;
+    let (hash, nonce) = rest.split_once('-')?;
+    let hex = |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    (hex(hash, 32) && hex(nonce, 32)).then_some(hash)
+}
+
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*

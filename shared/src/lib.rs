@@ -34,6 +34,7 @@
 //! - [`http`]: routes, request parsing (auth, body cap, query), and the mapping
 //!   of every error to a status and a JSON body.
 
+pub mod aws;
 pub mod cache;
 pub mod calls;
 pub mod celery;
@@ -43,13 +44,14 @@ pub mod dispatch;
 pub mod error;
 pub mod http;
 pub mod ids;
-pub mod local;
 pub mod meta;
 pub mod metrics;
+pub mod once;
 #[cfg(test)]
 mod scripted;
 pub mod service;
 pub mod store;
+pub mod stream;
 pub mod tenants;
 pub mod time;
 pub mod whole;

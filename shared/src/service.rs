@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::celery::Signature;
+use crate::chord::ChordStore;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ids::{GroupId, Namespace, TaskId};
@@ -534,8 +535,8 @@ pub async fn restore_group<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Gr
 
 /// `GET /v1/chords/{group_id}`: a chord's progress, or 404 before its first
 /// part has been counted.
-pub async fn chord_status<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &GroupId) -> Result<Reply, ApiError> {
-    match app.store.get_chord(ns, id).await? {
+pub async fn chord_status<S: ChordStore>(app: &App<S>, ns: &Namespace, id: &GroupId) -> Result<Reply, ApiError> {
+    match app.store.chord_state(ns, id).await? {
         Some(chord) => Ok(Reply::ok(
             serde_json::json!({
                 "group_id": id.as_str(),

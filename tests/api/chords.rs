@@ -273,7 +273,7 @@ async fn a_claim_left_by_a_crashed_invocation_heals_after_its_lease() {
     // Fault injection: leave the state an invocation that claimed the chord and
     // died before dispatching leaves behind (joining, its token, a lease).
     let endpoint = std::env::var("DYNAMODB_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:8000".into());
-    let dynamodb = aws_sdk_dynamodb::Client::new(&dynachord::local::sdk_config(Some(&endpoint)).await);
+    let dynamodb = aws_sdk_dynamodb::Client::new(&dynachord::aws::local_config(Some(&endpoint)).await);
     let lease_until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3;
     dynamodb
         .update_item()

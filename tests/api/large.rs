@@ -18,7 +18,7 @@ struct Bucket {
 impl Bucket {
     async fn local() -> Self {
         let endpoint = std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-        let config = dynachord::local::sdk_config(Some(&endpoint)).await;
+        let config = dynachord::aws::local_config(Some(&endpoint)).await;
         let s3 =
             aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
         Self { s3, name: "dynachord-local-results".into() }

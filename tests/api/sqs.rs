@@ -27,7 +27,7 @@ impl Queue {
     /// A new, empty queue of this test's own.
     pub async fn new(name: &str) -> Self {
         let endpoint = std::env::var("SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-        let config = dynachord::local::sdk_config(Some(&endpoint)).await;
+        let config = dynachord::aws::local_config(Some(&endpoint)).await;
         let client = aws_sdk_sqs::Client::new(&config);
         let url = client.create_queue().queue_name(name).send().await.expect("moto's SQS answers").queue_url.unwrap();
         Self { client, name: name.to_owned(), url }

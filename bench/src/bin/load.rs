@@ -360,7 +360,7 @@ async fn raw_run(a: &Args, client: aws_sdk_dynamodb::Client, work: Arc<Vec<Work>
 #[tokio::main]
 async fn main() {
     let a = <Args as clap::Parser>::parse();
-    let sdk = dynachord::local::sdk_config(None).await;
+    let sdk = dynachord::aws::local_config(None).await;
     let dynamodb = aws_sdk_dynamodb::Client::from_conf(
         aws_sdk_dynamodb::config::Builder::from(&sdk).endpoint_url(&a.dynamodb).build(),
     );

@@ -1,14 +1,16 @@
 //! The `chord-join` function: a DynamoDB Streams consumer. Counts chord parts
 //! once each, claims and joins complete chords, and dispatches each callback
-//! once (see `dynachord::chord`). Answers `batchItemFailures` so one bad
-//! chord never blocks or replays the rest of a batch. Also settles the
-//! processing cache's entries (see `dynachord::cache`).
+//! once (see `dynachord::chord`). Also settles the processing cache's
+//! entries (see `dynachord::cache::settle`). Both send by one protocol
+//! (`dynachord::once`), and answer `batchItemFailures` so one bad chord or
+//! entry never blocks or replays the rest of a batch.
 
 use aws_lambda_events::event::dynamodb::Event;
 use aws_lambda_events::event::streams::DynamoDbEventResponse;
 use dynachord::cache::{done_of, Settler};
-use dynachord::chord::Joiner;
+use dynachord::chord::{part_of, Joiner};
 use dynachord::config::Config;
+use dynachord::once::batch_item_failures;
 use lambda_runtime::{run, service_fn, Error, LambdaEvent};
 
 #[tokio::main]
@@ -20,14 +22,11 @@ async fn main() -> Result<(), Error> {
         let (joiner, settler) = (&joiner, &settler);
         async move {
             // The processing cache's tasks settle their entries; chord parts join their chords.
-            let done = event.payload.records.iter().filter_map(done_of).collect();
-            let (mut response, settled) = tokio::join!(joiner.handle(event.payload), settler.handle(done));
-            for sequence in settled {
-                let mut failure = aws_lambda_events::event::streams::DynamoDbBatchItemFailure::default();
-                failure.item_identifier = Some(sequence);
-                response.batch_item_failures.push(failure);
-            }
-            Ok::<DynamoDbEventResponse, Error>(response)
+            let records = &event.payload.records;
+            let parts = records.iter().filter_map(part_of).collect();
+            let done = records.iter().filter_map(done_of).collect();
+            let (joined, settled) = tokio::join!(joiner.handle_parts(parts), settler.handle(done));
+            Ok::<DynamoDbEventResponse, Error>(batch_item_failures(joined.into_iter().chain(settled)))
         }
     }))
     .await

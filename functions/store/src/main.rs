@@ -7,9 +7,9 @@
 //! - `POST /v1/cache/get-or-delegate`, `/v1/cache/entry`, `/v1/cache/invalidate`:
 //!   the processing cache (a miss sends the processing's task message)
 
+use dynachord::aws::shared_config;
 use dynachord::dispatch::Target;
 use dynachord::http::{self, App, Route};
-use dynachord::store::dynamo::shared_config;
 use dynachord::{cache, config::Config, service, store::DynamoStore};
 use lambda_http::{run, service_fn, Error, Request};
 

@@ -11,17 +11,14 @@
 //! - S5, batch reads in chunks of 100 in parallel, unprocessed keys retried
 //!   with backoff, request order kept: [`DynamoStore::get_tasks`].
 //! - S6, throttling retried then 503: the SDK's retry config
-//!   ([`sdk_config`]) and [`classify`].
+//!   ([`crate::aws::shared_config`]) and [`classify`].
 
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_dynamodb::Client;
-use aws_smithy_types::retry::RetryConfig;
-use aws_smithy_types::timeout::TimeoutConfig;
 use futures::future::try_join_all;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::time::Duration;
 
 use super::blobs::{expiry_class, gzip, object_key, sha256_hex, BlobRef, Blobs, Presigned};
 pub use super::retry::classify;
@@ -42,27 +39,8 @@ pub const COMPRESS_ABOVE: usize = 16 * 1024;
 /// and keys and attributes need room too.
 pub const MAX_ITEM_DOC: usize = 390 * 1024;
 
-/// DynamoDB's item size limit (400 KB, counted as names plus values).
-pub const MAX_ITEM_BYTES: usize = 400 * 1024;
-
-type Item = HashMap<String, AttributeValue>;
-
-/// An item's size as DynamoDB counts it: each attribute's name plus its
-/// value (strings and binaries by length, numbers by their digits, about).
-pub fn item_size(item: &Item) -> usize {
-    item.iter()
-        .map(|(name, value)| {
-            name.len()
-                + match value {
-                    AttributeValue::S(s) => s.len(),
-                    AttributeValue::N(n) => n.len().div_ceil(2) + 1,
-                    AttributeValue::B(b) => b.as_ref().len(),
-                    AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
-                    _ => 0,
-                }
-        })
-        .sum()
-}
+use super::item::Item;
+pub use super::item::{item_size, MAX_ITEM_BYTES};
 
 #[derive(Clone, Debug)]
 pub struct DynamoStore {
@@ -87,49 +65,6 @@ pub struct Large {
     pub max_result_bytes: u64,
 }
 
-/// The SDK configuration the functions use: the environment's region,
-/// credentials and endpoint (`AWS_ENDPOINT_URL_DYNAMODB` locally), our retry
-/// attempts and backoff for throttling and transient errors, timeouts so an
-/// unreachable DynamoDB fails fast into a 503, and the call counter.
-pub async fn sdk_config(config: &Config) -> aws_sdk_dynamodb::Config {
-    dynamodb_config(&shared_config(config).await)
-}
-
-/// The DynamoDB client configuration over a shared one: adds the call counter.
-pub fn dynamodb_config(shared: &aws_config::SdkConfig) -> aws_sdk_dynamodb::Config {
-    aws_sdk_dynamodb::config::Builder::from(shared).interceptor(crate::calls::CountCalls).build()
-}
-
-/// The HTTPS client of every AWS client here: hyper with rustls on ring,
-/// trusting the system's certificates. The SDK's default would be rustls on
-/// aws-lc, which the workspace leaves out to keep the functions small (ring
-/// made each zip 0.65 MB smaller; see docs/OPERATIONS.md).
-pub fn https_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
-    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-    aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https()
-}
-
-/// The AWS configuration every client of a function shares: region,
-/// credentials and endpoints from the environment, our retries and timeouts.
-pub async fn shared_config(config: &Config) -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(https_client())
-        .retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(config.ddb_max_attempts)
-                .with_initial_backoff(config.ddb_initial_backoff)
-                .with_max_backoff(config.ddb_max_backoff),
-        )
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .operation_attempt_timeout(Duration::from_secs(10))
-                .build(),
-        )
-        .load()
-        .await
-}
-
 impl DynamoStore {
     pub fn new(client: Client, table: impl Into<String>, backoff: Backoff) -> Self {
         Self { client, table: table.into(), backoff, large: None }
@@ -148,12 +83,12 @@ impl DynamoStore {
     /// Builds the client from the environment; with `AUTO_CREATE_TABLE` also
     /// creates the table.
     pub async fn from_config(config: &Config) -> Result<Self, String> {
-        Self::from_shared(config, &shared_config(config).await).await
+        Self::from_shared(config, &crate::aws::shared_config(config).await).await
     }
 
     /// As [`DynamoStore::from_config`], over an already loaded AWS configuration.
     pub async fn from_shared(config: &Config, shared: &aws_config::SdkConfig) -> Result<Self, String> {
-        let client = Client::from_conf(dynamodb_config(shared));
+        let client = Client::from_conf(crate::aws::dynamodb_config(shared));
         if config.auto_create_table {
             super::schema::ensure_table(&client, &config.table_name).await?;
         }
@@ -423,8 +358,8 @@ impl ResultStore for DynamoStore {
             item.insert(attr::GROUP_INDEX.into(), AttributeValue::N(index.to_string()));
         }
         // A processing cache's task: its result settles the entry it names.
-        if let Some(hash) = super::cache::hash_of_task(record.task_id.as_str()) {
-            item.insert(super::cache::cattr::CACHE_KEY.into(), AttributeValue::S(hash.to_owned()));
+        if let Some(hash) = crate::ids::entry_of_processing(record.task_id.as_str()) {
+            item.insert(attr::CACHE_KEY.into(), AttributeValue::S(hash.to_owned()));
         }
         if let Some(chord) = &record.chord {
             item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(chord.size.to_string()));
@@ -575,10 +510,6 @@ impl ResultStore for DynamoStore {
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
         self.delete_item(group_key(ns, id)).await.map(drop)
     }
-
-    async fn get_chord(&self, ns: &Namespace, id: &GroupId) -> Result<Option<super::ChordState>, StoreError> {
-        super::ChordStore::chord_state(self, ns, id).await
-    }
 }
 
 /// The real SDK client against a scripted HTTP layer: retries, backoff and
@@ -589,8 +520,10 @@ mod tests {
     use super::*;
     use crate::calls::{counted, CountCalls};
     use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    use aws_smithy_types::retry::RetryConfig;
     use serde_json::{json, Value};
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     const TABLE: &str = "results";
 

@@ -1,18 +1,16 @@
-//! An in-memory [`ResultStore`] and [`ChordStore`] for unit tests of the
-//! service layer and the chord join. It mirrors the DynamoDB write condition
-//! (see `dynamo::write_condition`) and the claim transitions (see
-//! `chords.rs`); the integration suite checks the real ones. Faults are
-//! injected through its public fields.
+//! An in-memory [`ResultStore`] for unit tests of the service layer, the
+//! chord join and the processing cache; the chord's and the cache's own
+//! store traits are implemented for it beside their DynamoDB ones
+//! (`chord/memory.rs`, `cache/memory.rs`). It mirrors the DynamoDB write
+//! condition (see `dynamo::write_condition`); the integration suite checks
+//! the real ones. Faults are injected through its public fields.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
-use super::{
-    chord_key, group_key, task_key, BlobRef, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore,
-    Presigned, PutOutcome, ResultStore, Stored, TaskRecord,
-};
+use super::{group_key, task_key, BlobRef, Presigned, PutOutcome, ResultStore, Stored, TaskRecord};
+use crate::chord::{ChordPart, ChordState};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::time::now_epoch;
@@ -20,16 +18,16 @@ use crate::time::now_epoch;
 /// A stored task or group: its status (tasks), document and expiry.
 type Entry = (Option<Stored>, String, i64);
 /// A chord's state item with its claim token and lease.
-type Claimed = (ChordState, Option<String>, i64);
+pub(crate) type Claimed = (ChordState, Option<String>, i64);
 
 #[derive(Default)]
 pub struct MemoryStore {
     items: Mutex<HashMap<String, Entry>>,
     reads: AtomicUsize,
     /// Chord key → state item, token and lease.
-    chords: Mutex<HashMap<String, Claimed>>,
+    pub(crate) chords: Mutex<HashMap<String, Claimed>>,
     /// Chord key → counted parts by index.
-    parts: Mutex<HashMap<String, BTreeMap<u32, ChordPart>>>,
+    pub(crate) parts: Mutex<HashMap<String, BTreeMap<u32, ChordPart>>>,
     /// Fault: this many coming `finish_chord` calls fail as if DynamoDB were down.
     pub fail_finishes: AtomicU32,
     /// How many coming `record_sent` calls fail as if DynamoDB were down.
@@ -143,180 +141,5 @@ impl ResultStore for MemoryStore {
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
         self.items.lock().unwrap().remove(&group_key(ns, id));
         Ok(())
-    }
-
-    async fn get_chord(&self, ns: &Namespace, id: &GroupId) -> Result<Option<ChordState>, StoreError> {
-        self.chord_state(ns, id).await
-    }
-}
-
-impl MemoryStore {
-    /// Applies `change` to the chord's state if `token` holds its claim.
-    fn if_held(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        token: &str,
-        change: impl FnOnce(&mut ChordState, &mut i64),
-    ) -> bool {
-        let mut chords = self.chords.lock().unwrap();
-        match chords.get_mut(&chord_key(ns, gid)) {
-            Some((state, Some(held), lease)) if state.phase == ChordPhase::Joining && held == token => {
-                change(state, lease);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Forgets the chord's part items, as an expiry would.
-    pub fn drop_parts(&self, ns: &Namespace, gid: &GroupId) {
-        self.parts.lock().unwrap().remove(&chord_key(ns, gid));
-    }
-}
-
-impl ChordStore for MemoryStore {
-    async fn count_parts(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        chord: &ChordRegistration,
-        parts: &[ChordPart],
-    ) -> Result<u32, StoreError> {
-        let key = chord_key(ns, gid);
-        let mut all = self.parts.lock().unwrap();
-        let counted = all.entry(key.clone()).or_default();
-        let mut new = 0;
-        for part in parts {
-            if let std::collections::btree_map::Entry::Vacant(e) = counted.entry(part.index) {
-                e.insert(part.clone());
-                new += 1;
-            }
-        }
-        let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0);
-        let mut chords = self.chords.lock().unwrap();
-        let entry = chords.entry(key).or_insert_with(|| {
-            let state = ChordState {
-                size: chord.size,
-                done: 0,
-                phase: ChordPhase::Open,
-                callback: chord.callback.clone(),
-                callback_id: chord.callback_id.clone(),
-                error: None,
-                attempts: 0,
-                errbacks_sent: 0,
-                body_sent: 0,
-                expires_at,
-            };
-            (state, None, 0)
-        });
-        entry.0.done += new;
-        Ok(new)
-    }
-
-    async fn chord_state(&self, ns: &Namespace, gid: &GroupId) -> Result<Option<ChordState>, StoreError> {
-        Ok(self.chords.lock().unwrap().get(&chord_key(ns, gid)).map(|(state, _, _)| state.clone()))
-    }
-
-    async fn extend_chord(&self, ns: &Namespace, gid: &GroupId, expires_at: i64) -> Result<(), StoreError> {
-        if let Some((state, _, _)) = self.chords.lock().unwrap().get_mut(&chord_key(ns, gid)) {
-            state.expires_at = state.expires_at.max(expires_at);
-        }
-        Ok(())
-    }
-
-    async fn claim_chord(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        token: &str,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        let now = now_epoch();
-        let mut chords = self.chords.lock().unwrap();
-        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(false) };
-        let free = state.phase == ChordPhase::Open || (state.phase == ChordPhase::Joining && *until < now);
-        if state.done < state.size || !free {
-            return Ok(false);
-        }
-        state.phase = ChordPhase::Joining;
-        *held = Some(token.to_owned());
-        *until = now + lease.as_secs() as i64;
-        Ok(true)
-    }
-
-    async fn renew_claim(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        token: &str,
-        lease: Duration,
-    ) -> Result<bool, StoreError> {
-        if self.steal_claims.load(Ordering::SeqCst) {
-            return Ok(false);
-        }
-        Ok(self.if_held(ns, gid, token, |_, until| *until = now_epoch() + lease.as_secs() as i64))
-    }
-
-    async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
-        // The old token may stay: it only counts while the chord is joining,
-        // and the next claim replaces it.
-        Ok(self.if_held(ns, gid, token, |state, until| {
-            state.phase = ChordPhase::Open;
-            state.attempts += 1;
-            *until = 0;
-        }))
-    }
-
-    async fn record_failure(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        token: &str,
-        error: &str,
-        errbacks_sent: u32,
-    ) -> Result<bool, StoreError> {
-        let failing = self.fail_errback_records.load(Ordering::SeqCst);
-        if failing > 0 && errbacks_sent > 0 {
-            self.fail_errback_records.store(failing - 1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected".into()));
-        }
-        Ok(self.if_held(ns, gid, token, |state, _| {
-            state.error = Some(error.to_owned());
-            state.errbacks_sent = errbacks_sent;
-        }))
-    }
-
-    async fn record_sent(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32) -> Result<bool, StoreError> {
-        let failing = self.fail_records.load(Ordering::SeqCst);
-        if failing > 0 {
-            self.fail_records.store(failing - 1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected".into()));
-        }
-        Ok(self.if_held(ns, gid, token, |state, _| state.body_sent = sent))
-    }
-
-    async fn finish_chord(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        token: &str,
-        phase: ChordPhase,
-        error: Option<&str>,
-    ) -> Result<bool, StoreError> {
-        let failing = self.fail_finishes.load(Ordering::SeqCst);
-        if failing > 0 {
-            self.fail_finishes.store(failing - 1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected".into()));
-        }
-        Ok(self.if_held(ns, gid, token, |state, _| {
-            state.phase = phase;
-            state.error = error.map(str::to_owned);
-        }))
-    }
-
-    async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
-        let parts = self.parts.lock().unwrap();
-        Ok(parts.get(&chord_key(ns, gid)).map(|p| p.values().map(|p| p.task_id.clone()).collect()).unwrap_or_default())
     }
 }

@@ -1,7 +1,7 @@
 //! Exponential backoff with full jitter, for the retries the SDK does not do
 //! itself (unprocessed batch keys). The SDK's own retries (throttling,
 //! transient errors) use the same attempts and delays, set in
-//! [`super::dynamo::sdk_config`]. And what an SDK error means once they are
+//! [`crate::aws::shared_config`]. And what an SDK error means once they are
 //! spent ([`classify`]), for DynamoDB and S3 alike.
 
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};

@@ -49,6 +49,8 @@ pub mod attr {
     pub const BODY_SENT: &str = "body_sent";
     /// On a chord's part item.
     pub const TASK_ID: &str = "task_id";
+    /// On a processing cache's task result: the entry it settles.
+    pub const CACHE_KEY: &str = "cache_key";
 }
 
 /// The sort key of a chord's state item.

@@ -1,52 +1,25 @@
 //! The chord's items in DynamoDB: one state item (`size`, `done`, `state`,
 //! callback, claim token and lease) and one item per counted part, under the
-//! chord's key: [`ChordStore`] on DynamoDB. See [`crate::chord`] for the join
+//! chord's key: [`ChordStore`] on DynamoDB. See [`super`] for the join
 //! built on them.
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
-use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
-use std::collections::{BTreeMap, HashMap};
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::dynamo::DynamoStore;
-use super::retry::classify;
-use super::schema::{attr, SK_CHORD_STATE, SK_PART_PREFIX};
-use super::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
+use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
+use crate::store::dynamo::DynamoStore;
+use crate::store::item::{get_n, get_s, key, n, s, Item};
+use crate::store::retry::classify;
+use crate::store::schema::{attr, SK_CHORD_STATE, SK_PART_PREFIX};
 use crate::time::now_epoch;
 
 /// Parts per transaction: DynamoDB allows 100 actions, one is the counter.
 pub const PARTS_PER_TRANSACTION: usize = 99;
-
-type Item = HashMap<String, AttributeValue>;
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: impl ToString) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-fn key(pk: &str, sk: &str) -> Item {
-    HashMap::from([(attr::PK.to_owned(), s(pk)), (attr::SK.to_owned(), s(sk))])
-}
-
-fn get_s(item: &Item, name: &str) -> Option<String> {
-    match item.get(name) {
-        Some(AttributeValue::S(v)) => Some(v.clone()),
-        _ => None,
-    }
-}
-
-fn get_n(item: &Item, name: &str) -> Option<i64> {
-    match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse().ok(),
-        _ => None,
-    }
-}
 
 fn part_sk(index: u32) -> String {
     format!("{SK_PART_PREFIX}{index:010}")
@@ -151,7 +124,7 @@ impl DynamoStore {
         self.client()
             .update_item()
             .table_name(self.table())
-            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .set_key(Some(key(chord_key(ns, gid), SK_CHORD_STATE)))
             .expression_attribute_names("#state", attr::STATE)
             .expression_attribute_names("#token", attr::TOKEN)
             .expression_attribute_values(":token", s(token))
@@ -216,7 +189,7 @@ impl ChordStore for DynamoStore {
             .client()
             .update_item()
             .table_name(self.table())
-            .set_key(Some(key(&chord_key(ns, gid), SK_CHORD_STATE)))
+            .set_key(Some(key(chord_key(ns, gid), SK_CHORD_STATE)))
             .update_expression("SET #exp = :exp")
             .condition_expression("attribute_exists(#exp) AND #exp < :exp")
             .expression_attribute_names("#exp", attr::EXPIRES_AT)

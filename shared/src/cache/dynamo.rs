@@ -17,13 +17,13 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use std::collections::HashMap;
 
-use super::dynamo::{DynamoStore, BATCH_CHUNK};
-use super::retry::classify;
-use super::schema::{attr, SK_ITEM};
+use super::store::{entry_key, CacheEntry, CachePhase, CacheStore, Delegation, EntryClaim, Miss, Settle, Written};
 use crate::error::StoreError;
-use crate::ids::{Namespace, TaskId};
-
-type Item = HashMap<String, AttributeValue>;
+use crate::ids::Namespace;
+use crate::store::dynamo::{DynamoStore, BATCH_CHUNK};
+use crate::store::item::{get_n, get_s, key, n, s, Item};
+use crate::store::retry::classify;
+use crate::store::schema::{attr, SK_ITEM};
 
 /// Attribute names of cache entries (besides `pk`, `sk`, `state`,
 /// `task_id`, `lease_until`, `token`, `error`, `expires_at`).
@@ -50,125 +50,11 @@ pub mod cattr {
     /// by the conditional re-check just before the send), so a claim taken
     /// over later knows a message may have gone out and sends none.
     pub const SENDING: &str = "sending";
-    /// On a processing task's own result item: the entry it settles.
-    pub const CACHE_KEY: &str = "cache_key";
-}
-
-/// The partition key of an entry.
-pub fn entry_key(ns: &Namespace, hash: &str) -> String {
-    format!("{}/cache/{hash}", ns.as_str())
-}
-
-/// Where an entry is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CachePhase {
-    Processing,
-    Settling,
-    Cached,
-    Quarantined,
-}
-
-impl CachePhase {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Processing => "processing",
-            Self::Settling => "settling",
-            Self::Cached => "cached",
-            Self::Quarantined => "quarantined",
-        }
-    }
-
-    fn parse(raw: &str) -> Option<Self> {
-        Some(match raw {
-            "processing" => Self::Processing,
-            "settling" => Self::Settling,
-            "cached" => Self::Cached,
-            "quarantined" => Self::Quarantined,
-            _ => return None,
-        })
-    }
-}
-
-/// An entry as read.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CacheEntry {
-    pub op: String,
-    pub uri: String,
-    pub phase: CachePhase,
-    pub task_id: String,
-    /// Processing: until when the processing holds the entry; settling: the claim's lease.
-    pub lease_until: i64,
-    pub waiters: Vec<String>,
-    pub waiter_count: u64,
-    pub waiters_bytes: u64,
-    /// The `request_id`s whose `cb_args` are in `waiters`.
-    pub request_ids: Vec<String>,
-    pub spec: String,
-    pub result: Option<String>,
-    pub result_task: Option<String>,
-    /// Settling: whether the processing succeeded.
-    pub succeeded: bool,
-    pub until: i64,
-    pub token: Option<String>,
-    /// Settling: the claim that re-checked itself for a send (see [`cattr::SENDING`]).
-    pub sending: Option<String>,
-    pub error: Option<String>,
-    pub attempts: u32,
-    pub expires_at: i64,
-}
-
-impl CacheEntry {
-    /// Whether the entry answers with a result: cached, or settling a success.
-    pub fn has_result(&self) -> bool {
-        match self.phase {
-            CachePhase::Cached => true,
-            CachePhase::Settling => self.succeeded,
-            _ => false,
-        }
-    }
-
-    /// Whether the request `request_id` already waits on this processing
-    /// (it was sent again after its answer was lost).
-    pub fn waited_on_by(&self, request_id: Option<&str>) -> bool {
-        self.phase == CachePhase::Processing && request_id.is_some_and(|id| self.request_ids.iter().any(|r| r == id))
-    }
-
-    /// Whether a request may delegate the processing again: the processing's
-    /// lease ran out, or the quarantine is over.
-    pub fn is_open(&self, now: i64) -> bool {
-        match self.phase {
-            CachePhase::Processing => self.lease_until <= now,
-            CachePhase::Quarantined => self.until <= now,
-            _ => false,
-        }
-    }
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
-}
-
-fn n(v: impl ToString) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-fn get_s(item: &Item, name: &str) -> Option<String> {
-    match item.get(name) {
-        Some(AttributeValue::S(v)) => Some(v.clone()),
-        _ => None,
-    }
-}
-
-fn get_n(item: &Item, name: &str) -> i64 {
-    match item.get(name) {
-        Some(AttributeValue::N(v)) => v.parse().unwrap_or(0),
-        _ => 0,
-    }
 }
 
 /// An entry item as the service sees it: `None` when expired or unreadable.
 pub fn decode_entry(item: &Item, now: i64) -> Option<CacheEntry> {
-    let expires_at = get_n(item, attr::EXPIRES_AT);
+    let expires_at = get_n(item, attr::EXPIRES_AT).unwrap_or(0);
     if expires_at <= now {
         return None;
     }
@@ -181,10 +67,10 @@ pub fn decode_entry(item: &Item, now: i64) -> Option<CacheEntry> {
         uri: get_s(item, cattr::URI)?,
         phase: CachePhase::parse(&get_s(item, attr::STATE)?)?,
         task_id: get_s(item, attr::TASK_ID).unwrap_or_default(),
-        lease_until: get_n(item, attr::LEASE_UNTIL),
+        lease_until: get_n(item, attr::LEASE_UNTIL).unwrap_or(0),
         waiters,
-        waiter_count: get_n(item, cattr::WAITER_COUNT).max(0) as u64,
-        waiters_bytes: get_n(item, cattr::WAITERS_BYTES).max(0) as u64,
+        waiter_count: get_n(item, cattr::WAITER_COUNT).unwrap_or(0).max(0) as u64,
+        waiters_bytes: get_n(item, cattr::WAITERS_BYTES).unwrap_or(0).max(0) as u64,
         request_ids: match item.get(cattr::REQUEST_IDS) {
             Some(AttributeValue::Ss(ids)) => ids.clone(),
             _ => Vec::new(),
@@ -193,105 +79,18 @@ pub fn decode_entry(item: &Item, now: i64) -> Option<CacheEntry> {
         result: get_s(item, cattr::RESULT),
         result_task: get_s(item, cattr::RESULT_TASK),
         succeeded: get_s(item, cattr::OUTCOME).as_deref() != Some("failure"),
-        until: get_n(item, cattr::UNTIL),
+        until: get_n(item, cattr::UNTIL).unwrap_or(0),
         token: get_s(item, attr::TOKEN),
         sending: get_s(item, cattr::SENDING),
         error: get_s(item, attr::ERROR),
-        attempts: get_n(item, cattr::ATTEMPTS).max(0) as u32,
+        attempts: get_n(item, cattr::ATTEMPTS).unwrap_or(0).max(0) as u32,
         expires_at,
     })
 }
 
-/// How a processing's result settles its entry.
-#[derive(Debug, Clone)]
-pub enum Settle {
-    /// The result, inline (JSON) or on the task (its id), kept until `expires_at`.
-    Success { result: Option<String>, result_task: Option<String>, expires_at: i64 },
-    /// The processing failed with `error` (Celery's exception JSON).
-    Failure { error: String },
-}
-
-/// A settling claim: the processing's task, the claim's token and its lease.
-#[derive(Debug, Clone, Copy)]
-pub struct EntryClaim<'a> {
-    pub task_id: &'a str,
-    pub token: &'a str,
-    pub lease_until: i64,
-}
-
-/// The outcome of a conditional write on an entry.
-#[derive(Debug)]
-pub enum Written {
-    /// It applied; the entry as it is now.
-    Applied(CacheEntry),
-    /// Its condition did not hold; the entry as it was (`None`: absent or expired).
-    Refused(Option<CacheEntry>),
-}
-
-/// A miss to write: join the processing, or delegate it.
-#[derive(Debug, Clone)]
-pub struct Miss<'a> {
-    pub hash: &'a str,
-    pub op: &'a str,
-    pub uri: &'a str,
-    /// The `cb_args` of the requests, as JSON texts.
-    pub waiters: &'a [String],
-    /// The request's `request_id`: a request sent again with the same one
-    /// appends nothing.
-    pub request_id: Option<&'a str>,
-    pub max_waiters: u64,
-    pub max_waiters_bytes: u64,
-}
-
-impl Miss<'_> {
-    fn bytes(&self) -> u64 {
-        self.waiters.iter().map(|w| w.len() as u64).sum()
-    }
-}
-
-/// A delegation: the new processing's task and lease, and the operation.
-#[derive(Debug, Clone)]
-pub struct Delegation<'a> {
-    pub task_id: &'a str,
-    pub spec: &'a str,
-    pub lease_until: i64,
-    /// A processing entry outlives its lease by a day, so a vanished
-    /// processing's waiters are kept for the next.
-    pub expires_at: i64,
-    /// The processing whose lease ran out, taken over with its waiters;
-    /// `None` for an entry that is absent, expired, or out of quarantine.
-    pub replaces: Option<&'a str>,
-}
-
 impl DynamoStore {
     fn entry_item_key(ns: &Namespace, hash: &str) -> Item {
-        HashMap::from([(attr::PK.to_owned(), s(entry_key(ns, hash))), (attr::SK.to_owned(), s(SK_ITEM))])
-    }
-
-    /// One entry, read consistently.
-    pub async fn cache_entry(&self, ns: &Namespace, hash: &str) -> Result<Option<CacheEntry>, StoreError> {
-        let item = self.get_item(entry_key(ns, hash)).await?;
-        Ok(item.and_then(|item| decode_entry(&item, crate::time::now_epoch())))
-    }
-
-    /// Entries in the order of `hashes` (distinct), read consistently in
-    /// chunks of 100, concurrently.
-    pub async fn cache_entries(
-        &self,
-        ns: &Namespace,
-        hashes: &[String],
-    ) -> Result<Vec<Option<CacheEntry>>, StoreError> {
-        if hashes.len() == 1 {
-            return Ok(vec![self.cache_entry(ns, &hashes[0]).await?]);
-        }
-        let keys: Vec<String> = hashes.iter().map(|h| entry_key(ns, h)).collect();
-        let chunks = futures::future::try_join_all(keys.chunks(BATCH_CHUNK).map(|c| self.get_chunk(c))).await?;
-        let mut found: HashMap<String, Item> = HashMap::new();
-        for chunk in chunks {
-            found.extend(chunk);
-        }
-        let now = crate::time::now_epoch();
-        Ok(keys.iter().map(|k| found.get(k).and_then(|item| decode_entry(item, now))).collect())
+        key(entry_key(ns, hash), SK_ITEM)
     }
 
     /// Sends an update of an entry; the entry after it, or before it when
@@ -330,9 +129,61 @@ impl DynamoStore {
         self.client().update_item().table_name(self.table()).set_key(Some(Self::entry_item_key(ns, hash)))
     }
 
+    /// The update and condition clauses that record `miss.request_id` and
+    /// refuse a request already recorded (`#rids`, `:rid`, `:rids`); empty
+    /// without one.
+    fn request_id_clauses(miss: &Miss<'_>) -> (&'static str, &'static str) {
+        match miss.request_id {
+            Some(_) => (", #rids :rids", " AND NOT contains(#rids, :rid)"),
+            None => ("", ""),
+        }
+    }
+
+    /// Names `#rids` and gives `:rids` (and `:rid`, for a condition on it)
+    /// when the miss has a request id.
+    fn with_request_id(
+        request: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+        miss: &Miss<'_>,
+        in_condition: bool,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        let Some(id) = miss.request_id else { return request };
+        let request = request
+            .expression_attribute_names("#rids", cattr::REQUEST_IDS)
+            .expression_attribute_values(":rids", AttributeValue::Ss(vec![id.to_owned()]));
+        if in_condition {
+            request.expression_attribute_values(":rid", s(id))
+        } else {
+            request
+        }
+    }
+}
+
+impl CacheStore for DynamoStore {
+    /// One entry, read consistently.
+    async fn cache_entry(&self, ns: &Namespace, hash: &str) -> Result<Option<CacheEntry>, StoreError> {
+        let item = self.get_item(entry_key(ns, hash)).await?;
+        Ok(item.and_then(|item| decode_entry(&item, crate::time::now_epoch())))
+    }
+
+    /// Entries in the order of `hashes` (distinct), read consistently in
+    /// chunks of 100, concurrently.
+    async fn cache_entries(&self, ns: &Namespace, hashes: &[String]) -> Result<Vec<Option<CacheEntry>>, StoreError> {
+        if hashes.len() == 1 {
+            return Ok(vec![self.cache_entry(ns, &hashes[0]).await?]);
+        }
+        let keys: Vec<String> = hashes.iter().map(|h| entry_key(ns, h)).collect();
+        let chunks = futures::future::try_join_all(keys.chunks(BATCH_CHUNK).map(|c| self.get_chunk(c))).await?;
+        let mut found: HashMap<String, Item> = HashMap::new();
+        for chunk in chunks {
+            found.extend(chunk);
+        }
+        let now = crate::time::now_epoch();
+        Ok(keys.iter().map(|k| found.get(k).and_then(|item| decode_entry(item, now))).collect())
+    }
+
     /// A concurrent miss: appends its `cb_args` to the processing `task_id`
     /// while that processing holds the entry and the bounds allow.
-    pub async fn cache_join(
+    async fn cache_join(
         &self,
         ns: &Namespace,
         miss: &Miss<'_>,
@@ -366,39 +217,11 @@ impl DynamoStore {
         self.write_entry(Self::with_request_id(request, miss, true)).await
     }
 
-    /// The update and condition clauses that record `miss.request_id` and
-    /// refuse a request already recorded (`#rids`, `:rid`, `:rids`); empty
-    /// without one.
-    fn request_id_clauses(miss: &Miss<'_>) -> (&'static str, &'static str) {
-        match miss.request_id {
-            Some(_) => (", #rids :rids", " AND NOT contains(#rids, :rid)"),
-            None => ("", ""),
-        }
-    }
-
-    /// Names `#rids` and gives `:rids` (and `:rid`, for a condition on it)
-    /// when the miss has a request id.
-    fn with_request_id(
-        request: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
-        miss: &Miss<'_>,
-        in_condition: bool,
-    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
-        let Some(id) = miss.request_id else { return request };
-        let request = request
-            .expression_attribute_names("#rids", cattr::REQUEST_IDS)
-            .expression_attribute_values(":rids", AttributeValue::Ss(vec![id.to_owned()]));
-        if in_condition {
-            request.expression_attribute_values(":rid", s(id))
-        } else {
-            request
-        }
-    }
-
     /// A miss that delegates: the entry is absent or expired, its
     /// quarantine is over, or its processing's lease ran out (then its
     /// waiters are kept for the new one). One conditional write decides
     /// which request delegates.
-    pub async fn cache_delegate(
+    async fn cache_delegate(
         &self,
         ns: &Namespace,
         miss: &Miss<'_>,
@@ -477,7 +300,7 @@ impl DynamoStore {
 
     /// Moves a processing's lease (its task started, retried, or its
     /// delegation failed: `lease_until` now), while `task_id` still holds it.
-    pub async fn cache_lease(
+    async fn cache_lease(
         &self,
         ns: &Namespace,
         hash: &str,
@@ -500,7 +323,7 @@ impl DynamoStore {
     /// processing → settling under `token` (or takes over a settling claim
     /// whose lease ran out), for the result of `task_id`. A success keeps
     /// its result from here on, so requests read it as a hit.
-    pub async fn cache_claim(
+    async fn cache_claim(
         &self,
         ns: &Namespace,
         hash: &str,
@@ -554,7 +377,7 @@ impl DynamoStore {
     /// which records that this claim is about to send), or to give the
     /// claim back after a send that failed with nothing sent (`lease_until`
     /// now, clearing that record). `false` when `token` no longer holds it.
-    pub async fn cache_renew(
+    async fn cache_renew(
         &self,
         ns: &Namespace,
         hash: &str,
@@ -582,7 +405,7 @@ impl DynamoStore {
     /// failure), dropping the waiters, while `token` holds the claim. A
     /// failure with no quarantine time removes the entry instead, so the
     /// next request delegates again.
-    pub async fn cache_finish(
+    async fn cache_finish(
         &self,
         ns: &Namespace,
         hash: &str,
@@ -649,7 +472,7 @@ impl DynamoStore {
 
     /// Removes a cached or quarantined (or expired) entry; an entry being
     /// processed or settled stays. Returns the entry as it was.
-    pub async fn cache_invalidate(&self, ns: &Namespace, hash: &str) -> Result<Written, StoreError> {
+    async fn cache_invalidate(&self, ns: &Namespace, hash: &str) -> Result<Written, StoreError> {
         let now = crate::time::now_epoch();
         let sent = self
             .client()
@@ -677,47 +500,6 @@ impl DynamoStore {
                 )) => Ok(Written::Refused(refusal.item.as_ref().and_then(|item| decode_entry(item, now)))),
                 _ => Err(classify(err, self.attempts())),
             },
-        }
-    }
-}
-
-/// The id of a processing's task: `dcache-{hash}-{nonce}`, so its stored
-/// result names the entry it settles.
-pub fn processing_task_id(hash: &str) -> TaskId {
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    TaskId::parse(&format!("dcache-{hash}-{nonce}")).expect("hex and dashes make a valid id")
-}
-
-/// The entry hash a processing's task id names, if it is one.
-pub fn hash_of_task(id: &str) -> Option<&str> {
-    let rest = id.strip_prefix("dcache-")?;
-    let (hash, nonce) = rest.split_once('-')?;
-    let hex = |s: &str, len| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    (hex(hash, 32) && hex(nonce, 32)).then_some(hash)
-}
-
-/// The entry hash of `(op, uri)`: 128 bits of SHA-256.
-pub fn entry_hash(op: &str, uri: &str) -> String {
-    let mut text = String::with_capacity(op.len() + uri.len() + 1);
-    text.push_str(op);
-    text.push('\n');
-    text.push_str(uri);
-    super::blobs::sha256_hex(text.as_bytes())[..32].to_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_processing_task_id_names_its_entry() {
-        let hash = entry_hash("thumbnail", "s3://bucket/a.png");
-        assert_eq!(hash.len(), 32);
-        assert_ne!(hash, entry_hash("thumbnail", "s3://bucket/b.png"));
-        let id = processing_task_id(&hash);
-        assert_eq!(hash_of_task(id.as_str()), Some(hash.as_str()));
-        for other in ["dcache-", "dcache-abc-def", "celery-1", &format!("dcache-{hash}-XYZ")] {
-            assert_eq!(hash_of_task(other), None, "{other}");
         }
     }
 }

@@ -1,0 +1,182 @@
+//! [`ChordStore`] on the in-memory store of the unit tests: the claim
+//! transitions of `chord/dynamo.rs`, one lock each.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
+use crate::error::StoreError;
+use crate::ids::{GroupId, Namespace, TaskId};
+use crate::store::memory::MemoryStore;
+use crate::time::now_epoch;
+
+impl MemoryStore {
+    /// Applies `change` to the chord's state if `token` holds its claim.
+    fn if_held(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        change: impl FnOnce(&mut ChordState, &mut i64),
+    ) -> bool {
+        let mut chords = self.chords.lock().unwrap();
+        match chords.get_mut(&chord_key(ns, gid)) {
+            Some((state, Some(held), lease)) if state.phase == ChordPhase::Joining && held == token => {
+                change(state, lease);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets the chord's part items, as an expiry would.
+    pub fn drop_parts(&self, ns: &Namespace, gid: &GroupId) {
+        self.parts.lock().unwrap().remove(&chord_key(ns, gid));
+    }
+}
+
+impl ChordStore for MemoryStore {
+    async fn count_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        chord: &ChordRegistration,
+        parts: &[ChordPart],
+    ) -> Result<u32, StoreError> {
+        let key = chord_key(ns, gid);
+        let mut all = self.parts.lock().unwrap();
+        let counted = all.entry(key.clone()).or_default();
+        let mut new = 0;
+        for part in parts {
+            if let std::collections::btree_map::Entry::Vacant(e) = counted.entry(part.index) {
+                e.insert(part.clone());
+                new += 1;
+            }
+        }
+        let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0);
+        let mut chords = self.chords.lock().unwrap();
+        let entry = chords.entry(key).or_insert_with(|| {
+            let state = ChordState {
+                size: chord.size,
+                done: 0,
+                phase: ChordPhase::Open,
+                callback: chord.callback.clone(),
+                callback_id: chord.callback_id.clone(),
+                error: None,
+                attempts: 0,
+                errbacks_sent: 0,
+                body_sent: 0,
+                expires_at,
+            };
+            (state, None, 0)
+        });
+        entry.0.done += new;
+        Ok(new)
+    }
+
+    async fn chord_state(&self, ns: &Namespace, gid: &GroupId) -> Result<Option<ChordState>, StoreError> {
+        Ok(self.chords.lock().unwrap().get(&chord_key(ns, gid)).map(|(state, _, _)| state.clone()))
+    }
+
+    async fn extend_chord(&self, ns: &Namespace, gid: &GroupId, expires_at: i64) -> Result<(), StoreError> {
+        if let Some((state, _, _)) = self.chords.lock().unwrap().get_mut(&chord_key(ns, gid)) {
+            state.expires_at = state.expires_at.max(expires_at);
+        }
+        Ok(())
+    }
+
+    async fn claim_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = now_epoch();
+        let mut chords = self.chords.lock().unwrap();
+        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(false) };
+        let free = state.phase == ChordPhase::Open || (state.phase == ChordPhase::Joining && *until < now);
+        if state.done < state.size || !free {
+            return Ok(false);
+        }
+        state.phase = ChordPhase::Joining;
+        *held = Some(token.to_owned());
+        *until = now + lease.as_secs() as i64;
+        Ok(true)
+    }
+
+    async fn renew_claim(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        if self.steal_claims.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        Ok(self.if_held(ns, gid, token, |_, until| *until = now_epoch() + lease.as_secs() as i64))
+    }
+
+    async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
+        // The old token may stay: it only counts while the chord is joining,
+        // and the next claim replaces it.
+        Ok(self.if_held(ns, gid, token, |state, until| {
+            state.phase = ChordPhase::Open;
+            state.attempts += 1;
+            *until = 0;
+        }))
+    }
+
+    async fn record_failure(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        error: &str,
+        errbacks_sent: u32,
+    ) -> Result<bool, StoreError> {
+        let failing = self.fail_errback_records.load(Ordering::SeqCst);
+        if failing > 0 && errbacks_sent > 0 {
+            self.fail_errback_records.store(failing - 1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        Ok(self.if_held(ns, gid, token, |state, _| {
+            state.error = Some(error.to_owned());
+            state.errbacks_sent = errbacks_sent;
+        }))
+    }
+
+    async fn record_sent(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32) -> Result<bool, StoreError> {
+        let failing = self.fail_records.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.fail_records.store(failing - 1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        Ok(self.if_held(ns, gid, token, |state, _| state.body_sent = sent))
+    }
+
+    async fn finish_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        phase: ChordPhase,
+        error: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let failing = self.fail_finishes.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.fail_finishes.store(failing - 1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("injected".into()));
+        }
+        Ok(self.if_held(ns, gid, token, |state, _| {
+            state.phase = phase;
+            state.error = error.map(str::to_owned);
+        }))
+    }
+
+    async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
+        let parts = self.parts.lock().unwrap();
+        Ok(parts.get(&chord_key(ns, gid)).map(|p| p.values().map(|p| p.task_id.clone()).collect()).unwrap_or_default())
+    }
+}

@@ -1,0 +1,442 @@
+//! The chord join, driven by DynamoDB Streams (the `chord-join` function).
+//! `docs/ARCHITECTURE.md` follows a record through it; `docs/INVARIANTS.md`
+//! lists what it promises (C1 to C8) and the tests that hold it to them.
+//!
+//! A chord part is a task result stored with `group_id`, `group_index` and
+//! `chord: {size, callback}`; the chord travels on the part's own item, so a
+//! store stays one write. For each batch of stream records:
+//! 1. keep records where a chord part is ready (SUCCESS, FAILURE, REVOKED);
+//! 2. per chord, count each part once ([`ChordStore::count_parts`]), and
+//!    keep the chord's items alive as long as its newest part;
+//! 3. when `done >= size`, claim the join with a conditional write (open →
+//!    joining, a token, a lease longer than chord-join's timeout); only the
+//!    claimer joins;
+//! 4. join: check that exactly `size` parts were counted, read their
+//!    results in `group_index` order, summing their sizes as they arrive so
+//!    a callback too large for its target fails before it is built;
+//!    a FAILURE/REVOKED part fails the chord with Celery's ChordError (the
+//!    callback's task stored as FAILURE, its errbacks sent, each once);
+//! 5. re-check the claim with a conditional write just before sending, send,
+//!    then mark the chord dispatched (retried with backoff). Once a send has
+//!    succeeded the claim is never given back.
+//!
+//! Errors retrying cannot fix fail the chord at once; other errors give the
+//! claim back and count an attempt on the chord's state item, and after
+//! `CHORD_MAX_ATTEMPTS` the chord fails clearly. So a chord's records are
+//! reported in `batchItemFailures` a bounded number of times, and one bad
+//! chord never holds its stream shard for ever.
+//!
+//! The join is generic over a [`ChordStore`] and a [`CallbackSink`], so its
+//! hardest cases are unit tests with in-memory fakes (below).
+
+mod dynamo;
+mod fail;
+#[cfg(test)]
+mod memory;
+mod results;
+pub mod store;
+#[cfg(test)]
+mod tests;
+
+use aws_lambda_events::event::dynamodb::EventRecord;
+use std::time::Duration;
+
+use crate::celery::{MessageContext, Signature};
+use crate::config::{ChordConfig, Config};
+use crate::dispatch::{CallbackSink, DispatchError, Outgoing, Target};
+use crate::error::StoreError;
+use crate::ids::{GroupId, Namespace, TaskId};
+use crate::meta::State;
+use crate::metrics;
+use crate::once::{self, Sent, Unfinished};
+use crate::store::DynamoStore;
+use crate::stream::Image;
+use fail::OnTransient;
+use results::{args_with_results, lambda_event};
+pub use results::{result_of, results_id};
+pub use store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
+
+/// A chord part entering a ready state, read from a stream record.
+#[derive(Debug, Clone)]
+pub struct Part {
+    pub sequence: String,
+    pub ns: Namespace,
+    pub group_id: GroupId,
+    pub chord: ChordRegistration,
+    pub part: ChordPart,
+    /// When the part's result was stored (epoch milliseconds), if its item says.
+    pub stored_at: Option<i64>,
+}
+
+impl once::Record for Part {
+    fn item(&self) -> String {
+        chord_key(&self.ns, &self.group_id)
+    }
+
+    fn sequence(&self) -> &str {
+        &self.sequence
+    }
+}
+
+/// The part a record carries, if it is a chord part in a ready state;
+/// anything else is `None` (ignored, not an error).
+pub fn part_of(record: &EventRecord) -> Option<Part> {
+    use crate::store::schema::attr;
+    let image = Image::of(record)?;
+    if !State::parse(image.s(attr::STATUS)?).ok()?.is_ready() {
+        return None;
+    }
+    let callback = image.s(attr::CHORD_CALLBACK)?.to_owned();
+    let callback_id = Signature::parse(&callback).map(|s| s.task_id.to_string()).unwrap_or_default();
+    let (ns, task_id) = image.task()?;
+    Some(Part {
+        ns,
+        group_id: GroupId::parse(image.s(attr::GROUP_ID)?).ok()?,
+        chord: ChordRegistration { size: image.n(attr::CHORD_SIZE)?, callback, callback_id },
+        part: ChordPart {
+            index: image.n(attr::GROUP_INDEX)?,
+            task_id,
+            expires_at: image.n(attr::EXPIRES_AT).unwrap_or(0),
+        },
+        stored_at: image.n(attr::STORED_AT),
+        sequence: image.sequence,
+    })
+}
+
+/// Why a chord did not advance this time; its records are retried.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Dispatch(#[from] DispatchError),
+    #[error("chord {0} is being joined by another invocation")]
+    Busy(String),
+    #[error("chord {0}: state item missing after counting")]
+    Missing(String),
+    /// The callback went out but the chord could not be marked dispatched;
+    /// a later invocation finishes the mark, and sends nothing.
+    #[error("chord {0}: callback sent, marking it dispatched failed: {1}")]
+    Unmarked(String, StoreError),
+}
+
+impl JoinError {
+    /// The error as a tenant may read it (in the chord's status and its
+    /// ChordError): DynamoDB's own text can name tables and accounts, so
+    /// only its kind is given; the log has the rest.
+    fn public(&self) -> String {
+        match self {
+            Self::Store(StoreError::Throttled { .. }) => "DynamoDB kept throttling".into(),
+            Self::Store(StoreError::Unavailable(_)) => "DynamoDB was unavailable".into(),
+            Self::Store(_) => "a DynamoDB error".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// How far past its newest part a chord's expiry is moved (seconds).
+const EXTEND_PAST_NEWEST: i64 = 3600;
+
+/// The chord-join function's state: the store, where callbacks go, and the
+/// join's settings.
+pub struct Joiner<S, T> {
+    pub store: S,
+    pub sink: T,
+    pub config: ChordConfig,
+    /// Lifetime of the ChordError stored on a failed chord's callback.
+    pub result_ttl: Duration,
+    /// The largest callback message the target accepts (`CALLBACK_MAX_BYTES`).
+    pub max_message_bytes: usize,
+    /// Chords whose callback (or some of its messages, or a failing
+    /// chord's errbacks) went out but whose progress could not be recorded:
+    /// chord key → the claim's token and how many messages went out. The
+    /// next invocation in this process goes on from there instead of
+    /// joining again.
+    unmarked: Unfinished<u32>,
+}
+
+impl Joiner<DynamoStore, Target> {
+    /// Builds the joiner from the environment (see [`Config`]).
+    pub async fn from_env() -> Result<Self, String> {
+        let config = Config::from_env().map_err(|e| e.to_string())?;
+        let shared = crate::aws::shared_config(&config).await;
+        let store = DynamoStore::from_shared(&config, &shared).await?;
+        let sink = Target::new(config.callbacks.clone(), &shared);
+        Ok(Self::new(store, sink, &config))
+    }
+}
+
+impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
+    pub fn new(store: S, sink: T, config: &Config) -> Self {
+        Self {
+            store,
+            sink,
+            config: config.chord.clone(),
+            result_ttl: config.result_ttl,
+            max_message_bytes: config.callbacks.max_bytes,
+            unmarked: Unfinished::default(),
+        }
+    }
+
+    /// Advances every chord the parts belong to, concurrently; returns the
+    /// sequence numbers of the parts whose chord should be tried again.
+    pub async fn handle_parts(&self, parts: Vec<Part>) -> Vec<String> {
+        once::by_key(parts, |parts| async move {
+            // Each chord counts its own DynamoDB requests (the benchmark reads this line).
+            let (outcome, calls) = crate::calls::counted(self.advance(&parts)).await;
+            let gid = &parts[0].group_id;
+            tracing::info!(chord = %gid, parts = parts.len(), ddb_calls = calls, "chord advanced");
+            match outcome {
+                Ok(()) => return Vec::new(),
+                Err(err @ JoinError::Busy(_)) => tracing::info!(chord = %gid, "{err}; will retry"),
+                Err(err) => tracing::error!(chord = %gid, error = %err, "chord join failed; will retry"),
+            }
+            parts.into_iter().map(|p| p.sequence).collect()
+        })
+        .await
+    }
+
+    /// Counts the parts, and joins the chord if they complete it.
+    async fn advance(&self, parts: &[Part]) -> Result<(), JoinError> {
+        let first = &parts[0];
+        let (ns, gid) = (&first.ns, &first.group_id);
+        let counted: Vec<ChordPart> = parts.iter().map(|p| p.part.clone()).collect();
+        let new = self.store.count_parts(ns, gid, &first.chord, &counted).await?;
+        if new > 0 {
+            metrics::emit(&[], &[metrics::Point::count(metrics::CHORD_PARTS_COUNTED, new.into())]);
+        }
+        let newest_stored = parts.iter().filter_map(|p| p.stored_at).max();
+        let state = self.store.chord_state(ns, gid).await?.ok_or_else(|| JoinError::Missing(gid.to_string()))?;
+        let key = chord_key(ns, gid);
+        if state.is_final() {
+            self.unmarked.forget(&key);
+            return Ok(());
+        }
+        // A chord lives as long as its newest part (invariant C8). It is
+        // moved an hour past that, so the parts of the next hour need no write.
+        let newest = counted.iter().map(|p| p.expires_at).max().unwrap_or(0);
+        if newest > state.expires_at {
+            self.store.extend_chord(ns, gid, newest + EXTEND_PAST_NEWEST).await?;
+        }
+        let last = &parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty").part.task_id;
+        if let Some((token, sent)) = self.unmarked.get(&key) {
+            // Our messages went out earlier but recording it failed: go on
+            // from there under the same claim, sending nothing twice
+            // (invariant C3): the callback's, or a failing chord's errbacks.
+            let mut state = state;
+            if let Some(message) = state.error.clone() {
+                state.errbacks_sent = state.errbacks_sent.max(sent);
+                let claim = Claim { ns, gid, token: &token, last, state: &state, newest_stored };
+                return self.fail_claimed(&claim, message, OnTransient::Retry).await;
+            }
+            state.body_sent = state.body_sent.max(sent);
+            return self.join(&Claim { ns, gid, token: &token, last, state: &state, newest_stored }).await;
+        }
+        if state.done < state.size {
+            return Ok(());
+        }
+        let token = uuid::Uuid::new_v4().to_string();
+        if !self.store.claim_chord(ns, gid, &token, self.config.lease).await? {
+            return match self.store.chord_state(ns, gid).await? {
+                Some(s) if s.is_final() => Ok(()),
+                _ => Err(JoinError::Busy(gid.to_string())),
+            };
+        }
+        let claim = Claim { ns, gid, token: &token, last, state: &state, newest_stored };
+        let joined = match &state.error {
+            // An earlier join began failing the chord: finish that.
+            Some(message) => self.fail_claimed(&claim, message.clone(), OnTransient::Retry).await,
+            None => self.join(&claim).await,
+        };
+        match joined {
+            Ok(()) => Ok(()),
+            Err(err @ JoinError::Unmarked(..)) => Err(err),
+            Err(err) if state.attempts + 1 >= self.config.max_attempts => {
+                // Out of attempts: fail the chord for good, under our claim.
+                let attempts = state.attempts + 1;
+                let message = format!("ChordError: callback not sent after {attempts} attempts: {}", err.public());
+                self.fail_claimed(&claim, message, OnTransient::Skip).await
+            }
+            Err(err) => {
+                metrics::count(metrics::CHORD_JOIN_RETRIED);
+                // Nothing was sent: give the claim back (only if still ours),
+                // counting the attempt, so a retry may claim it at once.
+                if let Err(release) = self.store.release_chord(ns, gid, &token).await {
+                    tracing::warn!(chord = %gid, error = %release, "giving the claim back failed; it lapses with its lease");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Joins a claimed chord: checks its parts, reads their results, and
+    /// sends the callback or fails the chord. An `Err` means nothing was
+    /// sent (the caller gives the claim back), or, for
+    /// [`JoinError::Unmarked`], that the callback went out.
+    async fn join(&self, claim: &Claim<'_>) -> Result<(), JoinError> {
+        let Claim { ns, gid, state, .. } = *claim;
+        let sig = match Signature::parse(&state.callback) {
+            Ok(sig) => sig,
+            Err(e) => {
+                // Checked at store time, so only a damaged item gets here.
+                let message = format!("ChordError: the chord's callback cannot be read: {e}");
+                self.finish(claim, ChordPhase::Failed, Some(&message)).await?;
+                return Ok(());
+            }
+        };
+        // What goes out: the body as Celery's apply_async sends it (a chain
+        // as its first task carrying the rest, a group's tasks, a chord's
+        // header); the Lambda target gets the whole signature in one event.
+        let messages = if self.sink.sends_task_messages() {
+            match sig.body_messages() {
+                Ok(messages) => messages,
+                Err(e) => return self.fail(claim, &sig, format!("ChordError: {e}"), OnTransient::Retry).await,
+            }
+        } else {
+            vec![sig.clone()]
+        };
+        let total = messages.len() as u32;
+        if state.body_sent >= total {
+            // Everything went out before; only the mark is left (invariant C3).
+            return self.mark_dispatched(claim, total).await;
+        }
+        let ids = self.store.chord_part_ids(ns, gid).await?;
+        if ids.len() != state.size as usize {
+            let why = if ids.len() < state.size as usize {
+                "the others expired or were removed before the join"
+            } else {
+                "its parts disagree on the chord's size"
+            };
+            let message = format!("ChordError: {} of the chord's {} parts are on record; {why}", ids.len(), state.size);
+            return self.fail(claim, &sig, message, OnTransient::Retry).await;
+        }
+        let results = match self.read_results(ns, &ids).await? {
+            Ok(results) => results,
+            Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
+        };
+        let results = match self.results_or_reference(claim, &sig, &messages, results).await? {
+            Ok(results) => results,
+            Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
+        };
+        let event = || lambda_event(claim, &sig, &results);
+        // Each message once across retries: progress is kept on the chord's
+        // state item, under the claim, after each send.
+        for (i, task) in messages.iter().enumerate().skip(state.body_sent as usize) {
+            let args = args_with_results(task, &results);
+            let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
+            match self.send(claim, &out).await? {
+                Sent::Out => {}
+                Sent::Lost => return Ok(()),
+                Sent::Refused(err) => {
+                    let message = format!("ChordError: callback not sent: {err}");
+                    let spared: Vec<TaskId> = messages[..i].iter().flat_map(Signature::ids_that_never_run).collect();
+                    return self.fail_sparing(claim, &sig, message.into(), OnTransient::Retry, &spared).await;
+                }
+                Sent::Failed(err) => return Err(err.into()),
+            }
+            let sent = i as u32 + 1;
+            let doing = "recording the callback's progress";
+            if sent < total
+                && !self.record(claim, sent, doing, || self.store.record_sent(ns, gid, claim.token, sent)).await?
+            {
+                return Ok(());
+            }
+        }
+        self.mark_dispatched(claim, total).await?;
+        metrics::count(metrics::CHORD_DISPATCHED);
+        if let Some(stored) = claim.newest_stored {
+            let latency = (crate::time::now_millis() - stored).max(0) as f64;
+            metrics::emit(&[], &[metrics::Point::millis(metrics::CHORD_JOIN_LATENCY, latency)]);
+        }
+        tracing::info!(chord = %gid, parts = ids.len(), messages = total, callback = %sig.task_id, "chord dispatched");
+        Ok(())
+    }
+
+    /// Re-checks the claim (renewing its lease) just before a send, then
+    /// sends (see [`once::recheck_then_send`]).
+    async fn send(&self, claim: &Claim<'_>, out: &Outgoing<'_>) -> Result<Sent, JoinError> {
+        let recheck = self.store.renew_claim(claim.ns, claim.gid, claim.token, self.config.lease);
+        let sent = once::recheck_then_send(recheck, self.sink.send(claim.ns, out)).await?;
+        if let Sent::Lost = sent {
+            metrics::count(metrics::CHORD_CLAIM_LOST);
+            tracing::error!(chord = %claim.gid, "the claim was taken over before the send; nothing sent");
+        }
+        Ok(sent)
+    }
+
+    /// Moves a claimed chord to a final phase; a chord no longer ours is
+    /// logged and counted, not an error.
+    async fn finish(&self, claim: &Claim<'_>, phase: ChordPhase, error: Option<&str>) -> Result<(), JoinError> {
+        if !self.store.finish_chord(claim.ns, claim.gid, claim.token, phase, error).await? {
+            self.lost(claim.gid, "finishing");
+        }
+        Ok(())
+    }
+
+    fn lost(&self, gid: &GroupId, doing: &str) {
+        metrics::count(metrics::CHORD_MARK_LOST);
+        tracing::error!(chord = %gid, "{doing} found the chord no longer ours");
+    }
+
+    /// Marks the chord dispatched after all `total` messages of its
+    /// callback went out (see [`Joiner::record`]).
+    async fn mark_dispatched(&self, claim: &Claim<'_>, total: u32) -> Result<(), JoinError> {
+        let (ns, gid, token) = (claim.ns, claim.gid, claim.token);
+        let doing = "marking the chord dispatched";
+        self.record(claim, total, doing, || self.store.finish_chord(ns, gid, token, ChordPhase::Dispatched, None))
+            .await?;
+        self.unmarked.forget(&chord_key(ns, gid));
+        Ok(())
+    }
+
+    /// Records that the first `sent` messages (the callback's, or a failing
+    /// chord's errbacks) went out, with `write`, retried with backoff;
+    /// `false` when the claim is no longer ours. If every attempt fails, the
+    /// progress is kept in this process, and the next delivery goes on from
+    /// there without sending again (invariant C3).
+    async fn record<F, Fut>(&self, claim: &Claim<'_>, sent: u32, doing: &str, write: F) -> Result<bool, JoinError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, StoreError>>,
+    {
+        let key = chord_key(claim.ns, claim.gid);
+        match once::persist(&key, doing, write).await {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                self.lost(claim.gid, doing);
+                Ok(false)
+            }
+            Err(err) => {
+                metrics::count(metrics::CHORD_MARK_FAILED);
+                self.unmarked.keep(&key, claim.token, sent);
+                Err(JoinError::Unmarked(claim.gid.to_string(), err))
+            }
+        }
+    }
+}
+
+/// A chord this invocation has claimed.
+#[derive(Clone, Copy)]
+struct Claim<'a> {
+    ns: &'a Namespace,
+    gid: &'a GroupId,
+    token: &'a str,
+    /// The last header task (the callback's parent).
+    last: &'a TaskId,
+    /// The state item as read before the claim.
+    state: &'a ChordState,
+    /// When the newest part of this delivery was stored (epoch ms): the
+    /// join's latency is measured from it.
+    newest_stored: Option<i64>,
+}
+
+impl<'a> Claim<'a> {
+    fn context(&self) -> MessageContext<'a> {
+        MessageContext {
+            group_id: self.gid.as_str(),
+            parent_id: Some(self.last.as_str()),
+            root_id: None,
+            chord_error: None,
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! Reading a chord's results for its callback: the parts' results in
+//! order, in windows of bounded bytes, and the list by reference when the
+//! callback's message would be too large to carry it.
+
+use serde_json::{json, Value};
+
+use super::fail::Failure;
+use super::{ChordStore, Claim, JoinError, Joiner};
+use crate::celery::{chord_error_message, Signature};
+use crate::dispatch::{CallbackSink, Outgoing};
+use crate::error::StoreError;
+use crate::ids::{GroupId, Namespace, TaskId};
+use crate::meta::State;
+use crate::store::TaskRecord;
+use crate::time::{now_celery, now_epoch};
+
+/// Part results are read in windows sized to hold about this many bytes,
+/// so a chord's memory stays bounded whatever its results add up to.
+const READ_WINDOW_BYTES: usize = 8 << 20;
+
+impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
+    /// The parts' results as one JSON array (text), in order; or, as the
+    /// inner `Err`, the ChordError message of the first part that failed,
+    /// has no result, or makes the results larger than chord-join holds
+    /// (`CHORD_MAX_RESULTS_BYTES`). Results kept in S3 are read from there.
+    pub(super) async fn read_results(
+        &self,
+        ns: &Namespace,
+        ids: &[TaskId],
+    ) -> Result<Result<String, Failure>, JoinError> {
+        let limit = self.config.max_results_bytes;
+        let mut results = String::from("[");
+        let mut start = 0;
+        // Small at first, so a few huge results are caught before many are read.
+        let mut window = 25;
+        while start < ids.len() {
+            let chunk = &ids[start..(start + window).min(ids.len())];
+            let metas = self.store.get_tasks(ns, chunk).await?;
+            let mut read = 0usize;
+            for (id, meta) in chunk.iter().zip(metas) {
+                let gone = || Ok(Err(format!("Dependency {id} has no result (forgotten or expired)").into()));
+                let Some(stored) = meta else { return gone() };
+                if stored.blob.as_ref().is_some_and(|blob| results.len() as u64 + blob.bytes > limit as u64) {
+                    return Ok(Err(too_many_bytes(limit).into()));
+                }
+                let (json, result) = match &stored.blob {
+                    None => {
+                        let result = result_of(&stored.json);
+                        (stored.json, result)
+                    }
+                    // A part in S3; its object is gone only if it was forgotten.
+                    Some(blob) => match self.store.read_blob(blob).await? {
+                        None => return gone(),
+                        Some(result) => {
+                            let meta = crate::meta::join_result(&stored.json, stored.status.as_str(), &result);
+                            (meta.unwrap_or(stored.json), result)
+                        }
+                    },
+                };
+                read += json.len();
+                if matches!(stored.status, State::Failure | State::Revoked) {
+                    let cause = exception_in(&result);
+                    return Ok(Err(Failure { message: chord_error_message(id, &json), cause }));
+                }
+                if results.len() > 1 {
+                    results.push(',');
+                }
+                results.push_str(&result);
+                // With the closing bracket still to come.
+                if results.len() + 1 > limit {
+                    return Ok(Err(too_many_bytes(limit).into()));
+                }
+            }
+            start += chunk.len();
+            // Size the next window to the results seen so far.
+            let average = (read / chunk.len().max(1)).max(1);
+            window = (READ_WINDOW_BYTES / average).clamp(25, 4000);
+        }
+        results.push(']');
+        Ok(Ok(results))
+    }
+
+    /// The results as the messages carry them: the list itself, or, when a
+    /// message carrying it would pass the target's limit
+    /// (`CALLBACK_MAX_BYTES`), a reference to it, stored as a result of its
+    /// own (`{"dynachord_ref": {"task_id", "bytes"}}`; the Celery package
+    /// puts the list back before the task runs; see `docs/LARGE_RESULTS.md`).
+    /// The inner `Err` is a ChordError message: too large, and no way to
+    /// store them.
+    pub(super) async fn results_or_reference(
+        &self,
+        claim: &Claim<'_>,
+        sig: &Signature,
+        messages: &[Signature],
+        results: String,
+    ) -> Result<Result<String, String>, JoinError> {
+        let event = || lambda_event(claim, sig, &results);
+        // Past the limit on its own, the list needs no message built to tell.
+        let too_large = results.len() > self.max_message_bytes
+            || messages.iter().any(|task| {
+                let args = args_with_results(task, &results);
+                let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
+                self.sink.message_bytes(claim.ns, &out) > self.max_message_bytes
+            });
+        if !too_large {
+            return Ok(Ok(results));
+        }
+        let id = results_id(claim.gid);
+        let now = now_epoch();
+        let json = format!(
+            r#"{{"status":"SUCCESS","result":{results},"traceback":null,"children":[],"date_done":{},"task_id":{}}}"#,
+            json!(now_celery()),
+            json!(id.as_str())
+        );
+        let record = TaskRecord {
+            task_id: id.clone(),
+            status: State::Success,
+            json,
+            expires_at: (now + self.result_ttl.as_secs() as i64).max(claim.state.expires_at),
+            group_id: None,
+            group_index: None,
+            chord: None,
+            upload: None,
+        };
+        // Refused: an earlier attempt stored the same results.
+        match self.store.put_task(claim.ns, &record).await {
+            Ok(_) => {}
+            Err(err @ (StoreError::TooLarge { .. } | StoreError::NoBucket)) => {
+                return Ok(Err(format!(
+                    "ChordError: the callback with its results is more than {} bytes (CALLBACK_MAX_BYTES), and \
+                     the results cannot be stored to send a reference instead ({err}); set RESULTS_BUCKET",
+                    self.max_message_bytes
+                )))
+            }
+            Err(err) => return Err(err.into()),
+        }
+        tracing::info!(chord = %claim.gid, results = %id, bytes = results.len(), "results sent by reference");
+        Ok(Ok(json!({"dynachord_ref": {"task_id": id.as_str(), "bytes": results.len()}}).to_string()))
+    }
+}
+
+/// The id under which a chord's results are stored when its callback
+/// carries a reference to them: derived from the chord's id, so every
+/// attempt of the join stores them under the same one.
+pub fn results_id(gid: &GroupId) -> TaskId {
+    let digest = crate::store::blobs::sha256_hex(gid.as_str().as_bytes());
+    TaskId::parse(&format!("dynachord-chord-results-{}", &digest[..40])).expect("a valid id")
+}
+
+/// A failed part's result, when it is an exception as Celery stores one.
+pub(super) fn exception_in(result: &str) -> Option<Value> {
+    serde_json::from_str::<Value>(result).ok().filter(|r| r["exc_type"].is_string())
+}
+
+fn too_many_bytes(limit: usize) -> String {
+    format!(
+        "ChordError: the parts' results add up to more than {limit} bytes, the most chord-join joins \
+         (CHORD_MAX_RESULTS_BYTES)"
+    )
+}
+
+/// A message's args: the chord's results (a JSON array, as text) first,
+/// then the task's own, unless the task is immutable.
+pub(super) fn args_with_results(task: &Signature, results: &str) -> String {
+    if task.immutable {
+        Value::Array(task.args.clone()).to_string()
+    } else if task.args.is_empty() {
+        format!("[{results}]")
+    } else {
+        let rest = Value::Array(task.args.clone()).to_string();
+        format!("[{results},{}", &rest[1..])
+    }
+}
+
+/// The `result` of a stored meta, as raw JSON text (exact).
+pub fn result_of(meta_json: &str) -> String {
+    #[derive(serde::Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        result: Option<&'a serde_json::value::RawValue>,
+    }
+    serde_json::from_str::<Meta>(meta_json)
+        .ok()
+        .and_then(|m| m.result.map(|r| r.get().to_owned()))
+        .unwrap_or_else(|| "null".into())
+}
+
+/// The Lambda target's event: the chord, its namespace, the callback
+/// signature and the results (or the reference to them).
+pub(super) fn lambda_event(claim: &Claim<'_>, sig: &Signature, results: &str) -> String {
+    format!(
+        r#"{{"chord_id":{},"namespace":{},"callback":{},"results":{results}}}"#,
+        json!(claim.gid.as_str()),
+        json!(claim.ns.as_str()),
+        sig.raw
+    )
+}

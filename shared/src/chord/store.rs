@@ -1,0 +1,194 @@
+//! The chord's items, as the join needs them: the [`ChordStore`] trait
+//! over a chord's state item and its part items, implemented for DynamoDB
+//! in [`super::dynamo`]. Every claim transition is conditional on the
+//! claim's token, so an invocation that lost its claim changes nothing.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::error::StoreError;
+use crate::ids::{GroupId, Namespace, TaskId};
+use crate::store::ResultStore;
+
+/// A chord part as the store counts it: one part item per `group_index`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordPart {
+    pub index: u32,
+    pub task_id: TaskId,
+    /// The part's own expiry; the chord's items live at least as long.
+    pub expires_at: i64,
+}
+
+/// What the first counted part registers on the chord's state item (the
+/// first writer's size and callback win).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordRegistration {
+    pub size: u32,
+    /// The callback signature, as JSON text.
+    pub callback: String,
+    pub callback_id: String,
+}
+
+/// Where a chord is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChordPhase {
+    /// Counting parts.
+    Open,
+    /// Complete and claimed by one chord-join invocation (token and lease).
+    Joining,
+    /// The callback was sent.
+    Dispatched,
+    /// The chord failed: ChordError stored on the callback, errbacks sent.
+    Failed,
+}
+
+impl ChordPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Joining => "joining",
+            Self::Dispatched => "dispatched",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// A stored phase; anything unknown reads as `open` (the state a chord
+    /// is registered in).
+    pub fn parse(raw: &str) -> Self {
+        match raw {
+            "joining" => Self::Joining,
+            "dispatched" => Self::Dispatched,
+            "failed" => Self::Failed,
+            _ => Self::Open,
+        }
+    }
+
+    /// Dispatched or failed: nothing more happens to the chord.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Dispatched | Self::Failed)
+    }
+}
+
+/// A chord's state item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordState {
+    pub size: u32,
+    pub done: u32,
+    pub phase: ChordPhase,
+    pub callback: String,
+    pub callback_id: String,
+    pub error: Option<String>,
+    /// Joins that failed and were given back (bounded by `CHORD_MAX_ATTEMPTS`).
+    pub attempts: u32,
+    /// Errbacks of a failing chord already sent, in order.
+    pub errbacks_sent: u32,
+    /// Messages of the callback already sent, in order, when the body is
+    /// more than one (a group's tasks, a chord's header).
+    pub body_sent: u32,
+    /// The state item's expiry (epoch seconds).
+    pub expires_at: i64,
+}
+
+impl ChordState {
+    pub fn is_final(&self) -> bool {
+        self.phase.is_final()
+    }
+}
+
+/// The chord operations of chord-join, over the chord's state item and part
+/// items (see [`chords`] for DynamoDB). Every claim transition is
+/// conditional on the claim's token, so an invocation that lost its claim
+/// changes nothing.
+pub trait ChordStore: ResultStore {
+    /// Counts each part once however often it is delivered; registers the
+    /// chord on first use. Returns how many parts were new.
+    fn count_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        chord: &ChordRegistration,
+        parts: &[ChordPart],
+    ) -> impl Future<Output = Result<u32, StoreError>> + Send;
+    /// The state item, read consistently; `None` until the chord's first
+    /// part has been counted.
+    fn chord_state(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+    ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
+    /// Moves the chord's expiry to `expires_at` if that is later (a chord
+    /// lives as long as its newest part).
+    fn extend_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        expires_at: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// open → joining with `token` and a lease (or takes over a claim whose
+    /// lease ran out). `false` when someone else holds it or it is final.
+    fn claim_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Re-checks the claim just before a send and renews its lease:
+    /// `false` when `token` no longer holds it.
+    fn renew_claim(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Gives the claim back after a join that sent nothing (joining →
+    /// open, only while `token` holds it) and counts the failed attempt.
+    /// Returns whether it applied.
+    fn release_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Records, while `token` holds the claim, that the chord is failing
+    /// with `error` and that its first `errbacks_sent` errbacks went out; a
+    /// later join of the chord goes on failing it, never sends its callback.
+    fn record_failure(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        error: &str,
+        errbacks_sent: u32,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Records, while `token` holds the claim, that the first `sent`
+    /// messages of the callback went out, so a retry sends only the rest.
+    fn record_sent(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        sent: u32,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// joining → `phase` (dispatched or failed), only while `token` holds the claim.
+    fn finish_chord(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        phase: ChordPhase,
+        error: Option<&str>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// The counted parts' task ids in `group_index` order.
+    fn chord_part_ids(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+    ) -> impl Future<Output = Result<Vec<TaskId>, StoreError>> + Send;
+}
+
+/// The partition key of a chord's state and part items.
+pub fn chord_key(ns: &Namespace, id: &GroupId) -> String {
+    format!("{}/chord/{}", ns.as_str(), id)
+}

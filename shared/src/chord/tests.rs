@@ -1,0 +1,500 @@
+use super::*;
+use crate::once::PERSIST_ATTEMPTS as MARK_ATTEMPTS;
+use crate::store::TaskRecord;
+use crate::time::now_epoch;
+use serde_json::{json, Value};
+use std::sync::Mutex;
+
+#[test]
+fn results_are_taken_raw() {
+    assert_eq!(
+        result_of(r#"{"status":"SUCCESS","result":{"n":1.50,"big":123456789012345678901234567890}}"#),
+        r#"{"n":1.50,"big":123456789012345678901234567890}"#
+    );
+    assert_eq!(result_of(r#"{"status":"SUCCESS"}"#), "null");
+}
+
+use crate::dispatch::DispatchError;
+use crate::store::memory::MemoryStore;
+use crate::store::{PutOutcome, ResultStore};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+/// A callback sink that records what it sends, and answers from a
+/// script (then `Ok`).
+#[derive(Default)]
+struct FakeSink {
+    sent: Mutex<Vec<(String, String, String)>>,
+    /// The chord-error header of each errback that went out.
+    chord_errors: Mutex<Vec<Value>>,
+    script: Mutex<VecDeque<Result<(), DispatchError>>>,
+}
+
+impl FakeSink {
+    fn answering(answers: Vec<Result<(), DispatchError>>) -> Self {
+        Self { script: Mutex::new(answers.into()), ..Self::default() }
+    }
+
+    /// (task, task id, args) of each message that went out.
+    fn sent(&self) -> Vec<(String, String, String)> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+impl CallbackSink for FakeSink {
+    async fn send(&self, _ns: &Namespace, out: &Outgoing<'_>) -> Result<(), DispatchError> {
+        let answer = self.script.lock().unwrap().pop_front().unwrap_or(Ok(()));
+        if answer.is_ok() {
+            self.sent.lock().unwrap().push((out.sig.task.clone(), out.sig.task_id.to_string(), out.args.to_owned()));
+            self.chord_errors.lock().unwrap().extend(out.cx.chord_error.cloned());
+        }
+        answer
+    }
+}
+
+fn transient() -> DispatchError {
+    DispatchError::Send { target: "SQS", code: "InternalError".into() }
+}
+
+const CALLBACK: &str = r#"{"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"cb",
+    "link_error":[{"task":"t.e1","options":{"task_id":"e1"}},{"task":"t.e2","options":{"task_id":"e2"}}]}}"#;
+
+/// group(t.a.on_error(e.own), t.b | t.c) with the group's errback e.all
+/// also on t.a (as group.on_error leaves it) and on the group itself.
+const GROUP_WITH_ERRBACKS: &str = r#"{"task":"celery.group","options":{"task_id":"grp","link_error":[{"task":"e.all"}]},
+    "kwargs":{"tasks":[
+      {"task":"t.a","options":{"task_id":"ga","link_error":[{"task":"e.own"},{"task":"e.all"}]}},
+      {"task":"celery.chain","options":{},"kwargs":{"tasks":[
+        {"task":"t.b","options":{"task_id":"gb"}},{"task":"t.c","options":{"task_id":"gc"}}]}}]}}"#;
+
+fn joiner(sink: FakeSink) -> Joiner<MemoryStore, FakeSink> {
+    Joiner::new(MemoryStore::default(), sink, &Config::for_table("t"))
+}
+
+fn gid() -> GroupId {
+    GroupId::parse("g1").unwrap()
+}
+
+/// Stores part `i` of a chord of `size` with `status` and result `i`,
+/// and returns the stream's view of it.
+async fn part(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str) -> Part {
+    part_with(j, i, size, status, CALLBACK).await
+}
+
+async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str, callback: &str) -> Part {
+    let ns = Namespace::default();
+    let task_id = TaskId::parse(&format!("p{i}")).unwrap();
+    // A failed part's result is its exception, as Celery stores it.
+    let result = if status == "FAILURE" {
+        format!(r#"{{"exc_type":"ValueError","exc_message":["part {i}"],"exc_module":"builtins"}}"#)
+    } else {
+        i.to_string()
+    };
+    let json = format!(r#"{{"status":"{status}","result":{result},"task_id":"p{i}"}}"#);
+    let status = State::parse(status).unwrap();
+    let record = TaskRecord {
+        task_id: task_id.clone(),
+        status,
+        json,
+        expires_at: now_epoch() + 3600,
+        group_id: Some(gid()),
+        group_index: Some(i),
+        chord: None,
+        upload: None,
+    };
+    assert_eq!(j.store.put_task(&ns, &record).await.unwrap(), PutOutcome::Stored);
+    Part {
+        sequence: format!("seq-{i}"),
+        ns,
+        group_id: gid(),
+        chord: ChordRegistration { size, callback: callback.into(), callback_id: "cb".into() },
+        part: ChordPart { index: i, task_id, expires_at: now_epoch() + 3600 },
+        stored_at: Some(crate::time::now_millis()),
+    }
+}
+
+async fn chord_of(j: &Joiner<MemoryStore, FakeSink>, statuses: &[&str]) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for (i, status) in statuses.iter().enumerate() {
+        parts.push(part(j, i as u32, statuses.len() as u32, status).await);
+    }
+    parts
+}
+
+async fn phase(j: &Joiner<MemoryStore, FakeSink>) -> ChordState {
+    j.store.chord_state(&Namespace::default(), &gid()).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn a_complete_chord_calls_back_once_with_results_in_order_and_a_replay_changes_nothing() {
+    let j = joiner(FakeSink::default());
+    let parts = chord_of(&j, &["SUCCESS", "SUCCESS", "SUCCESS"]).await;
+    let mut shuffled = parts.clone();
+    shuffled.reverse();
+    assert!(j.handle_parts(shuffled).await.is_empty());
+    assert_eq!(j.sink.sent(), [("t.sum".into(), "cb".into(), "[[0,1,2]]".into())]);
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    // The same batch again, and again: nothing more is counted or sent.
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent().len(), 1);
+    assert_eq!(phase(&j).await.done, 3);
+}
+
+/// A group as the body, as Celery freezes it: three tasks, one immutable.
+const GROUP_BODY: &str = r#"{"task":"celery.group","kwargs":{"tasks":[
+    {"task":"t.a","args":[],"options":{"task_id":"g0","group_index":0}},
+    {"task":"t.b","args":[7],"options":{"task_id":"g1","group_index":1}},
+    {"task":"t.c","args":[9],"immutable":true,"options":{"task_id":"g2","group_index":2}}]},
+    "options":{"task_id":"cb"}}"#;
+
+async fn group_bodied(j: &Joiner<MemoryStore, FakeSink>) -> Vec<Part> {
+    vec![part_with(j, 0, 2, "SUCCESS", GROUP_BODY).await, part_with(j, 1, 2, "SUCCESS", GROUP_BODY).await]
+}
+
+fn group_sent() -> Vec<(String, String, String)> {
+    [("t.a", "g0", "[[0,1]]"), ("t.b", "g1", "[[0,1],7]"), ("t.c", "g2", "[9]")]
+        .map(|(t, id, args)| (t.to_owned(), id.to_owned(), args.to_owned()))
+        .to_vec()
+}
+
+#[tokio::test]
+async fn a_group_body_sends_each_task_once_with_the_results_even_when_a_send_fails_midway() {
+    let j = joiner(FakeSink::answering(vec![Ok(()), Err(transient())]));
+    let parts = group_bodied(&j).await;
+    assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "retried after the second send failed");
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.body_sent, state.attempts), (ChordPhase::Open, 1, 1));
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), group_sent(), "each task once, in order, the results first unless immutable");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+}
+
+#[tokio::test]
+async fn a_group_body_whose_progress_cannot_be_recorded_goes_on_without_sending_twice() {
+    let j = joiner(FakeSink::default());
+    j.store.fail_records.store(MARK_ATTEMPTS, Ordering::SeqCst);
+    let parts = group_bodied(&j).await;
+    assert_eq!(j.handle_parts(parts.clone()).await.len(), 2);
+    assert_eq!(j.sink.sent().len(), 1, "stopped after the send it could not record");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Joining, "the claim is kept after a send");
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), group_sent());
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+}
+
+/// An errback went out, and every attempt to record it failed: the
+/// records come again, and the join goes on from the next errback in
+/// this process, never sending the first again (C3).
+#[tokio::test]
+async fn an_errback_whose_record_fails_is_never_sent_again() {
+    let j = joiner(FakeSink::default());
+    j.store.fail_errback_records.store(MARK_ATTEMPTS, Ordering::SeqCst);
+    let parts = chord_of(&j, &["SUCCESS", "FAILURE"]).await;
+    assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "the records come again");
+    let sent = |j: &Joiner<MemoryStore, FakeSink>| -> Vec<String> { j.sink.sent().into_iter().map(|s| s.0).collect() };
+    assert_eq!(sent(&j), ["t.e1"], "stopped after the errback it could not record");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Joining, "the claim is kept after a send");
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(sent(&j), ["t.e1", "t.e2"], "each errback once");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+}
+
+#[tokio::test]
+async fn a_group_body_that_fails_midway_fails_only_the_tasks_not_sent() {
+    let mut j = joiner(FakeSink::answering(vec![Ok(()), Err(transient())]));
+    j.config.max_attempts = 1;
+    let parts = group_bodied(&j).await;
+    assert!(j.handle_parts(parts).await.is_empty(), "failed for good on its last attempt");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+    let (ns, store) = (Namespace::default(), &j.store);
+    for (id, expected) in
+        [("g0", None), ("g1", Some(State::Failure)), ("g2", Some(State::Failure)), ("cb", Some(State::Failure))]
+    {
+        let status = store.get_task(&ns, &TaskId::parse(id).unwrap()).await.unwrap().map(|s| s.status);
+        // g0 was sent: it runs and stores its own result. The others never run: their waiters get the ChordError.
+        assert_eq!(status, expected, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_lost_claim_sends_nothing() {
+    let j = joiner(FakeSink::default());
+    j.store.steal_claims.store(true, Ordering::SeqCst);
+    let before = metrics::total(metrics::CHORD_CLAIM_LOST);
+    let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert!(j.sink.sent().is_empty(), "nothing sent once the claim is not ours");
+    assert!(metrics::total(metrics::CHORD_CLAIM_LOST) > before);
+}
+
+#[tokio::test]
+async fn a_transient_send_error_gives_the_claim_back_and_the_callback_goes_once_later() {
+    let j = joiner(FakeSink::answering(vec![Err(transient())]));
+    let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+    let retry = j.handle_parts(parts.clone()).await;
+    assert_eq!(retry, ["seq-0", "seq-1"], "the records are retried");
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.attempts), (ChordPhase::Open, 1), "claim given back, attempt counted");
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent().len(), 1, "sent once: {:?}", j.sink.sent());
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+}
+
+#[tokio::test]
+async fn a_failed_mark_after_a_send_never_leads_to_a_second_send() {
+    let j = joiner(FakeSink::default());
+    // Every attempt of the first mark fails, as if DynamoDB were down.
+    j.store.fail_finishes.store(MARK_ATTEMPTS, Ordering::SeqCst);
+    let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+    let retry = j.handle_parts(parts.clone()).await;
+    assert_eq!(retry.len(), 2, "the records come again to finish the mark");
+    assert_eq!(j.sink.sent().len(), 1);
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Joining, "the claim is kept, never given back after a send");
+    assert_eq!(state.attempts, 0);
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched, "finished from the chord's state");
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent().len(), 1, "never a second send");
+}
+
+#[tokio::test]
+async fn a_mark_that_fails_a_few_times_is_retried_on_its_own() {
+    let j = joiner(FakeSink::default());
+    j.store.fail_finishes.store(2, Ordering::SeqCst);
+    let parts = chord_of(&j, &["SUCCESS"]).await;
+    assert!(j.handle_parts(parts).await.is_empty(), "no record retried");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    assert_eq!(j.sink.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn a_permanent_error_fails_the_chord_once_and_sends_its_errbacks() {
+    let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
+    let j = joiner(FakeSink::answering(vec![Err(refused)]));
+    let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    assert!(state.error.as_deref().unwrap().contains("AccessDenied"), "{state:?}");
+    let sent: Vec<String> = j.sink.sent().into_iter().map(|(task, _, _)| task).collect();
+    assert_eq!(sent, ["t.e1", "t.e2"], "errbacks only, once each");
+    let cb = j.store.get_task(&Namespace::default(), &TaskId::parse("cb").unwrap()).await.unwrap().unwrap();
+    assert!(cb.json.contains("ChordError") && cb.json.contains("AccessDenied"), "{}", cb.json);
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent().len(), 2, "a replay sends nothing more");
+}
+
+#[tokio::test]
+async fn a_failed_part_fails_the_chord_with_celerys_chord_error() {
+    let j = joiner(FakeSink::default());
+    let parts = chord_of(&j, &["SUCCESS", "FAILURE", "SUCCESS"]).await;
+    assert!(j.handle_parts(parts).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    assert!(state.error.as_deref().unwrap().starts_with("Dependency p1 raised"), "{state:?}");
+    assert!(j.sink.sent().iter().all(|(task, _, _)| task != "t.sum"), "the callback is never sent");
+}
+
+#[tokio::test]
+async fn errbacks_go_out_as_celery_sends_them_with_the_failed_callback_in_a_header() {
+    let callback = r#"{"task":"t.sum","args":[7],"kwargs":{"k":1},"options":{"task_id":"cb","link_error":[
+        {"task":"t.old","args":["note"],"options":{"task_id":"e1"}},
+        {"task":"t.fixed","args":["a","b"],"immutable":true,"options":{"task_id":"e2"}}]}}"#;
+    let j = joiner(FakeSink::default());
+    let parts = vec![part_with(&j, 0, 2, "SUCCESS", callback).await, part_with(&j, 1, 2, "FAILURE", callback).await];
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent: Vec<(String, String)> = j.sink.sent().into_iter().map(|(task, _, args)| (task, args)).collect();
+    let expected = [("t.old", r#"["cb","note"]"#), ("t.fixed", r#"["a","b"]"#)];
+    assert_eq!(
+        sent,
+        expected.map(|(t, a)| (t.to_owned(), a.to_owned())),
+        "the failed task's id first, unless immutable"
+    );
+    let headers = j.sink.chord_errors.lock().unwrap().clone();
+    assert_eq!(headers.len(), 2, "one header a message");
+    for (header, immutable) in headers.iter().zip([false, true]) {
+        assert_eq!(header["immutable"], immutable);
+        assert_eq!((&header["id"], &header["task"], &header["args"]), (&json!("cb"), &json!("t.sum"), &json!([7])));
+        assert_eq!(header["kwargs"], json!({"k": 1}));
+        assert_eq!(header["errbacks"].as_array().map(Vec::len), Some(2));
+        assert_eq!(
+            (&header["exc"]["exc_type"], &header["exc"]["exc_module"]),
+            (&json!("ChordError"), &json!("celery.exceptions"))
+        );
+        assert!(header["exc"]["exc_message"][0].as_str().unwrap().starts_with("Dependency p1 raised"), "{header}");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_group_body_gives_each_member_the_parts_exception_and_calls_its_errbacks_as_celery() {
+    let j = joiner(FakeSink::default());
+    let parts = vec![
+        part_with(&j, 0, 2, "FAILURE", GROUP_WITH_ERRBACKS).await,
+        part_with(&j, 1, 2, "SUCCESS", GROUP_WITH_ERRBACKS).await,
+    ];
+    assert!(j.handle_parts(parts).await.is_empty());
+    let ns = Namespace::default();
+    for id in ["grp", "ga", "gb", "gc"] {
+        let stored = j.store.get_task(&ns, &TaskId::parse(id).unwrap()).await.unwrap().unwrap();
+        let meta: Value = serde_json::from_str(&stored.json).unwrap();
+        assert_eq!(meta["result"]["exc_type"], "ValueError", "{id}: the failed part's own exception");
+        assert_eq!(meta["result"]["exc_message"], json!(["part 0"]), "{id}");
+    }
+    let sent: Vec<(String, String)> = j.sink.sent().into_iter().map(|(task, _, args)| (task, args)).collect();
+    let expected = [("e.own", r#"["ga"]"#), ("e.all", r#"["ga"]"#), ("e.all", r#"["gc"]"#)];
+    assert_eq!(
+        sent,
+        expected.map(|(t, a)| (t.to_owned(), a.to_owned())),
+        "each member's own, then the group's, once each"
+    );
+    let headers = j.sink.chord_errors.lock().unwrap().clone();
+    assert_eq!(headers.iter().map(|h| h["id"].as_str().unwrap()).collect::<Vec<_>>(), ["ga", "ga", "gc"]);
+    assert!(headers.iter().all(|h| h["exc"]["exc_type"] == "ValueError"), "{headers:?}");
+}
+
+#[tokio::test]
+async fn a_group_body_refused_midway_calls_errbacks_only_for_the_members_not_sent() {
+    let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
+    let j = joiner(FakeSink::answering(vec![Ok(()), Err(refused)]));
+    let parts = vec![
+        part_with(&j, 0, 2, "SUCCESS", GROUP_WITH_ERRBACKS).await,
+        part_with(&j, 1, 2, "SUCCESS", GROUP_WITH_ERRBACKS).await,
+    ];
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent: Vec<(String, String)> = j.sink.sent().into_iter().map(|(task, _, args)| (task, args)).collect();
+    let expected = [("t.a", "[[0,1]]"), ("e.all", r#"["gc"]"#)];
+    assert_eq!(sent, expected.map(|(t, a)| (t.to_owned(), a.to_owned())), "t.a was sent and runs: no errback for it");
+    let headers = j.sink.chord_errors.lock().unwrap().clone();
+    assert_eq!(headers[0]["exc"]["exc_type"], "ChordError", "no part failed: the ChordError itself");
+}
+
+#[tokio::test]
+async fn errbacks_are_sent_at_most_once_across_retries() {
+    // The callback is refused for good; the second errback fails once
+    // with an error a retry may fix.
+    let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
+    let j = joiner(FakeSink::answering(vec![Err(refused), Ok(()), Err(transient())]));
+    let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+    assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "retried after the errback's failure");
+    assert_eq!(phase(&j).await.errbacks_sent, 1, "progress is on the chord's item");
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent: Vec<String> = j.sink.sent().into_iter().map(|(task, _, _)| task).collect();
+    assert_eq!(sent, ["t.e1", "t.e2"], "each errback once");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+}
+
+#[tokio::test]
+async fn a_chord_that_keeps_failing_is_failed_after_its_attempts_and_stops_coming_back() {
+    let attempts = Config::for_table("t").chord.max_attempts as usize;
+    let j = joiner(FakeSink::answering((0..100).map(|_| Err(transient())).collect()));
+    let parts = chord_of(&j, &["SUCCESS"]).await;
+    let mut retried = 0;
+    while !j.handle_parts(parts.clone()).await.is_empty() {
+        retried += 1;
+        assert!(retried < 100, "a poison chord must not be retried for ever");
+    }
+    assert_eq!(retried, attempts - 1);
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    assert!(state.error.as_deref().unwrap().contains(&format!("after {attempts} attempts")), "{state:?}");
+}
+
+#[tokio::test]
+async fn a_chord_whose_part_records_expired_fails_instead_of_calling_back_short() {
+    let j = joiner(FakeSink::default());
+    let parts = chord_of(&j, &["SUCCESS", "SUCCESS", "SUCCESS"]).await;
+    assert!(j.handle_parts(parts[..2].to_vec()).await.is_empty());
+    j.store.drop_parts(&Namespace::default(), &gid());
+    assert!(j.handle_parts(parts[2..].to_vec()).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    assert!(state.error.as_deref().unwrap().contains("1 of the chord's 3 parts"), "{state:?}");
+    assert!(j.sink.sent().iter().all(|(task, _, _)| task != "t.sum"));
+}
+
+#[tokio::test]
+async fn results_past_the_targets_limit_go_by_reference_and_past_the_joins_limit_fail_the_chord() {
+    let (mut by_reference, mut too_many) = (joiner(FakeSink::default()), joiner(FakeSink::default()));
+    by_reference.max_message_bytes = 1024;
+    too_many.config.max_results_bytes = 1024;
+    let ns = Namespace::default();
+    for j in [&by_reference, &too_many] {
+        let mut parts = Vec::new();
+        for i in 0..50u32 {
+            let mut p = part(j, i, 50, "SUCCESS").await;
+            let big = format!(r#"{{"status":"SUCCESS","result":"{i}{}","task_id":"p{i}"}}"#, "x".repeat(100));
+            let record = TaskRecord {
+                task_id: p.part.task_id.clone(),
+                status: State::Success,
+                json: big,
+                expires_at: now_epoch() + 3600,
+                group_id: None,
+                group_index: None,
+                chord: None,
+                upload: None,
+            };
+            j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
+            j.store.put_task(&ns, &record).await.unwrap();
+            p.sequence = format!("s{i}");
+            parts.push(p);
+        }
+        assert!(j.handle_parts(parts.clone()).await.is_empty());
+        // A second delivery changes nothing.
+        assert!(j.handle_parts(parts).await.is_empty());
+    }
+    assert_eq!(phase(&by_reference).await.phase, ChordPhase::Dispatched);
+    let sent = by_reference.sink.sent();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let args: Value = serde_json::from_str(&sent[0].2).unwrap();
+    let id = results_id(&gid());
+    assert_eq!(args[0], json!({"dynachord_ref": {"task_id": id.as_str(), "bytes": args[0]["dynachord_ref"]["bytes"]}}));
+    let stored = by_reference.store.get_task(&ns, &id).await.unwrap().unwrap();
+    let results: Value = serde_json::from_str(&stored.json).unwrap();
+    let results = results["result"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 50);
+    assert_eq!(results[7], json!(format!("7{}", "x".repeat(100))), "in order");
+    assert_eq!(args[0]["dynachord_ref"]["bytes"], Value::Array(results).to_string().len());
+
+    let state = phase(&too_many).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    assert!(state.error.as_deref().unwrap().contains("more than 1024 bytes"), "{state:?}");
+    assert!(too_many.sink.sent().iter().all(|(task, _, _)| task != "t.sum"));
+}
+
+#[tokio::test]
+async fn the_results_and_message_limits_hold_at_the_limit_and_not_one_past_it() {
+    // Two parts whose results are their index: `[0,1]` (5 bytes), and the
+    // fake sink counts a message by its args, `[[0,1]]` (7 bytes).
+    let outcome = |results_limit: usize, message_limit: usize| async move {
+        let mut j = joiner(FakeSink::default());
+        j.config.max_results_bytes = results_limit;
+        j.max_message_bytes = message_limit;
+        let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
+        assert!(j.handle_parts(parts).await.is_empty());
+        (phase(&j).await.phase, j.sink.sent().first().map(|(_, _, args)| args.clone()))
+    };
+    let (results, message) = ("[0,1]".len(), "[[0,1]]".len());
+    assert_eq!(outcome(results, message).await, (ChordPhase::Dispatched, Some("[[0,1]]".into())));
+    assert_eq!(outcome(results - 1, message).await.0, ChordPhase::Failed, "one byte past CHORD_MAX_RESULTS_BYTES");
+    let (phase, args) = outcome(results, message - 1).await;
+    assert_eq!(phase, ChordPhase::Dispatched);
+    assert!(args.unwrap().contains("dynachord_ref"), "one byte past CALLBACK_MAX_BYTES: by reference");
+}
+
+#[tokio::test]
+async fn each_counted_part_extends_the_chords_life() {
+    let j = joiner(FakeSink::default());
+    let mut parts = chord_of(&j, &["SUCCESS", "SUCCESS", "SUCCESS"]).await;
+    parts[1].part.expires_at += 1000;
+    assert!(j.handle_parts(parts[..1].to_vec()).await.is_empty());
+    let first = phase(&j).await.expires_at;
+    assert!(j.handle_parts(parts[1..2].to_vec()).await.is_empty());
+    let extended = phase(&j).await.expires_at;
+    assert!(extended >= parts[1].part.expires_at && extended > first, "{first} → {extended}");
+}

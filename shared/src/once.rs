@@ -1,0 +1,245 @@
+//! Send once: the protocol both stream consumers follow, the chord join
+//! ([`crate::chord`]) and the processing cache's settling
+//! ([`crate::cache::settle`]). Its rules are stated once, in
+//! `docs/INVARIANTS.md` ("Sending once"):
+//!
+//! 1. **Claim** the item with a conditional write (a token and a lease).
+//! 2. **Re-check** the claim with a conditional write just before each send
+//!    ([`recheck_then_send`]): a claim taken over sends nothing.
+//! 3. **Send.** A send that failed for good, or may succeed if retried, is
+//!    told apart ([`Sent`]); nothing is recorded for a send that did not go out.
+//! 4. **Record** the progress after each send, retried with backoff
+//!    ([`persist`]). When every attempt fails, the claim's token and progress
+//!    are kept in this process ([`Unfinished`]), so the record's retry goes
+//!    on from there and never sends again.
+//!
+//! A stream batch is handled per item ([`by_key`]), items concurrently, and
+//! the records of an item that did not advance are reported in
+//! `batchItemFailures` ([`batch_item_failures`]), so one item never holds
+//! or replays the rest of its batch.
+
+use aws_lambda_events::event::streams::{DynamoDbBatchItemFailure, DynamoDbEventResponse};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::dispatch::DispatchError;
+use crate::error::StoreError;
+
+/// Attempts at a write that must follow a send, and the first pause
+/// between them (doubling): about 3 s in all.
+pub const PERSIST_ATTEMPTS: u32 = 6;
+pub const PERSIST_FIRST_PAUSE: Duration = Duration::from_millis(100);
+
+/// Runs a write that must follow a send, retrying errors with backoff
+/// ([`PERSIST_ATTEMPTS`]); the last error when every attempt failed. `item`
+/// and `doing` name it in the log.
+pub async fn persist<F, Fut, T>(item: &str, doing: &str, write: F) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut pause = PERSIST_FIRST_PAUSE;
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(err) if attempt < PERSIST_ATTEMPTS => {
+                tracing::warn!(item, attempt, error = %err, "{doing} failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                attempt += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// What became of a send after its re-check.
+#[derive(Debug)]
+pub enum Sent {
+    /// It went out.
+    Out,
+    /// The claim was taken over before the send: nothing went out.
+    Lost,
+    /// The target refused it for good (a queue not allowed, a message too
+    /// large): retrying cannot help, and nothing went out.
+    Refused(DispatchError),
+    /// It failed in a way a retry may fix; nothing is recorded as sent.
+    Failed(DispatchError),
+}
+
+/// Re-checks the claim (a conditional write that also renews its lease:
+/// `false` when the claim is no longer ours), and only then sends.
+pub async fn recheck_then_send<R, S>(recheck: R, send: S) -> Result<Sent, StoreError>
+where
+    R: Future<Output = Result<bool, StoreError>>,
+    S: Future<Output = Result<(), DispatchError>>,
+{
+    if !recheck.await? {
+        return Ok(Sent::Lost);
+    }
+    Ok(match send.await {
+        Ok(()) => Sent::Out,
+        Err(err) if err.is_permanent() => Sent::Refused(err),
+        Err(err) => Sent::Failed(err),
+    })
+}
+
+/// Claims whose messages went out but whose progress could not be
+/// recorded, kept in this process: an item's key → its claim's token and
+/// progress. The next delivery of the item's records goes on from there,
+/// under the same claim, instead of sending again.
+pub struct Unfinished<P> {
+    claims: Mutex<HashMap<String, (String, P)>>,
+}
+
+impl<P: Clone> Default for Unfinished<P> {
+    fn default() -> Self {
+        Self { claims: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<P: Clone> Unfinished<P> {
+    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, P)>> {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the claim `token` of `key` with its `progress`.
+    pub fn keep(&self, key: &str, token: &str, progress: P) {
+        self.claims().insert(key.to_owned(), (token.to_owned(), progress));
+    }
+
+    /// The kept claim of `key`, if any: its token and progress.
+    pub fn get(&self, key: &str) -> Option<(String, P)> {
+        self.claims().get(key).cloned()
+    }
+
+    /// Forgets `key`'s claim: its progress was recorded, or it is over.
+    pub fn forget(&self, key: &str) {
+        self.claims().remove(key);
+    }
+}
+
+/// A stream record an item's handler works on.
+pub trait Record {
+    /// The item it advances; records of one item are handled together.
+    fn item(&self) -> String;
+    /// Its sequence number, for `batchItemFailures`.
+    fn sequence(&self) -> &str;
+}
+
+/// Groups records by item, handles the items concurrently, and returns the
+/// sequence numbers `handle` names for retry.
+pub async fn by_key<R, H, Fut>(records: Vec<R>, handle: H) -> Vec<String>
+where
+    R: Record,
+    H: Fn(Vec<R>) -> Fut,
+    Fut: Future<Output = Vec<String>>,
+{
+    let mut items: BTreeMap<String, Vec<R>> = BTreeMap::new();
+    for record in records {
+        items.entry(record.item()).or_default().push(record);
+    }
+    futures::future::join_all(items.into_values().map(handle)).await.into_iter().flatten().collect()
+}
+
+/// The stream consumer's answer: the records to retry, by sequence number.
+pub fn batch_item_failures(sequences: impl IntoIterator<Item = String>) -> DynamoDbEventResponse {
+    let mut response = DynamoDbEventResponse::default();
+    response.batch_item_failures = sequences
+        .into_iter()
+        .map(|sequence| {
+            let mut failure = DynamoDbBatchItemFailure::default();
+            failure.item_identifier = Some(sequence);
+            failure
+        })
+        .collect();
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn a_write_after_a_send_is_retried_then_its_last_error_returned() {
+        let tries = AtomicU32::new(0);
+        let failing = persist("x", "writing", || async {
+            tries.fetch_add(1, Ordering::SeqCst);
+            Err::<bool, _>(StoreError::Unavailable("down".into()))
+        });
+        assert!(matches!(failing.await, Err(StoreError::Unavailable(_))));
+        assert_eq!(tries.load(Ordering::SeqCst), PERSIST_ATTEMPTS);
+        let tries = AtomicU32::new(0);
+        let recovering = persist("x", "writing", || async {
+            match tries.fetch_add(1, Ordering::SeqCst) {
+                0 | 1 => Err(StoreError::Unavailable("down".into())),
+                _ => Ok(true),
+            }
+        });
+        assert!(recovering.await.unwrap());
+        assert_eq!(tries.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_lost_claim_never_reaches_the_send() {
+        let sends = AtomicU32::new(0);
+        let send = async {
+            sends.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        assert!(matches!(recheck_then_send(async { Ok(false) }, send).await, Ok(Sent::Lost)));
+        let failed_recheck = recheck_then_send(async { Err(StoreError::Unavailable("down".into())) }, async {
+            sends.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        });
+        assert!(failed_recheck.await.is_err());
+        assert_eq!(sends.load(Ordering::SeqCst), 0);
+        let refused = recheck_then_send(async { Ok(true) }, async { Err(DispatchError::NotAllowed("q".into())) });
+        assert!(matches!(refused.await, Ok(Sent::Refused(_))));
+        let transient = recheck_then_send(async { Ok(true) }, async {
+            Err(DispatchError::Send { target: "SQS", code: "timeout".into() })
+        });
+        assert!(matches!(transient.await, Ok(Sent::Failed(_))));
+    }
+
+    struct R(&'static str, &'static str);
+    impl Record for R {
+        fn item(&self) -> String {
+            self.0.to_owned()
+        }
+        fn sequence(&self) -> &str {
+            self.1
+        }
+    }
+
+    #[tokio::test]
+    async fn records_are_handled_per_item_and_only_the_failed_items_come_back() {
+        let records = vec![R("a", "1"), R("b", "2"), R("a", "3"), R("c", "4")];
+        let failed = by_key(records, |rs: Vec<R>| async move {
+            assert!(rs.windows(2).all(|w| w[0].0 == w[1].0), "one item per call");
+            if rs[0].0 == "a" {
+                rs.iter().map(|r| r.sequence().to_owned()).collect()
+            } else {
+                Vec::new()
+            }
+        })
+        .await;
+        assert_eq!(failed, ["1", "3"]);
+        let response = batch_item_failures(failed);
+        let ids: Vec<_> = response.batch_item_failures.iter().map(|f| f.item_identifier.clone().unwrap()).collect();
+        assert_eq!(ids, ["1", "3"]);
+    }
+
+    #[test]
+    fn a_kept_claim_is_there_until_forgotten() {
+        let kept: Unfinished<u32> = Unfinished::default();
+        assert!(kept.get("k").is_none());
+        kept.keep("k", "token", 2);
+        assert_eq!(kept.get("k"), Some(("token".to_owned(), 2)));
+        kept.forget("k");
+        assert!(kept.get("k").is_none());
+    }
+}
