@@ -42,6 +42,8 @@ pub mod chord;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+#[cfg(test)]
+mod fakes;
 pub mod http;
 pub mod ids;
 pub mod meta;

@@ -3,7 +3,6 @@ use crate::once::PERSIST_ATTEMPTS as MARK_ATTEMPTS;
 use crate::store::TaskRecord;
 use crate::time::now_epoch;
 use serde_json::{json, Value};
-use std::sync::Mutex;
 
 #[test]
 fn results_are_taken_raw() {
@@ -15,46 +14,10 @@ fn results_are_taken_raw() {
 }
 
 use crate::dispatch::DispatchError;
+use crate::fakes::{transient, FakeSink};
 use crate::store::memory::MemoryStore;
 use crate::store::{PutOutcome, ResultStore};
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-
-/// A callback sink that records what it sends, and answers from a
-/// script (then `Ok`).
-#[derive(Default)]
-struct FakeSink {
-    sent: Mutex<Vec<(String, String, String)>>,
-    /// The chord-error header of each errback that went out.
-    chord_errors: Mutex<Vec<Value>>,
-    script: Mutex<VecDeque<Result<(), DispatchError>>>,
-}
-
-impl FakeSink {
-    fn answering(answers: Vec<Result<(), DispatchError>>) -> Self {
-        Self { script: Mutex::new(answers.into()), ..Self::default() }
-    }
-
-    /// (task, task id, args) of each message that went out.
-    fn sent(&self) -> Vec<(String, String, String)> {
-        self.sent.lock().unwrap().clone()
-    }
-}
-
-impl CallbackSink for FakeSink {
-    async fn send(&self, _ns: &Namespace, out: &Outgoing<'_>) -> Result<(), DispatchError> {
-        let answer = self.script.lock().unwrap().pop_front().unwrap_or(Ok(()));
-        if answer.is_ok() {
-            self.sent.lock().unwrap().push((out.sig.task.clone(), out.sig.task_id.to_string(), out.args.to_owned()));
-            self.chord_errors.lock().unwrap().extend(out.cx.chord_error.cloned());
-        }
-        answer
-    }
-}
-
-fn transient() -> DispatchError {
-    DispatchError::Send { target: "SQS", code: "InternalError".into() }
-}
 
 const CALLBACK: &str = r#"{"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"cb",
     "link_error":[{"task":"t.e1","options":{"task_id":"e1"}},{"task":"t.e2","options":{"task_id":"e2"}}]}}"#;

@@ -42,6 +42,10 @@ pub struct MemoryStore {
     pub spill_above: AtomicUsize,
     /// Blob key → the result's JSON text (uploads included).
     pub blobs: Mutex<HashMap<String, String>>,
+    /// Cache entry key → the entry (see `cache/memory.rs`).
+    pub(crate) entries: Mutex<HashMap<String, crate::cache::CacheEntry>>,
+    /// Fault: this many coming `cache_finish` calls fail as if DynamoDB were down.
+    pub fail_cache_finishes: AtomicU32,
 }
 
 impl MemoryStore {

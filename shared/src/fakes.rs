@@ -1,0 +1,45 @@
+//! Fakes behind the crate's traits for unit tests: a callback sink that
+//! records what it sends and answers from a script.
+
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use crate::dispatch::{CallbackSink, DispatchError, Outgoing};
+use crate::ids::Namespace;
+
+/// A callback sink that records what it sends, and answers from a
+/// script (then `Ok`).
+#[derive(Default)]
+pub struct FakeSink {
+    sent: Mutex<Vec<(String, String, String)>>,
+    /// The chord-error header of each errback that went out.
+    pub chord_errors: Mutex<Vec<Value>>,
+    script: Mutex<VecDeque<Result<(), DispatchError>>>,
+}
+
+impl FakeSink {
+    pub fn answering(answers: Vec<Result<(), DispatchError>>) -> Self {
+        Self { script: Mutex::new(answers.into()), ..Self::default() }
+    }
+
+    /// (task, task id, args) of each message that went out.
+    pub fn sent(&self) -> Vec<(String, String, String)> {
+        self.sent.lock().unwrap().clone()
+    }
+}
+
+impl CallbackSink for FakeSink {
+    async fn send(&self, _ns: &Namespace, out: &Outgoing<'_>) -> Result<(), DispatchError> {
+        let answer = self.script.lock().unwrap().pop_front().unwrap_or(Ok(()));
+        if answer.is_ok() {
+            self.sent.lock().unwrap().push((out.sig.task.clone(), out.sig.task_id.to_string(), out.args.to_owned()));
+            self.chord_errors.lock().unwrap().extend(out.cx.chord_error.cloned());
+        }
+        answer
+    }
+}
+
+pub fn transient() -> DispatchError {
+    DispatchError::Send { target: "SQS", code: "InternalError".into() }
+}
