@@ -8,31 +8,9 @@
 //!
 //! # Layout
 //!
-//! Layers point one way: a module uses only those listed before it (see
-//! `docs/ARCHITECTURE.md`).
-//!
-//! - [`ids`], [`time`], [`whole`]: validated identifiers (an invalid id cannot be
-//!   constructed, so it never reaches a key), wall-clock helpers, and whole
-//!   numbers as JSON Schema counts them.
-//! - [`celery`]: Celery's wire formats: the signature, Python reprs, kombu's
-//!   queue names and SQS envelope.
-//! - [`meta`]: Celery task meta and states: what a worker stores and a client reads.
-//! - [`tenants`], [`config`]: the caller's namespace from its IAM identity
-//!   (`TENANTS`), and the one typed configuration, read at init.
-//! - [`error`]: the error types of each boundary.
-//! - [`calls`], [`metrics`]: the DynamoDB requests each request makes, and
-//!   CloudWatch metrics written as log lines.
-//! - [`store`]: the [`store::ResultStore`] and [`store::ChordStore`] traits,
-//!   their DynamoDB implementation, the table schema, retry/backoff.
-//! - [`dispatch`]: callback targets: Celery task messages on SQS, Lambda invokes.
-//! - [`chord`]: the chord join from DynamoDB Streams (the `chord-join` function).
-//! - [`service`]: the operations behind the routes (store, fetch, long-poll,
-//!   batch-get, forget, groups), generic over the store.
-//! - [`cache`]: the processing cache: get-or-delegate, invalidate, entry
-//!   state, and the settling of processings from the stream.
-//! - [`local`]: the SDK configuration of the local stack's tools.
-//! - [`http`]: routes, request parsing (auth, body cap, query), and the mapping
-//!   of every error to a status and a JSON body.
+//! Layers point one way: a module uses only those listed before it. The
+//! list, with what each layer holds, is in `docs/ARCHITECTURE.md` ("The
+//! library's layers"); it is written there once.
 
 pub mod aws;
 pub mod cache;

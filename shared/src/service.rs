@@ -649,7 +649,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_past_its_response_budget_answers_the_rest_as_references() {
-        let mut app = App { config: Config::for_table("t"), store: MemoryStore::default() };
+        let mut app: App<MemoryStore> = App { config: Config::for_table("t"), store: MemoryStore::default() };
         app.config.batch_response_bytes = 64 << 10;
         // Results of quotes (`\"` in the stored JSON), which escaping doubles again: Lambda counts the escaped body.
         let result = "\\\"".repeat(5_000);
@@ -683,7 +683,7 @@ mod tests {
     #[tokio::test]
     async fn a_result_in_s3_is_answered_whole_or_by_reference() {
         use std::sync::atomic::Ordering;
-        let mut app = App { config: Config::for_table("t"), store: MemoryStore::default() };
+        let mut app: App<MemoryStore> = App { config: Config::for_table("t"), store: MemoryStore::default() };
         app.store.spill_above.store(200, Ordering::SeqCst);
         app.config.results.inline_bytes = 1000;
         let ns = Namespace::default();

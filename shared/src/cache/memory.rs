@@ -1,9 +1,10 @@
 //! [`CacheStore`] on the in-memory store of the unit tests: each
 //! conditional write of `cache/dynamo.rs`, its condition and its update,
-//! under one lock. `steal_claims` makes every re-check before a send find
-//! the claim taken over; `fail_cache_finishes` fails finishes.
+//! under one lock. faults are the fields of [`Entries`].
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
 
 use super::store::{entry_key, CacheEntry, CachePhase, CacheStore, Delegation, EntryClaim, Miss, Settle, Written};
 use crate::error::StoreError;
@@ -11,7 +12,21 @@ use crate::ids::Namespace;
 use crate::store::memory::MemoryStore;
 use crate::time::now_epoch;
 
-impl MemoryStore {
+/// The cache's entries in memory, and the faults a test injects.
+#[derive(Default)]
+pub struct Entries {
+    /// Entry key → the entry.
+    entries: Mutex<HashMap<String, CacheEntry>>,
+    /// Fault: every re-check before a send finds the claim taken over.
+    pub steal_claims: AtomicBool,
+    /// Fault: this many coming `cache_finish` calls fail as if DynamoDB were down.
+    pub fail_finishes: AtomicU32,
+}
+
+/// The in-memory store with the cache's entries.
+pub type MemoryCacheStore = MemoryStore<Entries>;
+
+impl MemoryCacheStore {
     /// Applies `write` to the entry of `hash` (`None` when absent): it
     /// returns whether its condition held. The answer is the entry after
     /// the write, or as it was when refused (expired entries read as none).
@@ -22,7 +37,7 @@ impl MemoryStore {
         now: i64,
         write: impl FnOnce(&mut Option<CacheEntry>) -> bool,
     ) -> Written {
-        let mut entries = self.entries.lock().unwrap();
+        let mut entries = self.ext.entries.lock().unwrap();
         let key = entry_key(ns, hash);
         let mut entry = entries.get(&key).cloned();
         let before = entry.clone().filter(|e| e.expires_at > now);
@@ -82,9 +97,9 @@ fn add_waiters(e: &mut CacheEntry, miss: &Miss<'_>) {
     }
 }
 
-impl CacheStore for MemoryStore {
+impl CacheStore for MemoryCacheStore {
     async fn cache_entry(&self, ns: &Namespace, hash: &str) -> Result<Option<CacheEntry>, StoreError> {
-        let entries = self.entries.lock().unwrap();
+        let entries = self.ext.entries.lock().unwrap();
         Ok(entries.get(&entry_key(ns, hash)).filter(|e| e.expires_at > now_epoch()).cloned())
     }
 
@@ -219,7 +234,7 @@ impl CacheStore for MemoryStore {
         lease_until: i64,
         sending: bool,
     ) -> Result<bool, StoreError> {
-        if sending && self.steal_claims.load(Ordering::SeqCst) {
+        if sending && self.ext.steal_claims.load(Ordering::SeqCst) {
             return Ok(false);
         }
         let written = self.write_entry(ns, hash, now_epoch(), |entry| match entry {
@@ -240,9 +255,9 @@ impl CacheStore for MemoryStore {
         token: &str,
         quarantined_until: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let failing = self.fail_cache_finishes.load(Ordering::SeqCst);
+        let failing = self.ext.fail_finishes.load(Ordering::SeqCst);
         if failing > 0 {
-            self.fail_cache_finishes.store(failing - 1, Ordering::SeqCst);
+            self.ext.fail_finishes.store(failing - 1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected".into()));
         }
         let mut held = false;

@@ -7,6 +7,7 @@
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
+use super::memory::MemoryCacheStore as MemoryStore;
 use super::store::{EntryClaim, Settle};
 use super::*;
 use crate::fakes::{transient, FakeSink};
@@ -14,7 +15,6 @@ use crate::ids::TaskId;
 use crate::meta::State;
 use crate::once::PERSIST_ATTEMPTS;
 use crate::service::App;
-use crate::store::memory::MemoryStore;
 use crate::store::{ResultStore, TaskRecord};
 use crate::time::now_epoch;
 
@@ -166,7 +166,7 @@ async fn k3_the_callback_goes_once_with_every_waiter_however_often_its_record_co
 #[tokio::test]
 async fn k3_a_finish_that_keeps_failing_after_the_send_never_sends_again() {
     let (s, done) = succeeded(FakeSink::default()).await;
-    s.store.fail_cache_finishes.store(PERSIST_ATTEMPTS, Ordering::SeqCst);
+    s.store.ext.fail_finishes.store(PERSIST_ATTEMPTS, Ordering::SeqCst);
     let retried = s.handle(vec![done.clone()]).await;
     assert_eq!(retried, vec![done.sequence.clone()], "retried");
     assert_eq!(callbacks(&s.sink).len(), 1);
@@ -179,7 +179,7 @@ async fn k3_a_finish_that_keeps_failing_after_the_send_never_sends_again() {
 #[tokio::test]
 async fn k3_a_claim_taken_over_before_the_send_sends_nothing() {
     let (s, done) = succeeded(FakeSink::default()).await;
-    s.store.steal_claims.store(true, Ordering::SeqCst);
+    s.store.ext.steal_claims.store(true, Ordering::SeqCst);
     assert!(s.handle(vec![done.clone()]).await.is_empty());
     assert!(callbacks(&s.sink).is_empty());
 }

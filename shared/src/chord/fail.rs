@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use super::results::{exception_in, result_of};
+use super::results::{exception_in, result_of, Failure};
 use super::{ChordPhase, ChordStore, Claim, JoinError, Joiner};
 use crate::celery::{MessageContext, Signature};
 use crate::dispatch::{CallbackSink, Outgoing};
@@ -22,19 +22,6 @@ pub(super) enum OnTransient {
     Retry,
     /// The chord is out of attempts: log it and go on with the next.
     Skip,
-}
-
-/// Why a chord fails: Celery's ChordError message and, when a part failed,
-/// that part's exception (the ChordError's cause in Celery 5.7).
-pub(super) struct Failure {
-    pub message: String,
-    pub cause: Option<Value>,
-}
-
-impl From<String> for Failure {
-    fn from(message: String) -> Self {
-        Self { message, cause: None }
-    }
 }
 
 /// The exceptions a failing chord gives: a group body's members, and the

@@ -1,7 +1,9 @@
 //! [`ChordStore`] on the in-memory store of the unit tests: the claim
 //! transitions of `chord/dynamo.rs`, one lock each.
 
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
@@ -10,7 +12,31 @@ use crate::ids::{GroupId, Namespace, TaskId};
 use crate::store::memory::MemoryStore;
 use crate::time::now_epoch;
 
-impl MemoryStore {
+/// A chord's state item with its claim token and lease.
+type Claimed = (ChordState, Option<String>, i64);
+
+/// The chord's items in memory, and the faults a test injects.
+#[derive(Default)]
+pub struct Chords {
+    /// Chord key → state item, token and lease.
+    chords: Mutex<HashMap<String, Claimed>>,
+    /// Chord key → counted parts by index.
+    parts: Mutex<HashMap<String, BTreeMap<u32, ChordPart>>>,
+    /// Fault: this many coming `finish_chord` calls fail as if DynamoDB were down.
+    pub fail_finishes: AtomicU32,
+    /// How many coming `record_sent` calls fail as if DynamoDB were down.
+    pub fail_records: AtomicU32,
+    /// How many coming `record_failure` calls that record an errback sent
+    /// (not the failure itself) fail as if DynamoDB were down.
+    pub fail_errback_records: AtomicU32,
+    /// Fault: every `renew_claim` finds the claim taken over.
+    pub steal_claims: AtomicBool,
+}
+
+/// The in-memory store with the chord's items.
+pub type MemoryChordStore = MemoryStore<Chords>;
+
+impl MemoryChordStore {
     /// Applies `change` to the chord's state if `token` holds its claim.
     fn if_held(
         &self,
@@ -19,7 +45,7 @@ impl MemoryStore {
         token: &str,
         change: impl FnOnce(&mut ChordState, &mut i64),
     ) -> bool {
-        let mut chords = self.chords.lock().unwrap();
+        let mut chords = self.ext.chords.lock().unwrap();
         match chords.get_mut(&chord_key(ns, gid)) {
             Some((state, Some(held), lease)) if state.phase == ChordPhase::Joining && held == token => {
                 change(state, lease);
@@ -31,11 +57,11 @@ impl MemoryStore {
 
     /// Forgets the chord's part items, as an expiry would.
     pub fn drop_parts(&self, ns: &Namespace, gid: &GroupId) {
-        self.parts.lock().unwrap().remove(&chord_key(ns, gid));
+        self.ext.parts.lock().unwrap().remove(&chord_key(ns, gid));
     }
 }
 
-impl ChordStore for MemoryStore {
+impl ChordStore for MemoryChordStore {
     async fn count_parts(
         &self,
         ns: &Namespace,
@@ -44,7 +70,7 @@ impl ChordStore for MemoryStore {
         parts: &[ChordPart],
     ) -> Result<u32, StoreError> {
         let key = chord_key(ns, gid);
-        let mut all = self.parts.lock().unwrap();
+        let mut all = self.ext.parts.lock().unwrap();
         let counted = all.entry(key.clone()).or_default();
         let mut new = 0;
         for part in parts {
@@ -54,7 +80,7 @@ impl ChordStore for MemoryStore {
             }
         }
         let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0);
-        let mut chords = self.chords.lock().unwrap();
+        let mut chords = self.ext.chords.lock().unwrap();
         let entry = chords.entry(key).or_insert_with(|| {
             let state = ChordState {
                 size: chord.size,
@@ -75,11 +101,11 @@ impl ChordStore for MemoryStore {
     }
 
     async fn chord_state(&self, ns: &Namespace, gid: &GroupId) -> Result<Option<ChordState>, StoreError> {
-        Ok(self.chords.lock().unwrap().get(&chord_key(ns, gid)).map(|(state, _, _)| state.clone()))
+        Ok(self.ext.chords.lock().unwrap().get(&chord_key(ns, gid)).map(|(state, _, _)| state.clone()))
     }
 
     async fn extend_chord(&self, ns: &Namespace, gid: &GroupId, expires_at: i64) -> Result<(), StoreError> {
-        if let Some((state, _, _)) = self.chords.lock().unwrap().get_mut(&chord_key(ns, gid)) {
+        if let Some((state, _, _)) = self.ext.chords.lock().unwrap().get_mut(&chord_key(ns, gid)) {
             state.expires_at = state.expires_at.max(expires_at);
         }
         Ok(())
@@ -93,7 +119,7 @@ impl ChordStore for MemoryStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let now = now_epoch();
-        let mut chords = self.chords.lock().unwrap();
+        let mut chords = self.ext.chords.lock().unwrap();
         let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(false) };
         let free = state.phase == ChordPhase::Open || (state.phase == ChordPhase::Joining && *until < now);
         if state.done < state.size || !free {
@@ -112,7 +138,7 @@ impl ChordStore for MemoryStore {
         token: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        if self.steal_claims.load(Ordering::SeqCst) {
+        if self.ext.steal_claims.load(Ordering::SeqCst) {
             return Ok(false);
         }
         Ok(self.if_held(ns, gid, token, |_, until| *until = now_epoch() + lease.as_secs() as i64))
@@ -136,9 +162,9 @@ impl ChordStore for MemoryStore {
         error: &str,
         errbacks_sent: u32,
     ) -> Result<bool, StoreError> {
-        let failing = self.fail_errback_records.load(Ordering::SeqCst);
+        let failing = self.ext.fail_errback_records.load(Ordering::SeqCst);
         if failing > 0 && errbacks_sent > 0 {
-            self.fail_errback_records.store(failing - 1, Ordering::SeqCst);
+            self.ext.fail_errback_records.store(failing - 1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected".into()));
         }
         Ok(self.if_held(ns, gid, token, |state, _| {
@@ -148,9 +174,9 @@ impl ChordStore for MemoryStore {
     }
 
     async fn record_sent(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32) -> Result<bool, StoreError> {
-        let failing = self.fail_records.load(Ordering::SeqCst);
+        let failing = self.ext.fail_records.load(Ordering::SeqCst);
         if failing > 0 {
-            self.fail_records.store(failing - 1, Ordering::SeqCst);
+            self.ext.fail_records.store(failing - 1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected".into()));
         }
         Ok(self.if_held(ns, gid, token, |state, _| state.body_sent = sent))
@@ -164,9 +190,9 @@ impl ChordStore for MemoryStore {
         phase: ChordPhase,
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let failing = self.fail_finishes.load(Ordering::SeqCst);
+        let failing = self.ext.fail_finishes.load(Ordering::SeqCst);
         if failing > 0 {
-            self.fail_finishes.store(failing - 1, Ordering::SeqCst);
+            self.ext.fail_finishes.store(failing - 1, Ordering::SeqCst);
             return Err(StoreError::Unavailable("injected".into()));
         }
         Ok(self.if_held(ns, gid, token, |state, _| {
@@ -176,7 +202,7 @@ impl ChordStore for MemoryStore {
     }
 
     async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
-        let parts = self.parts.lock().unwrap();
+        let parts = self.ext.parts.lock().unwrap();
         Ok(parts.get(&chord_key(ns, gid)).map(|p| p.values().map(|p| p.task_id.clone()).collect()).unwrap_or_default())
     }
 }

@@ -27,7 +27,8 @@
 //! chord never holds its stream shard for ever.
 //!
 //! The join is generic over a [`ChordStore`] and a [`CallbackSink`], so its
-//! hardest cases are unit tests with in-memory fakes (below).
+//! hardest cases are unit tests with in-memory fakes (`tests.rs`). It
+//! sends by the protocol of [`crate::once`], which the cache shares.
 
 mod dynamo;
 mod fail;

@@ -4,7 +4,6 @@
 
 use serde_json::{json, Value};
 
-use super::fail::Failure;
 use super::{ChordStore, Claim, JoinError, Joiner};
 use crate::celery::{chord_error_message, Signature};
 use crate::dispatch::{CallbackSink, Outgoing};
@@ -13,6 +12,19 @@ use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::State;
 use crate::store::TaskRecord;
 use crate::time::{now_celery, now_epoch};
+
+/// Why a chord fails: Celery's ChordError message and, when a part failed,
+/// that part's exception (the ChordError's cause in Celery 5.7).
+pub(super) struct Failure {
+    pub message: String,
+    pub cause: Option<Value>,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self { message, cause: None }
+    }
+}
 
 /// Part results are read in windows sized to hold about this many bytes,
 /// so a chord's memory stays bounded whatever its results add up to.

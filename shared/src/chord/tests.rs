@@ -1,5 +1,5 @@
 use super::*;
-use crate::once::PERSIST_ATTEMPTS as MARK_ATTEMPTS;
+use crate::once::PERSIST_ATTEMPTS;
 use crate::store::TaskRecord;
 use crate::time::now_epoch;
 use serde_json::{json, Value};
@@ -13,9 +13,9 @@ fn results_are_taken_raw() {
     assert_eq!(result_of(r#"{"status":"SUCCESS"}"#), "null");
 }
 
+use super::memory::MemoryChordStore as MemoryStore;
 use crate::dispatch::DispatchError;
 use crate::fakes::{transient, FakeSink};
-use crate::store::memory::MemoryStore;
 use crate::store::{PutOutcome, ResultStore};
 use std::sync::atomic::Ordering;
 
@@ -137,7 +137,7 @@ async fn a_group_body_sends_each_task_once_with_the_results_even_when_a_send_fai
 #[tokio::test]
 async fn a_group_body_whose_progress_cannot_be_recorded_goes_on_without_sending_twice() {
     let j = joiner(FakeSink::default());
-    j.store.fail_records.store(MARK_ATTEMPTS, Ordering::SeqCst);
+    j.store.ext.fail_records.store(PERSIST_ATTEMPTS, Ordering::SeqCst);
     let parts = group_bodied(&j).await;
     assert_eq!(j.handle_parts(parts.clone()).await.len(), 2);
     assert_eq!(j.sink.sent().len(), 1, "stopped after the send it could not record");
@@ -154,7 +154,7 @@ async fn a_group_body_whose_progress_cannot_be_recorded_goes_on_without_sending_
 #[tokio::test]
 async fn an_errback_whose_record_fails_is_never_sent_again() {
     let j = joiner(FakeSink::default());
-    j.store.fail_errback_records.store(MARK_ATTEMPTS, Ordering::SeqCst);
+    j.store.ext.fail_errback_records.store(PERSIST_ATTEMPTS, Ordering::SeqCst);
     let parts = chord_of(&j, &["SUCCESS", "FAILURE"]).await;
     assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "the records come again");
     let sent = |j: &Joiner<MemoryStore, FakeSink>| -> Vec<String> { j.sink.sent().into_iter().map(|s| s.0).collect() };
@@ -186,7 +186,7 @@ async fn a_group_body_that_fails_midway_fails_only_the_tasks_not_sent() {
 #[tokio::test]
 async fn a_lost_claim_sends_nothing() {
     let j = joiner(FakeSink::default());
-    j.store.steal_claims.store(true, Ordering::SeqCst);
+    j.store.ext.steal_claims.store(true, Ordering::SeqCst);
     let before = metrics::total(metrics::CHORD_CLAIM_LOST);
     let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
     assert!(j.handle_parts(parts).await.is_empty());
@@ -212,7 +212,7 @@ async fn a_transient_send_error_gives_the_claim_back_and_the_callback_goes_once_
 async fn a_failed_mark_after_a_send_never_leads_to_a_second_send() {
     let j = joiner(FakeSink::default());
     // Every attempt of the first mark fails, as if DynamoDB were down.
-    j.store.fail_finishes.store(MARK_ATTEMPTS, Ordering::SeqCst);
+    j.store.ext.fail_finishes.store(PERSIST_ATTEMPTS, Ordering::SeqCst);
     let parts = chord_of(&j, &["SUCCESS", "SUCCESS"]).await;
     let retry = j.handle_parts(parts.clone()).await;
     assert_eq!(retry.len(), 2, "the records come again to finish the mark");
@@ -229,7 +229,7 @@ async fn a_failed_mark_after_a_send_never_leads_to_a_second_send() {
 #[tokio::test]
 async fn a_mark_that_fails_a_few_times_is_retried_on_its_own() {
     let j = joiner(FakeSink::default());
-    j.store.fail_finishes.store(2, Ordering::SeqCst);
+    j.store.ext.fail_finishes.store(2, Ordering::SeqCst);
     let parts = chord_of(&j, &["SUCCESS"]).await;
     assert!(j.handle_parts(parts).await.is_empty(), "no record retried");
     assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);

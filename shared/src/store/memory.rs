@@ -1,54 +1,38 @@
 //! An in-memory [`ResultStore`] for unit tests of the service layer, the
-//! chord join and the processing cache; the chord's and the cache's own
-//! store traits are implemented for it beside their DynamoDB ones
-//! (`chord/memory.rs`, `cache/memory.rs`). It mirrors the DynamoDB write
+//! chord join and the processing cache. It mirrors the DynamoDB write
 //! condition (see `dynamo::write_condition`); the integration suite checks
-//! the real ones. Faults are injected through its public fields.
+//! the real one. Faults are injected through its public fields.
+//!
+//! The chord's and the cache's own items live in its extension `ext`, a
+//! type of their own (`chord/memory.rs`, `cache/memory.rs`), where their
+//! store traits are implemented beside their DynamoDB ones: so this module
+//! knows nothing of either.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::{group_key, task_key, BlobRef, Presigned, PutOutcome, ResultStore, Stored, TaskRecord};
-use crate::chord::{ChordPart, ChordState};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::time::now_epoch;
 
 /// A stored task or group: its status (tasks), document and expiry.
 type Entry = (Option<Stored>, String, i64);
-/// A chord's state item with its claim token and lease.
-pub(crate) type Claimed = (ChordState, Option<String>, i64);
-
 #[derive(Default)]
-pub struct MemoryStore {
+pub struct MemoryStore<X = ()> {
     items: Mutex<HashMap<String, Entry>>,
     reads: AtomicUsize,
-    /// Chord key → state item, token and lease.
-    pub(crate) chords: Mutex<HashMap<String, Claimed>>,
-    /// Chord key → counted parts by index.
-    pub(crate) parts: Mutex<HashMap<String, BTreeMap<u32, ChordPart>>>,
-    /// Fault: this many coming `finish_chord` calls fail as if DynamoDB were down.
-    pub fail_finishes: AtomicU32,
-    /// How many coming `record_sent` calls fail as if DynamoDB were down.
-    pub fail_records: AtomicU32,
-    /// How many coming `record_failure` calls that record an errback sent
-    /// (not the failure itself) fail as if DynamoDB were down.
-    pub fail_errback_records: AtomicU32,
-    /// Fault: every `renew_claim` finds the claim taken over.
-    pub steal_claims: AtomicBool,
     /// Results whose meta is longer than this (0: none) are kept as blobs,
     /// as the DynamoDB store keeps large results in S3.
     pub spill_above: AtomicUsize,
     /// Blob key → the result's JSON text (uploads included).
     pub blobs: Mutex<HashMap<String, String>>,
-    /// Cache entry key → the entry (see `cache/memory.rs`).
-    pub(crate) entries: Mutex<HashMap<String, crate::cache::CacheEntry>>,
-    /// Fault: this many coming `cache_finish` calls fail as if DynamoDB were down.
-    pub fail_cache_finishes: AtomicU32,
+    /// The items of the chord join or the cache, and their faults.
+    pub ext: X,
 }
 
-impl MemoryStore {
+impl<X> MemoryStore<X> {
     pub fn reads(&self) -> usize {
         self.reads.load(Ordering::SeqCst)
     }
@@ -64,7 +48,7 @@ impl MemoryStore {
     }
 }
 
-impl ResultStore for MemoryStore {
+impl<X: Send + Sync> ResultStore for MemoryStore<X> {
     async fn put_task(&self, ns: &Namespace, r: &TaskRecord) -> Result<PutOutcome, StoreError> {
         let mut items = self.items.lock().unwrap();
         let key = task_key(ns, &r.task_id);
