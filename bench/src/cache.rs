@@ -70,8 +70,32 @@ pub async fn cache_bench(service: &Service, raw: &Client, table: &str, sqs: &aws
         }
     }
 
+    let (raw_gets, raw_updates) = raw_calls(raw, table, &tag, &hit_uri, n).await;
+    let ms = |xs: &[f64]| median(xs.to_vec()) * 1000.0;
+    println!("\nprocessing cache: {n} requests each, one at a time (median per request)");
+    println!("{:<52} {:>10} {:>10} {:>8}", "what", "ms", "ddb/req", "vs raw");
+    let line = |what: &str, xs: &[f64], calls: Option<f64>, base: Option<&[f64]>| {
+        let calls = calls.map_or("1.00".to_owned(), |c| format!("{c:.2}"));
+        let ratio = base.map_or("-".to_owned(), |b| format!("{:.2}x", ms(xs) / ms(b)));
+        println!("{what:<52} {:>10.2} {calls:>10} {ratio:>8}", ms(xs));
+    };
+    line("service: hit (get-or-delegate of a cached key)", &hits, Some(hit_calls as f64 / n as f64), Some(&raw_gets));
+    line("raw: GetItem of the entry, consistent", &raw_gets, None, None);
+    line(
+        "service: coalesced miss (joins the running processing)",
+        &joins,
+        Some(join_calls as f64 / joins.len() as f64),
+        Some(&raw_updates),
+    );
+    line("raw: conditional UpdateItem appending to a list", &raw_updates, None, None);
+    println!("(a hit is 1 consistent read; a coalesced miss is that read, then 1 conditional update)");
+}
+
+/// The raw calls the cache's requests stand for, `n` of each: the entry's
+/// consistent GetItem, and a conditional append to a list on an item of its own.
+async fn raw_calls(raw: &Client, table: &str, tag: &str, hit_uri: &str, n: usize) -> (Vec<f64>, Vec<f64>) {
     // The raw calls: the entry's consistent GetItem; an append to a list on an item of its own.
-    let entry = item_key(entry_key(&Namespace::default(), &entry_hash("measure", &hit_uri)));
+    let entry = item_key(entry_key(&Namespace::default(), &entry_hash("measure", hit_uri)));
     let mut raw_gets = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -99,23 +123,5 @@ pub async fn cache_bench(service: &Service, raw: &Client, table: &str, sqs: &aws
             .unwrap();
         raw_updates.push(started.elapsed().as_secs_f64());
     }
-
-    let ms = |xs: &[f64]| median(xs.to_vec()) * 1000.0;
-    println!("\nprocessing cache: {n} requests each, one at a time (median per request)");
-    println!("{:<52} {:>10} {:>10} {:>8}", "what", "ms", "ddb/req", "vs raw");
-    let line = |what: &str, xs: &[f64], calls: Option<f64>, base: Option<&[f64]>| {
-        let calls = calls.map_or("1.00".to_owned(), |c| format!("{c:.2}"));
-        let ratio = base.map_or("-".to_owned(), |b| format!("{:.2}x", ms(xs) / ms(b)));
-        println!("{what:<52} {:>10.2} {calls:>10} {ratio:>8}", ms(xs));
-    };
-    line("service: hit (get-or-delegate of a cached key)", &hits, Some(hit_calls as f64 / n as f64), Some(&raw_gets));
-    line("raw: GetItem of the entry, consistent", &raw_gets, None, None);
-    line(
-        "service: coalesced miss (joins the running processing)",
-        &joins,
-        Some(join_calls as f64 / joins.len() as f64),
-        Some(&raw_updates),
-    );
-    line("raw: conditional UpdateItem appending to a list", &raw_updates, None, None);
-    println!("(a hit is 1 consistent read; a coalesced miss is that read, then 1 conditional update)");
+    (raw_gets, raw_updates)
 }

@@ -20,8 +20,8 @@
 
 use crate::coldstart::Figures;
 use crate::Service;
-use aws_sdk_dynamodb::types::AttributeValue;
-use std::collections::{BTreeSet, HashMap};
+use dynachord::store::item::item_size;
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::time::Instant;
 
@@ -73,23 +73,6 @@ const DDB_LATENCY_MS: f64 = 4.0; // one DynamoDB request in a region, as Lambda 
 const RECORDS_PER_JOIN_INVOCATION: f64 = 10.0; // BatchSize 100, window 0: parts arrive spread out
 const HOURS_PER_MONTH: f64 = 730.0;
 const MILLION: f64 = 1_000_000.0;
-
-/// An item's size as DynamoDB bills it: attribute names plus values.
-fn item_bytes(item: &HashMap<String, AttributeValue>) -> usize {
-    fn value(v: &AttributeValue) -> usize {
-        match v {
-            AttributeValue::S(s) => s.len(),
-            AttributeValue::N(n) => n.len().div_ceil(2) + 1,
-            AttributeValue::B(b) => b.as_ref().len(),
-            AttributeValue::Bool(_) | AttributeValue::Null(_) => 1,
-            AttributeValue::M(m) => 3 + m.iter().map(|(k, v)| k.len() + value(v) + 1).sum::<usize>(),
-            AttributeValue::L(l) => 3 + l.iter().map(|v| value(v) + 1).sum::<usize>(),
-            AttributeValue::Ss(ss) => ss.iter().map(|s| s.len()).sum(),
-            _ => 8,
-        }
-    }
-    item.iter().map(|(k, v)| k.len() + value(v)).sum()
-}
 
 fn write_units(bytes: usize) -> f64 {
     bytes.div_ceil(1024).max(1) as f64
@@ -149,7 +132,7 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
         service.send(service.http.put(format!("{}/v1/tasks/{id}", service.base)).body(body)).await;
         let raw_item = raw.get_item().table_name(table).set_key(Some(crate::task_item_key(&id))).send().await;
         let raw_item = raw_item.expect("DynamoDB Local answers");
-        by_size.push((kb, item_bytes(&raw_item.item.expect("stored"))));
+        by_size.push((kb, item_size(&raw_item.item.expect("stored"))));
     }
 
     // Long-polls of 5 s on a result that never comes (the worst case: the
@@ -175,7 +158,7 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
     Measured {
         store_calls: store_calls as f64 / n as f64,
         fetch_calls: fetch_calls as f64 / n as f64,
-        item_bytes: item_bytes(&item),
+        item_bytes: item_size(&item),
         by_size,
         poll_calls: poll_calls as f64 / polls as f64,
         poll_secs: poll_secs / polls as f64,
@@ -245,90 +228,184 @@ fn usd(x: f64) -> String {
 
 /// Measures, prices and writes `docs/COST.md`; prints it too.
 pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, figures: &[Figures]) {
-    let p = &PRICES;
     let m = measure_service(service, sdk, table).await;
-    let f = |name: &str| figures.iter().find(|f| f.function == name).expect("measured");
-    // In a region each DynamoDB request adds its latency to the function's duration.
-    let billed = |name: &str, calls: f64| f(name).warm_ms + calls * DDB_LATENCY_MS;
-    let log_cost = |name: &str| f(name).log_bytes_per_invocation / 1e9 * p.logs_ingest_gb;
-    let wru = |units: f64| units * p.ddb_write_units_per_million / MILLION;
-    let rru = |units: f64| units * p.ddb_read_units_per_million / MILLION;
-    let api = p.api_per_million / MILLION;
-    // A million tasks' DynamoDB price, stored and fetched once, at (w, r) units an item.
-    let tasks_ddb_cost = |w: f64, r: f64| (wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION;
-
-    // 1. A million tasks stored and fetched once.
-    let (w, r) = (write_units(m.item_bytes), read_units(m.item_bytes));
-    let store_one =
-        api + lambda_cost(p, 512.0, billed("store", m.store_calls)) + wru(m.store_calls * w) + log_cost("store");
-    let fetch_one =
-        api + lambda_cost(p, 256.0, billed("fetch", m.fetch_calls)) + rru(m.fetch_calls * r) + log_cost("fetch");
-    let tasks = (store_one + fetch_one) * MILLION;
-    let tasks_ddb = (m.store_calls + m.fetch_calls) * MILLION;
-    let celery_tasks = (wru(w) + rru(r)) * MILLION; // one PutItem, one GetItem
-
-    // 2. A million 5 s long-polls that run their whole wait.
-    let poll_one = api + lambda_cost(p, 256.0, m.poll_secs * 1000.0) + rru(m.poll_calls * r) + log_cost("fetch");
-    let polls = poll_one * MILLION;
-    let celery_poll_reads = 5.0 / 0.5 + 1.0; // AsyncResult.get polls every 0.5 s
-    let celery_polls = rru(celery_poll_reads * r) * MILLION;
-
-    // 3. A million chord parts in chords of 1,000: each part a store (the part's
-    // result, then chord-join's count in a transaction: 2 units per item), each
-    // chord a join and one callback message.
-    let chords = 1000.0;
-    let part_store = api
-        + lambda_cost(p, 512.0, billed("store", m.part_store_calls))
-        + wru(m.part_store_calls * w)
-        + log_cost("store");
-    let join_invocations = MILLION / RECORDS_PER_JOIN_INVOCATION;
-    let join_calls_per_part = m.join_calls_per_chord / 1000.0;
-    // Units of chord-join's requests per part: the transactional count (the
-    // part's marker, 2 units, and the counter's update, 2 units per
-    // invocation's transaction), the join's consistent read of the part, and
-    // the chord's own three writes (claim, dispatched, expiry) spread over it.
-    let join_write_units = 2.0 + 2.0 / RECORDS_PER_JOIN_INVOCATION + 3.0 / 1000.0;
-    let join_ms = f("chord-join").warm_ms + RECORDS_PER_JOIN_INVOCATION * join_calls_per_part * DDB_LATENCY_MS;
-    let join = join_invocations * (lambda_cost(p, 1024.0, join_ms) + log_cost("chord-join"))
-        + MILLION * (wru(join_write_units) + rru(r));
-    let callback_requests = chords * m.callback_bytes.div_ceil(65536).max(1) as f64;
-    let sqs = callback_requests * p.sqs_per_million / MILLION;
-    let chord_total = part_store * MILLION + join + sqs;
-    let chord_ddb = MILLION * (m.part_store_calls + join_calls_per_part);
-    let celery_chord_requests = m.celery_last_part_requests.map(|last| MILLION * 2.0 + chords * last as f64);
-    // Priced as a write unit each for the part's PutItem and counter update,
-    // and a read unit for each request of the last part's join.
-    let celery_chord_cost =
-        m.celery_last_part_requests.map(|last| wru(2.0 * w) * MILLION + rru(chords * last as f64 * r));
-
-    // 5. A million 1 MB results stored and fetched once, through S3. The
-    // client's S3 requests are a PUT and a GET; the service's are priced as
-    // PUTs (its commit reads the object and tags it: an upper bound). Lambda
-    // is billed the whole exchange as measured here (debug build: an upper bound).
-    let (ls, lf) = (&m.large_store, &m.large_fetch);
-    let large_one = f64::from(ls.api + lf.api) * api
-        + lambda_cost(p, 512.0, m.large_secs * 1000.0)
-        + f64::from(ls.s3_direct) * p.s3_put_per_thousand / 1000.0
-        + f64::from(lf.s3_direct) * p.s3_get_per_thousand / 1000.0
-        + f64::from(ls.s3_by_service + lf.s3_by_service) * p.s3_put_per_thousand / 1000.0
-        + wru(f64::from(ls.ddb) * w)
-        + rru(f64::from(lf.ddb) * r);
-    let large = large_one * MILLION;
-
-    // 4. Idle, a month.
-    let provisioned = 5.0 * HOURS_PER_MONTH * (p.ddb_rcu_hour + p.ddb_wcu_hour);
-    let alarms = 10.0 * p.alarm_month;
-    let metric_names = metrics(figures);
-    let metric_month = metric_names.len() as f64 * p.custom_metric_month;
-    let elasticache = p.elasticache_t4g_micro_hour * HOURS_PER_MONTH;
-
+    let b = Bill::of(&m, figures);
     let mut d = String::new();
+    write_measured(&mut d, &m, &b, figures);
+    write_work(&mut d, &m, &b);
+    write_idle(&mut d, &b);
+    std::fs::write("docs/COST.md", &d).expect("docs/ is writable");
+    println!("\n{d}");
+    eprintln!("wrote docs/COST.md");
+}
+
+/// The prices this run's measurements come to.
+struct Bill<'a> {
+    figures: &'a [Figures],
+    /// Write and read units of a stored result's item.
+    w: f64,
+    r: f64,
+    api: f64,
+    /// A million tasks stored and fetched once: all of it, its DynamoDB
+    /// requests, and Celery's DynamoDB backend's price.
+    tasks: f64,
+    tasks_ddb: f64,
+    celery_tasks: f64,
+    /// A million 5 s long-polls; Celery's reads and price for the same wait.
+    polls: f64,
+    celery_poll_reads: f64,
+    celery_polls: f64,
+    /// A million chord parts in chords of 1,000.
+    join_calls_per_part: f64,
+    chord_total: f64,
+    chord_ddb: f64,
+    celery_chord_requests: Option<f64>,
+    celery_chord_cost: Option<f64>,
+    callback_requests: f64,
+    sqs: f64,
+    /// A million 1 MB results through S3.
+    large: f64,
+    /// Idle, a month.
+    provisioned: f64,
+    alarms: f64,
+    metric_names: usize,
+    metric_month: f64,
+    elasticache: f64,
+}
+
+impl<'a> Bill<'a> {
+    fn of(m: &Measured, figures: &'a [Figures]) -> Self {
+        let p = &PRICES;
+        let (w, r) = (write_units(m.item_bytes), read_units(m.item_bytes));
+        let mut b = Bill {
+            figures,
+            w,
+            r,
+            api: p.api_per_million / MILLION,
+            tasks: 0.0,
+            tasks_ddb: (m.store_calls + m.fetch_calls) * MILLION,
+            celery_tasks: (wru(w) + rru(r)) * MILLION, // one PutItem, one GetItem
+            polls: 0.0,
+            celery_poll_reads: 5.0 / 0.5 + 1.0, // AsyncResult.get polls every 0.5 s
+            celery_polls: 0.0,
+            join_calls_per_part: m.join_calls_per_chord / 1000.0,
+            chord_total: 0.0,
+            chord_ddb: 0.0,
+            celery_chord_requests: m.celery_last_part_requests.map(|last| MILLION * 2.0 + 1000.0 * last as f64),
+            // Priced as a write unit each for the part's PutItem and counter update,
+            // and a read unit for each request of the last part's join.
+            celery_chord_cost: m
+                .celery_last_part_requests
+                .map(|last| wru(2.0 * w) * MILLION + rru(1000.0 * last as f64 * r)),
+            callback_requests: 1000.0 * m.callback_bytes.div_ceil(65536).max(1) as f64,
+            sqs: 0.0,
+            large: 0.0,
+            provisioned: 5.0 * HOURS_PER_MONTH * (p.ddb_rcu_hour + p.ddb_wcu_hour),
+            alarms: 10.0 * p.alarm_month,
+            metric_names: metrics(figures).len(),
+            metric_month: metrics(figures).len() as f64 * p.custom_metric_month,
+            elasticache: p.elasticache_t4g_micro_hour * HOURS_PER_MONTH,
+        };
+        b.tasks = (b.store_one(m) + b.fetch_one(m)) * MILLION;
+        b.celery_polls = rru(b.celery_poll_reads * r) * MILLION;
+        b.polls = (b.api + lambda_cost(p, 256.0, m.poll_secs * 1000.0) + rru(m.poll_calls * r) + b.log_cost("fetch"))
+            * MILLION;
+        b.sqs = b.callback_requests * p.sqs_per_million / MILLION;
+        b.chord_total = b.chord_parts(m);
+        b.chord_ddb = MILLION * (m.part_store_calls + b.join_calls_per_part);
+        b.large = b.large_one(m) * MILLION;
+        b
+    }
+
+    fn figure(&self, name: &str) -> &Figures {
+        self.figures.iter().find(|f| f.function == name).expect("measured")
+    }
+
+    /// In a region each DynamoDB request adds its latency to the function's duration.
+    fn billed(&self, name: &str, calls: f64) -> f64 {
+        self.figure(name).warm_ms + calls * DDB_LATENCY_MS
+    }
+
+    fn log_cost(&self, name: &str) -> f64 {
+        self.figure(name).log_bytes_per_invocation / 1e9 * PRICES.logs_ingest_gb
+    }
+
+    fn store_lambda(&self, m: &Measured) -> f64 {
+        lambda_cost(&PRICES, 512.0, self.billed("store", m.store_calls))
+    }
+
+    fn fetch_lambda(&self, m: &Measured) -> f64 {
+        lambda_cost(&PRICES, 256.0, self.billed("fetch", m.fetch_calls))
+    }
+
+    fn store_one(&self, m: &Measured) -> f64 {
+        self.api + self.store_lambda(m) + wru(m.store_calls * self.w) + self.log_cost("store")
+    }
+
+    fn fetch_one(&self, m: &Measured) -> f64 {
+        self.api + self.fetch_lambda(m) + rru(m.fetch_calls * self.r) + self.log_cost("fetch")
+    }
+
+    /// A million tasks' DynamoDB price, stored and fetched once, at (w, r) units an item.
+    fn tasks_ddb_cost(m: &Measured, w: f64, r: f64) -> f64 {
+        (wru(m.store_calls * w) + rru(m.fetch_calls * r)) * MILLION
+    }
+
+    /// A million chord parts in chords of 1,000: each part a store (the
+    /// part's result, then chord-join's count in a transaction: 2 units per
+    /// item), each chord a join and one callback message.
+    fn chord_parts(&self, m: &Measured) -> f64 {
+        let p = &PRICES;
+        let part_store = self.api
+            + lambda_cost(p, 512.0, self.billed("store", m.part_store_calls))
+            + wru(m.part_store_calls * self.w)
+            + self.log_cost("store");
+        let join_invocations = MILLION / RECORDS_PER_JOIN_INVOCATION;
+        // Units of chord-join's requests per part: the transactional count (the
+        // part's marker, 2 units, and the counter's update, 2 units per
+        // invocation's transaction), the join's consistent read of the part, and
+        // the chord's own three writes (claim, dispatched, expiry) spread over it.
+        let join_write_units = 2.0 + 2.0 / RECORDS_PER_JOIN_INVOCATION + 3.0 / 1000.0;
+        let join_ms =
+            self.figure("chord-join").warm_ms + RECORDS_PER_JOIN_INVOCATION * self.join_calls_per_part * DDB_LATENCY_MS;
+        let join = join_invocations * (lambda_cost(p, 1024.0, join_ms) + self.log_cost("chord-join"))
+            + MILLION * (wru(join_write_units) + rru(self.r));
+        part_store * MILLION + join + self.sqs
+    }
+
+    /// A 1 MB result stored and fetched once, through S3. The client's S3
+    /// requests are a PUT and a GET; the service's are priced as PUTs (its
+    /// commit reads the object and tags it: an upper bound). Lambda is billed
+    /// the whole exchange as measured here (debug build: an upper bound).
+    fn large_one(&self, m: &Measured) -> f64 {
+        let (p, ls, lf) = (&PRICES, &m.large_store, &m.large_fetch);
+        f64::from(ls.api + lf.api) * self.api
+            + lambda_cost(p, 512.0, m.large_secs * 1000.0)
+            + f64::from(ls.s3_direct) * p.s3_put_per_thousand / 1000.0
+            + f64::from(lf.s3_direct) * p.s3_get_per_thousand / 1000.0
+            + f64::from(ls.s3_by_service + lf.s3_by_service) * p.s3_put_per_thousand / 1000.0
+            + wru(f64::from(ls.ddb) * self.w)
+            + rru(f64::from(lf.ddb) * self.r)
+    }
+}
+
+fn wru(units: f64) -> f64 {
+    units * PRICES.ddb_write_units_per_million / MILLION
+}
+
+fn rru(units: f64) -> f64 {
+    units * PRICES.ddb_read_units_per_million / MILLION
+}
+
+/// The page's head and "Measured in this run".
+fn write_measured(d: &mut String, m: &Measured, b: &Bill, figures: &[Figures]) {
+    let (w, r) = (b.w, b.r);
     let _ = writeln!(d, "# What dynachord costs\n");
     let _ = writeln!(
         d,
         "Generated by `./dev bench --cost` (bench/src/cost.rs) from this run's measurements; \
          do not edit by hand. Prices: {}. Lambda on arm64 (the template's default).\n",
-        p.as_of
+        PRICES.as_of
     );
     let _ = writeln!(d, "## Measured in this run\n");
     let _ = writeln!(d, "| what | figure |\n|---|---|");
@@ -346,7 +423,7 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     let _ = writeln!(
         d,
         "| a chord part (chord of 1,000) | {:.2} DynamoDB requests in its store, {:.2} in chord-join |",
-        m.part_store_calls, join_calls_per_part
+        m.part_store_calls, b.join_calls_per_part
     );
     let _ = writeln!(d, "| a chord of 1,000's callback message | {} bytes |", m.callback_bytes);
     let _ = writeln!(
@@ -363,9 +440,18 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
             x.function, x.warm_ms, x.log_bytes_per_invocation
         );
     }
-    let _ = writeln!(d, "| custom metrics the functions' EMF lines define in this run | {} |", metric_names.len());
+    let _ = writeln!(d, "| custom metrics the functions' EMF lines define in this run | {} |", b.metric_names);
     let _ = writeln!(d, "\nAssumed (not measurable on one machine): a DynamoDB request adds {DDB_LATENCY_MS} ms to a function's duration in a region (DynamoDB Local answers in under a millisecond); chord-join gets {RECORDS_PER_JOIN_INVOCATION} records per invocation (BatchSize 100, no batching window: parts stored over time arrive in small batches); Lambda reads its stream for free.\n");
+}
 
+/// "Work": a million of each kind, beside Celery's DynamoDB backend.
+fn write_work(d: &mut String, m: &Measured, b: &Bill) {
+    let (w, r, ls, lf) = (b.w, b.r, &m.large_store, &m.large_fetch);
+    let Bill { api, tasks, tasks_ddb, celery_tasks, polls, celery_polls, celery_poll_reads, .. } = *b;
+    let Bill {
+        chord_total, chord_ddb, celery_chord_cost, celery_chord_requests, large, callback_requests, sqs, ..
+    } = *b;
+    let p = &PRICES;
     let _ = writeln!(d, "## Work\n");
     let _ = writeln!(d, "| work | dynachord | its DynamoDB requests | Celery's DynamoDB backend, DynamoDB only |");
     let _ = writeln!(d, "|---|---|---|---|");
@@ -411,10 +497,10 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     let _ = writeln!(d, "\nBy result size, a million stored and fetched once (results of random hex; a document over 16 KB is stored deflate-compressed, so its item is smaller than the result):\n");
     let _ =
         writeln!(d, "| result | its item | write + read units each | DynamoDB | all of it |\n|---|---|---|---|---|");
-    let base_ddb = tasks_ddb_cost(w, r);
+    let base_ddb = Bill::tasks_ddb_cost(m, w, r);
     for &(kb, bytes) in &m.by_size {
         let (w, r) = (write_units(bytes), read_units(bytes));
-        let ddb = tasks_ddb_cost(w, r);
+        let ddb = Bill::tasks_ddb_cost(m, w, r);
         let _ = writeln!(
             d,
             "| {kb} KB | {:.1} KB | {w:.0} + {r:.0} | {} | {} |",
@@ -425,13 +511,18 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     }
     let _ = writeln!(d, "\nWhere a million tasks stored and fetched once goes: API Gateway {}, Lambda {}, DynamoDB {}, CloudWatch Logs {}.",
         usd(2.0 * api * MILLION),
-        usd((lambda_cost(p, 512.0, billed("store", m.store_calls)) + lambda_cost(p, 256.0, billed("fetch", m.fetch_calls))) * MILLION),
-        usd(tasks_ddb_cost(w, r)),
-        usd((log_cost("store") + log_cost("fetch")) * MILLION));
+        usd((b.store_lambda(m) + b.fetch_lambda(m)) * MILLION),
+        usd(Bill::tasks_ddb_cost(m, w, r)),
+        usd((b.log_cost("store") + b.log_cost("fetch")) * MILLION));
     let _ = writeln!(d, "A long-poll is mostly Lambda's wait ({} of {} per million): clients that can wait on a chord or a batch (one request for many results) pay it once.",
         usd(lambda_cost(p, 256.0, m.poll_secs * 1000.0) * MILLION), usd(polls));
     let _ = writeln!(d, "A chord's callback is {callback_requests:.0} SQS requests per 1,000 chords ({}).\n", usd(sqs));
+}
 
+/// "Idle, a month" and "Reading it".
+fn write_idle(d: &mut String, b: &Bill) {
+    let p = &PRICES;
+    let Bill { tasks, provisioned, alarms, metric_names, metric_month, elasticache, .. } = *b;
     let _ = writeln!(d, "## Idle, a month\n");
     let _ = writeln!(d, "| what | a month |\n|---|---|");
     let _ = writeln!(d, "| table, PROVISIONED at the template's 5 RCU + 5 WCU | {} |", usd(provisioned));
@@ -447,7 +538,7 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     let _ = writeln!(
         d,
         "| custom metrics, once published ({} seen in this run; billed only in hours they are written) | {} |",
-        metric_names.len(),
+        metric_names,
         usd(metric_month)
     );
     let _ = writeln!(d, "\nBeside it: the smallest ElastiCache node for Celery's Redis backend, cache.t4g.micro, one node with no replica, costs {} a month whether used or not.", usd(elasticache));
@@ -457,10 +548,6 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
     let _ = writeln!(d, "- A long-poll bills its whole wait in Lambda. Batch-gets and chords (one request or one callback for many results) are the cheap way to wait for many results.");
     let _ = writeln!(d, "- The local stack delivers each stream batch twice (two pumps), so chord-join's requests per part here are at most what a deployment makes.");
     let _ = writeln!(d, "- Measured on {}: requests and sizes through the local stack, durations and log bytes from the release build against a Runtime API stub. Re-run `./dev bench --cost` after a change; edit `PRICES` in bench/src/cost.rs to re-price.", today());
-
-    std::fs::write("docs/COST.md", &d).expect("docs/ is writable");
-    println!("\n{d}");
-    eprintln!("wrote docs/COST.md");
 }
 
 #[cfg(test)]
@@ -475,14 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn item_sizes_and_units_follow_dynamodbs_rules() {
-        let item = HashMap::from([
-            ("pk".to_owned(), AttributeValue::S("default#task#t1".into())),
-            ("n".to_owned(), AttributeValue::N("12345".into())),
-            ("ok".to_owned(), AttributeValue::Bool(true)),
-        ]);
-        // Names plus values: 2 + 15, 1 + (5 digits: 3 + 1), 2 + 1.
-        assert_eq!(item_bytes(&item), 17 + 5 + 3);
+    fn units_follow_dynamodbs_rules() {
         assert_eq!((write_units(1), write_units(1024), write_units(1025)), (1.0, 1.0, 2.0));
         assert_eq!((read_units(4096), read_units(4097)), (1.0, 2.0));
     }

@@ -264,32 +264,39 @@ async fn main() {
         a.n, a.rounds, a.endpoint, a.dynamodb
     );
 
-    let mut t: HashMap<&str, Vec<f64>> = HashMap::new();
-    let mut calls: HashMap<&str, u32> = HashMap::new();
-    for round in 0..a.rounds {
-        let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-        let svc_ids: Vec<String> = (0..a.n).map(|i| format!("bench-{tag}-s{i}")).collect();
-        let raw_ids: Vec<String> = (0..a.n).map(|i| format!("bench-{tag}-r{i}")).collect();
-        let mut record = |name, secs: Duration, c: Option<u32>| {
-            t.entry(name).or_default().push(secs.as_secs_f64());
-            if let Some(c) = c {
-                *calls.entry(name).or_default() += c;
-            }
-        };
-        let (d, c) = service.store_all(&svc_ids).await;
-        record("store", d, Some(c));
-        record("raw put", raw.put_all(&raw_ids).await, None);
-        let (d, c) = service.fetch_all(&svc_ids).await;
-        record("fetch", d, Some(c));
-        record("raw get", raw.get_all(&raw_ids).await, None);
-        for _ in 0..5 {
-            let (d, c) = service.batch(&svc_ids).await;
-            record("batch", d, Some(c));
-            record("raw batch parallel", raw.batch(&raw_ids, true).await, None);
-            record("raw batch sequential", raw.batch(&raw_ids, false).await, None);
-        }
-        eprintln!("round {} of {} done", round + 1, a.rounds);
+    core_bench(&service, &raw, &a).await;
+
+    long_poll_bench(&service).await;
+
+    if !a.large.is_empty() {
+        large_bench(&service, &a).await;
     }
+
+    if a.cache > 0 {
+        let sqs =
+            aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&sdk).endpoint_url(&a.moto).build());
+        cache::cache_bench(&service, &raw.client, &a.table, &sqs, a.cache).await;
+    }
+
+    if !a.chords.is_empty() {
+        println!("\nchords: last part stored -> callback on SQS, against Celery 5.7's DynamoDB backend joining the same size");
+        println!(
+            "{:>7} {:>12} {:>12} {:>12} {:>14} {:>12} {:>14} {:>8}",
+            "parts", "store/part", "join/part", "ddb/part", "last->queue s", "celery s", "celery ddb", "speedup"
+        );
+        for &n in &a.chords {
+            chord_bench(&service, &sdk, n).await;
+        }
+        println!("(ddb/part: DynamoDB requests per part, amortised: each store's, plus chord-join's from its log;");
+        println!(" celery ddb: requests of Celery's on_chord_part_return for the last part alone; target: ddb/part <= 2, speedup >= 5x at 1000)");
+    }
+}
+
+/// Stores, fetches and batch-gets `a.n` results through the service and
+/// straight on DynamoDB Local, `a.rounds` times, and prints the medians and
+/// ratios.
+async fn core_bench(service: &Service, raw: &Raw, a: &Args) {
+    let (t, calls) = core_rounds(service, raw, a).await;
     let m = |k: &str| median(t[k].clone());
     let per_op = |k: &str, ops: usize| calls.get(k).map(|&c| c as f64 / ops as f64);
     let n = a.n;
@@ -329,31 +336,42 @@ async fn main() {
     println!(
         "\n(ddb/op for batch-get is per call; targets: store = 1 request, batch-get <= 1.5x raw parallel BatchGetItem)"
     );
+}
 
-    long_poll_bench(&service).await;
-
-    if !a.large.is_empty() {
-        large_bench(&service, &a).await;
-    }
-
-    if a.cache > 0 {
-        let sqs =
-            aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&sdk).endpoint_url(&a.moto).build());
-        cache::cache_bench(&service, &raw.client, &a.table, &sqs, a.cache).await;
-    }
-
-    if !a.chords.is_empty() {
-        println!("\nchords: last part stored -> callback on SQS, against Celery 5.7's DynamoDB backend joining the same size");
-        println!(
-            "{:>7} {:>12} {:>12} {:>12} {:>14} {:>12} {:>14} {:>8}",
-            "parts", "store/part", "join/part", "ddb/part", "last->queue s", "celery s", "celery ddb", "speedup"
-        );
-        for &n in &a.chords {
-            chord_bench(&service, &sdk, n).await;
+/// The rounds of [`core_bench`]: each operation's times, and the DynamoDB
+/// requests the service reported.
+async fn core_rounds(
+    service: &Service,
+    raw: &Raw,
+    a: &Args,
+) -> (HashMap<&'static str, Vec<f64>>, HashMap<&'static str, u32>) {
+    let mut t: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    let mut calls: HashMap<&'static str, u32> = HashMap::new();
+    for round in 0..a.rounds {
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let svc_ids: Vec<String> = (0..a.n).map(|i| format!("bench-{tag}-s{i}")).collect();
+        let raw_ids: Vec<String> = (0..a.n).map(|i| format!("bench-{tag}-r{i}")).collect();
+        let mut record = |name, secs: Duration, c: Option<u32>| {
+            t.entry(name).or_default().push(secs.as_secs_f64());
+            if let Some(c) = c {
+                *calls.entry(name).or_default() += c;
+            }
+        };
+        let (d, c) = service.store_all(&svc_ids).await;
+        record("store", d, Some(c));
+        record("raw put", raw.put_all(&raw_ids).await, None);
+        let (d, c) = service.fetch_all(&svc_ids).await;
+        record("fetch", d, Some(c));
+        record("raw get", raw.get_all(&raw_ids).await, None);
+        for _ in 0..5 {
+            let (d, c) = service.batch(&svc_ids).await;
+            record("batch", d, Some(c));
+            record("raw batch parallel", raw.batch(&raw_ids, true).await, None);
+            record("raw batch sequential", raw.batch(&raw_ids, false).await, None);
         }
-        println!("(ddb/part: DynamoDB requests per part, amortised: each store's, plus chord-join's from its log;");
-        println!(" celery ddb: requests of Celery's on_chord_part_return for the last part alone; target: ddb/part <= 2, speedup >= 5x at 1000)");
+        eprintln!("round {} of {} done", round + 1, a.rounds);
     }
+    (t, calls)
 }
 
 /// What a long-poll of many pending results costs: a 5 s batch-get of 1,000

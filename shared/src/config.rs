@@ -256,17 +256,7 @@ impl Config {
                 return Err(ConfigError { var: "AUTH_MODE", message: format!("{other:?} is not iam or none") })
             }
         };
-        let auto_create_table = match var("AUTO_CREATE_TABLE").as_deref().map(str::trim) {
-            None | Some("false") | Some("0") => false,
-            Some("true") | Some("1") => true,
-            Some(other) => {
-                return Err(ConfigError {
-                    var: "AUTO_CREATE_TABLE",
-                    message: format!("{other:?} is not true or false"),
-                })
-            }
-        };
-        const DAY: u64 = 86_400;
+        let auto_create_table = flag(&var, "AUTO_CREATE_TABLE")?;
         let callbacks = callback_config(&var, &num)?;
         let tenant_namespaces = tenants.as_ref().map_or(0, TenantMap::namespace_count);
         if tenant_namespaces > 1 && callbacks.lambda_function.is_none() && callbacks.tenant_queues.is_none() {
@@ -278,21 +268,6 @@ impl Config {
                 ),
             });
         }
-        let chord = ChordConfig {
-            lease: Duration::from_secs(num("CHORD_LEASE_SECONDS", 180, 1, 3600)?),
-            max_attempts: num("CHORD_MAX_ATTEMPTS", 8, 1, 100)? as u32,
-            max_errbacks: num("CHORD_MAX_ERRBACKS", 16, 0, 100)? as usize,
-            max_callback_bytes: num("CHORD_MAX_CALLBACK_BYTES", 65_536, 1024, 262_144)? as usize,
-            max_messages: num("CHORD_MAX_MESSAGES", 500, 1, 10_000)? as usize,
-            max_results_bytes: num("CHORD_MAX_RESULTS_BYTES", 128 << 20, 1024, 512 << 20)? as usize,
-        };
-        let results = LargeResults {
-            bucket: var("RESULTS_BUCKET").map(|b| b.trim().to_owned()),
-            spill_above: num("SPILL_ABOVE_BYTES", 65_536, 1024, 390 << 10)? as usize,
-            inline_bytes: num("INLINE_RESULT_BYTES", 4_000_000, 0, 5_800_000)? as usize,
-            max_result_bytes: num("MAX_RESULT_BYTES", 512 << 20, 1024, 5 << 30)?,
-            presign: Duration::from_secs(num("PRESIGN_SECONDS", 900, 60, 43_200)?),
-        };
         let config = Config {
             table_name,
             namespace,
@@ -309,16 +284,9 @@ impl Config {
             auth_mode,
             auto_create_table,
             callbacks,
-            results,
-            chord,
-            cache: CacheConfig {
-                lease: Duration::from_secs(num("CACHE_LEASE_SECONDS", 900, 10, DAY)?),
-                max_waiters: num("CACHE_MAX_WAITERS", 1000, 1, 10_000)?,
-                max_waiters_bytes: num("CACHE_MAX_WAITERS_BYTES", 65_536, 1024, 131_072)?,
-                max_cb_args_bytes: num("CACHE_MAX_CB_ARGS_BYTES", 8192, 16, 65_536)? as usize,
-                max_keys: num("CACHE_MAX_KEYS", 1000, 1, 5000)? as usize,
-                inline_result_bytes: num("CACHE_INLINE_RESULT_BYTES", 204_800, 0, 262_144)? as usize,
-            },
+            results: large_results(&var, &num)?,
+            chord: chord_config(&num)?,
+            cache: cache_config(&num)?,
         };
         if config.result_ttl > config.max_result_ttl {
             return Err(ConfigError {
@@ -348,6 +316,59 @@ impl Config {
         })
         .expect("test configuration is valid")
     }
+}
+
+const DAY: u64 = 86_400;
+
+/// A boolean variable: `true`/`1` or `false`/`0` (default false).
+fn flag(var: &impl Fn(&'static str) -> Option<String>, name: &'static str) -> Result<bool, ConfigError> {
+    match var(name).as_deref().map(str::trim) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(ConfigError { var: name, message: format!("{other:?} is not true or false") }),
+    }
+}
+
+/// The `CHORD_*` variables.
+fn chord_config(
+    num: &impl Fn(&'static str, u64, u64, u64) -> Result<u64, ConfigError>,
+) -> Result<ChordConfig, ConfigError> {
+    Ok(ChordConfig {
+        lease: Duration::from_secs(num("CHORD_LEASE_SECONDS", 180, 1, 3600)?),
+        max_attempts: num("CHORD_MAX_ATTEMPTS", 8, 1, 100)? as u32,
+        max_errbacks: num("CHORD_MAX_ERRBACKS", 16, 0, 100)? as usize,
+        max_callback_bytes: num("CHORD_MAX_CALLBACK_BYTES", 65_536, 1024, 262_144)? as usize,
+        max_messages: num("CHORD_MAX_MESSAGES", 500, 1, 10_000)? as usize,
+        max_results_bytes: num("CHORD_MAX_RESULTS_BYTES", 128 << 20, 1024, 512 << 20)? as usize,
+    })
+}
+
+/// The variables of large results: `RESULTS_BUCKET` and its bounds.
+fn large_results(
+    var: &impl Fn(&'static str) -> Option<String>,
+    num: &impl Fn(&'static str, u64, u64, u64) -> Result<u64, ConfigError>,
+) -> Result<LargeResults, ConfigError> {
+    Ok(LargeResults {
+        bucket: var("RESULTS_BUCKET").map(|b| b.trim().to_owned()),
+        spill_above: num("SPILL_ABOVE_BYTES", 65_536, 1024, 390 << 10)? as usize,
+        inline_bytes: num("INLINE_RESULT_BYTES", 4_000_000, 0, 5_800_000)? as usize,
+        max_result_bytes: num("MAX_RESULT_BYTES", 512 << 20, 1024, 5 << 30)?,
+        presign: Duration::from_secs(num("PRESIGN_SECONDS", 900, 60, 43_200)?),
+    })
+}
+
+/// The `CACHE_*` variables.
+fn cache_config(
+    num: &impl Fn(&'static str, u64, u64, u64) -> Result<u64, ConfigError>,
+) -> Result<CacheConfig, ConfigError> {
+    Ok(CacheConfig {
+        lease: Duration::from_secs(num("CACHE_LEASE_SECONDS", 900, 10, DAY)?),
+        max_waiters: num("CACHE_MAX_WAITERS", 1000, 1, 10_000)?,
+        max_waiters_bytes: num("CACHE_MAX_WAITERS_BYTES", 65_536, 1024, 131_072)?,
+        max_cb_args_bytes: num("CACHE_MAX_CB_ARGS_BYTES", 8192, 16, 65_536)? as usize,
+        max_keys: num("CACHE_MAX_KEYS", 1000, 1, 5000)? as usize,
+        inline_result_bytes: num("CACHE_INLINE_RESULT_BYTES", 204_800, 0, 262_144)? as usize,
+    })
 }
 
 /// The `CALLBACK_*` variables.

@@ -357,6 +357,41 @@ async fn raw_run(a: &Args, client: aws_sdk_dynamodb::Client, work: Arc<Vec<Work>
     (puts, gets, took)
 }
 
+/// Prints the service's and the raw baseline's throughput, latencies and
+/// ratios; gives the tally back for the checks.
+fn print_speed(results: usize, mut tally: Tally, took: Duration, raw: (Vec<f64>, Vec<f64>, Duration)) -> Tally {
+    let (raw_puts, raw_gets, raw_took) = raw;
+    let n = results as f64;
+    println!("\nservice (HTTP, cargo lambda watch, debug or release as built) and raw DynamoDB Local, same run:");
+    println!(
+        "  service: {} stores + {} fetches in {:.2} s: {:.0} results/s",
+        tally.store_ms.len(),
+        tally.fetch_ms.len(),
+        took.as_secs_f64(),
+        n / took.as_secs_f64()
+    );
+    println!(
+        "  raw:     {} PutItem + {} GetItem in {:.2} s: {:.0} results/s",
+        raw_puts.len(),
+        raw_gets.len(),
+        raw_took.as_secs_f64(),
+        n / raw_took.as_secs_f64()
+    );
+    let (s50, s99) = summary("service store (PUT)", std::mem::take(&mut tally.store_ms));
+    let (r50, r99) = summary("raw PutItem", raw_puts);
+    let (f50, f99) = summary("service fetch (GET)", std::mem::take(&mut tally.fetch_ms));
+    let (g50, g99) = summary("raw GetItem (consistent)", raw_gets);
+    println!(
+        "  ratios service/raw: store p50 {:.1}x p99 {:.1}x; fetch p50 {:.1}x p99 {:.1}x; throughput {:.2}x",
+        s50 / r50,
+        s99 / r99,
+        f50 / g50,
+        f99 / g99,
+        raw_took.as_secs_f64() / took.as_secs_f64()
+    );
+    tally
+}
+
 #[tokio::main]
 async fn main() {
     let a = <Args as clap::Parser>::parse();
@@ -398,34 +433,7 @@ async fn main() {
     let (raw_puts, raw_gets, raw_took) = raw_run(&a, dynamodb, work.clone()).await;
 
     let tally = Arc::try_unwrap(tally).ok().expect("clients are done").into_inner().unwrap();
-    let n = work.len() as f64;
-    println!("\nservice (HTTP, cargo lambda watch, debug or release as built) and raw DynamoDB Local, same run:");
-    println!(
-        "  service: {} stores + {} fetches in {:.2} s: {:.0} results/s",
-        tally.store_ms.len(),
-        tally.fetch_ms.len(),
-        took.as_secs_f64(),
-        n / took.as_secs_f64()
-    );
-    println!(
-        "  raw:     {} PutItem + {} GetItem in {:.2} s: {:.0} results/s",
-        raw_puts.len(),
-        raw_gets.len(),
-        raw_took.as_secs_f64(),
-        n / raw_took.as_secs_f64()
-    );
-    let (s50, s99) = summary("service store (PUT)", tally.store_ms);
-    let (r50, r99) = summary("raw PutItem", raw_puts);
-    let (f50, f99) = summary("service fetch (GET)", tally.fetch_ms);
-    let (g50, g99) = summary("raw GetItem (consistent)", raw_gets);
-    println!(
-        "  ratios service/raw: store p50 {:.1}x p99 {:.1}x; fetch p50 {:.1}x p99 {:.1}x; throughput {:.2}x",
-        s50 / r50,
-        s99 / r99,
-        f50 / g50,
-        f99 / g99,
-        raw_took.as_secs_f64() / took.as_secs_f64()
-    );
+    let tally = print_speed(work.len(), tally, took, (raw_puts, raw_gets, raw_took));
     println!("\nchecks:");
     println!(
         "  acknowledged stores: {} of {}; failed requests (each sent once): {}",

@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use super::store::{entry_hash, CacheEntry, CachePhase, CacheStore, Delegation, Miss, Written};
 use super::{callback_id, no_group, OperationSpec, MAX_OP_LEN, MAX_URI_BYTES};
 use crate::celery::Signature;
+use crate::config::Config;
 use crate::dispatch::{CallbackSink, DispatchError, Outgoing};
-use crate::error::ApiError;
+use crate::error::{ApiError, StoreError};
 use crate::ids::{processing_task_id, Namespace, TaskId};
 use crate::metrics::{self, Point};
 use crate::service::{parse_body, App, Reply};
@@ -118,6 +119,15 @@ enum Answer {
     Failed(ApiError),
 }
 
+/// A get-or-delegate request, checked: its distinct keys with their
+/// waiters, each request's key (`slots`), and whether it named one key.
+struct Checked {
+    keys: Vec<Key>,
+    slots: Vec<usize>,
+    single: bool,
+    request_id: Option<String>,
+}
+
 /// `POST /v1/cache/get-or-delegate`.
 pub async fn get_or_delegate<S: CacheStore, T: CallbackSink>(
     app: &App<S>,
@@ -125,6 +135,65 @@ pub async fn get_or_delegate<S: CacheStore, T: CallbackSink>(
     ns: &Namespace,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
+    let Checked { keys, slots, single, request_id } = check_request(&app.config, ns, body)?;
+    let hashes: Vec<String> = keys.iter().map(|k| k.hash.clone()).collect();
+    let entries = app.store.cache_entries(ns, &hashes).await?;
+    // The futures are built first: a stream that maps with a closure over
+    // borrowed keys is not Send in the function's handler.
+    let rid = request_id.as_deref();
+    let pending: Vec<_> =
+        keys.iter().zip(entries).map(|(key, entry)| resolve(app, sink, ns, key, rid, entry)).collect();
+    let answers: Vec<Answer> = futures::stream::iter(pending).buffered(CONCURRENT_KEYS).collect().await;
+    let counts = |f: fn(&Answer) -> bool| answers.iter().filter(|a| f(a)).count() as f64;
+    let points = [
+        Point::count(metrics::CACHE_HITS, counts(|a| matches!(a, Answer::Hit(_)))),
+        Point::count(metrics::CACHE_DELEGATED, counts(|a| matches!(a, Answer::Processing { delegated: true, .. }))),
+        Point::count(metrics::CACHE_COALESCED, counts(|a| matches!(a, Answer::Processing { delegated: false, .. }))),
+    ];
+    let budget = app.config.batch_response_bytes;
+    let mut reply =
+        if single { single_reply(&keys[0], answers, budget)? } else { bulk_reply(&keys, &slots, &answers, budget) };
+    reply.metrics.extend(points);
+    Ok(reply)
+}
+
+/// The answer to a request for one key: its answer, or its error.
+fn single_reply(key: &Key, answers: Vec<Answer>, mut budget: usize) -> Result<Reply, ApiError> {
+    match answers.into_iter().next().expect("one key") {
+        Answer::Failed(err) => Err(err),
+        answer => Ok(Reply::ok(answer_json(key, &answer, &mut budget))),
+    }
+}
+
+/// The answer to a bulk request: each request's answer, in order. Results
+/// past the response's budget are left out; the client asks for them again.
+fn bulk_reply(keys: &[Key], slots: &[usize], answers: &[Answer], budget: usize) -> Reply {
+    let mut budget = budget.saturating_sub(64 * slots.len());
+    let mut body = String::from("{\"results\":[");
+    for (i, at) in slots.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&answer_json(&keys[*at], &answers[*at], &mut budget));
+    }
+    body.push_str("]}");
+    let mut reply = Reply::ok(body);
+    reply.metrics.push(Point::count(metrics::BATCH_SIZE, slots.len() as f64));
+    reply
+}
+
+/// A request's keys and operations, as parsed: whether it named one key,
+/// and its `request_id`.
+struct Parsed {
+    requests: Vec<KeyRequest>,
+    operations: HashMap<String, OperationSpec>,
+    single: bool,
+    request_id: Option<String>,
+}
+
+/// Parses the body into its requests and operations: one key (`op`, `uri`,
+/// `cb_args`, `operation`) or many (`requests`, `operations`).
+fn parse_request(body: &[u8]) -> Result<Parsed, ApiError> {
     let mut request: GetOrDelegateRequest = parse_body(body, "a get-or-delegate request")?;
     let request_id = request.request_id.take();
     if let Some(id) = &request_id {
@@ -158,7 +227,13 @@ pub async fn get_or_delegate<S: CacheStore, T: CallbackSink>(
             ))
         }
     };
-    let config = &app.config;
+    Ok(Parsed { requests, operations, single, request_id })
+}
+
+/// Checks every key, operation and bound before anything is read: bad
+/// input changes nothing.
+fn check_request(config: &Config, ns: &Namespace, body: &[u8]) -> Result<Checked, ApiError> {
+    let Parsed { requests, operations, single, request_id } = parse_request(body)?;
     if requests.is_empty() {
         return Err(ApiError::BadBody("requests is empty: give at least one key".into()));
     }
@@ -169,7 +244,6 @@ pub async fn get_or_delegate<S: CacheStore, T: CallbackSink>(
         check_key(op, "-")?;
         spec.check(op, config, ns)?;
     }
-    // Every key checked before anything is read: bad input changes nothing.
     let mut keys: Vec<Key> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut slots = Vec::with_capacity(requests.len());
@@ -197,10 +271,15 @@ pub async fn get_or_delegate<S: CacheStore, T: CallbackSink>(
         keys[at].waiters.push(waiter);
         slots.push(at);
     }
-    // The waiters one request adds to a key are bounded as the entry's are,
-    // before anything is written (a new entry's first write takes them all
-    // at once).
-    for key in &keys {
+    check_waiters(config, &keys)?;
+    Ok(Checked { keys, slots, single, request_id })
+}
+
+/// The waiters one request adds to a key are bounded as the entry's are,
+/// before anything is written (a new entry's first write takes them all at
+/// once).
+fn check_waiters(config: &Config, keys: &[Key]) -> Result<(), ApiError> {
+    for key in keys {
         let bytes: usize = key.waiters.iter().map(String::len).sum();
         if key.waiters.len() as u64 > config.cache.max_waiters || bytes as u64 > config.cache.max_waiters_bytes {
             return Err(ApiError::TooManyWaiters(format!(
@@ -214,44 +293,7 @@ pub async fn get_or_delegate<S: CacheStore, T: CallbackSink>(
             )));
         }
     }
-    let hashes: Vec<String> = keys.iter().map(|k| k.hash.clone()).collect();
-    let entries = app.store.cache_entries(ns, &hashes).await?;
-    // The futures are built first: a stream that maps with a closure over
-    // borrowed keys is not Send in the function's handler.
-    let rid = request_id.as_deref();
-    let pending: Vec<_> =
-        keys.iter().zip(entries).map(|(key, entry)| resolve(app, sink, ns, key, rid, entry)).collect();
-    let answers: Vec<Answer> = futures::stream::iter(pending).buffered(CONCURRENT_KEYS).collect().await;
-    let counts = |f: fn(&Answer) -> bool| answers.iter().filter(|a| f(a)).count() as f64;
-    let points = [
-        Point::count(metrics::CACHE_HITS, counts(|a| matches!(a, Answer::Hit(_)))),
-        Point::count(metrics::CACHE_DELEGATED, counts(|a| matches!(a, Answer::Processing { delegated: true, .. }))),
-        Point::count(metrics::CACHE_COALESCED, counts(|a| matches!(a, Answer::Processing { delegated: false, .. }))),
-    ];
-    if single {
-        let answer = answers.into_iter().next().expect("one key");
-        if let Answer::Failed(err) = answer {
-            return Err(err);
-        }
-        let mut budget = config.batch_response_bytes;
-        let mut reply = Reply::ok(answer_json(&keys[0], &answer, &mut budget));
-        reply.metrics.extend(points);
-        return Ok(reply);
-    }
-    // Results past the response's budget are left out; the client asks for them again.
-    let mut budget = config.batch_response_bytes.saturating_sub(64 * slots.len());
-    let mut body = String::from("{\"results\":[");
-    for (i, at) in slots.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(&answer_json(&keys[*at], &answers[*at], &mut budget));
-    }
-    body.push_str("]}");
-    let mut reply = Reply::ok(body);
-    reply.metrics.extend(points);
-    reply.metrics.push(Point::count(metrics::BATCH_SIZE, slots.len() as f64));
-    Ok(reply)
+    Ok(())
 }
 
 /// One key's answer as JSON text (a result is copied as stored).
@@ -304,6 +346,13 @@ fn answer_json(key: &Key, answer: &Answer, budget: &mut usize) -> String {
     text
 }
 
+/// One round of a key's resolution: answered, or a conditional write made
+/// (applied, or refused with the entry as it is now).
+enum Round {
+    Answered(Answer),
+    Wrote(Result<Written, StoreError>),
+}
+
 /// Reads, decides and writes one key until it is answered: a hit, a
 /// quarantine, a join of the running processing, or a delegation.
 async fn resolve<S: CacheStore, T: CallbackSink>(
@@ -314,82 +363,101 @@ async fn resolve<S: CacheStore, T: CallbackSink>(
     request_id: Option<&str>,
     mut entry: Option<CacheEntry>,
 ) -> Answer {
-    let config = &app.config;
     let miss = Miss {
         hash: &key.hash,
         op: &key.op,
         uri: &key.uri,
         waiters: &key.waiters,
         request_id,
-        max_waiters: config.cache.max_waiters,
-        max_waiters_bytes: config.cache.max_waiters_bytes,
-    };
-    let too_many = |e: &CacheEntry| {
-        ApiError::TooManyWaiters(format!(
-            "processing {} already has {} waiters ({} bytes of cb_args); the limits are {} and {} \
-             (CACHE_MAX_WAITERS, CACHE_MAX_WAITERS_BYTES)",
-            e.task_id, e.waiter_count, e.waiters_bytes, config.cache.max_waiters, config.cache.max_waiters_bytes
-        ))
+        max_waiters: app.config.cache.max_waiters,
+        max_waiters_bytes: app.config.cache.max_waiters_bytes,
     };
     for _ in 0..ROUNDS {
         let now = now_epoch();
-        let written = match &entry {
-            Some(e) if e.has_result() => return Answer::Hit(e.clone()),
+        let round = match &entry {
+            Some(e) if e.has_result() => Round::Answered(Answer::Hit(e.clone())),
             // This request, sent again: its cb_args are there already.
             Some(e) if !e.is_open(now) && e.waited_on_by(request_id) => {
-                return Answer::Processing { entry: e.clone(), delegated: false };
+                Round::Answered(Answer::Processing { entry: e.clone(), delegated: false })
             }
-            Some(e) if e.phase == CachePhase::Settling => return Answer::Settling(e.clone()),
-            Some(e) if e.phase == CachePhase::Quarantined && !e.is_open(now) => return Answer::Quarantined(e.clone()),
-            Some(e) if e.phase == CachePhase::Processing && !e.is_open(now) => {
-                match app.store.cache_join(ns, &miss, &e.task_id, now).await {
-                    Ok(Written::Refused(Some(old)))
-                        if old.task_id == e.task_id && !old.is_open(now_epoch()) && !old.waited_on_by(request_id) =>
-                    {
-                        if old.phase == CachePhase::Processing {
-                            return Answer::Failed(too_many(&old));
-                        }
-                        Ok(Written::Refused(Some(old)))
-                    }
-                    other => other,
-                }
+            Some(e) if e.phase == CachePhase::Settling => Round::Answered(Answer::Settling(e.clone())),
+            Some(e) if e.phase == CachePhase::Quarantined && !e.is_open(now) => {
+                Round::Answered(Answer::Quarantined(e.clone()))
             }
-            open => {
-                let replaces = open.as_ref().filter(|e| e.phase == CachePhase::Processing).map(|e| e.task_id.clone());
-                // Taking over a processing this request already waits on
-                // (sent again after the lease ran out): nothing to append.
-                let again = Miss { waiters: &[], request_id: None, ..miss.clone() };
-                let miss = if open.as_ref().is_some_and(|e| e.waited_on_by(request_id)) { &again } else { &miss };
-                let task_id = processing_task_id(&key.hash);
-                let spec = serde_json::to_string(&key.spec).expect("a spec serializes");
-                let lease_until = now + key.spec.lease(config);
-                let delegation = Delegation {
-                    task_id: task_id.as_str(),
-                    spec: &spec,
-                    lease_until,
-                    expires_at: lease_until + 86_400,
-                    replaces: replaces.as_deref(),
-                };
-                match app.store.cache_delegate(ns, miss, &delegation, now).await {
-                    Ok(Written::Applied(new)) => return delegate(app, sink, ns, key, &task_id, new).await,
-                    Ok(Written::Refused(Some(old)))
-                        if replaces.is_some()
-                            && old.phase == CachePhase::Processing
-                            && Some(&old.task_id) == replaces.as_ref() =>
-                    {
-                        return Answer::Failed(too_many(&old));
-                    }
-                    other => other,
-                }
-            }
+            Some(e) if e.phase == CachePhase::Processing && !e.is_open(now) => join(app, ns, &miss, e, now).await,
+            open => delegate_open(app, sink, ns, key, &miss, open.as_ref(), now).await,
         };
-        match written {
-            Ok(Written::Applied(new)) => return Answer::Processing { entry: new, delegated: false },
-            Ok(Written::Refused(current)) => entry = current,
-            Err(err) => return Answer::Failed(err.into()),
+        match round {
+            Round::Answered(answer) => return answer,
+            Round::Wrote(Ok(Written::Applied(new))) => return Answer::Processing { entry: new, delegated: false },
+            Round::Wrote(Ok(Written::Refused(current))) => entry = current,
+            Round::Wrote(Err(err)) => return Answer::Failed(err.into()),
         }
     }
     Answer::Failed(ApiError::Throttled { retry_after_secs: 1 })
+}
+
+/// Joins the running processing `e`: appends the miss's waiters while it
+/// holds the entry and the bounds allow.
+async fn join<S: CacheStore>(app: &App<S>, ns: &Namespace, miss: &Miss<'_>, e: &CacheEntry, now: i64) -> Round {
+    match app.store.cache_join(ns, miss, &e.task_id, now).await {
+        Ok(Written::Refused(Some(old)))
+            if old.task_id == e.task_id && !old.is_open(now_epoch()) && !old.waited_on_by(miss.request_id) =>
+        {
+            if old.phase == CachePhase::Processing {
+                return Round::Answered(Answer::Failed(too_many(&app.config, &old)));
+            }
+            Round::Wrote(Ok(Written::Refused(Some(old))))
+        }
+        other => Round::Wrote(other),
+    }
+}
+
+/// Delegates the processing of an entry that is absent, expired, out of
+/// quarantine, or whose processing's lease ran out (then taken over with its
+/// waiters); the one request whose write applies sends the task message.
+async fn delegate_open<S: CacheStore, T: CallbackSink>(
+    app: &App<S>,
+    sink: &T,
+    ns: &Namespace,
+    key: &Key,
+    miss: &Miss<'_>,
+    open: Option<&CacheEntry>,
+    now: i64,
+) -> Round {
+    let replaces = open.filter(|e| e.phase == CachePhase::Processing).map(|e| e.task_id.clone());
+    // Taking over a processing this request already waits on (sent again
+    // after the lease ran out): nothing to append.
+    let again = Miss { waiters: &[], request_id: None, ..miss.clone() };
+    let miss = if open.is_some_and(|e| e.waited_on_by(miss.request_id)) { &again } else { miss };
+    let task_id = processing_task_id(&key.hash);
+    let spec = serde_json::to_string(&key.spec).expect("a spec serializes");
+    let lease_until = now + key.spec.lease(&app.config);
+    let delegation = Delegation {
+        task_id: task_id.as_str(),
+        spec: &spec,
+        lease_until,
+        expires_at: lease_until + 86_400,
+        replaces: replaces.as_deref(),
+    };
+    match app.store.cache_delegate(ns, miss, &delegation, now).await {
+        Ok(Written::Applied(new)) => Round::Answered(delegate(app, sink, ns, key, &task_id, new).await),
+        Ok(Written::Refused(Some(old)))
+            if replaces.is_some() && old.phase == CachePhase::Processing && Some(&old.task_id) == replaces.as_ref() =>
+        {
+            Round::Answered(Answer::Failed(too_many(&app.config, &old)))
+        }
+        other => Round::Wrote(other),
+    }
+}
+
+/// The refusal of a miss past the processing's bounds.
+fn too_many(config: &Config, e: &CacheEntry) -> ApiError {
+    ApiError::TooManyWaiters(format!(
+        "processing {} already has {} waiters ({} bytes of cb_args); the limits are {} and {} \
+         (CACHE_MAX_WAITERS, CACHE_MAX_WAITERS_BYTES)",
+        e.task_id, e.waiter_count, e.waiters_bytes, config.cache.max_waiters, config.cache.max_waiters_bytes
+    ))
 }
 
 /// Sends the processing's task message; if it cannot be sent, the lease is

@@ -256,6 +256,36 @@ impl DynamoStore {
     }
 }
 
+/// A task result's item: its key, status, document (or its object's
+/// reference), expiry, and what chord-join reads from the stream (a chord
+/// part's group, index and chord; a processing cache task's entry).
+fn task_item(ns: &Namespace, record: &TaskRecord, doc_attr: &str, doc: AttributeValue, blob: Option<&BlobRef>) -> Item {
+    let mut item = DynamoStore::key(task_key(ns, &record.task_id));
+    item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
+    item.insert(doc_attr.into(), doc);
+    item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
+    item.insert(attr::STORED_AT.into(), AttributeValue::N(crate::time::now_millis().to_string()));
+    if let Some(blob) = blob {
+        item.insert(attr::BLOB_KEY.into(), AttributeValue::S(blob.key.clone()));
+        item.insert(attr::BLOB_BYTES.into(), AttributeValue::N(blob.bytes.to_string()));
+    }
+    if let Some(group_id) = &record.group_id {
+        item.insert(attr::GROUP_ID.into(), AttributeValue::S(group_id.to_string()));
+    }
+    if let Some(index) = record.group_index {
+        item.insert(attr::GROUP_INDEX.into(), AttributeValue::N(index.to_string()));
+    }
+    // A processing cache's task: its result settles the entry it names.
+    if let Some(hash) = crate::ids::entry_of_processing(record.task_id.as_str()) {
+        item.insert(attr::CACHE_KEY.into(), AttributeValue::S(hash.to_owned()));
+    }
+    if let Some(chord) = &record.chord {
+        item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(chord.size.to_string()));
+        item.insert(attr::CHORD_CALLBACK.into(), AttributeValue::S(chord.callback.clone()));
+    }
+    item
+}
+
 /// The write condition of a store (invariant S2): the item is absent or
 /// expired, or its stored status lets the new one replace it.
 /// - a ready state (SUCCESS, FAILURE, REVOKED) replaces anything but SUCCESS;
@@ -342,29 +372,7 @@ impl ResultStore for DynamoStore {
         let now = now_epoch();
         let lifetime = record.expires_at - now;
         let (doc_attr, doc, blob, fresh) = self.place_result(ns, record, lifetime).await?;
-        let mut item = Self::key(task_key(ns, &record.task_id));
-        item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
-        item.insert(doc_attr.into(), doc);
-        item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
-        item.insert(attr::STORED_AT.into(), AttributeValue::N(crate::time::now_millis().to_string()));
-        if let Some(blob) = &blob {
-            item.insert(attr::BLOB_KEY.into(), AttributeValue::S(blob.key.clone()));
-            item.insert(attr::BLOB_BYTES.into(), AttributeValue::N(blob.bytes.to_string()));
-        }
-        if let Some(group_id) = &record.group_id {
-            item.insert(attr::GROUP_ID.into(), AttributeValue::S(group_id.to_string()));
-        }
-        if let Some(index) = record.group_index {
-            item.insert(attr::GROUP_INDEX.into(), AttributeValue::N(index.to_string()));
-        }
-        // A processing cache's task: its result settles the entry it names.
-        if let Some(hash) = crate::ids::entry_of_processing(record.task_id.as_str()) {
-            item.insert(attr::CACHE_KEY.into(), AttributeValue::S(hash.to_owned()));
-        }
-        if let Some(chord) = &record.chord {
-            item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(chord.size.to_string()));
-            item.insert(attr::CHORD_CALLBACK.into(), AttributeValue::S(chord.callback.clone()));
-        }
+        let item = task_item(ns, record, doc_attr, doc, blob.as_ref());
         // The whole item, callback included, must fit: refused here as too
         // large rather than by DynamoDB with an error text of its own.
         let size = item_size(&item);
