@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use super::store::{entry_key, CacheEntry, CachePhase, CacheStore, Delegation, EntryClaim, Miss, Settle, Written};
 use crate::error::StoreError;
 use crate::ids::Namespace;
-use crate::store::memory::MemoryStore;
+use crate::store::memory::{injected, MemoryStore};
 use crate::time::now_epoch;
 
 /// The cache's entries in memory, and the faults a test injects.
@@ -255,11 +255,7 @@ impl CacheStore for MemoryCacheStore {
         token: &str,
         quarantined_until: Option<i64>,
     ) -> Result<bool, StoreError> {
-        let failing = self.ext.fail_finishes.load(Ordering::SeqCst);
-        if failing > 0 {
-            self.ext.fail_finishes.store(failing - 1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected".into()));
-        }
+        injected(&self.ext.fail_finishes)?;
         let mut held = false;
         self.write_entry(ns, hash, now_epoch(), |entry| {
             let Some(e) =

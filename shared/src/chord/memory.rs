@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
-use crate::store::memory::MemoryStore;
+use crate::store::memory::{injected, MemoryStore};
 use crate::time::now_epoch;
 
 /// A chord's state item with its claim token and lease.
@@ -162,10 +162,8 @@ impl ChordStore for MemoryChordStore {
         error: &str,
         errbacks_sent: u32,
     ) -> Result<bool, StoreError> {
-        let failing = self.ext.fail_errback_records.load(Ordering::SeqCst);
-        if failing > 0 && errbacks_sent > 0 {
-            self.ext.fail_errback_records.store(failing - 1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected".into()));
+        if errbacks_sent > 0 {
+            injected(&self.ext.fail_errback_records)?;
         }
         Ok(self.if_held(ns, gid, token, |state, _| {
             state.error = Some(error.to_owned());
@@ -174,11 +172,7 @@ impl ChordStore for MemoryChordStore {
     }
 
     async fn record_sent(&self, ns: &Namespace, gid: &GroupId, token: &str, sent: u32) -> Result<bool, StoreError> {
-        let failing = self.ext.fail_records.load(Ordering::SeqCst);
-        if failing > 0 {
-            self.ext.fail_records.store(failing - 1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected".into()));
-        }
+        injected(&self.ext.fail_records)?;
         Ok(self.if_held(ns, gid, token, |state, _| state.body_sent = sent))
     }
 
@@ -190,11 +184,7 @@ impl ChordStore for MemoryChordStore {
         phase: ChordPhase,
         error: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let failing = self.ext.fail_finishes.load(Ordering::SeqCst);
-        if failing > 0 {
-            self.ext.fail_finishes.store(failing - 1, Ordering::SeqCst);
-            return Err(StoreError::Unavailable("injected".into()));
-        }
+        injected(&self.ext.fail_finishes)?;
         Ok(self.if_held(ns, gid, token, |state, _| {
             state.phase = phase;
             state.error = error.map(str::to_owned);

@@ -9,7 +9,7 @@
 //! knows nothing of either.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::{group_key, task_key, BlobRef, Presigned, PutOutcome, ResultStore, Stored, TaskRecord};
@@ -129,5 +129,14 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
         self.items.lock().unwrap().remove(&group_key(ns, id));
         Ok(())
+    }
+}
+
+/// A fault a test injects: while `failing` counts down, a call fails as if
+/// DynamoDB were down.
+pub fn injected(failing: &AtomicU32) -> Result<(), StoreError> {
+    match failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)) {
+        Ok(_) => Err(StoreError::Unavailable("injected".into())),
+        Err(_) => Ok(()),
     }
 }
