@@ -14,7 +14,7 @@ use crate::error::ApiError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::{join_result, pending_json, with_result_ref, TaskMeta};
 use crate::metrics::{self, Point};
-use crate::store::{PartOf, PutOutcome, ResultStore, Stored, TaskRecord};
+use crate::store::{PartOf, PutOutcome, ResultStore, Stored, TaskRecord, Within};
 use crate::time::now_epoch;
 
 /// What a function holds for its lifetime: configuration and the store.
@@ -327,10 +327,13 @@ pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u
 
     let deadline = Instant::now() + wait;
     let mut pause = POLL_FIRST;
-    let mut results: Vec<Option<Stored>> = app.store.get_tasks(ns, &ids).await?;
+    // The documents held here stay within the response's budget: what does
+    // not fit is not inflated, and is answered as a reference.
+    let budget = app.config.batch_response_bytes;
+    let mut results: Vec<Option<Within>> = app.store.get_tasks_within(ns, &ids, budget).await?;
     loop {
         let mut again: Vec<TaskId> = (0..ids.len())
-            .filter(|&i| !results[i].as_ref().is_some_and(|s| s.status.is_ready()))
+            .filter(|&i| !results[i].as_ref().is_some_and(|s| s.status().is_ready()))
             .map(|i| ids[i].clone())
             .collect();
         again.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
@@ -341,8 +344,16 @@ pub async fn batch_fetch<S: ResultStore>(app: &App<S>, ns: &Namespace, body: &[u
         }
         tokio::time::sleep(batch_poll_pause(pause, again.len()).min(left)).await;
         pause = (pause * 2).min(POLL_MAX);
-        let read: HashMap<&str, Option<Stored>> =
-            again.iter().map(TaskId::as_str).zip(app.store.get_tasks(ns, &again).await?).collect();
+        let held: usize = results
+            .iter()
+            .flatten()
+            .map(|r| match r {
+                Within::Whole(stored) if stored.status.is_ready() => stored.json.len(),
+                _ => 0,
+            })
+            .sum();
+        let reread = app.store.get_tasks_within(ns, &again, budget.saturating_sub(held)).await?;
+        let read: HashMap<&str, Option<Within>> = again.iter().map(TaskId::as_str).zip(reread).collect();
         for (i, id) in ids.iter().enumerate() {
             if let Some(stored) = read.get(id.as_str()) {
                 results[i] = stored.clone();
@@ -367,7 +378,7 @@ type Piece = (Option<String>, String, u64);
 async fn batch_pieces<S: ResultStore>(
     app: &App<S>,
     ids: &[TaskId],
-    results: Vec<Option<Stored>>,
+    results: Vec<Option<Within>>,
 ) -> Result<Vec<Piece>, ApiError> {
     use futures::StreamExt;
     let mut room = app.config.batch_response_bytes as u64;
@@ -376,7 +387,9 @@ async fn batch_pieces<S: ResultStore>(
     for (i, (id, stored)) in ids.iter().zip(results).enumerate() {
         match stored {
             None => pieces.push((Some(pending_json(id)), "PENDING".into(), 0)),
-            Some(stored) => {
+            // Past the response's budget: never inflated, answered as a reference.
+            Some(Within::Over { status, bytes }) => pieces.push((None, status.to_string(), bytes)),
+            Some(Within::Whole(stored)) => {
                 let status = stored.status.to_string();
                 match &stored.blob {
                     None => {
@@ -645,6 +658,29 @@ mod tests {
             .map(|r| (r["task_id"].as_str().unwrap(), r["status"].as_str().unwrap()))
             .collect();
         assert_eq!(got, [("b", "FAILURE"), ("nope", "PENDING"), ("a", "SUCCESS"), ("b", "FAILURE")]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_results_that_compress_well_holds_no_more_than_its_response_budget() {
+        // 200 results of 100 KB that DynamoDB stores compressed to almost
+        // nothing: 20 MB once inflated, against a 1 MB budget.
+        let mut app: App<MemoryStore> = App { config: Config::for_table("t"), store: MemoryStore::default() };
+        app.config.batch_response_bytes = 1 << 20;
+        let ids: Vec<String> = (0..200).map(|i| format!("z{i}")).collect();
+        let body = format!(r#"{{"status":"SUCCESS","result":"{}"}}"#, "z".repeat(100_000));
+        for id in &ids {
+            store_task(&app, &Namespace::default(), &tid(id), body.as_bytes()).await.unwrap();
+        }
+        let request = serde_json::json!({ "task_ids": ids }).to_string();
+        let reply = batch_fetch(&app, &Namespace::default(), request.as_bytes()).await.unwrap();
+        let largest = app.store.largest_read.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(largest <= 1 << 20, "the read inflated {largest} bytes");
+        let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+        let items = v["results"].as_array().unwrap();
+        assert_eq!(items.len(), 200);
+        let whole = items.iter().filter(|r| r.get("ref").is_none()).count();
+        assert!((1..20).contains(&whole), "{whole} whole, the rest references");
+        assert!(items.iter().all(|r| r["status"] == "SUCCESS"));
     }
 
     #[tokio::test]

@@ -209,6 +209,41 @@ async fn results_adding_up_to_200_mb_fail_their_chord_past_what_chord_join_holds
 }
 
 #[tokio::test]
+async fn a_chord_of_tiny_then_well_compressed_huge_results_fails_cleanly_and_the_next_chord_goes_on() {
+    let (api, other) = (Api::new(), Api::new());
+    let (queue, other_queue) = (Queue::new(&api.id("q")).await, Queue::new(&other.id("q")).await);
+    let huge = Chord::new(&api, &queue, json!({}));
+    let healthy = Chord::new(&other, &other_queue, json!({}));
+    // 25 tiny parts, then 560 of 250,000 "x" each: stored inline (each
+    // compresses to a few hundred bytes), 140 MB once inflated, past
+    // CHORD_MAX_RESULTS_BYTES (128 MiB). chord-join reads them in windows
+    // bounded by what each part states it inflates to, and fails the chord.
+    const TINY: usize = 25;
+    const PARTS: usize = TINY + 560;
+    futures::stream::iter(0..PARTS)
+        .map(|i| {
+            let (api, huge) = (&api, &huge);
+            async move {
+                let id = api.id(&format!("p{i}"));
+                let result = if i < TINY { json!(i) } else { json!("x".repeat(250_000)) };
+                api.put_task(&id, huge.part(&id, i, PARTS, "SUCCESS", result)).await.expect(200);
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    for j in 0..3 {
+        let id = other.id(&format!("p{j}"));
+        other.put_task(&id, healthy.part(&id, j, 3, "SUCCESS", json!(j))).await.expect(200);
+    }
+    assert_fails_clearly(&api, &huge, "(CHORD_MAX_RESULTS_BYTES)").await;
+    assert!(queue.drain(Duration::from_secs(1)).await.is_empty(), "nothing sent for the huge chord");
+    let messages = other_queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1, "the healthy chord stored after it went on");
+    assert_eq!(messages[0].body[0], json!([[0, 1, 2]]));
+}
+
+#[tokio::test]
 async fn a_callback_to_a_queue_that_does_not_exist_fails_the_chord_without_retrying_forever() {
     let api = Api::new();
     let queue = Queue::new(&api.id("q")).await;

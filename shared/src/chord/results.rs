@@ -10,7 +10,7 @@ use crate::dispatch::{CallbackSink, Outgoing};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::State;
-use crate::store::TaskRecord;
+use crate::store::{Stored, TaskRecord, Within};
 use crate::time::{now_celery, now_epoch};
 
 /// Why a chord fails: Celery's ChordError message and, when a part failed,
@@ -26,15 +26,35 @@ impl From<String> for Failure {
     }
 }
 
-/// Part results are read in windows sized to hold about this many bytes,
-/// so a chord's memory stays bounded whatever its results add up to.
+/// A window of part results inflates at most this many bytes of their
+/// documents, so a chord's memory stays bounded whatever its results add up
+/// to, and however well they compress.
 const READ_WINDOW_BYTES: usize = 8 << 20;
+
+/// Parts a window reads at most: their items, before anything is inflated,
+/// stay under 32 MB whatever they hold (80 of DynamoDB's 400 KB items).
+const READ_WINDOW_PARTS: usize = 80;
+
+/// What a part's document may hold besides its result (status, dates,
+/// traceback): its read may pass the room left for results by this much.
+const META_SLACK: usize = 64 << 10;
+
+/// A part whose result is no longer stored.
+fn gone(id: &TaskId) -> Failure {
+    format!("Dependency {id} has no result (forgotten or expired)").into()
+}
 
 impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
     /// The parts' results as one JSON array (text), in order; or, as the
     /// inner `Err`, the ChordError message of the first part that failed,
     /// has no result, or makes the results larger than chord-join holds
     /// (`CHORD_MAX_RESULTS_BYTES`). Results kept in S3 are read from there.
+    ///
+    /// Memory stays bounded whatever the parts hold (invariant C6): a window
+    /// reads at most [`READ_WINDOW_PARTS`] items, and inflates at most
+    /// [`READ_WINDOW_BYTES`] of their documents, by the size each item
+    /// states before it is inflated; a part that does not fit starts the
+    /// next window.
     pub(super) async fn read_results(
         &self,
         ns: &Namespace,
@@ -43,53 +63,84 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         let limit = self.config.max_results_bytes;
         let mut results = String::from("[");
         let mut start = 0;
-        // Small at first, so a few huge results are caught before many are read.
-        let mut window = 25;
         while start < ids.len() {
-            let chunk = &ids[start..(start + window).min(ids.len())];
-            let metas = self.store.get_tasks(ns, chunk).await?;
-            let mut read = 0usize;
-            for (id, meta) in chunk.iter().zip(metas) {
-                let gone = || Ok(Err(format!("Dependency {id} has no result (forgotten or expired)").into()));
-                let Some(stored) = meta else { return gone() };
-                if stored.blob.as_ref().is_some_and(|blob| results.len() as u64 + blob.bytes > limit as u64) {
-                    return Ok(Err(too_many_bytes(limit).into()));
-                }
-                let (json, result) = match &stored.blob {
-                    None => {
-                        let result = result_of(&stored.json);
-                        (stored.json, result)
-                    }
-                    // A part in S3; its object is gone only if it was forgotten.
-                    Some(blob) => match self.store.read_blob(blob).await? {
-                        None => return gone(),
-                        Some(result) => {
-                            let meta = crate::meta::join_result(&stored.json, stored.status.as_str(), &result);
-                            (meta.unwrap_or(stored.json), result)
-                        }
+            let window = &ids[start..(start + READ_WINDOW_PARTS).min(ids.len())];
+            let room = limit.saturating_sub(results.len()).saturating_add(META_SLACK);
+            let metas = self.store.get_tasks_within(ns, window, READ_WINDOW_BYTES.min(room)).await?;
+            let mut read = 0;
+            for (id, meta) in window.iter().zip(metas) {
+                let stored = match meta {
+                    Some(Within::Whole(stored)) => stored,
+                    // It starts the next window, with the budget to itself.
+                    Some(Within::Over { .. }) if read > 0 => break,
+                    Some(Within::Over { .. }) => match self.read_alone(ns, id, room).await? {
+                        Ok(stored) => stored,
+                        Err(failure) => return Ok(Err(failure)),
                     },
+                    None => return Ok(Err(gone(id))),
                 };
-                read += json.len();
-                if matches!(stored.status, State::Failure | State::Revoked) {
-                    let cause = exception_in(&result);
-                    return Ok(Err(Failure { message: chord_error_message(id, &json), cause }));
-                }
-                if results.len() > 1 {
-                    results.push(',');
-                }
-                results.push_str(&result);
-                // With the closing bracket still to come.
-                if results.len() + 1 > limit {
-                    return Ok(Err(too_many_bytes(limit).into()));
+                read += 1;
+                if let Err(failure) = self.append(&mut results, id, stored).await? {
+                    return Ok(Err(failure));
                 }
             }
-            start += chunk.len();
-            // Size the next window to the results seen so far.
-            let average = (read / chunk.len().max(1)).max(1);
-            window = (READ_WINDOW_BYTES / average).clamp(25, 4000);
+            start += read;
         }
         results.push(']');
         Ok(Ok(results))
+    }
+
+    /// A part that alone passes a window's budget, read with what is left
+    /// of `CHORD_MAX_RESULTS_BYTES` as its own.
+    async fn read_alone(&self, ns: &Namespace, id: &TaskId, room: usize) -> Result<Result<Stored, Failure>, JoinError> {
+        let limit = self.config.max_results_bytes;
+        Ok(match self.store.get_tasks_within(ns, std::slice::from_ref(id), room).await?.pop().flatten() {
+            Some(Within::Whole(stored)) => Ok(stored),
+            Some(Within::Over { .. }) => Err(too_many_bytes(limit).into()),
+            None => Err(gone(id)),
+        })
+    }
+
+    /// Appends one part's result to `results`; the inner `Err` fails the
+    /// chord: the part failed, its object is gone, or the results pass
+    /// `CHORD_MAX_RESULTS_BYTES`.
+    async fn append(
+        &self,
+        results: &mut String,
+        id: &TaskId,
+        stored: Stored,
+    ) -> Result<Result<(), Failure>, JoinError> {
+        let limit = self.config.max_results_bytes;
+        if stored.blob.as_ref().is_some_and(|blob| results.len() as u64 + blob.bytes > limit as u64) {
+            return Ok(Err(too_many_bytes(limit).into()));
+        }
+        let (json, result) = match &stored.blob {
+            None => {
+                let result = result_of(&stored.json);
+                (stored.json, result)
+            }
+            // A part in S3; its object is gone only if it was forgotten.
+            Some(blob) => match self.store.read_blob(blob).await? {
+                None => return Ok(Err(gone(id))),
+                Some(result) => {
+                    let meta = crate::meta::join_result(&stored.json, stored.status.as_str(), &result);
+                    (meta.unwrap_or(stored.json), result)
+                }
+            },
+        };
+        if matches!(stored.status, State::Failure | State::Revoked) {
+            let cause = exception_in(&result);
+            return Ok(Err(Failure { message: chord_error_message(id, &json), cause }));
+        }
+        if results.len() > 1 {
+            results.push(',');
+        }
+        results.push_str(&result);
+        // With the closing bracket still to come.
+        if results.len() + 1 > limit {
+            return Ok(Err(too_many_bytes(limit).into()));
+        }
+        Ok(Ok(()))
     }
 
     /// The results as the messages carry them: the list itself, or, when a

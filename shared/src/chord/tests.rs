@@ -461,3 +461,69 @@ async fn each_counted_part_extends_the_chords_life() {
     let extended = phase(&j).await.expires_at;
     assert!(extended >= parts[1].part.expires_at && extended > first, "{first} → {extended}");
 }
+
+/// Replaces part `p`'s stored result with `result` (JSON text).
+async fn restore(j: &Joiner<MemoryStore, FakeSink>, p: &Part, result: &str) {
+    let ns = Namespace::default();
+    let json = format!(r#"{{"status":"SUCCESS","result":{result},"task_id":"{}"}}"#, p.part.task_id);
+    let record = TaskRecord {
+        task_id: p.part.task_id.clone(),
+        status: State::Success,
+        json,
+        expires_at: now_epoch() + 3600,
+        group_id: None,
+        group_index: None,
+        chord: None,
+        upload: None,
+    };
+    j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
+    j.store.put_task(&ns, &record).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_chord_of_tiny_then_huge_results_fails_cleanly_without_reading_more_than_a_window() {
+    // 25 tiny parts, then 40 parts of a 1 MB string each (which DynamoDB
+    // would store compressed to almost nothing): 40 MB of results, past a
+    // CHORD_MAX_RESULTS_BYTES of 20 MB.
+    let mut j = joiner(FakeSink::default());
+    j.config.max_results_bytes = 20 << 20;
+    let mut parts = Vec::new();
+    for i in 0..65u32 {
+        let p = part(&j, i, 65, "SUCCESS").await;
+        if i >= 25 {
+            restore(&j, &p, &format!("\"{}\"", "x".repeat(1 << 20))).await;
+        }
+        parts.push(p);
+    }
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    assert!(state.error.as_deref().unwrap().contains("(CHORD_MAX_RESULTS_BYTES)"), "{state:?}");
+    assert!(j.sink.sent().iter().all(|(task, ..)| task != "t.sum"), "the callback never went out");
+    let largest = j.store.largest_read.load(Ordering::SeqCst);
+    assert!(largest <= 8 << 20, "one read inflated {largest} bytes, more than a window's budget");
+    // A window of 1 MB parts holds what its budget allows, not 80 of them.
+    assert!(largest >= 7 << 20, "{largest}");
+}
+
+#[tokio::test]
+async fn a_chord_of_many_parts_reads_them_all_across_windows_in_order() {
+    let mut j = joiner(FakeSink::default());
+    j.max_message_bytes = usize::MAX; // the list itself, not a reference to it
+    let mut parts = Vec::new();
+    for i in 0..250u32 {
+        let p = part(&j, i, 250, "SUCCESS").await;
+        if i % 50 == 7 {
+            restore(&j, &p, &format!("\"{}\"", "y".repeat(3 << 20))).await;
+        }
+        parts.push(p);
+    }
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent = j.sink.sent();
+    let args: Value = serde_json::from_str(&sent[0].2).unwrap();
+    let results = args[0].as_array().unwrap();
+    assert_eq!(results.len(), 250);
+    assert_eq!((results[6].clone(), results[8].clone(), results[249].clone()), (json!(6), json!(8), json!(249)));
+    assert_eq!(results[57].as_str().unwrap().len(), 3 << 20);
+    assert!(j.store.largest_read.load(Ordering::SeqCst) <= 8 << 20);
+}

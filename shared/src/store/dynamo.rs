@@ -24,7 +24,7 @@ use super::blobs::{expiry_class, gzip, object_key, sha256_hex, BlobRef, Blobs, P
 pub use super::retry::classify;
 use super::retry::Backoff;
 use super::schema::{attr, SK_ITEM};
-use super::{group_key, task_key, PutOutcome, ResultStore, Stored, TaskRecord};
+use super::{group_key, task_key, PutOutcome, ResultStore, Stored, TaskRecord, Within};
 use crate::config::Config;
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
@@ -217,6 +217,33 @@ impl DynamoStore {
     }
 
     /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
+    /// The items of `ids`' results, read consistently in chunks of 100,
+    /// concurrently: the keys in request order, and the items found by key.
+    async fn get_items(
+        &self,
+        ns: &Namespace,
+        ids: &[TaskId],
+    ) -> Result<(Vec<String>, HashMap<String, Item>), StoreError> {
+        // BatchGetItem refuses duplicate keys: fetch each key once, then put
+        // the answers back in request order.
+        let keys: Vec<String> = ids.iter().map(|id| task_key(ns, id)).collect();
+        let mut unique: Vec<String> = Vec::with_capacity(keys.len());
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
+        for key in &keys {
+            if seen.insert(key.as_str()) {
+                unique.push(key.clone());
+            }
+        }
+        // Chunks run concurrently within this task (not spawned), so the call
+        // counter of the request sees them.
+        let chunks = try_join_all(unique.chunks(BATCH_CHUNK).map(|chunk| self.get_chunk(chunk))).await?;
+        let mut found: HashMap<String, Item> = HashMap::with_capacity(unique.len());
+        for chunk in chunks {
+            found.extend(chunk);
+        }
+        Ok((keys, found))
+    }
+
     /// unprocessed keys with backoff until done or out of attempts.
     pub(crate) async fn get_chunk(&self, pks: &[String]) -> Result<HashMap<String, Item>, StoreError> {
         let mut found = HashMap::with_capacity(pks.len());
@@ -263,6 +290,7 @@ fn task_item(ns: &Namespace, record: &TaskRecord, doc_attr: &str, doc: Attribute
     let mut item = DynamoStore::key(task_key(ns, &record.task_id));
     item.insert(attr::STATUS.into(), AttributeValue::S(record.status.as_str().into()));
     item.insert(doc_attr.into(), doc);
+    item.insert(attr::DOC_BYTES.into(), AttributeValue::N(record.json.len().to_string()));
     item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
     item.insert(attr::STORED_AT.into(), AttributeValue::N(crate::time::now_millis().to_string()));
     if let Some(blob) = blob {
@@ -336,14 +364,33 @@ fn blob_of(item: &Item) -> Option<BlobRef> {
 }
 
 fn decode_doc(item: &Item) -> Option<String> {
+    decode_doc_within(item, usize::MAX).ok()?
+}
+
+/// An item's document, inflated only if it is at most `limit` bytes:
+/// `Err(bytes)` with its size (at least `limit + 1`) when it is larger.
+/// The size on the item is checked first; inflating stops one byte past
+/// `limit` whatever the item says.
+fn decode_doc_within(item: &Item, limit: usize) -> Result<Option<String>, u64> {
+    let told = match item.get(attr::DOC_BYTES) {
+        Some(AttributeValue::N(n)) => n.parse::<u64>().ok(),
+        _ => None,
+    };
     match (item.get(attr::DOC), item.get(attr::DOC_Z)) {
-        (Some(AttributeValue::S(json)), _) => Some(json.clone()),
+        (Some(AttributeValue::S(json)), _) if json.len() > limit => Err(json.len() as u64),
+        (Some(AttributeValue::S(json)), _) => Ok(Some(json.clone())),
+        (_, Some(AttributeValue::B(_))) if told.is_some_and(|bytes| bytes > limit as u64) => Err(told.unwrap_or(0)),
         (_, Some(AttributeValue::B(blob))) => {
             let mut json = String::new();
-            flate2::read::DeflateDecoder::new(blob.as_ref()).read_to_string(&mut json).ok()?;
-            Some(json)
+            let cap = (limit as u64).saturating_add(1);
+            let read = flate2::read::DeflateDecoder::new(blob.as_ref()).take(cap).read_to_string(&mut json);
+            match read {
+                Ok(n) if n > limit => Err(told.unwrap_or(0).max(n as u64)),
+                Ok(_) => Ok(Some(json)),
+                Err(_) => Ok(None),
+            }
         }
-        _ => None,
+        _ => Ok(None),
     }
 }
 
@@ -365,6 +412,37 @@ fn decode(item: &Item, now: i64) -> Option<Stored> {
         _ => return None,
     };
     Some(Stored { status, json: decode_doc(item)?, blob: blob_of(item) })
+}
+
+/// An item read within what is left of a budget (see
+/// [`ResultStore::get_tasks_within`]); `left` shrinks by what it inflated.
+fn decode_within(item: &Item, now: i64, left: &mut Option<usize>) -> Option<Within> {
+    if expires_at(item).is_some_and(|at| at <= now) {
+        return None;
+    }
+    let status = match item.get(attr::STATUS) {
+        Some(AttributeValue::S(s)) => State::parse(s).ok()?,
+        _ => return None,
+    };
+    let Some(room) = *left else {
+        let bytes = match item.get(attr::DOC_BYTES) {
+            Some(AttributeValue::N(n)) => n.parse().unwrap_or(0),
+            _ => 0,
+        };
+        return Some(Within::Over { status, bytes });
+    };
+    match decode_doc_within(item, room) {
+        Ok(json) => {
+            let json = json?;
+            *left = Some(room - json.len());
+            Some(Within::Whole(Stored { status, json, blob: blob_of(item) }))
+        }
+        Err(bytes) => {
+            // Nothing after the first that does not fit is inflated either.
+            *left = None;
+            Some(Within::Over { status, bytes })
+        }
+    }
 }
 
 impl ResultStore for DynamoStore {
@@ -443,25 +521,20 @@ impl ResultStore for DynamoStore {
     }
 
     async fn get_tasks(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Vec<Option<Stored>>, StoreError> {
-        // BatchGetItem refuses duplicate keys: fetch each key once, then put
-        // the answers back in request order.
-        let keys: Vec<String> = ids.iter().map(|id| task_key(ns, id)).collect();
-        let mut unique: Vec<String> = Vec::with_capacity(keys.len());
-        let mut seen = std::collections::HashSet::with_capacity(keys.len());
-        for key in &keys {
-            if seen.insert(key.as_str()) {
-                unique.push(key.clone());
-            }
-        }
-        // Chunks run concurrently within this task (not spawned), so the call
-        // counter of the request sees them.
-        let chunks = try_join_all(unique.chunks(BATCH_CHUNK).map(|chunk| self.get_chunk(chunk))).await?;
-        let mut found: HashMap<String, Item> = HashMap::with_capacity(unique.len());
-        for chunk in chunks {
-            found.extend(chunk);
-        }
+        let (keys, found) = self.get_items(ns, ids).await?;
         let now = now_epoch();
         Ok(keys.iter().map(|key| found.get(key).and_then(|item| decode(item, now))).collect())
+    }
+
+    async fn get_tasks_within(
+        &self,
+        ns: &Namespace,
+        ids: &[TaskId],
+        budget: usize,
+    ) -> Result<Vec<Option<Within>>, StoreError> {
+        let (keys, found) = self.get_items(ns, ids).await?;
+        let (now, mut left) = (now_epoch(), Some(budget));
+        Ok(keys.iter().map(|key| found.get(key).and_then(|item| decode_within(item, now, &mut left))).collect())
     }
 
     async fn delete_task(&self, ns: &Namespace, id: &TaskId) -> Result<(), StoreError> {
@@ -704,5 +777,39 @@ mod tests {
             let item = HashMap::from([(name.to_owned(), value)]);
             assert_eq!(decode_doc(&item).unwrap(), json);
         }
+    }
+
+    #[test]
+    fn a_document_is_inflated_only_within_the_budget_whatever_its_item_says() {
+        // 1 MB that compresses to about a kilobyte.
+        let json = format!("\"{}\"", "x".repeat(1 << 20));
+        let (name, value, size) = encode_doc(&json).unwrap();
+        assert!(size < 8192, "{size}");
+        let told = |bytes: Option<usize>| {
+            let mut item = HashMap::from([(name.to_owned(), value.clone())]);
+            if let Some(bytes) = bytes {
+                item.insert(attr::DOC_BYTES.to_owned(), AttributeValue::N(bytes.to_string()));
+            }
+            item
+        };
+        // Its size on the item refuses it before anything is inflated.
+        assert_eq!(decode_doc_within(&told(Some(json.len())), 1000), Err(json.len() as u64));
+        // No size (an item stored before it was kept), or a size that lies:
+        // inflating stops one byte past the budget.
+        assert_eq!(decode_doc_within(&told(None), 1000), Err(1001));
+        assert_eq!(decode_doc_within(&told(Some(10)), 1000), Err(1001));
+        assert_eq!(decode_doc_within(&told(Some(json.len())), json.len()), Ok(Some(json.clone())));
+        // In a read, the first that does not fit and every one after it are Over.
+        let ok = HashMap::from([
+            (attr::STATUS.to_owned(), AttributeValue::S("SUCCESS".into())),
+            (attr::DOC.to_owned(), AttributeValue::S("{\"result\":1}".into())),
+        ]);
+        let mut huge = told(Some(json.len()));
+        huge.insert(attr::STATUS.to_owned(), AttributeValue::S("SUCCESS".into()));
+        let mut left = Some(100);
+        let read: Vec<_> = [&ok, &huge, &ok].iter().map(|item| decode_within(item, 0, &mut left)).collect();
+        assert!(matches!(read[0], Some(Within::Whole(_))));
+        assert_eq!(read[1], Some(Within::Over { status: State::Success, bytes: json.len() as u64 }));
+        assert!(matches!(read[2], Some(Within::Over { .. })), "nothing after it is inflated");
     }
 }

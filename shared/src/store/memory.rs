@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{group_key, task_key, BlobRef, Presigned, PutOutcome, ResultStore, Stored, TaskRecord};
+use super::{group_key, task_key, BlobRef, Presigned, PutOutcome, ResultStore, Stored, TaskRecord, Within};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::time::now_epoch;
@@ -28,6 +28,8 @@ pub struct MemoryStore<X = ()> {
     pub spill_above: AtomicUsize,
     /// Blob key → the result's JSON text (uploads included).
     pub blobs: Mutex<HashMap<String, String>>,
+    /// The most document bytes one `get_tasks_within` returned inflated.
+    pub largest_read: AtomicUsize,
     /// The items of the chord join or the cache, and their faults.
     pub ext: X,
 }
@@ -87,6 +89,31 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
 
     async fn get_tasks(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Vec<Option<Stored>>, StoreError> {
         Ok(ids.iter().map(|id| self.live(&task_key(ns, id)).and_then(|(s, _)| s)).collect())
+    }
+
+    async fn get_tasks_within(
+        &self,
+        ns: &Namespace,
+        ids: &[TaskId],
+        budget: usize,
+    ) -> Result<Vec<Option<Within>>, StoreError> {
+        let (mut left, mut inflated) = (Some(budget), 0);
+        let read = self.get_tasks(ns, ids).await?.into_iter().map(|stored| {
+            stored.map(|stored| match left {
+                Some(room) if stored.json.len() <= room => {
+                    left = Some(room - stored.json.len());
+                    inflated += stored.json.len();
+                    Within::Whole(stored)
+                }
+                _ => {
+                    left = None;
+                    Within::Over { bytes: stored.json.len() as u64, status: stored.status }
+                }
+            })
+        });
+        let read = read.collect();
+        self.largest_read.fetch_max(inflated, Ordering::SeqCst);
+        Ok(read)
     }
 
     async fn delete_task(&self, ns: &Namespace, id: &TaskId) -> Result<(), StoreError> {

@@ -38,6 +38,24 @@ impl Stored {
     }
 }
 
+/// A result read within a byte budget ([`ResultStore::get_tasks_within`]):
+/// whole, or, when inflating its document would pass the budget, only its
+/// status and its document's size (nothing of it inflated).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Within {
+    Whole(Stored),
+    Over { status: State, bytes: u64 },
+}
+
+impl Within {
+    pub fn status(&self) -> &State {
+        match self {
+            Self::Whole(stored) => &stored.status,
+            Self::Over { status, .. } => status,
+        }
+    }
+}
+
 /// One result to store.
 #[derive(Debug, Clone)]
 pub struct TaskRecord {
@@ -93,6 +111,19 @@ pub trait ResultStore: Send + Sync {
         ns: &Namespace,
         ids: &[TaskId],
     ) -> impl Future<Output = Result<Vec<Option<Stored>>, StoreError>> + Send;
+    /// As [`ResultStore::get_tasks`], holding at most `budget` bytes of
+    /// documents once inflated: results are inflated in the order of `ids`
+    /// while they fit, and every one after the first that does not is
+    /// [`Within::Over`]. A document's size is known before it is inflated
+    /// (kept on its item), and inflating stops at the budget whatever the
+    /// item says, so a result that compresses well cannot make a read hold
+    /// more than asked.
+    fn get_tasks_within(
+        &self,
+        ns: &Namespace,
+        ids: &[TaskId],
+        budget: usize,
+    ) -> impl Future<Output = Result<Vec<Option<Within>>, StoreError>> + Send;
     /// Forgets a result, its object in S3 too.
     fn delete_task(&self, ns: &Namespace, id: &TaskId) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// The result (JSON text) of a result kept in S3; `None` when its object

@@ -21,6 +21,9 @@ pub mod attr {
     pub const DOC: &str = "doc";
     /// The same, deflate-compressed, when large.
     pub const DOC_Z: &str = "doc_z";
+    /// The document's size uncompressed: a read knows what an item will
+    /// cost once inflated before it inflates it.
+    pub const DOC_BYTES: &str = "doc_bytes";
     /// When a result was stored (epoch milliseconds): chord-join measures
     /// a join's latency from its newest part's.
     pub const STORED_AT: &str = "stored_at";
