@@ -427,13 +427,7 @@ impl CacheStore for DynamoStore {
                 for (name, value) in names {
                     request = request.expression_attribute_names(name, value);
                 }
-                match request.send().await {
-                    Ok(_) => Ok(true),
-                    Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => {
-                        Ok(false)
-                    }
-                    Err(e) => Err(classify(e, self.attempts())),
-                }
+                self.applied(request.send().await)
             }
             _ => {
                 let (phase, set) = match quarantined_until {

@@ -134,11 +134,7 @@ impl DynamoStore {
     /// Sends a conditional update: `true` if it applied, `false` if its
     /// condition did not hold.
     async fn send_conditional(&self, request: UpdateItemFluentBuilder) -> Result<bool, StoreError> {
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(classify(e, self.attempts())),
-        }
+        self.applied(request.send().await)
     }
 }
 

@@ -116,6 +116,24 @@ impl DynamoStore {
         self.backoff.max_attempts
     }
 
+    /// Whether a conditional write applied: `false` when its condition did
+    /// not hold; any other error as [`classify`] maps it.
+    pub(crate) fn applied<O, E, R>(
+        &self,
+        sent: Result<O, aws_sdk_dynamodb::error::SdkError<E, R>>,
+    ) -> Result<bool, StoreError>
+    where
+        E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+        match sent {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
+            Err(e) => Err(classify(e, self.attempts())),
+        }
+    }
+
     pub(crate) fn backoff(&self) -> Backoff {
         self.backoff
     }
