@@ -31,9 +31,10 @@ impl From<String> for Failure {
 /// to, and however well they compress.
 const READ_WINDOW_BYTES: usize = 8 << 20;
 
-/// Parts a window reads at most: their items, before anything is inflated,
-/// stay under 32 MB whatever they hold (80 of DynamoDB's 400 KB items).
-const READ_WINDOW_PARTS: usize = 80;
+/// Parts a window reads at most (as four requests side by side): their
+/// items, before anything is inflated, stay under 40 MB whatever they hold
+/// (100 of DynamoDB's 400 KB items).
+const READ_WINDOW_PARTS: usize = 100;
 
 /// What a part's document may hold besides its result (status, dates,
 /// traceback): its read may pass the room left for results by this much.

@@ -1,6 +1,6 @@
 //! The chord's items, as the join needs them: the [`ChordStore`] trait
 //! over a chord's state item and its part items, implemented for DynamoDB
-//! in [`super::dynamo`]. Every claim transition is conditional on the
+//! in `chord/dynamo.rs`. Every claim transition is conditional on the
 //! claim's token, so an invocation that lost its claim changes nothing.
 
 use std::future::Future;
@@ -96,7 +96,7 @@ impl ChordState {
 }
 
 /// The chord operations of chord-join, over the chord's state item and part
-/// items (see [`chords`] for DynamoDB). Every claim transition is
+/// items (see `chord/dynamo.rs` for DynamoDB). Every claim transition is
 /// conditional on the claim's token, so an invocation that lost its claim
 /// changes nothing.
 pub trait ChordStore: ResultStore {

@@ -234,13 +234,14 @@ impl DynamoStore {
         Ok((name, doc, Some(BlobRef { key, bytes: result.len() as u64 }), written))
     }
 
-    /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
-    /// The items of `ids`' results, read consistently in chunks of 100,
-    /// concurrently: the keys in request order, and the items found by key.
+    /// The items of `ids`' results, read consistently in chunks of `chunk`
+    /// keys (at most DynamoDB's 100), concurrently: the keys in request
+    /// order, and the items found by key.
     async fn get_items(
         &self,
         ns: &Namespace,
         ids: &[TaskId],
+        chunk: usize,
     ) -> Result<(Vec<String>, HashMap<String, Item>), StoreError> {
         // BatchGetItem refuses duplicate keys: fetch each key once, then put
         // the answers back in request order.
@@ -254,7 +255,7 @@ impl DynamoStore {
         }
         // Chunks run concurrently within this task (not spawned), so the call
         // counter of the request sees them.
-        let chunks = try_join_all(unique.chunks(BATCH_CHUNK).map(|chunk| self.get_chunk(chunk))).await?;
+        let chunks = try_join_all(unique.chunks(chunk).map(|keys| self.get_chunk(keys))).await?;
         let mut found: HashMap<String, Item> = HashMap::with_capacity(unique.len());
         for chunk in chunks {
             found.extend(chunk);
@@ -262,6 +263,7 @@ impl DynamoStore {
         Ok((keys, found))
     }
 
+    /// One `BatchGetItem` chunk (at most 100 distinct keys), retrying
     /// unprocessed keys with backoff until done or out of attempts.
     pub(crate) async fn get_chunk(&self, pks: &[String]) -> Result<HashMap<String, Item>, StoreError> {
         let mut found = HashMap::with_capacity(pks.len());
@@ -539,7 +541,7 @@ impl ResultStore for DynamoStore {
     }
 
     async fn get_tasks(&self, ns: &Namespace, ids: &[TaskId]) -> Result<Vec<Option<Stored>>, StoreError> {
-        let (keys, found) = self.get_items(ns, ids).await?;
+        let (keys, found) = self.get_items(ns, ids, BATCH_CHUNK).await?;
         let now = now_epoch();
         Ok(keys.iter().map(|key| found.get(key).and_then(|item| decode(item, now))).collect())
     }
@@ -550,7 +552,10 @@ impl ResultStore for DynamoStore {
         ids: &[TaskId],
         budget: usize,
     ) -> Result<Vec<Option<Within>>, StoreError> {
-        let (keys, found) = self.get_items(ns, ids).await?;
+        // At least four requests side by side when there are few keys (a
+        // chord's read window), chunks of 100 (DynamoDB's most) when many.
+        let chunk = ids.len().div_ceil(4).clamp(1, BATCH_CHUNK);
+        let (keys, found) = self.get_items(ns, ids, chunk).await?;
         let (now, mut left) = (now_epoch(), Some(budget));
         Ok(keys.iter().map(|key| found.get(key).and_then(|item| decode_within(item, now, &mut left))).collect())
     }
