@@ -36,7 +36,9 @@ pub enum Route {
     PutGroup(GroupId),
     GetGroup(GroupId),
     DeleteGroup(GroupId),
-    GetChord(GroupId),
+    /// With, from the query string, whether to list the failed parts' ids
+    /// (`failed_ids=true`).
+    GetChord(GroupId, bool),
     /// `POST /v1/cache/get-or-delegate`: the processing cache, one key or many.
     CacheGetOrDelegate,
     /// `POST /v1/cache/entry`: an entry's state.
@@ -57,7 +59,7 @@ impl Route {
             Route::PutGroup(_) => "PutGroup",
             Route::GetGroup(_) => "GetGroup",
             Route::DeleteGroup(_) => "DeleteGroup",
-            Route::GetChord(_) => "GetChord",
+            Route::GetChord(..) => "GetChord",
             Route::CacheGetOrDelegate => "CacheGetOrDelegate",
             Route::CacheEntry => "CacheEntry",
             Route::CacheInvalidate => "CacheInvalidate",
@@ -75,7 +77,7 @@ impl Route {
             Route::PutGroup(id) => ("PUT", format!("/v1/groups/{id}")),
             Route::GetGroup(id) => ("GET", format!("/v1/groups/{id}")),
             Route::DeleteGroup(id) => ("DELETE", format!("/v1/groups/{id}")),
-            Route::GetChord(id) => ("GET", format!("/v1/chords/{id}")),
+            Route::GetChord(id, _) => ("GET", format!("/v1/chords/{id}")),
             Route::CacheGetOrDelegate => ("POST", "/v1/cache/get-or-delegate".to_owned()),
             Route::CacheEntry => ("POST", "/v1/cache/entry".to_owned()),
             Route::CacheInvalidate => ("POST", "/v1/cache/invalidate".to_owned()),
@@ -121,11 +123,20 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
         ("PUT", ["", "v1", "groups", id]) => Ok(Route::PutGroup(group(id)?)),
         ("GET", ["", "v1", "groups", id]) => Ok(Route::GetGroup(group(id)?)),
         ("DELETE", ["", "v1", "groups", id]) => Ok(Route::DeleteGroup(group(id)?)),
-        ("GET", ["", "v1", "chords", id]) => Ok(Route::GetChord(group(id)?)),
+        ("GET", ["", "v1", "chords", id]) => Ok(Route::GetChord(group(id)?, false)),
         ("POST", ["", "v1", "cache", "get-or-delegate"]) => Ok(Route::CacheGetOrDelegate),
         ("POST", ["", "v1", "cache", "entry"]) => Ok(Route::CacheEntry),
         ("POST", ["", "v1", "cache", "invalidate"]) => Ok(Route::CacheInvalidate),
         _ => Err(no_route()),
+    }
+}
+
+/// A yes-or-no query parameter: `true` or `1`, `false` or `0`, absent (no).
+fn yes_or_no(name: &str, raw: Option<&str>) -> Result<bool, ApiError> {
+    match raw.map(str::trim) {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(ApiError::BadQuery(format!("{name} {other:?} is not true or false"))),
     }
 }
 
@@ -185,7 +196,11 @@ pub fn parse<S>(app: &App<S>, request: Request) -> Result<Incoming, ApiError> {
         return Err(ApiError::BodyTooLarge { size, limit: app.config.max_body_bytes });
     }
     let query = request.query_string_parameters();
-    let route = route(request.method().as_str(), request.uri().path(), query.first("wait"), app.config.max_wait)?;
+    let route = match route(request.method().as_str(), request.uri().path(), query.first("wait"), app.config.max_wait)?
+    {
+        Route::GetChord(id, _) => Route::GetChord(id, yes_or_no("failed_ids", query.first("failed_ids"))?),
+        other => other,
+    };
     let body = match request.into_body() {
         Body::Empty => Vec::new(),
         Body::Text(text) => text.into_bytes(),

@@ -546,23 +546,41 @@ pub async fn restore_group<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Gr
     }
 }
 
-/// `GET /v1/chords/{group_id}`: a chord's progress, or 404 before its first
-/// part has been counted.
-pub async fn chord_status<S: ChordStore>(app: &App<S>, ns: &Namespace, id: &GroupId) -> Result<Reply, ApiError> {
-    match app.store.chord_state(ns, id).await? {
-        Some(chord) => Ok(Reply::ok(
-            serde_json::json!({
-                "group_id": id.as_str(),
-                "size": chord.size,
-                "done": chord.done.min(chord.size),
-                "state": chord.phase.as_str(),
-                "callback_id": chord.callback_id,
-                "error": chord.error,
-            })
-            .to_string(),
-        )),
-        None => Err(ApiError::ChordNotFound(id.to_string())),
+/// The most failed parts' ids a chord's status lists.
+pub const MAX_FAILED_IDS: usize = 1000;
+
+/// `GET /v1/chords/{group_id}`: a chord's progress, with its parts counted
+/// by state (succeeded, failed, pending), and with `failed_ids` the ids of
+/// its failed parts (at most [`MAX_FAILED_IDS`]); 404 before its first part
+/// has been counted.
+pub async fn chord_status<S: ChordStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &GroupId,
+    failed_ids: bool,
+) -> Result<Reply, ApiError> {
+    let Some(chord) = app.store.chord_state(ns, id).await? else {
+        return Err(ApiError::ChordNotFound(id.to_string()));
+    };
+    let done = chord.done.min(chord.size);
+    let failed = chord.failed.min(done);
+    let mut answer = serde_json::json!({
+        "group_id": id.as_str(),
+        "size": chord.size,
+        "done": done,
+        "succeeded": done - failed,
+        "failed": failed,
+        "pending": chord.size - done,
+        "state": chord.phase.as_str(),
+        "callback_id": chord.callback_id,
+        "error": chord.error,
+    });
+    if failed_ids {
+        let (ids, more) = app.store.failed_part_ids(ns, id, MAX_FAILED_IDS).await?;
+        answer["failed_ids"] = ids.iter().map(TaskId::as_str).collect::<Vec<_>>().into();
+        answer["failed_ids_truncated"] = more.into();
     }
+    Ok(Reply::ok(answer.to_string()))
 }
 
 /// `DELETE /v1/groups/{group_id}`. Idempotent.

@@ -244,6 +244,37 @@ async fn a_chord_of_tiny_then_well_compressed_huge_results_fails_cleanly_and_the
 }
 
 #[tokio::test]
+async fn a_chords_status_counts_its_parts_by_state_and_names_the_failed_ones() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({}));
+    let failure = json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"});
+    let ids: Vec<String> = (0..6).map(|i| api.id(&format!("p{i}"))).collect();
+    // Five of six parts: 0, 2 and 4 succeed, 1 and 3 fail; 5 never reports.
+    for (i, id) in ids.iter().enumerate().take(5) {
+        let (status, result) = if i % 2 == 1 { ("FAILURE", failure.clone()) } else { ("SUCCESS", json!(i)) };
+        api.put_task(id, chord.part(id, i, 6, status, result)).await.expect(200);
+    }
+    let path = format!("/v1/chords/{}", chord.gid);
+    let mut status = Value::Null;
+    for _ in 0..120 {
+        status = api.call(reqwest::Method::GET, &path, None).await.json;
+        if status["done"] == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let counts = (&status["done"], &status["succeeded"], &status["failed"], &status["pending"]);
+    assert_eq!(counts, (&json!(5), &json!(3), &json!(2), &json!(1)), "{status}");
+    assert!(status.get("failed_ids").is_none(), "listed only on request");
+    let listed = api.call(reqwest::Method::GET, &format!("{path}?failed_ids=true"), None).await.expect(200);
+    assert_eq!(listed.json["failed_ids"], json!([ids[1], ids[3]]));
+    assert_eq!(listed.json["failed_ids_truncated"], false);
+    let bad = api.call(reqwest::Method::GET, &format!("{path}?failed_ids=maybe"), None).await.expect(400);
+    assert_eq!(bad.json["error"]["code"], "invalid_query", "{}", bad.json);
+}
+
+#[tokio::test]
 async fn a_callback_to_a_queue_that_does_not_exist_fails_the_chord_without_retrying_forever() {
     let api = Api::new();
     let queue = Queue::new(&api.id("q")).await;

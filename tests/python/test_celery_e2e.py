@@ -115,6 +115,23 @@ def test_a_chord_with_a_failed_part_fails_its_callback_and_calls_the_errback(wor
     assert app.backend.chord_status(result.parent.id)["state"] == "failed"
 
 
+def test_a_chords_status_counts_its_parts_by_state_from_one_request(worker):
+    header = [fail.s(f"part {i} broke") if i in (2, 5, 7) else add.s(i, 1) for i in range(10)]
+    result = chord(header)(collect.s("never"))
+    with pytest.raises((ValueError, ChordError)):
+        result.get(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    status = app.backend.chord_status(result.parent.id, failed_ids=True)
+    while status["done"] < 10:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+        status = app.backend.chord_status(result.parent.id, failed_ids=True)
+    assert (status["succeeded"], status["failed"], status["pending"]) == (7, 3, 0), status
+    assert status["failed_ids"] == [result.parent.results[i].id for i in (2, 5, 7)]
+    assert status["failed_ids_truncated"] is False
+    assert "failed_ids" not in app.backend.chord_status(result.parent.id)
+
+
 def test_a_saved_group_is_restored_and_deleted(worker):
     result = group(add.s(i, 1) for i in range(5))()
     result.save()

@@ -510,3 +510,13 @@ def test_a_get_or_delegate_sent_again_keeps_its_request_id(server: tuple[str, Sc
     script.answers = [(200, {}, answer)]
     cache.get_or_delegate("thumb", "u", cb_args=1)
     assert json.loads(script.seen[-1]["body"])["request_id"] != ids[0], "a new request, a new id"
+
+
+def test_a_chords_status_asks_for_the_failed_ids_only_when_told(server: tuple[str, Script]) -> None:
+    url, script = server
+    counts = {"size": 3, "done": 2, "succeeded": 1, "failed": 1, "pending": 1, "state": "open"}
+    script.answers = [(200, {}, counts), (200, {}, {**counts, "failed_ids": ["p1"], "failed_ids_truncated": False})]
+    client = Client(url, ClientOptions(**FAST))
+    assert client.chord("c 1") == counts
+    assert client.chord("c 1", failed_ids=True)["failed_ids"] == ["p1"]
+    assert [seen["path"] for seen in script.seen] == ["/v1/chords/c%201", "/v1/chords/c%201?failed_ids=true"]

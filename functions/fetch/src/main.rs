@@ -20,7 +20,7 @@ async fn main() -> Result<(), Error> {
             match incoming.route {
                 Route::GetTask(id, wait) => service::fetch_task(app, ns, &id, wait).await,
                 Route::GetGroup(id) => service::restore_group(app, ns, &id).await,
-                Route::GetChord(id) => service::chord_status(app, ns, &id).await,
+                Route::GetChord(id, failed_ids) => service::chord_status(app, ns, &id, failed_ids).await,
                 other => Err(other.not_here()),
             }
         })

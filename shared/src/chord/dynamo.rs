@@ -5,7 +5,7 @@
 
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
-use aws_sdk_dynamodb::types::{Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -54,6 +54,9 @@ impl DynamoStore {
                 let mut item = key(pk, &part_sk(part.index));
                 item.insert(attr::TASK_ID.into(), s(part.task_id.as_str()));
                 item.insert(attr::EXPIRES_AT.into(), n(expires_at));
+                if part.failed {
+                    item.insert(attr::FAILED.into(), AttributeValue::Bool(true));
+                }
                 let put = Put::builder()
                     .table_name(self.table())
                     .set_item(Some(item))
@@ -69,7 +72,7 @@ impl DynamoStore {
                 .update_expression(
                     "SET #size = if_not_exists(#size, :size), #cb = if_not_exists(#cb, :cb), \
                      #cbid = if_not_exists(#cbid, :cbid), #state = if_not_exists(#state, :open), \
-                     #exp = if_not_exists(#exp, :exp) ADD #done :k",
+                     #exp = if_not_exists(#exp, :exp) ADD #done :k, #failed :f",
                 )
                 .expression_attribute_names("#size", attr::SIZE)
                 .expression_attribute_names("#cb", attr::CALLBACK)
@@ -77,12 +80,14 @@ impl DynamoStore {
                 .expression_attribute_names("#state", attr::STATE)
                 .expression_attribute_names("#exp", attr::EXPIRES_AT)
                 .expression_attribute_names("#done", attr::DONE)
+                .expression_attribute_names("#failed", attr::FAILED)
                 .expression_attribute_values(":size", n(chord.size))
                 .expression_attribute_values(":cb", s(chord.callback.clone()))
                 .expression_attribute_values(":cbid", s(chord.callback_id.clone()))
                 .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
                 .expression_attribute_values(":exp", n(expires_at))
                 .expression_attribute_values(":k", n(parts.len()))
+                .expression_attribute_values(":f", n(parts.iter().filter(|p| p.failed).count()))
                 .build()
                 .map_err(|e| StoreError::Other(e.to_string()))?;
             actions.push(TransactWriteItem::builder().update(update).build());
@@ -138,6 +143,53 @@ impl DynamoStore {
     }
 }
 
+impl DynamoStore {
+    /// The counted parts' task ids in `group_index` order (only the failed
+    /// ones, with `failed`), at most `limit`; and whether there are more.
+    async fn part_ids(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        failed: bool,
+        limit: usize,
+    ) -> Result<(Vec<TaskId>, bool), StoreError> {
+        let mut ids = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let mut query = self
+                .client()
+                .query()
+                .table_name(self.table())
+                .key_condition_expression("#pk = :pk AND begins_with(#sk, :part)")
+                .expression_attribute_names("#pk", attr::PK)
+                .expression_attribute_names("#sk", attr::SK)
+                .expression_attribute_values(":pk", s(chord_key(ns, gid)))
+                .expression_attribute_values(":part", s(SK_PART_PREFIX))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take());
+            if failed {
+                query = query
+                    .filter_expression("#failed = :yes")
+                    .expression_attribute_names("#failed", attr::FAILED)
+                    .expression_attribute_values(":yes", AttributeValue::Bool(true));
+            }
+            let out = query.send().await.map_err(|e| classify(e, self.attempts()))?;
+            for item in out.items.unwrap_or_default() {
+                if ids.len() == limit {
+                    return Ok((ids, true));
+                }
+                if let Some(id) = get_s(&item, attr::TASK_ID).and_then(|id| TaskId::parse(&id).ok()) {
+                    ids.push(id);
+                }
+            }
+            match out.last_evaluated_key {
+                Some(key) if !key.is_empty() => start = Some(key),
+                _ => return Ok((ids, false)),
+            }
+        }
+    }
+}
+
 /// The condition every transition of a held claim shares.
 const HELD: &str = "#state = :joining AND #token = :token";
 
@@ -169,6 +221,7 @@ impl ChordStore for DynamoStore {
         Ok(item.map(|item| ChordState {
             size: get_n(&item, attr::SIZE).unwrap_or(0) as u32,
             done: get_n(&item, attr::DONE).unwrap_or(0) as u32,
+            failed: get_n(&item, attr::FAILED).unwrap_or(0) as u32,
             phase: ChordPhase::parse(&get_s(&item, attr::STATE).unwrap_or_default()),
             callback: get_s(&item, attr::CALLBACK).unwrap_or_default(),
             callback_id: get_s(&item, attr::CALLBACK_ID).unwrap_or_default(),
@@ -296,33 +349,16 @@ impl ChordStore for DynamoStore {
     }
 
     /// One consistent Query, paged.
+    async fn failed_part_ids(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        limit: usize,
+    ) -> Result<(Vec<TaskId>, bool), StoreError> {
+        self.part_ids(ns, gid, true, limit).await
+    }
+
     async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
-        let mut ids = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client()
-                .query()
-                .table_name(self.table())
-                .key_condition_expression("#pk = :pk AND begins_with(#sk, :part)")
-                .expression_attribute_names("#pk", attr::PK)
-                .expression_attribute_names("#sk", attr::SK)
-                .expression_attribute_values(":pk", s(chord_key(ns, gid)))
-                .expression_attribute_values(":part", s(SK_PART_PREFIX))
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| classify(e, self.attempts()))?;
-            for item in out.items.unwrap_or_default() {
-                if let Some(id) = get_s(&item, attr::TASK_ID).and_then(|id| TaskId::parse(&id).ok()) {
-                    ids.push(id);
-                }
-            }
-            match out.last_evaluated_key {
-                Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok(ids),
-            }
-        }
+        Ok(self.part_ids(ns, gid, false, usize::MAX).await?.0)
     }
 }

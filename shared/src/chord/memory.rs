@@ -72,11 +72,12 @@ impl ChordStore for MemoryChordStore {
         let key = chord_key(ns, gid);
         let mut all = self.ext.parts.lock().unwrap();
         let counted = all.entry(key.clone()).or_default();
-        let mut new = 0;
+        let (mut new, mut failed) = (0, 0);
         for part in parts {
             if let std::collections::btree_map::Entry::Vacant(e) = counted.entry(part.index) {
                 e.insert(part.clone());
                 new += 1;
+                failed += u32::from(part.failed);
             }
         }
         let expires_at = parts.iter().map(|p| p.expires_at).max().unwrap_or(0);
@@ -85,6 +86,7 @@ impl ChordStore for MemoryChordStore {
             let state = ChordState {
                 size: chord.size,
                 done: 0,
+                failed: 0,
                 phase: ChordPhase::Open,
                 callback: chord.callback.clone(),
                 callback_id: chord.callback_id.clone(),
@@ -97,6 +99,7 @@ impl ChordStore for MemoryChordStore {
             (state, None, 0)
         });
         entry.0.done += new;
+        entry.0.failed += failed;
         Ok(new)
     }
 
@@ -189,6 +192,21 @@ impl ChordStore for MemoryChordStore {
             state.phase = phase;
             state.error = error.map(str::to_owned);
         }))
+    }
+
+    async fn failed_part_ids(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        limit: usize,
+    ) -> Result<(Vec<TaskId>, bool), StoreError> {
+        let parts = self.ext.parts.lock().unwrap();
+        let failed: Vec<TaskId> = parts
+            .get(&chord_key(ns, gid))
+            .map(|p| p.values().filter(|p| p.failed).map(|p| p.task_id.clone()).collect())
+            .unwrap_or_default();
+        let more = failed.len() > limit;
+        Ok((failed.into_iter().take(limit).collect(), more))
     }
 
     async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {

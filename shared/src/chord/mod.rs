@@ -84,7 +84,8 @@ impl once::Record for Part {
 pub fn part_of(record: &EventRecord) -> Option<Part> {
     use crate::store::schema::attr;
     let image = Image::of(record)?;
-    if !State::parse(image.s(attr::STATUS)?).ok()?.is_ready() {
+    let status = State::parse(image.s(attr::STATUS)?).ok()?;
+    if !status.is_ready() {
         return None;
     }
     let callback = image.s(attr::CHORD_CALLBACK)?.to_owned();
@@ -98,6 +99,7 @@ pub fn part_of(record: &EventRecord) -> Option<Part> {
             index: image.n(attr::GROUP_INDEX)?,
             task_id,
             expires_at: image.n(attr::EXPIRES_AT).unwrap_or(0),
+            failed: matches!(status, State::Failure | State::Revoked),
         },
         stored_at: image.n(attr::STORED_AT),
         sequence: image.sequence,

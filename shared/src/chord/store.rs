@@ -17,6 +17,8 @@ pub struct ChordPart {
     pub task_id: TaskId,
     /// The part's own expiry; the chord's items live at least as long.
     pub expires_at: i64,
+    /// Whether the part failed (FAILURE or REVOKED).
+    pub failed: bool,
 }
 
 /// What the first counted part registers on the chord's state item (the
@@ -74,6 +76,8 @@ impl ChordPhase {
 pub struct ChordState {
     pub size: u32,
     pub done: u32,
+    /// Counted parts that failed (FAILURE or REVOKED).
+    pub failed: u32,
     pub phase: ChordPhase,
     pub callback: String,
     pub callback_id: String,
@@ -180,6 +184,14 @@ pub trait ChordStore: ResultStore {
         phase: ChordPhase,
         error: Option<&str>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// The task ids of the counted parts that failed, in `group_index`
+    /// order, at most `limit` of them; and whether there are more.
+    fn failed_part_ids(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        limit: usize,
+    ) -> impl Future<Output = Result<(Vec<TaskId>, bool), StoreError>> + Send;
     /// The counted parts' task ids in `group_index` order.
     fn chord_part_ids(
         &self,

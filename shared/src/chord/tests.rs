@@ -55,6 +55,7 @@ async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status:
     };
     let json = format!(r#"{{"status":"{status}","result":{result},"task_id":"p{i}"}}"#);
     let status = State::parse(status).unwrap();
+    let failed = status != State::Success;
     let record = TaskRecord {
         task_id: task_id.clone(),
         status,
@@ -71,7 +72,7 @@ async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status:
         ns,
         group_id: gid(),
         chord: ChordRegistration { size, callback: callback.into(), callback_id: "cb".into() },
-        part: ChordPart { index: i, task_id, expires_at: now_epoch() + 3600 },
+        part: ChordPart { index: i, task_id, expires_at: now_epoch() + 3600, failed },
         stored_at: Some(crate::time::now_millis()),
     }
 }
@@ -526,4 +527,36 @@ async fn a_chord_of_many_parts_reads_them_all_across_windows_in_order() {
     assert_eq!((results[6].clone(), results[8].clone(), results[249].clone()), (json!(6), json!(8), json!(249)));
     assert_eq!(results[57].as_str().unwrap().len(), 3 << 20);
     assert!(j.store.largest_read.load(Ordering::SeqCst) <= 8 << 20);
+}
+
+#[tokio::test]
+async fn a_chords_status_counts_its_parts_by_state_and_lists_the_failed_ones_on_request() {
+    let j = joiner(FakeSink::default());
+    let statuses = ["SUCCESS", "FAILURE", "SUCCESS", "REVOKED", "SUCCESS", "SUCCESS"];
+    let mut parts = Vec::new();
+    for (i, status) in statuses.iter().enumerate().take(5) {
+        parts.push(part(&j, i as u32, 6, status).await);
+    }
+    // Counted twice, as a redelivered batch would be: each part once.
+    j.store
+        .count_parts(
+            &Namespace::default(),
+            &gid(),
+            &parts[0].chord,
+            &parts.iter().map(|p| p.part.clone()).collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
+    assert!(j.handle_parts(parts).await.is_empty());
+    let app = crate::service::App { config: Config::for_table("t"), store: j.store };
+    let (ns, g) = (Namespace::default(), gid());
+    let status = |failed_ids| crate::service::chord_status(&app, &ns, &g, failed_ids);
+    let plain: Value = serde_json::from_str(&status(false).await.unwrap().body).unwrap();
+    assert_eq!(
+        (&plain["done"], &plain["succeeded"], &plain["failed"], &plain["pending"]),
+        (&json!(5), &json!(3), &json!(2), &json!(1))
+    );
+    assert!(plain.get("failed_ids").is_none());
+    let listed: Value = serde_json::from_str(&status(true).await.unwrap().body).unwrap();
+    assert_eq!((&listed["failed_ids"], &listed["failed_ids_truncated"]), (&json!(["p1", "p3"]), &json!(false)));
 }

@@ -50,6 +50,9 @@ pub mod attr {
     pub const ERRBACKS_SENT: &str = "errbacks_sent";
     /// Messages of a multi-message body (a group, a chord) already sent.
     pub const BODY_SENT: &str = "body_sent";
+    /// On a chord's state item: the counted parts that failed (FAILURE or
+    /// REVOKED); on a part item, `true` when the part failed.
+    pub const FAILED: &str = "failed";
     /// On a chord's part item.
     pub const TASK_ID: &str = "task_id";
     /// On a processing cache's task result: the entry it settles.

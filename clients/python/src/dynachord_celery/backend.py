@@ -427,9 +427,15 @@ class DynachordBackend(BaseBackend):
             "with a group are not supported"
         )
 
-    def chord_status(self, group_id: str) -> dict[str, Any] | None:
-        """The server's view of a chord: size, done, state, callback_id."""
-        return self.client.chord(group_id)
+    def chord_status(self, group_id: str, failed_ids: bool = False) -> dict[str, Any] | None:
+        """The server's view of a chord, from one request however many parts
+        it has: size, state, callback_id, and its parts counted by state
+        (``succeeded``, ``failed``, ``pending``); with ``failed_ids``, the
+        failed parts' task ids. ``None`` before its first part is counted.
+
+        Takes a chord's id (its header group's id): ``result.parent.id`` of
+        ``chord(header)(body)``, or the group's ``GroupResult.id``."""
+        return self.client.chord(group_id, failed_ids=failed_ids)
 
     def as_uri(self, include_password: bool = False) -> str:
         return f"dynachord+{self.client.endpoint}"

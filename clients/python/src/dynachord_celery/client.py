@@ -440,10 +440,14 @@ class Client:
     def delete_group(self, group_id: str) -> None:
         self.request("DELETE", _group_path(group_id))
 
-    def chord(self, group_id: str) -> dict[str, Any] | None:
-        """A chord's progress (size, done, state, callback_id), or ``None``
-        before its first part has been counted."""
-        response = self._get_or_none("/v1/chords/" + quote(group_id, safe=""), "chord_not_found")
+    def chord(self, group_id: str, failed_ids: bool = False) -> dict[str, Any] | None:
+        """A chord's progress (size, done, state, callback_id) with its parts
+        counted by state (succeeded, failed, pending), or ``None`` before its
+        first part has been counted. With ``failed_ids``, also the failed
+        parts' task ids (at most 1000; ``failed_ids_truncated`` says if more
+        failed)."""
+        path = "/v1/chords/" + quote(group_id, safe="") + ("?failed_ids=true" if failed_ids else "")
+        response = self._get_or_none(path, "chord_not_found")
         return None if response is None else dict(response.json())
 
     def _get_or_none(self, path: str, not_found: str) -> requests.Response | None:
