@@ -78,7 +78,8 @@ async fn a_chord_of_3_calls_back_once_with_results_in_index_order() {
     let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
     assert_eq!(
         status.json,
-        json!({"group_id": chord.gid, "size": 3, "done": 3, "state": "dispatched", "callback_id": chord.callback_id, "error": null})
+        json!({"group_id": chord.gid, "size": 3, "done": 3, "succeeded": 3, "failed": 0, "pending": 0,
+               "state": "dispatched", "callback_id": chord.callback_id, "error": null})
     );
 }
 
