@@ -19,6 +19,11 @@ pub const CHAIN: &str = "celery.chain";
 pub const GROUP: &str = "celery.group";
 pub const CHORD: &str = "celery.chord";
 
+/// The option of a chord's body that says how many failed parts it tolerates.
+pub const TOLERATED_FAILURES: &str = "tolerated_failures";
+/// The option that says what share of its parts, in percent.
+pub const TOLERATED_FAILURE_PERCENTAGE: &str = "tolerated_failure_percentage";
+
 /// A Celery signature, as a worker sends it in `request.chord`.
 #[derive(Debug, Clone)]
 pub struct Signature {
@@ -239,6 +244,37 @@ impl Signature {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// How many failed parts a chord whose body this is tolerates
+    /// (`options.tolerated_failures`, a count, and
+    /// `options.tolerated_failure_percentage`, 0 to 100, of `size`; set from
+    /// Celery with `.set(...)`): the least of those given, 0 when neither is.
+    /// An `Err` says which is malformed.
+    pub fn tolerated_failures(&self, size: u32) -> Result<u32, String> {
+        let count = match self.options.get(TOLERATED_FAILURES) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                crate::whole::as_u64(v)
+                    .filter(|n| *n <= u64::from(u32::MAX))
+                    .ok_or_else(|| format!("{TOLERATED_FAILURES} must be a whole number of parts, not {v}"))?
+                    as u32,
+            ),
+        };
+        let share = match self.options.get(TOLERATED_FAILURE_PERCENTAGE) {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                let pct = v
+                    .as_f64()
+                    .filter(|p| (0.0..=100.0).contains(p))
+                    .ok_or_else(|| format!("{TOLERATED_FAILURE_PERCENTAGE} must be a number from 0 to 100, not {v}"))?;
+                Some((f64::from(size) * pct / 100.0).floor() as u32)
+            }
+        };
+        Ok(match (count, share) {
+            (Some(a), Some(b)) => a.min(b),
+            (one, other) => one.or(other).unwrap_or(0),
+        })
     }
 
     /// The queue this signature names (`options.queue`), if any.

@@ -26,6 +26,8 @@ pub const CHORD_MARK_FAILED: &str = "ChordMarkFailed";
 pub const CHORD_JOIN_RETRIED: &str = "ChordJoinRetried";
 /// A chord failed: ChordError stored on its callback.
 pub const CHORD_FAILED: &str = "ChordFailed";
+/// Failed parts a chord's body tolerated (their exceptions in their slots).
+pub const CHORD_FAILURES_TOLERATED: &str = "ChordFailuresTolerated";
 /// A chord's callback was sent.
 pub const CHORD_DISPATCHED: &str = "ChordDispatched";
 /// Chord parts counted for the first time (each part once).

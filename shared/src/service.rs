@@ -218,6 +218,7 @@ fn check_callback(config: &Config, ns: &Namespace, callback: &str) -> Result<(),
         return Err(ApiError::CallbackTooLarge { size: callback.len(), limit: limits.max_callback_bytes });
     }
     let sig = Signature::parse(callback).map_err(|e| ApiError::BadBody(format!("chord: {e}")))?;
+    sig.tolerated_failures(0).map_err(|e| ApiError::BadBody(format!("chord: the callback's {e}")))?;
     // The callback's own errbacks, and each of a group body's members' (a
     // failed chord calls those for each member).
     let members = sig.group_members();

@@ -21,6 +21,15 @@ fn from_number<E: Error, T: TryFrom<u64>>(n: &serde_json::Number) -> Result<T, E
     T::try_from(whole).map_err(|_| E::custom(format!("invalid value: {n} is too large")))
 }
 
+/// A JSON value as a whole number, if it is one (an integer or an
+/// integral float, at least 0).
+pub fn as_u64(value: &serde_json::Value) -> Option<u64> {
+    match value {
+        serde_json::Value::Number(n) => from_number::<serde_json::Error, u64>(n).ok(),
+        _ => None,
+    }
+}
+
 /// A whole number (a JSON integer or integral float).
 pub fn required<'de, D: Deserializer<'de>, T: TryFrom<u64>>(d: D) -> Result<T, D::Error> {
     from_number(&serde_json::Number::deserialize(d)?)

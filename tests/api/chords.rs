@@ -276,6 +276,30 @@ async fn a_chords_status_counts_its_parts_by_state_and_names_the_failed_ones() {
 }
 
 #[tokio::test]
+async fn a_body_that_tolerates_failed_parts_is_called_back_with_their_exceptions() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({"tolerated_failures": 2}));
+    let failure = json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"});
+    for i in 0..5 {
+        let id = api.id(&format!("p{i}"));
+        let (status, result) = if i == 1 || i == 4 { ("FAILURE", failure.clone()) } else { ("SUCCESS", json!(i)) };
+        api.put_task(&id, chord.part(&id, i, 5, status, result)).await.expect(200);
+    }
+    let messages = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0].body[0], json!([[0, failure, 2, 3, failure]]));
+    let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    assert_eq!((&status.json["state"], &status.json["failed"]), (&json!("dispatched"), &json!(2)));
+    // A tolerance that is not a count or a share is refused when the part is stored.
+    let bad = Chord::new(&api, &queue, json!({"tolerated_failures": -1}));
+    let id = api.id("bad-p0");
+    let refused = api.put_task(&id, bad.part(&id, 0, 1, "SUCCESS", json!(0))).await.expect(400);
+    assert!(refused.json["error"]["message"].as_str().unwrap().contains("tolerated_failures"), "{}", refused.json);
+    assert_eq!(api.get_task(&id).await.expect(200).json["status"], "PENDING", "nothing stored");
+}
+
+#[tokio::test]
 async fn a_callback_to_a_queue_that_does_not_exist_fails_the_chord_without_retrying_forever() {
     let api = Api::new();
     let queue = Queue::new(&api.id("q")).await;

@@ -132,6 +132,26 @@ def test_a_chords_status_counts_its_parts_by_state_from_one_request(worker):
     assert "failed_ids" not in app.backend.chord_status(result.parent.id)
 
 
+def test_a_chord_that_tolerates_failed_parts_calls_back_with_their_exceptions(worker):
+    failing = (10, 50, 90)
+    header = [fail.s(f"part {i}") if i in failing else add.s(i, 0) for i in range(100)]
+    tolerant = chord(header)(collect.s("tolerant").set(tolerated_failures=5))
+    # A fresh AsyncResult: the callback's own result, not its header's errors.
+    values = AsyncResult(tolerant.id, app=app).get(timeout=TIMEOUT)["values"]
+    assert len(values) == 100
+    failed = [i for i, v in enumerate(values) if isinstance(v, dict) and v.get("exc_type") == "ValueError"]
+    assert failed == list(failing)
+    assert values[10]["exc_message"] == ["part 10", 42]
+    assert all(values[i] == i for i in range(100) if i not in failing)
+    status = app.backend.chord_status(tolerant.parent.id)
+    assert (status["state"], status["succeeded"], status["failed"]) == ("dispatched", 97, 3), status
+    # Past what it tolerates, the chord fails as Celery's do.
+    header = [fail.s(f"part {i}") if i in failing else add.s(i, 0) for i in range(100)]
+    strict = chord(header)(collect.s("strict").set(tolerated_failures=2))
+    with pytest.raises(ChordError):
+        AsyncResult(strict.id, app=app).get(timeout=TIMEOUT)
+
+
 def test_a_saved_group_is_restored_and_deleted(worker):
     result = group(add.s(i, 1) for i in range(5))()
     result.save()

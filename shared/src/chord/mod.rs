@@ -313,7 +313,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             let message = format!("ChordError: {} of the chord's {} parts are on record; {why}", ids.len(), state.size);
             return self.fail(claim, &sig, message, OnTransient::Retry).await;
         }
-        let results = match self.read_results(ns, &ids).await? {
+        // A body that tolerates failed parts gets their exceptions in their
+        // slots; past what it tolerates, the chord fails as Celery's do.
+        let tolerated = sig.tolerated_failures(state.size).unwrap_or(0);
+        let results = match self.read_results(ns, &ids, tolerated).await? {
             Ok(results) => results,
             Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
         };

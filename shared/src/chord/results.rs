@@ -10,6 +10,7 @@ use crate::dispatch::{CallbackSink, Outgoing};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::State;
+use crate::metrics;
 use crate::store::{Stored, TaskRecord, Within};
 use crate::time::{now_celery, now_epoch};
 
@@ -40,6 +41,12 @@ const READ_WINDOW_PARTS: usize = 100;
 /// traceback): its read may pass the room left for results by this much.
 const META_SLACK: usize = 64 << 10;
 
+/// The failed parts a join tolerates, and those it has met so far.
+struct Failures {
+    tolerated: u32,
+    seen: u32,
+}
+
 /// A part whose result is no longer stored.
 fn gone(id: &TaskId) -> Failure {
     format!("Dependency {id} has no result (forgotten or expired)").into()
@@ -50,6 +57,8 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
     /// inner `Err`, the ChordError message of the first part that failed,
     /// has no result, or makes the results larger than chord-join holds
     /// (`CHORD_MAX_RESULTS_BYTES`). Results kept in S3 are read from there.
+    /// Up to `tolerated` failed parts do not fail it: their results (the
+    /// exception, as Celery stores it) take their slots.
     ///
     /// Memory stays bounded whatever the parts hold (invariant C6): a window
     /// reads at most [`READ_WINDOW_PARTS`] items, and inflates at most
@@ -60,10 +69,11 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         &self,
         ns: &Namespace,
         ids: &[TaskId],
+        tolerated: u32,
     ) -> Result<Result<String, Failure>, JoinError> {
         let limit = self.config.max_results_bytes;
         let mut results = String::from("[");
-        let mut start = 0;
+        let (mut start, mut failures) = (0, Failures { tolerated, seen: 0 });
         while start < ids.len() {
             let window = &ids[start..(start + READ_WINDOW_PARTS).min(ids.len())];
             let room = limit.saturating_sub(results.len()).saturating_add(META_SLACK);
@@ -81,13 +91,21 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                     None => return Ok(Err(gone(id))),
                 };
                 read += 1;
-                if let Err(failure) = self.append(&mut results, id, stored).await? {
+                if let Err(failure) = self.append(&mut results, id, stored, &mut failures).await? {
                     return Ok(Err(failure));
                 }
             }
             start += read;
         }
         results.push(']');
+        if failures.seen > 0 {
+            metrics::emit(&[], &[metrics::Point::count(metrics::CHORD_FAILURES_TOLERATED, failures.seen.into())]);
+            tracing::info!(
+                failed = failures.seen,
+                tolerated,
+                "failed parts tolerated: the callback gets their exceptions"
+            );
+        }
         Ok(Ok(results))
     }
 
@@ -110,6 +128,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         results: &mut String,
         id: &TaskId,
         stored: Stored,
+        failures: &mut Failures,
     ) -> Result<Result<(), Failure>, JoinError> {
         let limit = self.config.max_results_bytes;
         if stored.blob.as_ref().is_some_and(|blob| results.len() as u64 + blob.bytes > limit as u64) {
@@ -130,8 +149,11 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             },
         };
         if matches!(stored.status, State::Failure | State::Revoked) {
-            let cause = exception_in(&result);
-            return Ok(Err(Failure { message: chord_error_message(id, &json), cause }));
+            if failures.seen >= failures.tolerated {
+                let cause = exception_in(&result);
+                return Ok(Err(Failure { message: chord_error_message(id, &json), cause }));
+            }
+            failures.seen += 1;
         }
         if results.len() > 1 {
             results.push(',');

@@ -560,3 +560,62 @@ async fn a_chords_status_counts_its_parts_by_state_and_lists_the_failed_ones_on_
     let listed: Value = serde_json::from_str(&status(true).await.unwrap().body).unwrap();
     assert_eq!((&listed["failed_ids"], &listed["failed_ids_truncated"]), (&json!(["p1", "p3"]), &json!(false)));
 }
+
+/// A chord of `statuses` whose body tolerates failures as `options` say:
+/// the joiner, after the join.
+async fn tolerating(statuses: &[&str], options: &str) -> Joiner<MemoryStore, FakeSink> {
+    let j = joiner(FakeSink::default());
+    let callback = format!(r#"{{"task":"t.sum","options":{{"task_id":"cb",{options}}}}}"#);
+    let mut parts = Vec::new();
+    for (i, status) in statuses.iter().enumerate() {
+        parts.push(part_with(&j, i as u32, statuses.len() as u32, status, &callback).await);
+    }
+    assert!(j.handle_parts(parts).await.is_empty());
+    j
+}
+
+#[tokio::test]
+async fn a_body_that_tolerates_failures_gets_their_exceptions_in_their_slots_up_to_its_limit() {
+    let four = ["SUCCESS", "FAILURE", "SUCCESS", "FAILURE"];
+    for options in [r#""tolerated_failures":2"#, r#""tolerated_failure_percentage":50"#, r#""tolerated_failures":2.0"#]
+    {
+        let j = tolerating(&four, options).await;
+        assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched, "{options}");
+        let sent = j.sink.sent();
+        assert_eq!(sent.len(), 1, "{options}: {sent:?}");
+        let args: Value = serde_json::from_str(&sent[0].2).unwrap();
+        let exception =
+            |i: u32| json!({"exc_type": "ValueError", "exc_message": [format!("part {i}")], "exc_module": "builtins"});
+        assert_eq!(args[0], json!([0, exception(1), 2, exception(3)]), "{options}");
+    }
+    // One past the limit, by count or by share: the chord fails as Celery's do.
+    let five = ["SUCCESS", "FAILURE", "FAILURE", "FAILURE", "SUCCESS"];
+    for options in [
+        r#""tolerated_failures":2"#,
+        r#""tolerated_failure_percentage":40"#,
+        r#""tolerated_failures":5,"tolerated_failure_percentage":40"#,
+    ] {
+        let j = tolerating(&five, options).await;
+        let state = phase(&j).await;
+        assert_eq!(state.phase, ChordPhase::Failed, "{options}");
+        assert!(state.error.unwrap().contains("Dependency p3 raised ValueError"), "{options}");
+        assert!(j.sink.sent().iter().all(|(task, ..)| task != "t.sum"));
+    }
+}
+
+#[test]
+fn a_tolerance_must_be_a_count_or_a_share() {
+    let sig =
+        |options: &str| Signature::parse(&format!(r#"{{"task":"t","options":{{"task_id":"cb",{options}}}}}"#)).unwrap();
+    assert_eq!(sig(r#""tolerated_failures":3"#).tolerated_failures(10), Ok(3));
+    assert_eq!(sig(r#""tolerated_failure_percentage":25"#).tolerated_failures(10), Ok(2));
+    assert_eq!(sig(r#""x":1"#).tolerated_failures(10), Ok(0));
+    for bad in [
+        r#""tolerated_failures":-1"#,
+        r#""tolerated_failures":1.5"#,
+        r#""tolerated_failures":"3""#,
+        r#""tolerated_failure_percentage":101"#,
+    ] {
+        assert!(sig(bad).tolerated_failures(10).is_err(), "{bad}");
+    }
+}
