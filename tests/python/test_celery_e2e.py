@@ -20,7 +20,7 @@ import e2e_tasks  # noqa: E402
 from celery import Celery, chain, chord, group  # noqa: E402
 from celery.exceptions import ChordError  # noqa: E402
 from celery.result import AsyncResult, GroupResult  # noqa: E402
-from dynachord_celery import DynachordBackend  # noqa: E402
+from dynachord_celery import DynachordBackend, is_failure  # noqa: E402
 from e2e_tasks import add, app, collect, fail, mul, record_error  # noqa: E402
 
 TIMEOUT = 120
@@ -139,7 +139,7 @@ def test_a_chord_that_tolerates_failed_parts_calls_back_with_their_exceptions(wo
     # A fresh AsyncResult: the callback's own result, not its header's errors.
     values = AsyncResult(tolerant.id, app=app).get(timeout=TIMEOUT)["values"]
     assert len(values) == 100
-    failed = [i for i, v in enumerate(values) if isinstance(v, dict) and v.get("exc_type") == "ValueError"]
+    failed = [i for i, v in enumerate(values) if is_failure(v)]
     assert failed == list(failing)
     assert values[10]["exc_message"] == ["part 10", 42]
     assert all(values[i] == i for i in range(100) if i not in failing)

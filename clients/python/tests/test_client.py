@@ -520,3 +520,11 @@ def test_a_chords_status_asks_for_the_failed_ids_only_when_told(server: tuple[st
     assert client.chord("c 1") == counts
     assert client.chord("c 1", failed_ids=True)["failed_ids"] == ["p1"]
     assert [seen["path"] for seen in script.seen] == ["/v1/chords/c%201", "/v1/chords/c%201?failed_ids=true"]
+
+
+def test_a_failed_parts_exception_is_told_apart_from_a_result() -> None:
+    from dynachord_celery import is_failure
+
+    assert is_failure({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"})
+    for result in [1, "exc_type", None, [], {"exc_type": 3, "exc_message": []}, {"exc_type": "X"}]:
+        assert not is_failure(result), result

@@ -3,8 +3,16 @@
 Configure Celery with `result_backend = "dynachord+https://<api-id>.execute-api.<region>.amazonaws.com"`.
 """
 
-from .backend import DynachordBackend
+from .backend import DynachordBackend, is_failure
 from .client import Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
 
-__all__ = ["Client", "ClientOptions", "DynachordBackend", "DynachordError", "DynachordTimeout", "DynachordUnavailable"]
+__all__ = [
+    "Client",
+    "ClientOptions",
+    "DynachordBackend",
+    "DynachordError",
+    "DynachordTimeout",
+    "DynachordUnavailable",
+    "is_failure",
+]
 __version__ = "0.1.0"

@@ -453,6 +453,15 @@ RESULTS_REF = "dynachord_ref"
 SERVICE_ORIGIN = "dynachord@chord-join"
 
 
+def is_failure(value: Any) -> bool:
+    """Whether a value in a chord callback's results is a failed part's
+    exception (a chord whose body tolerates failed parts, with
+    ``.set(tolerated_failures=...)``, gets it in that part's slot) rather
+    than a result: ``{"exc_type", "exc_message", "exc_module"}``, as Celery's
+    backends store an exception."""
+    return isinstance(value, dict) and isinstance(value.get("exc_type"), str) and "exc_message" in value
+
+
 def sent_by_the_service(task: Any) -> bool:
     """Whether the message ``task`` runs from was sent by the service's
     chord-join: only those may carry a reference for the worker to resolve.
