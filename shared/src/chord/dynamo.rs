@@ -36,6 +36,43 @@ fn transaction_error(
     }
 }
 
+/// The counting transaction's update of the chord's state item: registers
+/// the chord on first use, and adds the parts (and the failed among them)
+/// to its counts.
+fn count_update(
+    table: &str,
+    pk: &str,
+    chord: &ChordRegistration,
+    parts: &[&ChordPart],
+    expires_at: i64,
+) -> Result<TransactWriteItem, StoreError> {
+    let update = Update::builder()
+        .table_name(table)
+        .set_key(Some(key(pk, SK_CHORD_STATE)))
+        .update_expression(
+            "SET #size = if_not_exists(#size, :size), #cb = if_not_exists(#cb, :cb), \
+             #cbid = if_not_exists(#cbid, :cbid), #state = if_not_exists(#state, :open), \
+             #exp = if_not_exists(#exp, :exp) ADD #done :k, #failed :f",
+        )
+        .expression_attribute_names("#size", attr::SIZE)
+        .expression_attribute_names("#cb", attr::CALLBACK)
+        .expression_attribute_names("#cbid", attr::CALLBACK_ID)
+        .expression_attribute_names("#state", attr::STATE)
+        .expression_attribute_names("#exp", attr::EXPIRES_AT)
+        .expression_attribute_names("#done", attr::DONE)
+        .expression_attribute_names("#failed", attr::FAILED)
+        .expression_attribute_values(":size", n(chord.size))
+        .expression_attribute_values(":cb", s(chord.callback.clone()))
+        .expression_attribute_values(":cbid", s(chord.callback_id.clone()))
+        .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
+        .expression_attribute_values(":exp", n(expires_at))
+        .expression_attribute_values(":k", n(parts.len()))
+        .expression_attribute_values(":f", n(parts.iter().filter(|p| p.failed).count()))
+        .build()
+        .map_err(|e| StoreError::Other(e.to_string()))?;
+    Ok(TransactWriteItem::builder().update(update).build())
+}
+
 impl DynamoStore {
     async fn count_chunk(
         &self,
@@ -66,31 +103,7 @@ impl DynamoStore {
                     .map_err(|e| StoreError::Other(e.to_string()))?;
                 actions.push(TransactWriteItem::builder().put(put).build());
             }
-            let update = Update::builder()
-                .table_name(self.table())
-                .set_key(Some(key(pk, SK_CHORD_STATE)))
-                .update_expression(
-                    "SET #size = if_not_exists(#size, :size), #cb = if_not_exists(#cb, :cb), \
-                     #cbid = if_not_exists(#cbid, :cbid), #state = if_not_exists(#state, :open), \
-                     #exp = if_not_exists(#exp, :exp) ADD #done :k, #failed :f",
-                )
-                .expression_attribute_names("#size", attr::SIZE)
-                .expression_attribute_names("#cb", attr::CALLBACK)
-                .expression_attribute_names("#cbid", attr::CALLBACK_ID)
-                .expression_attribute_names("#state", attr::STATE)
-                .expression_attribute_names("#exp", attr::EXPIRES_AT)
-                .expression_attribute_names("#done", attr::DONE)
-                .expression_attribute_names("#failed", attr::FAILED)
-                .expression_attribute_values(":size", n(chord.size))
-                .expression_attribute_values(":cb", s(chord.callback.clone()))
-                .expression_attribute_values(":cbid", s(chord.callback_id.clone()))
-                .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
-                .expression_attribute_values(":exp", n(expires_at))
-                .expression_attribute_values(":k", n(parts.len()))
-                .expression_attribute_values(":f", n(parts.iter().filter(|p| p.failed).count()))
-                .build()
-                .map_err(|e| StoreError::Other(e.to_string()))?;
-            actions.push(TransactWriteItem::builder().update(update).build());
+            actions.push(count_update(self.table(), pk, chord, &parts, expires_at)?);
             match self.client().transact_write_items().set_transact_items(Some(actions)).send().await {
                 Ok(_) => return Ok(parts.len() as u32),
                 Err(err) => {

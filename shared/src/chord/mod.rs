@@ -313,8 +313,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             let message = format!("ChordError: {} of the chord's {} parts are on record; {why}", ids.len(), state.size);
             return self.fail(claim, &sig, message, OnTransient::Retry).await;
         }
-        // A body that tolerates failed parts gets their exceptions in their
-        // slots; past what it tolerates, the chord fails as Celery's do.
+        // Within what the body tolerates, failed parts' exceptions take their slots.
         let tolerated = sig.tolerated_failures(state.size).unwrap_or(0);
         let results = match self.read_results(ns, &ids, tolerated).await? {
             Ok(results) => results,
