@@ -21,6 +21,8 @@ pub struct Entries {
     pub steal_claims: AtomicBool,
     /// Fault: this many coming `cache_finish` calls fail as if DynamoDB were down.
     pub fail_finishes: AtomicU32,
+    /// Fault: this many coming re-checks before a send fail as if DynamoDB were down.
+    pub fail_rechecks: AtomicU32,
 }
 
 /// The in-memory store with the cache's entries.
@@ -236,6 +238,9 @@ impl CacheStore for MemoryCacheStore {
     ) -> Result<bool, StoreError> {
         if sending && self.ext.steal_claims.load(Ordering::SeqCst) {
             return Ok(false);
+        }
+        if sending {
+            injected(&self.ext.fail_rechecks)?;
         }
         let written = self.write_entry(ns, hash, now_epoch(), |entry| match entry {
             Some(e) if e.phase == CachePhase::Settling && e.token.as_deref() == Some(token) => {

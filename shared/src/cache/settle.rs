@@ -213,8 +213,17 @@ impl<S: CacheStore, T: CallbackSink> Settler<S, T> {
             return self.finish(ns, hash, token, until).await;
         }
         let sent = match settle {
-            Settle::Success { .. } => self.send_callback(claimed, spec, stored).await?,
-            Settle::Failure { error } => self.send_quarantine(claimed, spec, error).await?,
+            Settle::Success { .. } => self.send_callback(claimed, spec, stored).await,
+            Settle::Failure { error } => self.send_quarantine(claimed, spec, error).await,
+        };
+        let sent = match sent {
+            Ok(sent) => sent,
+            // The re-check itself failed: nothing went out; end the claim now
+            // so a retry takes it at once (it lapses with its lease otherwise).
+            Err(err) => {
+                let _ = self.store.cache_renew(ns, hash, token, now_epoch(), false).await;
+                return Err(err);
+            }
         };
         match sent {
             Sent::Out => {}

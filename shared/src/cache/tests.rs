@@ -185,6 +185,19 @@ async fn k3_a_claim_taken_over_before_the_send_sends_nothing() {
 }
 
 #[tokio::test]
+async fn k3_a_recheck_that_fails_sends_nothing_and_gives_the_claim_back_for_the_retry() {
+    let (s, done) = succeeded(FakeSink::default()).await;
+    s.store.ext.fail_rechecks.store(1, Ordering::SeqCst);
+    let retried = s.handle(vec![done.clone()]).await;
+    assert_eq!(retried, vec![done.sequence.clone()]);
+    assert!(callbacks(&s.sink).is_empty(), "nothing went out");
+    let entry = s.store.cache_entry(&done.ns, &done.hash).await.unwrap().unwrap();
+    assert!(entry.lease_until <= now_epoch(), "the claim was given back, not left to lapse");
+    assert!(s.handle(vec![done.clone()]).await.is_empty());
+    assert_eq!(callbacks(&s.sink).len(), 1, "the retry sent it, once");
+}
+
+#[tokio::test]
 async fn k3_a_claim_that_took_over_from_one_that_was_sending_settles_without_sending() {
     let (s, done) = succeeded(FakeSink::default()).await;
     // An earlier claim re-checked itself for its send, then died: its lease ran out.
