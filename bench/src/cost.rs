@@ -269,7 +269,6 @@ struct Bill<'a> {
     provisioned: f64,
     alarms: f64,
     metric_names: usize,
-    metric_month: f64,
     elasticache: f64,
 }
 
@@ -303,7 +302,6 @@ impl<'a> Bill<'a> {
             provisioned: 5.0 * HOURS_PER_MONTH * (p.ddb_rcu_hour + p.ddb_wcu_hour),
             alarms: 10.0 * p.alarm_month,
             metric_names: metrics(figures).len(),
-            metric_month: metrics(figures).len() as f64 * p.custom_metric_month,
             elasticache: p.elasticache_t4g_micro_hour * HOURS_PER_MONTH,
         };
         b.tasks = (b.store_one(m) + b.fetch_one(m)) * MILLION;
@@ -522,7 +520,8 @@ fn write_work(d: &mut String, m: &Measured, b: &Bill) {
 /// "Idle, a month" and "Reading it".
 fn write_idle(d: &mut String, b: &Bill) {
     let p = &PRICES;
-    let Bill { tasks, provisioned, alarms, metric_names, metric_month, elasticache, .. } = *b;
+    let Bill { tasks, provisioned, alarms, metric_names, elasticache, .. } = *b;
+    let metric_month = metric_names as f64 * p.custom_metric_month;
     let _ = writeln!(d, "## Idle, a month\n");
     let _ = writeln!(d, "| what | a month |\n|---|---|");
     let _ = writeln!(d, "| table, PROVISIONED at the template's 5 RCU + 5 WCU | {} |", usd(provisioned));

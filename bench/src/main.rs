@@ -154,10 +154,7 @@ impl Service {
 
 /// The key of the table's item under partition key `pk`.
 fn item_key(pk: String) -> HashMap<String, AttributeValue> {
-    HashMap::from([
-        (attr::PK.to_owned(), AttributeValue::S(pk)),
-        (attr::SK.to_owned(), AttributeValue::S(SK_ITEM.to_owned())),
-    ])
+    dynachord::store::item::key(pk, SK_ITEM)
 }
 
 /// The item key of task `id` in the default namespace.

@@ -39,7 +39,7 @@ pub const COMPRESS_ABOVE: usize = 16 * 1024;
 /// and keys and attributes need room too.
 pub const MAX_ITEM_DOC: usize = 390 * 1024;
 
-use super::item::Item;
+use super::item::{get_n, get_s, key, Item};
 pub use super::item::{item_size, MAX_ITEM_BYTES};
 
 #[derive(Clone, Debug)]
@@ -146,10 +146,7 @@ impl DynamoStore {
     }
 
     fn key(pk: String) -> Item {
-        HashMap::from([
-            (attr::PK.to_owned(), AttributeValue::S(pk)),
-            (attr::SK.to_owned(), AttributeValue::S(SK_ITEM.to_owned())),
-        ])
+        key(pk, SK_ITEM)
     }
 
     pub(crate) async fn get_item(&self, pk: String) -> Result<Option<Item>, StoreError> {
@@ -415,23 +412,16 @@ fn decode_doc_within(item: &Item, limit: usize) -> Result<Option<String>, u64> {
 }
 
 fn expires_at(item: &Item) -> Option<i64> {
-    match item.get(attr::EXPIRES_AT) {
-        Some(AttributeValue::N(n)) => n.parse().ok(),
-        _ => None,
-    }
+    get_n(item, attr::EXPIRES_AT)
 }
 
 /// An item as the service sees it: `None` when expired (invariant S3) or
 /// unreadable.
 fn decode(item: &Item, now: i64) -> Option<Stored> {
-    if expires_at(item).is_some_and(|at| at <= now) {
-        return None;
+    match decode_within(item, now, &mut Some(usize::MAX))? {
+        Within::Whole(stored) => Some(stored),
+        Within::Over { .. } => None,
     }
-    let status = match item.get(attr::STATUS) {
-        Some(AttributeValue::S(s)) => State::parse(s).ok()?,
-        _ => return None,
-    };
-    Some(Stored { status, json: decode_doc(item)?, blob: blob_of(item) })
 }
 
 /// An item read within what is left of a budget (see
@@ -440,15 +430,9 @@ fn decode_within(item: &Item, now: i64, left: &mut Option<usize>) -> Option<With
     if expires_at(item).is_some_and(|at| at <= now) {
         return None;
     }
-    let status = match item.get(attr::STATUS) {
-        Some(AttributeValue::S(s)) => State::parse(s).ok()?,
-        _ => return None,
-    };
+    let status = State::parse(&get_s(item, attr::STATUS)?).ok()?;
     let Some(room) = *left else {
-        let bytes = match item.get(attr::DOC_BYTES) {
-            Some(AttributeValue::N(n)) => n.parse().unwrap_or(0),
-            _ => 0,
-        };
+        let bytes = get_n(item, attr::DOC_BYTES).unwrap_or(0).max(0) as u64;
         return Some(Within::Over { status, bytes });
     };
     match decode_doc_within(item, room) {
