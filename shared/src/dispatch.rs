@@ -4,13 +4,20 @@
 //!
 //! Messages are built as `docs/CELERY_WIRE.md` describes (see
 //! [`crate::celery`]). A queue is reached only if the deployment grants it to
-//! the chord's namespace (`CALLBACK_QUEUES`). Errors are sorted into those
-//! retrying may fix and those it cannot ([`DispatchError::is_permanent`]):
-//! a permanent one fails the chord with a clear error instead of holding
-//! its stream shard.
+//! the chord's namespace (`CALLBACK_QUEUES`). Errors are sorted three ways
+//! ([`DispatchError`]): refused for good (the chord fails with a clear
+//! error instead of holding its stream shard), not sent (a retry may fix
+//! it), and sent or not, nobody knows (a time-out or a 5xx after the request
+//! went out). The SDK never retries a send itself: a retry of a request that
+//! may have gone out would enqueue a second copy silently. [`Target`]
+//! retries only what did not go out, and, on a FIFO queue (which drops a
+//! second copy of a message id within 5 minutes), what may have.
+//! `docs/INVARIANTS.md` (O5) says what each target does with an unknown outcome.
 
 use aws_sdk_sqs::error::ProvideErrorMetadata;
+use aws_smithy_runtime_api::client::result::SdkError;
 use std::future::Future;
+use std::time::Duration;
 
 use crate::celery::{celery_sqs_body, MessageContext, Signature};
 use crate::config::CallbackConfig;
@@ -28,15 +35,26 @@ pub enum DispatchError {
     /// Only the error code is shown; the full text goes to the log.
     #[error("{target} refused the callback: {code}")]
     Refused { target: &'static str, code: String },
-    /// An error retrying may fix (throttling, a 5xx, a time-out).
+    /// The message did not go out, and a retry may fix it (throttling, a
+    /// connection never made, another refusal that is not for good).
     #[error("sending to {target} failed: {code}")]
     Send { target: &'static str, code: String },
+    /// The request went out and no answer says what became of it (a
+    /// time-out, a 5xx, a connection lost before the answer): the message
+    /// may have gone out. It is never sent again (invariant O5).
+    #[error("the outcome of sending to {target} is unknown ({code}): it may have gone out")]
+    Unknown { target: &'static str, code: String },
 }
 
 impl DispatchError {
-    /// Whether trying again may help (a send failure) or not.
+    /// Whether trying again cannot help.
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, Self::Send { .. })
+        !matches!(self, Self::Send { .. } | Self::Unknown { .. })
+    }
+
+    /// Whether the message may have gone out all the same.
+    pub fn may_have_gone_out(&self) -> bool {
+        matches!(self, Self::Unknown { .. })
     }
 }
 
@@ -60,31 +78,83 @@ const PERMANENT_CODES: [&str; 16] = [
     "AWS.SimpleQueueService.NonExistentQueue",
 ];
 
-/// Sorts an SDK error: permanent (a code above, or any KMS error) or not.
-/// The full text is logged here, once; the error keeps only the code.
-fn sort_error<E, R>(target: &'static str, err: aws_smithy_runtime_api::client::result::SdkError<E, R>) -> DispatchError
+/// Sorts an SDK error (see [`DispatchError`]): permanent (a code above, or
+/// any KMS error), not sent (refused with a 4xx, or no connection made), or
+/// unknown (a time-out, a 5xx, a connection lost or an answer unreadable
+/// after the request went out). The full text is logged here, once; the
+/// error keeps only the code.
+fn sort_error<E>(target: &'static str, err: SdkError<E, aws_smithy_runtime_api::http::Response>) -> DispatchError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
-    let code = err.code().map(str::to_owned);
     tracing::warn!(target_kind = target, error = %aws_sdk_sqs::error::DisplayErrorContext(&err), "callback send failed");
-    match code {
-        Some(code) if PERMANENT_CODES.contains(&code.as_str()) || code.to_ascii_uppercase().starts_with("KMS") => {
+    let status = err.raw_response().map(|r| r.status().as_u16());
+    let code = err.code().map(str::to_owned);
+    match (&err, code) {
+        (_, Some(code)) if PERMANENT_CODES.contains(&code.as_str()) || code.to_ascii_uppercase().starts_with("KMS") => {
             DispatchError::Refused { target, code }
         }
-        Some(code) => DispatchError::Send { target, code },
-        None => DispatchError::Send { target, code: error_kind(&err).to_owned() },
+        (SdkError::ServiceError(_), code) if status.is_some_and(|s| s >= 500) => {
+            DispatchError::Unknown { target, code: code.unwrap_or_else(|| format!("HTTP {}", status.unwrap_or(500))) }
+        }
+        (SdkError::ServiceError(_), code) => {
+            DispatchError::Send { target, code: code.unwrap_or_else(|| format!("HTTP {}", status.unwrap_or(400))) }
+        }
+        (SdkError::ConstructionFailure(_), _) => DispatchError::Refused { target, code: "request not built".into() },
+        (SdkError::DispatchFailure(_), _) if never_connected(&err) => {
+            DispatchError::Send { target, code: "no connection".into() }
+        }
+        (SdkError::DispatchFailure(failure), _) if failure.is_user() => {
+            DispatchError::Send { target, code: "request not sent".into() }
+        }
+        (SdkError::TimeoutError(_), _) => DispatchError::Unknown { target, code: "time-out".into() },
+        (SdkError::ResponseError(_), _) => DispatchError::Unknown { target, code: "unreadable answer".into() },
+        _ => DispatchError::Unknown { target, code: "connection lost".into() },
     }
 }
 
-fn error_kind<E, R>(err: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> &'static str {
-    use aws_smithy_runtime_api::client::result::SdkError;
-    match err {
-        SdkError::TimeoutError(_) => "time-out",
-        SdkError::DispatchFailure(_) => "connection failure",
-        SdkError::ResponseError(_) => "unreadable response",
-        _ => "error",
+/// Whether the request failed before a connection was made (refused,
+/// unresolvable, or the connect timed out): nothing can have gone out.
+fn never_connected(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if err.downcast_ref::<hyper_util::client::legacy::Error>().is_some_and(|e| e.is_connect())
+            || err.downcast_ref::<aws_smithy_runtime_api::client::dns::ResolveDnsError>().is_some()
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// Attempts at a send, and the first pause between them (doubling): a send
+/// that did not go out is tried again, and one whose outcome is unknown
+/// only where the target drops a second copy (a FIFO queue).
+pub const SEND_ATTEMPTS: u32 = 4;
+pub const SEND_FIRST_PAUSE: Duration = Duration::from_millis(100);
+
+/// Runs `attempt` until it succeeds, fails for good, or may have sent
+/// (unless `deduplicated`), at most [`SEND_ATTEMPTS`] times.
+async fn retrying<F, Fut>(deduplicated: bool, attempt: F) -> Result<(), DispatchError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), DispatchError>>,
+{
+    let mut pause = SEND_FIRST_PAUSE;
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(err @ (DispatchError::Send { .. } | DispatchError::Unknown { .. }))
+                if tries < SEND_ATTEMPTS && (deduplicated || !err.may_have_gone_out()) =>
+            {
+                tracing::warn!(attempt = tries, error = %err, "sending again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                tries += 1;
+            }
+            done => return done,
+        }
     }
 }
 
@@ -125,8 +195,13 @@ pub struct Target {
 }
 
 impl Target {
+    /// Clients over `shared` that never retry a request themselves (see
+    /// [`retrying`]).
     pub fn new(config: CallbackConfig, shared: &aws_config::SdkConfig) -> Self {
-        Self { config, sqs: aws_sdk_sqs::Client::new(shared), lambda: aws_sdk_lambda::Client::new(shared) }
+        let once = aws_smithy_types::retry::RetryConfig::disabled();
+        let sqs = aws_sdk_sqs::config::Builder::from(shared).retry_config(once.clone()).build();
+        let lambda = aws_sdk_lambda::config::Builder::from(shared).retry_config(once).build();
+        Self { config, sqs: aws_sdk_sqs::Client::from_conf(sqs), lambda: aws_sdk_lambda::Client::from_conf(lambda) }
     }
 
     fn check_size(&self, size: usize, target: &'static str) -> Result<(), DispatchError> {
@@ -154,36 +229,43 @@ impl CallbackSink for Target {
         if let Some(function) = &self.config.lambda_function {
             let payload = (out.event)();
             self.check_size(payload.len(), "Lambda async invoke")?;
-            self.lambda
+            let invoke = self
+                .lambda
                 .invoke()
                 .function_name(function)
                 .invocation_type(aws_sdk_lambda::types::InvocationType::Event)
-                .payload(aws_sdk_lambda::primitives::Blob::new(payload))
-                .send()
-                .await
-                .map_err(|e| match e.as_service_error() {
+                .payload(aws_sdk_lambda::primitives::Blob::new(payload));
+            // An asynchronous invoke has no idempotency token: an unknown outcome is not retried.
+            return retrying(false, || async {
+                invoke.clone().send().await.map(|_| ()).map_err(|e| match e.as_service_error() {
                     Some(s) if s.is_resource_not_found_exception() => {
                         DispatchError::NoSuchTarget { target: "Lambda function", name: function.clone() }
                     }
                     _ => sort_error("Lambda", e),
-                })?;
-            return Ok(());
+                })
+            })
+            .await;
         }
         let queue = out.sig.queue().unwrap_or(&self.config.default_queue).to_owned();
         let url = self.config.queue_url(ns, &queue).ok_or_else(|| DispatchError::NotAllowed(queue.clone()))?;
         let body = celery_sqs_body(out.sig, out.args, &queue, &out.cx);
         self.check_size(body.len(), "SQS")?;
         let mut request = self.sqs.send_message().queue_url(&url).message_body(body);
-        if url.ends_with(".fifo") {
+        let fifo = url.ends_with(".fifo");
+        if fifo {
             // FIFO queues drop a second message with the same id within 5 minutes.
             let group = if out.cx.group_id.is_empty() { out.sig.task_id.as_str() } else { out.cx.group_id };
             request = request.message_group_id(group).message_deduplication_id(out.sig.task_id.as_str());
         }
-        request.send().await.map_err(|e| match e.as_service_error() {
-            Some(s) if s.is_queue_does_not_exist() => DispatchError::NoSuchTarget { target: "SQS queue", name: queue },
-            _ => sort_error("SQS", e),
-        })?;
-        Ok(())
+        retrying(fifo, || async {
+            request.clone().send().await.map(|_| ()).map_err(|e| match e.as_service_error() {
+                Some(s) if s.is_queue_does_not_exist() => {
+                    DispatchError::NoSuchTarget { target: "SQS queue", name: queue.clone() }
+                }
+                _ => sort_error("SQS", e),
+            })
+        })
+        .await
     }
 }
 
@@ -196,6 +278,14 @@ mod tests {
 
     /// The real Lambda and SQS clients over a scripted HTTP layer that records requests.
     fn target(config: CallbackConfig) -> (Target, Seen) {
+        target_answering(config, |lambda, _| if lambda { (202, "") } else { (200, r#"{"MessageId":"m-1"}"#) })
+    }
+
+    /// As [`target`], the answers given by `answer(is_lambda, requests_before)`.
+    fn target_answering(
+        config: CallbackConfig,
+        answer: impl Fn(bool, usize) -> (u16, &'static str) + Send + Sync + 'static,
+    ) -> (Target, Seen) {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
         let http = crate::scripted::client(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
@@ -203,19 +293,38 @@ mod tests {
                 req.headers().get("x-amz-invocation-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             let body = String::from_utf8_lossy(req.body().bytes().unwrap_or_default()).into_owned();
             let lambda = !invocation.is_empty();
-            log.lock().unwrap().push((req.uri().to_string(), invocation, body));
-            let (status, reply) = if lambda { (202, "") } else { (200, r#"{"MessageId":"m-1"}"#) };
+            let mut log = log.lock().unwrap();
+            let (status, reply) = answer(lambda, log.len());
+            log.push((req.uri().to_string(), invocation, body));
             lambda_http::http::Response::builder().status(status).body(reply).unwrap()
         });
-        let shared = aws_config::SdkConfig::builder()
+        (Target::new(config, &sdk_config(http, Duration::from_secs(10), None)), seen)
+    }
+
+    /// The SDK configuration of the tests' clients (the SDK would retry 6
+    /// times); SQS at `endpoint` when given.
+    fn sdk_config(
+        http: aws_smithy_runtime_api::client::http::SharedHttpClient,
+        attempt_timeout: Duration,
+        endpoint: Option<String>,
+    ) -> aws_config::SdkConfig {
+        let mut builder = aws_config::SdkConfig::builder();
+        builder.set_endpoint_url(endpoint);
+        builder
             .behavior_version(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new("us-east-1"))
             .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
                 aws_sdk_sqs::config::Credentials::new("a", "b", None, None, "test"),
             ))
             .http_client(http)
-            .build();
-        (Target::new(config, &shared), seen)
+            .retry_config(aws_smithy_types::retry::RetryConfig::standard().with_max_attempts(6))
+            .timeout_config(
+                aws_smithy_types::timeout::TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(1))
+                    .operation_attempt_timeout(attempt_timeout)
+                    .build(),
+            )
+            .build()
     }
 
     fn config(vars: &[(&str, &str)]) -> CallbackConfig {
@@ -282,5 +391,85 @@ mod tests {
             ("TENANTS", r#"{"111": "tenant-a", "222": "tenant-b"}"#),
             ("CALLBACK_QUEUES", r#"{"tenant-a": {"proj.high": "https://sqs/1/a-proj-high"}, "tenant-b": {}}"#),
         ]))
+    }
+
+    fn queue_config(url: &str) -> CallbackConfig {
+        config(&[("CALLBACK_QUEUE_URLS", &format!("celery={url}"))])
+    }
+
+    const THROTTLED: &str = r#"{"__type":"com.amazonaws.sqs#RequestThrottled","message":"slow down"}"#;
+    const INTERNAL: &str = r#"{"__type":"com.amazonaws.sqs#InternalError","message":"oops"}"#;
+
+    #[tokio::test]
+    async fn a_send_that_did_not_go_out_is_tried_again_and_one_that_may_have_is_not() {
+        let sig = Signature::parse(r#"{"task":"t","options":{"task_id":"cb"}}"#).unwrap();
+        let ns = Namespace::default();
+        // Throttled twice, then taken: three requests, one message.
+        let throttled_twice = |_, before| if before < 2 { (400, THROTTLED) } else { (200, r#"{"MessageId":"m"}"#) };
+        let (target, seen) = target_answering(queue_config("https://sqs/1/celery"), throttled_twice);
+        target.send(&ns, &outgoing(&sig, "[[1]]", &String::new)).await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        // Throttled every time: SEND_ATTEMPTS requests, then "not sent".
+        let (target, seen) = target_answering(queue_config("https://sqs/1/celery"), |_, _| (400, THROTTLED));
+        let err = target.send(&ns, &outgoing(&sig, "[[1]]", &String::new)).await.unwrap_err();
+        assert!(matches!(err, DispatchError::Send { .. }) && !err.may_have_gone_out(), "{err}");
+        assert_eq!(seen.lock().unwrap().len(), SEND_ATTEMPTS as usize);
+        // A 5xx after the request went out: the message may be on the queue.
+        // Neither the SDK nor we send it again.
+        let (target, seen) = target_answering(queue_config("https://sqs/1/celery"), |_, _| (500, INTERNAL));
+        let err = target.send(&ns, &outgoing(&sig, "[[1]]", &String::new)).await.unwrap_err();
+        assert!(err.may_have_gone_out() && !err.is_permanent(), "{err}");
+        assert_eq!(seen.lock().unwrap().len(), 1, "sent once");
+        // A FIFO queue drops a second copy of the message id: sending again is safe.
+        let fifo = "https://sqs/1/celery.fifo";
+        let (target, seen) = target_answering(queue_config(fifo), |_, before| {
+            if before == 0 {
+                (500, INTERNAL)
+            } else {
+                (200, r#"{"MessageId":"m"}"#)
+            }
+        });
+        target.send(&ns, &outgoing(&sig, "[[1]]", &String::new)).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2);
+        assert!(seen.iter().all(|(_, _, body)| body.contains(r#""MessageDeduplicationId":"cb""#)), "{seen:?}");
+        // The Lambda target's asynchronous invoke has no token to drop a copy.
+        let lambda = config(&[("CALLBACK_TARGET", "lambda"), ("CALLBACK_LAMBDA_FUNCTION", "on-chord")]);
+        let (target, seen) = target_answering(lambda, |_, _| (502, r#"{"Type":"Service","message":"bad gateway"}"#));
+        let err = target.send(&ns, &outgoing(&sig, "[[1]]", &|| "{}".to_owned())).await.unwrap_err();
+        assert!(err.may_have_gone_out(), "{err}");
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_never_made_is_not_sent_and_one_held_past_its_time_out_may_have_been() {
+        let sig = Signature::parse(r#"{"task":"t","options":{"task_id":"cb"}}"#).unwrap();
+        let ns = Namespace::default();
+        // Nothing listens on a port just released: the connection is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let shared =
+            |addr| sdk_config(crate::aws::https_client(), Duration::from_millis(300), Some(format!("http://{addr}")));
+        let target = Target::new(queue_config(&format!("http://{closed}/1/celery")), &shared(closed));
+        let err = target.send(&ns, &outgoing(&sig, "[[1]]", &String::new)).await.unwrap_err();
+        assert!(matches!(&err, DispatchError::Send { code, .. } if code == "no connection"), "{err}");
+        // A server that reads the request and never answers: the attempt
+        // times out with the request sent, so it is not sent again.
+        let held = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = held.local_addr().unwrap();
+        let url = format!("http://{addr}/1/celery");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let count = accepted.clone();
+        let server = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = held.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                open.push(conn);
+            }
+        });
+        let target = Target::new(queue_config(&url), &shared(addr));
+        let err = target.send(&ns, &outgoing(&sig, "[[1]]", &String::new)).await.unwrap_err();
+        assert!(matches!(&err, DispatchError::Unknown { code, .. } if code == "time-out"), "{err}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one request");
+        server.abort();
     }
 }

@@ -9,7 +9,8 @@ use crate::dispatch::{CallbackSink, DispatchError, Outgoing};
 use crate::ids::Namespace;
 
 /// A callback sink that records what it sends, and answers from a
-/// script (then `Ok`).
+/// script (then `Ok`). A message whose answer says it may have gone out
+/// ([`unknown`]) is recorded as sent: the worst case.
 #[derive(Default)]
 pub struct FakeSink {
     sent: Mutex<Vec<(String, String, String)>>,
@@ -32,7 +33,7 @@ impl FakeSink {
 impl CallbackSink for FakeSink {
     async fn send(&self, _ns: &Namespace, out: &Outgoing<'_>) -> Result<(), DispatchError> {
         let answer = self.script.lock().unwrap().pop_front().unwrap_or(Ok(()));
-        if answer.is_ok() {
+        if answer.as_ref().map_or_else(DispatchError::may_have_gone_out, |()| true) {
             self.sent.lock().unwrap().push((out.sig.task.clone(), out.sig.task_id.to_string(), out.args.to_owned()));
             self.chord_errors.lock().unwrap().extend(out.cx.chord_error.cloned());
         }
@@ -40,6 +41,12 @@ impl CallbackSink for FakeSink {
     }
 }
 
+/// A send that did not go out, which a retry may fix.
 pub fn transient() -> DispatchError {
-    DispatchError::Send { target: "SQS", code: "InternalError".into() }
+    DispatchError::Send { target: "SQS", code: "ThrottlingException".into() }
+}
+
+/// A send whose outcome is unknown: it may have gone out.
+pub fn unknown() -> DispatchError {
+    DispatchError::Unknown { target: "SQS", code: "time-out".into() }
 }

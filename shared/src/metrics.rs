@@ -30,6 +30,13 @@ pub const CHORD_FAILED: &str = "ChordFailed";
 pub const CHORD_FAILURES_TOLERATED: &str = "ChordFailuresTolerated";
 /// A chord's callback was sent.
 pub const CHORD_DISPATCHED: &str = "ChordDispatched";
+/// A chord taken over from a claim that was sending: the message it may
+/// have sent is not sent again (its outcome is unknown).
+pub const CHORD_RESEND_SKIPPED: &str = "ChordResendSkipped";
+/// A callback, errback or cache message whose send's outcome is unknown (a
+/// time-out or a 5xx after the request went out): it counts as sent and is
+/// never sent again (`docs/INVARIANTS.md`, O5).
+pub const SEND_OUTCOME_UNKNOWN: &str = "SendOutcomeUnknown";
 /// Chord parts counted for the first time (each part once).
 pub const CHORD_PARTS_COUNTED: &str = "ChordPartsCounted";
 /// Milliseconds from the newest part's store to its chord's callback sent.

@@ -5,9 +5,13 @@
 //!
 //! 1. **Claim** the item with a conditional write (a token and a lease).
 //! 2. **Re-check** the claim with a conditional write just before each send
-//!    ([`recheck_then_send`]): a claim taken over sends nothing.
-//! 3. **Send.** A send that failed for good, or may succeed if retried, is
-//!    told apart ([`Sent`]); nothing is recorded for a send that did not go out.
+//!    ([`recheck_then_send`]), recording on the item what may have gone out
+//!    once the send is made: a claim taken over sends nothing, and one that
+//!    takes over never sends again what may have gone out.
+//! 3. **Send.** A send that failed for good, one that did not go out, and
+//!    one whose outcome is unknown are told apart ([`Sent`]); nothing is
+//!    recorded for a send that did not go out, and one that may have gone
+//!    out counts as sent (at most once: `docs/INVARIANTS.md`, O5).
 //! 4. **Record** the progress after each send, retried with backoff
 //!    ([`persist`]). When every attempt fails, the claim's token and progress
 //!    are kept in this process ([`Unfinished`]), so the record's retry goes
@@ -65,8 +69,12 @@ pub enum Sent {
     /// The target refused it for good (a queue not allowed, a message too
     /// large): retrying cannot help, and nothing went out.
     Refused(DispatchError),
-    /// It failed in a way a retry may fix; nothing is recorded as sent.
+    /// It did not go out, and a retry may fix that; nothing is recorded as sent.
     Failed(DispatchError),
+    /// Nobody knows whether it went out (a time-out, a 5xx after the
+    /// request went out): it counts as sent, and is never sent again
+    /// (counted as `SendOutcomeUnknown`).
+    Unknown(DispatchError),
 }
 
 /// Re-checks the claim (a conditional write that also renews its lease:
@@ -82,6 +90,10 @@ where
     Ok(match send.await {
         Ok(()) => Sent::Out,
         Err(err) if err.is_permanent() => Sent::Refused(err),
+        Err(err) if err.may_have_gone_out() => {
+            crate::metrics::count(crate::metrics::SEND_OUTCOME_UNKNOWN);
+            Sent::Unknown(err)
+        }
         Err(err) => Sent::Failed(err),
     })
 }
@@ -203,6 +215,10 @@ mod tests {
             Err(DispatchError::Send { target: "SQS", code: "timeout".into() })
         });
         assert!(matches!(transient.await, Ok(Sent::Failed(_))));
+        let unknown = recheck_then_send(async { Ok(true) }, async {
+            Err(DispatchError::Unknown { target: "SQS", code: "time-out".into() })
+        });
+        assert!(matches!(unknown.await, Ok(Sent::Unknown(_))));
     }
 
     struct R(&'static str, &'static str);

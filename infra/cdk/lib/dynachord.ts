@@ -631,6 +631,16 @@ export class Dynachord extends Construct {
         stat("markfailed", "dynachord", "ChordMarkFailed", 300),
       ],
     });
+    alarm("MessagesMayBeLostAlarm", {
+      alarmDescription:
+        "A callback, errback or cache message may not have arrived: its send's outcome was unknown, or a claim taken over died mid-send, and it is never sent twice (SendOutcomeUnknown, ChordResendSkipped, CacheResendSkipped): chord-join's log names the task to send again by hand",
+      metrics: [
+        { id: "risk", expression: "FILL(unknown, 0) + FILL(chordskip, 0) + FILL(cacheskip, 0)", returnData: true },
+        stat("unknown", "dynachord", "SendOutcomeUnknown", 300),
+        stat("chordskip", "dynachord", "ChordResendSkipped", 300),
+        stat("cacheskip", "dynachord", "CacheResendSkipped", 300),
+      ],
+    });
     alarm("RequestsThrottledAlarm", {
       alarmDescription:
         "Requests answered 503 throttled after the service's DynamoDB retries ran out, for 5 minutes: raise the table's capacity",

@@ -227,6 +227,9 @@ impl<S: CacheStore, T: CallbackSink> Settler<S, T> {
         };
         match sent {
             Sent::Out => {}
+            Sent::Unknown(err) => {
+                tracing::error!(task = %task_id, error = %err, "the processing's message counted as sent, not sent again")
+            }
             Sent::Lost => {
                 tracing::error!(task = %task_id, "the entry's claim was taken over before the send; nothing sent");
                 return Ok(());

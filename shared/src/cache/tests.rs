@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use super::memory::MemoryCacheStore as MemoryStore;
 use super::store::{EntryClaim, Settle};
 use super::*;
-use crate::fakes::{transient, FakeSink};
+use crate::fakes::{transient, unknown, FakeSink};
 use crate::ids::TaskId;
 use crate::meta::State;
 use crate::once::PERSIST_ATTEMPTS;
@@ -209,6 +209,15 @@ async fn k3_a_claim_that_took_over_from_one_that_was_sending_settles_without_sen
     assert!(s.handle(vec![done.clone()]).await.is_empty());
     assert!(callbacks(&s.sink).is_empty(), "its message may have gone out: none goes out again");
     assert_eq!(s.store.cache_entry(ns, hash).await.unwrap().unwrap().phase, CachePhase::Cached);
+}
+
+#[tokio::test]
+async fn k3_a_send_whose_outcome_is_unknown_counts_as_sent_and_settles_the_entry() {
+    let (s, done) = succeeded(FakeSink::answering(vec![Err(unknown())])).await;
+    assert!(s.handle(vec![done.clone()]).await.is_empty(), "nothing to retry");
+    assert!(s.handle(vec![done.clone()]).await.is_empty());
+    assert_eq!(callbacks(&s.sink).len(), 1, "it may have gone out: never sent again");
+    assert_eq!(s.store.cache_entry(&done.ns, &done.hash).await.unwrap().unwrap().phase, CachePhase::Cached);
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
+use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, Sending};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::store::dynamo::DynamoStore;
@@ -203,6 +203,26 @@ impl DynamoStore {
     }
 }
 
+/// A chord's state item as the join reads it.
+fn state_of(item: &Item) -> ChordState {
+    let count = |name| get_n(item, name).unwrap_or(0) as u32;
+    ChordState {
+        size: count(attr::SIZE),
+        done: count(attr::DONE),
+        failed: count(attr::FAILED),
+        phase: ChordPhase::parse(&get_s(item, attr::STATE).unwrap_or_default()),
+        callback: get_s(item, attr::CALLBACK).unwrap_or_default(),
+        callback_id: get_s(item, attr::CALLBACK_ID).unwrap_or_default(),
+        error: get_s(item, attr::ERROR),
+        attempts: count(attr::ATTEMPTS),
+        errbacks_sent: count(attr::ERRBACKS_SENT),
+        body_sent: count(attr::BODY_SENT),
+        body_sending: count(attr::BODY_SENDING),
+        errbacks_sending: count(attr::ERRBACKS_SENDING),
+        expires_at: get_n(item, attr::EXPIRES_AT).unwrap_or(0),
+    }
+}
+
 /// The condition every transition of a held claim shares.
 const HELD: &str = "#state = :joining AND #token = :token";
 
@@ -231,19 +251,7 @@ impl ChordStore for DynamoStore {
 
     async fn chord_state(&self, ns: &Namespace, gid: &GroupId) -> Result<Option<ChordState>, StoreError> {
         let item = self.get_item_at(chord_key(ns, gid), SK_CHORD_STATE).await?;
-        Ok(item.map(|item| ChordState {
-            size: get_n(&item, attr::SIZE).unwrap_or(0) as u32,
-            done: get_n(&item, attr::DONE).unwrap_or(0) as u32,
-            failed: get_n(&item, attr::FAILED).unwrap_or(0) as u32,
-            phase: ChordPhase::parse(&get_s(&item, attr::STATE).unwrap_or_default()),
-            callback: get_s(&item, attr::CALLBACK).unwrap_or_default(),
-            callback_id: get_s(&item, attr::CALLBACK_ID).unwrap_or_default(),
-            error: get_s(&item, attr::ERROR),
-            attempts: get_n(&item, attr::ATTEMPTS).unwrap_or(0) as u32,
-            errbacks_sent: get_n(&item, attr::ERRBACKS_SENT).unwrap_or(0) as u32,
-            body_sent: get_n(&item, attr::BODY_SENT).unwrap_or(0) as u32,
-            expires_at: get_n(&item, attr::EXPIRES_AT).unwrap_or(0),
-        }))
+        Ok(item.as_ref().map(state_of))
     }
 
     async fn extend_chord(&self, ns: &Namespace, gid: &GroupId, expires_at: i64) -> Result<(), StoreError> {
@@ -266,10 +274,11 @@ impl ChordStore for DynamoStore {
         gid: &GroupId,
         token: &str,
         lease: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<ChordState>, StoreError> {
         let now = now_epoch();
         let request = self
             .update_claim(ns, gid, token)
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
             .update_expression("SET #state = :joining, #token = :token, #lease = :lease")
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .condition_expression("#done >= #size AND (#state = :open OR (#state = :joining AND #lease < :now))")
@@ -278,7 +287,8 @@ impl ChordStore for DynamoStore {
             .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
             .expression_attribute_values(":lease", n(now + lease.as_secs().max(1) as i64))
             .expression_attribute_values(":now", n(now));
-        self.send_conditional(request).await
+        let claimed = self.written(request.send().await)?;
+        Ok(claimed.map(|out| state_of(&out.attributes.unwrap_or_default())))
     }
 
     async fn renew_claim(
@@ -287,24 +297,39 @@ impl ChordStore for DynamoStore {
         gid: &GroupId,
         token: &str,
         lease: Duration,
+        sending: Sending,
     ) -> Result<bool, StoreError> {
+        let (name, count) = match sending {
+            Sending::Body(count) => (attr::BODY_SENDING, count),
+            Sending::Errbacks(count) => (attr::ERRBACKS_SENDING, count),
+        };
         let request = self
             .update_claim(ns, gid, token)
-            .update_expression("SET #lease = :lease")
+            .update_expression("SET #lease = :lease, #sending = :sending")
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#sending", name)
             .condition_expression(HELD)
-            .expression_attribute_values(":lease", n(now_epoch() + lease.as_secs().max(1) as i64));
+            .expression_attribute_values(":lease", n(now_epoch() + lease.as_secs().max(1) as i64))
+            .expression_attribute_values(":sending", n(count));
         self.send_conditional(request).await
     }
 
     async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
         let request = self
             .update_claim(ns, gid, token)
-            .update_expression("SET #state = :open REMOVE #token, #lease ADD #attempts :one")
+            .update_expression(
+                "SET #state = :open, #bsending = if_not_exists(#bsent, :zero), \
+                 #esending = if_not_exists(#esent, :zero) REMOVE #token, #lease ADD #attempts :one",
+            )
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .condition_expression(HELD)
             .expression_attribute_names("#attempts", attr::ATTEMPTS)
+            .expression_attribute_names("#bsending", attr::BODY_SENDING)
+            .expression_attribute_names("#bsent", attr::BODY_SENT)
+            .expression_attribute_names("#esending", attr::ERRBACKS_SENDING)
+            .expression_attribute_names("#esent", attr::ERRBACKS_SENT)
             .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
+            .expression_attribute_values(":zero", n(0))
             .expression_attribute_values(":one", n(1));
         self.send_conditional(request).await
     }

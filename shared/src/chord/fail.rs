@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use super::results::{exception_in, result_of, Failure};
-use super::{ChordPhase, ChordStore, Claim, JoinError, Joiner};
+use super::{ChordPhase, ChordStore, Claim, JoinError, Joiner, Sending};
 use crate::celery::{MessageContext, Signature};
 use crate::dispatch::{CallbackSink, Outgoing};
 use crate::ids::{Namespace, TaskId};
@@ -66,8 +66,9 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         let Ok(sig) = Signature::parse(&claim.state.callback) else {
             return self.finish(claim, ChordPhase::Failed, Some(&message)).await;
         };
-        // Messages of the body that went out (this attempt's too) run: spare them.
-        let sent = self.store.chord_state(claim.ns, claim.gid).await?.map_or(claim.state.body_sent, |s| s.body_sent);
+        // Messages of the body that went out, or may have (this attempt's too), run: spare them.
+        let recorded = self.store.chord_state(claim.ns, claim.gid).await?.map_or(0, |s| s.body_sent);
+        let sent = recorded.max(claim.state.body_sent);
         let spared: Vec<TaskId> = match sig.body_messages() {
             Ok(messages) if self.sink.sends_task_messages() => {
                 messages.iter().take(sent as usize).flat_map(Signature::ids_that_never_run).collect()
@@ -205,8 +206,12 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 "errbacks": failed.errbacks(), "immutable": errback.immutable, "exc": exceptions.of(&failed.task_id),
             });
             let cx = MessageContext { chord_error: Some(&chord_error), ..claim.context() };
-            match self.send(claim, &Outgoing { sig: &errback, args: &args, event: &event, cx }).await? {
+            let out = Outgoing { sig: &errback, args: &args, event: &event, cx };
+            match self.send(claim, &out, Sending::Errbacks(i as u32 + 1)).await? {
                 Sent::Out => {}
+                Sent::Unknown(err) => {
+                    tracing::error!(chord = %gid, errback = %errback.task, error = %err, "counted as sent, not sent again")
+                }
                 Sent::Lost => return Ok(false),
                 Sent::Failed(err) if on_transient == OnTransient::Retry => return Err(err.into()),
                 Sent::Refused(err) | Sent::Failed(err) => {

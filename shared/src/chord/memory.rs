@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
+use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, Sending};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::store::memory::{injected, MemoryStore};
@@ -55,6 +55,13 @@ impl MemoryChordStore {
         }
     }
 
+    /// Ends every claim's lease now, as the death of its holder would.
+    pub fn lapse_claims(&self) {
+        for (_, _, until) in self.ext.chords.lock().unwrap().values_mut() {
+            *until = now_epoch() - 1;
+        }
+    }
+
     /// Forgets the chord's part items, as an expiry would.
     pub fn drop_parts(&self, ns: &Namespace, gid: &GroupId) {
         self.ext.parts.lock().unwrap().remove(&chord_key(ns, gid));
@@ -94,6 +101,8 @@ impl ChordStore for MemoryChordStore {
                 attempts: 0,
                 errbacks_sent: 0,
                 body_sent: 0,
+                body_sending: 0,
+                errbacks_sending: 0,
                 expires_at,
             };
             (state, None, 0)
@@ -120,18 +129,18 @@ impl ChordStore for MemoryChordStore {
         gid: &GroupId,
         token: &str,
         lease: Duration,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<ChordState>, StoreError> {
         let now = now_epoch();
         let mut chords = self.ext.chords.lock().unwrap();
-        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(false) };
+        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(None) };
         let free = state.phase == ChordPhase::Open || (state.phase == ChordPhase::Joining && *until < now);
         if state.done < state.size || !free {
-            return Ok(false);
+            return Ok(None);
         }
         state.phase = ChordPhase::Joining;
         *held = Some(token.to_owned());
         *until = now + lease.as_secs() as i64;
-        Ok(true)
+        Ok(Some(state.clone()))
     }
 
     async fn renew_claim(
@@ -140,11 +149,18 @@ impl ChordStore for MemoryChordStore {
         gid: &GroupId,
         token: &str,
         lease: Duration,
+        sending: Sending,
     ) -> Result<bool, StoreError> {
         if self.ext.steal_claims.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        Ok(self.if_held(ns, gid, token, |_, until| *until = now_epoch() + lease.as_secs() as i64))
+        Ok(self.if_held(ns, gid, token, |state, until| {
+            *until = now_epoch() + lease.as_secs() as i64;
+            match sending {
+                Sending::Body(count) => state.body_sending = count,
+                Sending::Errbacks(count) => state.errbacks_sending = count,
+            }
+        }))
     }
 
     async fn release_chord(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
@@ -153,6 +169,8 @@ impl ChordStore for MemoryChordStore {
         Ok(self.if_held(ns, gid, token, |state, until| {
             state.phase = ChordPhase::Open;
             state.attempts += 1;
+            state.body_sending = state.body_sent;
+            state.errbacks_sending = state.errbacks_sent;
             *until = 0;
         }))
     }

@@ -55,7 +55,7 @@ use crate::stream::Image;
 use fail::OnTransient;
 use results::{args_with_results, lambda_event};
 pub use results::{result_of, results_id};
-pub use store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore};
+pub use store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, Sending};
 
 /// A chord part entering a ready state, read from a stream record.
 #[derive(Debug, Clone)]
@@ -239,11 +239,17 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             return Ok(());
         }
         let token = uuid::Uuid::new_v4().to_string();
-        if !self.store.claim_chord(ns, gid, &token, self.config.lease).await? {
+        let Some(mut state) = self.store.claim_chord(ns, gid, &token, self.config.lease).await? else {
             return match self.store.chord_state(ns, gid).await? {
                 Some(s) if s.is_final() => Ok(()),
                 _ => Err(JoinError::Busy(gid.to_string())),
             };
+        };
+        let unsure = state.count_sending_as_sent();
+        if unsure > 0 {
+            // Taken over from a claim that was sending: what it may have sent stays sent (O5).
+            metrics::emit(&[], &[metrics::Point::count(metrics::CHORD_RESEND_SKIPPED, unsure.into())]);
+            tracing::error!(chord = %gid, messages = unsure, "taken over from a claim that was sending; not sent again");
         }
         let claim = Claim { ns, gid, token: &token, last, state: &state, newest_stored };
         let joined = match &state.error {
@@ -329,8 +335,11 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         for (i, task) in messages.iter().enumerate().skip(state.body_sent as usize) {
             let args = args_with_results(task, &results);
             let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
-            match self.send(claim, &out).await? {
+            match self.send(claim, &out, Sending::Body(i as u32 + 1)).await? {
                 Sent::Out => {}
+                Sent::Unknown(err) => {
+                    tracing::error!(chord = %gid, task = %task.task_id, error = %err, "counted as sent, not sent again")
+                }
                 Sent::Lost => return Ok(()),
                 Sent::Refused(err) => {
                     let message = format!("ChordError: callback not sent: {err}");
@@ -357,10 +366,11 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         Ok(())
     }
 
-    /// Re-checks the claim (renewing its lease) just before a send, then
-    /// sends (see [`once::recheck_then_send`]).
-    async fn send(&self, claim: &Claim<'_>, out: &Outgoing<'_>) -> Result<Sent, JoinError> {
-        let recheck = self.store.renew_claim(claim.ns, claim.gid, claim.token, self.config.lease);
+    /// Re-checks the claim (renewing its lease, and recording what may have
+    /// gone out once the send is made) just before a send, then sends (see
+    /// [`once::recheck_then_send`]).
+    async fn send(&self, claim: &Claim<'_>, out: &Outgoing<'_>, sending: Sending) -> Result<Sent, JoinError> {
+        let recheck = self.store.renew_claim(claim.ns, claim.gid, claim.token, self.config.lease, sending);
         let sent = once::recheck_then_send(recheck, self.sink.send(claim.ns, out)).await?;
         if let Sent::Lost = sent {
             metrics::count(metrics::CHORD_CLAIM_LOST);

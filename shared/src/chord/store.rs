@@ -89,6 +89,10 @@ pub struct ChordState {
     /// Messages of the callback already sent, in order, when the body is
     /// more than one (a group's tasks, a chord's header).
     pub body_sent: u32,
+    /// How many of the callback's messages, and of the errbacks, may have
+    /// gone out: set by the re-check before each send ([`Sending`]).
+    pub body_sending: u32,
+    pub errbacks_sending: u32,
     /// The state item's expiry (epoch seconds).
     pub expires_at: i64,
 }
@@ -97,6 +101,25 @@ impl ChordState {
     pub fn is_final(&self) -> bool {
         self.phase.is_final()
     }
+
+    /// Counts every message that may have gone out as sent (a claim taken
+    /// over from one that was sending never sends it again, invariant O5);
+    /// returns how many were not recorded as sent.
+    pub fn count_sending_as_sent(&mut self) -> u32 {
+        let unsure =
+            self.body_sending.saturating_sub(self.body_sent) + self.errbacks_sending.saturating_sub(self.errbacks_sent);
+        self.body_sent = self.body_sent.max(self.body_sending);
+        self.errbacks_sent = self.errbacks_sent.max(self.errbacks_sending);
+        unsure
+    }
+}
+
+/// What the re-check before a send records: the callback's messages, or
+/// the errbacks, that may have gone out once the send is made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sending {
+    Body(u32),
+    Errbacks(u32),
 }
 
 /// The chord operations of chord-join, over the chord's state item and part
@@ -129,15 +152,17 @@ pub trait ChordStore: ResultStore {
         expires_at: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// open → joining with `token` and a lease (or takes over a claim whose
-    /// lease ran out). `false` when someone else holds it or it is final.
+    /// lease ran out): the state as claimed. `None` when someone else holds
+    /// it or it is final.
     fn claim_chord(
         &self,
         ns: &Namespace,
         gid: &GroupId,
         token: &str,
         lease: Duration,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Re-checks the claim just before a send and renews its lease:
+    ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
+    /// Re-checks the claim just before a send, renews its lease, and
+    /// records what may have gone out once the send is made (`sending`):
     /// `false` when `token` no longer holds it.
     fn renew_claim(
         &self,
@@ -145,10 +170,12 @@ pub trait ChordStore: ResultStore {
         gid: &GroupId,
         token: &str,
         lease: Duration,
+        sending: Sending,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Gives the claim back after a join that sent nothing (joining →
-    /// open, only while `token` holds it) and counts the failed attempt.
-    /// Returns whether it applied.
+    /// Gives the claim back after a join that sent nothing more than it
+    /// recorded (joining → open, only while `token` holds it): what may
+    /// have gone out is what was recorded sent again, and the failed
+    /// attempt is counted. Returns whether it applied.
     fn release_chord(
         &self,
         ns: &Namespace,

@@ -15,7 +15,7 @@ fn results_are_taken_raw() {
 
 use super::memory::MemoryChordStore as MemoryStore;
 use crate::dispatch::DispatchError;
-use crate::fakes::{transient, FakeSink};
+use crate::fakes::{transient, unknown, FakeSink};
 use crate::store::{PutOutcome, ResultStore};
 use std::sync::atomic::Ordering;
 
@@ -207,6 +207,92 @@ async fn a_transient_send_error_gives_the_claim_back_and_the_callback_goes_once_
     assert!(j.handle_parts(parts).await.is_empty());
     assert_eq!(j.sink.sent().len(), 1, "sent once: {:?}", j.sink.sent());
     assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+}
+
+/// A send that may have gone out (a time-out, a 5xx after the request
+/// went out) counts as sent: the join goes on, and neither it nor a replay
+/// sends that message again (O5).
+#[tokio::test]
+async fn a_send_whose_outcome_is_unknown_counts_as_sent_and_is_never_sent_again() {
+    let j = joiner(FakeSink::answering(vec![Ok(()), Err(unknown())]));
+    let before = metrics::total(metrics::SEND_OUTCOME_UNKNOWN);
+    let parts = group_bodied(&j).await;
+    assert!(j.handle_parts(parts.clone()).await.is_empty(), "nothing to retry");
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), group_sent(), "each task once, the unknown one included");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    assert!(metrics::total(metrics::SEND_OUTCOME_UNKNOWN) > before);
+    // An errback too: the next one goes out, and none twice.
+    let j = joiner(FakeSink::answering(vec![Err(unknown())]));
+    let parts = chord_of(&j, &["SUCCESS", "FAILURE"]).await;
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent: Vec<String> = j.sink.sent().into_iter().map(|s| s.0).collect();
+    assert_eq!(sent, ["t.e1", "t.e2"]);
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+}
+
+/// A joiner whose chord (a group body when `statuses` is empty) was claimed
+/// by an invocation that re-checked its claim for a send (`sending`) and
+/// died: its lease has run out.
+async fn dead_claimer(sending: Sending, statuses: &[&str]) -> (Joiner<MemoryStore, FakeSink>, Vec<Part>) {
+    let (ns, lease) = (Namespace::default(), Duration::from_secs(60));
+    let j = joiner(FakeSink::default());
+    let parts = match statuses {
+        [] => group_bodied(&j).await,
+        statuses => chord_of(&j, statuses).await,
+    };
+    let counted: Vec<ChordPart> = parts.iter().map(|p| p.part.clone()).collect();
+    j.store.count_parts(&ns, &gid(), &parts[0].chord, &counted).await.unwrap();
+    assert!(j.store.claim_chord(&ns, &gid(), "dead", lease).await.unwrap().is_some());
+    if let Sending::Errbacks(_) = sending {
+        let error = "ChordError: Dependency p1 raised ValueError('part 1')";
+        assert!(j.store.record_failure(&ns, &gid(), "dead", error, 0).await.unwrap());
+    }
+    assert!(j.store.renew_claim(&ns, &gid(), "dead", lease, sending).await.unwrap());
+    j.store.lapse_claims();
+    (j, parts)
+}
+
+/// A claimer that re-checked its claim for a send and then died (a crash,
+/// a time-out: the send may or may not have gone out) leaves its mark on
+/// the chord's state. The invocation that takes the chord over when the
+/// lease runs out never sends that message again: the body's next
+/// message, or the next errback, is the first it sends (O5).
+#[tokio::test]
+async fn a_claim_taken_over_from_one_that_was_sending_never_sends_that_message_again() {
+    let before = metrics::total(metrics::CHORD_RESEND_SKIPPED);
+    let (j, parts) = dead_claimer(Sending::Body(1), &[]).await;
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), group_sent()[1..], "the first task, which may have gone out, is not sent again");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    assert!(metrics::total(metrics::CHORD_RESEND_SKIPPED) > before);
+    // A single callback that may have gone out: the chord is marked dispatched, nothing sent.
+    let (j, parts) = dead_claimer(Sending::Body(1), &["SUCCESS", "SUCCESS"]).await;
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert!(j.sink.sent().is_empty());
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    // Errbacks: the first may have gone out, the second goes.
+    let (j, parts) = dead_claimer(Sending::Errbacks(1), &["SUCCESS", "FAILURE"]).await;
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent: Vec<String> = j.sink.sent().into_iter().map(|s| s.0).collect();
+    assert_eq!(sent, ["t.e2"]);
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+}
+
+/// A send that did not go out gives the claim back with its mark undone,
+/// so the next claim sends that message (it never went out).
+#[tokio::test]
+async fn a_send_that_did_not_go_out_is_sent_by_the_next_claim_even_after_its_mark() {
+    let j = joiner(FakeSink::answering(vec![Ok(()), Err(transient())]));
+    let parts = group_bodied(&j).await;
+    assert_eq!(j.handle_parts(parts.clone()).await.len(), 2);
+    let state = phase(&j).await;
+    assert_eq!((state.body_sent, state.body_sending), (1, 1), "the mark of the failed send is undone");
+    j.store.lapse_claims();
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), group_sent());
 }
 
 #[tokio::test]

@@ -126,10 +126,23 @@ impl DynamoStore {
         E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
     {
+        Ok(self.written(sent)?.is_some())
+    }
+
+    /// A conditional write's output when it applied, `None` when its
+    /// condition did not hold; any other error as [`classify`] maps it.
+    pub(crate) fn written<O, E, R>(
+        &self,
+        sent: Result<O, aws_sdk_dynamodb::error::SdkError<E, R>>,
+    ) -> Result<Option<O>, StoreError>
+    where
+        E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
         use aws_sdk_dynamodb::error::ProvideErrorMetadata;
         match sent {
-            Ok(_) => Ok(true),
-            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
+            Ok(out) => Ok(Some(out)),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(None),
             Err(e) => Err(classify(e, self.attempts())),
         }
     }

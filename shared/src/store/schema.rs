@@ -50,6 +50,11 @@ pub mod attr {
     pub const ERRBACKS_SENT: &str = "errbacks_sent";
     /// Messages of a multi-message body (a group, a chord) already sent.
     pub const BODY_SENT: &str = "body_sent";
+    /// How many of the body's messages, or of a failing chord's errbacks,
+    /// may have gone out: written by the re-check just before each send, so
+    /// a claim that takes over never sends one again (invariant O5).
+    pub const BODY_SENDING: &str = "body_sending";
+    pub const ERRBACKS_SENDING: &str = "errbacks_sending";
     /// On a chord's state item: the counted parts that failed (FAILURE or
     /// REVOKED); on a part item, `true` when the part failed.
     pub const FAILED: &str = "failed";
