@@ -23,7 +23,7 @@ use crate::celery::{celery_sqs_body, MessageContext, Signature};
 use crate::config::CallbackConfig;
 use crate::ids::Namespace;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DispatchError {
     #[error("callback message is {size} bytes; {target} accepts at most {limit}")]
     TooLarge { size: usize, limit: usize, target: &'static str },
@@ -184,6 +184,44 @@ pub trait CallbackSink: Send + Sync {
     fn message_bytes(&self, _ns: &Namespace, out: &Outgoing<'_>) -> usize {
         out.args.len()
     }
+    /// Sends a window of messages: each one's outcome, in order. Here one
+    /// at a time, stopping at the first that did not go out (the rest get
+    /// its error, untried); [`Target`] sends SQS messages in concurrent
+    /// batches instead.
+    fn send_all(
+        &self,
+        ns: &Namespace,
+        outs: &[Outgoing<'_>],
+    ) -> impl Future<Output = Vec<Result<(), DispatchError>>> + Send {
+        in_turn(self, ns, outs)
+    }
+}
+
+/// Sends `outs` one at a time, stopping at the first that did not go out.
+pub(crate) async fn in_turn<T: CallbackSink + ?Sized>(
+    sink: &T,
+    ns: &Namespace,
+    outs: &[Outgoing<'_>],
+) -> Vec<Result<(), DispatchError>> {
+    let mut results: Vec<Result<(), DispatchError>> = Vec::with_capacity(outs.len());
+    for out in outs {
+        match results.last() {
+            Some(Err(stop)) if !stop.may_have_gone_out() => results.push(Err(stop.clone())),
+            _ => results.push(sink.send(ns, out).await),
+        }
+    }
+    results
+}
+
+/// Messages per `SendMessageBatch`, SQS's most.
+pub const BATCH_ENTRIES: usize = 10;
+
+/// One SQS message of a batch: its place in the window, its body, and for
+/// a FIFO queue its group and deduplication ids.
+struct Entry {
+    index: usize,
+    body: String,
+    fifo: Option<(String, String)>,
 }
 
 /// Sends callbacks and errbacks to SQS or Lambda.
@@ -209,6 +247,99 @@ impl Target {
             return Err(DispatchError::TooLarge { size, limit: self.config.max_bytes, target });
         }
         Ok(())
+    }
+
+    /// The queue URL and the SQS message of `out`, checked: a queue the
+    /// namespace may use, a body within `CALLBACK_MAX_BYTES`.
+    fn sqs_message(&self, ns: &Namespace, out: &Outgoing<'_>, index: usize) -> Result<(String, Entry), DispatchError> {
+        let queue = out.sig.queue().unwrap_or(&self.config.default_queue);
+        let url = self.config.queue_url(ns, queue).ok_or_else(|| DispatchError::NotAllowed(queue.to_owned()))?;
+        let body = celery_sqs_body(out.sig, out.args, queue, &out.cx);
+        self.check_size(body.len(), "SQS")?;
+        // FIFO queues drop a second message with the same id within 5 minutes.
+        let fifo = url.ends_with(".fifo").then(|| {
+            let group = if out.cx.group_id.is_empty() { out.sig.task_id.as_str() } else { out.cx.group_id };
+            (group.to_owned(), out.sig.task_id.to_string())
+        });
+        Ok((url, Entry { index, body, fifo }))
+    }
+
+    /// Sends one batch to `url` (at most [`BATCH_ENTRIES`], within
+    /// `CALLBACK_MAX_BYTES`), retrying the entries SQS did not take as
+    /// [`retrying`] does a single send; each entry's outcome.
+    async fn send_batch(&self, url: &str, entries: &[Entry]) -> Vec<(usize, Result<(), DispatchError>)> {
+        use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+        let deduplicated = url.ends_with(".fifo");
+        let mut pending: Vec<&Entry> = entries.iter().collect();
+        let mut done = Vec::with_capacity(entries.len());
+        let mut pause = SEND_FIRST_PAUSE;
+        for attempt in 1..=SEND_ATTEMPTS {
+            let batch = pending.iter().map(|e| {
+                let (group, dedup) = e.fifo.clone().unzip();
+                SendMessageBatchRequestEntry::builder()
+                    .id(e.index.to_string())
+                    .message_body(&e.body)
+                    .set_message_group_id(group)
+                    .set_message_deduplication_id(dedup)
+                    .build()
+                    .map_err(|e| DispatchError::Refused { target: "SQS", code: e.to_string() })
+            });
+            let batch: Result<Vec<_>, _> = batch.collect();
+            let sent = match batch {
+                Ok(batch) => self.sqs.send_message_batch().queue_url(url).set_entries(Some(batch)).send().await,
+                Err(err) => return pending.iter().map(|e| (e.index, Err(err.clone()))).chain(done).collect(),
+            };
+            let last = attempt == SEND_ATTEMPTS;
+            let retry: Vec<&Entry> = match sent {
+                Ok(out) => {
+                    let mut failed: std::collections::HashMap<String, DispatchError> = out
+                        .failed
+                        .into_iter()
+                        .map(|f| {
+                            let code = f.code;
+                            let permanent = f.sender_fault || PERMANENT_CODES.contains(&code.as_str());
+                            let err = if permanent {
+                                DispatchError::Refused { target: "SQS", code }
+                            } else {
+                                DispatchError::Send { target: "SQS", code }
+                            };
+                            (f.id, err)
+                        })
+                        .collect();
+                    let mut retry = Vec::new();
+                    for entry in pending {
+                        match failed.remove(&entry.index.to_string()) {
+                            None => done.push((entry.index, Ok(()))),
+                            Some(err) if err.is_permanent() || last => done.push((entry.index, Err(err))),
+                            Some(_) => retry.push(entry),
+                        }
+                    }
+                    retry
+                }
+                Err(e) => {
+                    let err = match e.as_service_error() {
+                        Some(s) if s.is_queue_does_not_exist() => {
+                            DispatchError::NoSuchTarget { target: "SQS queue", name: url.to_owned() }
+                        }
+                        _ => sort_error("SQS", e),
+                    };
+                    let again = matches!(err, DispatchError::Send { .. }) || (deduplicated && err.may_have_gone_out());
+                    if !again || last {
+                        done.extend(pending.iter().map(|e| (e.index, Err(err.clone()))));
+                        return done;
+                    }
+                    pending
+                }
+            };
+            if retry.is_empty() {
+                break;
+            }
+            tracing::warn!(attempt, entries = retry.len(), "sending again");
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            pending = retry;
+        }
+        done
     }
 }
 
@@ -246,26 +377,60 @@ impl CallbackSink for Target {
             })
             .await;
         }
-        let queue = out.sig.queue().unwrap_or(&self.config.default_queue).to_owned();
-        let url = self.config.queue_url(ns, &queue).ok_or_else(|| DispatchError::NotAllowed(queue.clone()))?;
-        let body = celery_sqs_body(out.sig, out.args, &queue, &out.cx);
-        self.check_size(body.len(), "SQS")?;
-        let mut request = self.sqs.send_message().queue_url(&url).message_body(body);
-        let fifo = url.ends_with(".fifo");
-        if fifo {
-            // FIFO queues drop a second message with the same id within 5 minutes.
-            let group = if out.cx.group_id.is_empty() { out.sig.task_id.as_str() } else { out.cx.group_id };
-            request = request.message_group_id(group).message_deduplication_id(out.sig.task_id.as_str());
-        }
-        retrying(fifo, || async {
+        let (url, entry) = self.sqs_message(ns, out, 0)?;
+        let (group, dedup) = entry.fifo.unzip();
+        let request = self
+            .sqs
+            .send_message()
+            .queue_url(&url)
+            .message_body(entry.body)
+            .set_message_group_id(group)
+            .set_message_deduplication_id(dedup);
+        retrying(url.ends_with(".fifo"), || async {
             request.clone().send().await.map(|_| ()).map_err(|e| match e.as_service_error() {
                 Some(s) if s.is_queue_does_not_exist() => {
-                    DispatchError::NoSuchTarget { target: "SQS queue", name: queue.clone() }
+                    DispatchError::NoSuchTarget { target: "SQS queue", name: url.clone() }
                 }
                 _ => sort_error("SQS", e),
             })
         })
         .await
+    }
+
+    /// SQS messages go in batches per queue (at most [`BATCH_ENTRIES`] and
+    /// `CALLBACK_MAX_BYTES` each), the batches concurrently; the Lambda
+    /// target's events one at a time.
+    async fn send_all(&self, ns: &Namespace, outs: &[Outgoing<'_>]) -> Vec<Result<(), DispatchError>> {
+        if self.config.lambda_function.is_some() {
+            return in_turn(self, ns, outs).await;
+        }
+        let mut results: Vec<Option<Result<(), DispatchError>>> = (0..outs.len()).map(|_| None).collect();
+        let mut queues: Vec<(String, Vec<Vec<Entry>>)> = Vec::new();
+        for (index, out) in outs.iter().enumerate() {
+            let (url, entry) = match self.sqs_message(ns, out, index) {
+                Ok(message) => message,
+                Err(err) => {
+                    results[index] = Some(Err(err));
+                    continue;
+                }
+            };
+            if !queues.iter().any(|(u, _)| *u == url) {
+                queues.push((url.clone(), vec![Vec::new()]));
+            }
+            let batches = &mut queues.iter_mut().find(|(u, _)| *u == url).expect("pushed above").1;
+            let open = batches.last().expect("a queue has a batch");
+            let bytes: usize = open.iter().map(|e| e.body.len()).sum();
+            if open.len() == BATCH_ENTRIES || bytes + entry.body.len() > self.config.max_bytes {
+                batches.push(Vec::new());
+            }
+            batches.last_mut().expect("a queue has a batch").push(entry);
+        }
+        let batches = queues.iter().flat_map(|(url, batches)| batches.iter().map(move |b| (url, b)));
+        let sent = futures::future::join_all(batches.map(|(url, batch)| self.send_batch(url, batch))).await;
+        for (index, result) in sent.into_iter().flatten() {
+            results[index] = Some(result);
+        }
+        results.into_iter().map(|r| r.expect("every message has an outcome")).collect()
     }
 }
 
@@ -471,5 +636,71 @@ mod tests {
         assert!(matches!(&err, DispatchError::Unknown { code, .. } if code == "time-out"), "{err}");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one request");
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn sqs_messages_go_in_batches_per_queue_and_only_the_entries_not_taken_are_sent_again() {
+        // Each request's queue and entry ids. Entry 3 is not taken the first
+        // time (not the sender's fault); entry 7 is refused for good.
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Vec<String>)>::new()));
+        let log = requests.clone();
+        let http = crate::scripted::client(move |req: lambda_http::http::Request<aws_smithy_types::body::SdkBody>| {
+            let body: serde_json::Value = serde_json::from_slice(req.body().bytes().unwrap()).unwrap();
+            let queue = body["QueueUrl"].as_str().unwrap().to_owned();
+            let ids: Vec<String> =
+                body["Entries"].as_array().unwrap().iter().map(|e| e["Id"].as_str().unwrap().to_owned()).collect();
+            let mut log = log.lock().unwrap();
+            let first_of_3 = !log.iter().any(|(_, seen)| seen.contains(&"3".to_owned()));
+            log.push((queue, ids.clone()));
+            let (mut ok, mut failed) = (Vec::new(), Vec::new());
+            for id in ids {
+                match id.as_str() {
+                    "3" if first_of_3 => {
+                        failed.push(serde_json::json!({"Id": id, "SenderFault": false, "Code": "InternalError"}))
+                    }
+                    "7" => {
+                        failed.push(serde_json::json!({"Id": id, "SenderFault": true, "Code": "InvalidParameterValue"}))
+                    }
+                    _ => ok.push(serde_json::json!({"Id": id, "MessageId": "m", "MD5OfMessageBody": "x"})),
+                }
+            }
+            let reply = serde_json::json!({"Successful": ok, "Failed": failed}).to_string();
+            lambda_http::http::Response::builder().status(200).body(reply).unwrap()
+        });
+        let config = config(&[
+            ("CALLBACK_QUEUE_URLS", "celery=https://sqs/1/celery,other=https://sqs/1/other"),
+            ("CALLBACK_QUEUE_NAMES", "celery,other"),
+        ]);
+        let target = Target::new(config, &sdk_config(http, Duration::from_secs(10), None));
+        let sigs: Vec<Signature> = (0..25)
+            .map(|i| {
+                let queue = if i < 20 { "celery" } else { "other" };
+                Signature::parse(&format!(r#"{{"task":"t","options":{{"task_id":"m{i}","queue":"{queue}"}}}}"#))
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Outgoing> = sigs.iter().map(|sig| outgoing(sig, "[[1]]", &String::new)).collect();
+        let results = target.send_all(&Namespace::default(), &outs).await;
+        for (i, result) in results.iter().enumerate() {
+            match i {
+                7 => assert!(
+                    matches!(result, Err(DispatchError::Refused { code, .. }) if code == "InvalidParameterValue")
+                ),
+                _ => assert!(result.is_ok(), "{i}: {result:?}"),
+            }
+        }
+        let mut requests = requests.lock().unwrap().clone();
+        requests.sort();
+        let range = |r: std::ops::Range<usize>| r.map(|i| i.to_string()).collect::<Vec<_>>();
+        let celery = "https://sqs/1/celery".to_owned();
+        let expected = vec![
+            (celery.clone(), range(0..10)),
+            (celery.clone(), range(10..20)),
+            (celery, vec!["3".to_owned()]),
+            ("https://sqs/1/other".to_owned(), range(20..25)),
+        ];
+        let mut expected = expected;
+        expected.sort();
+        assert_eq!(requests, expected, "10 a batch, per queue; only entry 3 sent again");
     }
 }

@@ -17,6 +17,9 @@ pub struct FakeSink {
     /// The chord-error header of each errback that went out.
     pub chord_errors: Mutex<Vec<Value>>,
     script: Mutex<VecDeque<Result<(), DispatchError>>>,
+    /// Sends every message of a window, as concurrent batches do, instead
+    /// of stopping at the first that did not go out.
+    pub all_at_once: bool,
 }
 
 impl FakeSink {
@@ -38,6 +41,17 @@ impl CallbackSink for FakeSink {
             self.chord_errors.lock().unwrap().extend(out.cx.chord_error.cloned());
         }
         answer
+    }
+
+    async fn send_all(&self, ns: &Namespace, outs: &[Outgoing<'_>]) -> Vec<Result<(), DispatchError>> {
+        if !self.all_at_once {
+            return crate::dispatch::in_turn(self, ns, outs).await;
+        }
+        let mut results = Vec::with_capacity(outs.len());
+        for out in outs {
+            results.push(self.send(ns, out).await);
+        }
+        results
     }
 }
 

@@ -77,6 +77,26 @@ pub enum Sent {
     Unknown(DispatchError),
 }
 
+impl Sent {
+    /// A send's outcome (a lost claim aside).
+    fn of(result: Result<(), DispatchError>) -> Self {
+        match result {
+            Ok(()) => Self::Out,
+            Err(err) if err.is_permanent() => Self::Refused(err),
+            Err(err) if err.may_have_gone_out() => {
+                crate::metrics::count(crate::metrics::SEND_OUTCOME_UNKNOWN);
+                Self::Unknown(err)
+            }
+            Err(err) => Self::Failed(err),
+        }
+    }
+
+    /// Whether the message went out, or may have.
+    fn went_out(&self) -> bool {
+        matches!(self, Self::Out | Self::Unknown(_))
+    }
+}
+
 /// Re-checks the claim (a conditional write that also renews its lease:
 /// `false` when the claim is no longer ours), and only then sends.
 pub async fn recheck_then_send<R, S>(recheck: R, send: S) -> Result<Sent, StoreError>
@@ -87,15 +107,64 @@ where
     if !recheck.await? {
         return Ok(Sent::Lost);
     }
-    Ok(match send.await {
-        Ok(()) => Sent::Out,
-        Err(err) if err.is_permanent() => Sent::Refused(err),
-        Err(err) if err.may_have_gone_out() => {
-            crate::metrics::count(crate::metrics::SEND_OUTCOME_UNKNOWN);
-            Sent::Unknown(err)
+    Ok(Sent::of(send.await))
+}
+
+/// What became of a window of messages sent together after one re-check.
+#[derive(Debug)]
+pub enum Window {
+    /// Every message went out, or may have (those count as sent).
+    Out,
+    /// The claim was taken over before the send: nothing went out.
+    Lost,
+    /// The first `sent` went out (or may have) and none after them did; a
+    /// retry may send the rest.
+    Partial { sent: usize, error: DispatchError },
+    /// A message cannot go out (refused for good), or one did not go out
+    /// while a later one did, so a retry would send that one again: which
+    /// went out, and the error of the first that did not.
+    Broken { went_out: Vec<bool>, error: DispatchError },
+}
+
+impl Window {
+    fn of(sent: Vec<Sent>) -> Self {
+        let went_out: Vec<bool> = sent.iter().map(Sent::went_out).collect();
+        let prefix = went_out.iter().take_while(|w| **w).count();
+        let mut rest = sent.into_iter().skip(prefix);
+        let (permanent, error) = match rest.next() {
+            None => return Self::Out,
+            Some(Sent::Refused(err)) => (true, err),
+            Some(Sent::Failed(err)) => (false, err),
+            Some(Sent::Out | Sent::Unknown(_) | Sent::Lost) => {
+                unreachable!("the prefix ends at one that did not go out")
+            }
+        };
+        if permanent || went_out[prefix..].iter().any(|w| *w) {
+            return Self::Broken { went_out, error };
         }
-        Err(err) => Sent::Failed(err),
-    })
+        Self::Partial { sent: prefix, error }
+    }
+}
+
+/// Re-checks the claim once, then sends a window of messages together (see
+/// [`Window`]). Each message whose outcome is unknown is logged by the
+/// name `name` gives its place in the window.
+pub async fn recheck_then_send_all<R, S, N>(recheck: R, send: S, name: N) -> Result<Window, StoreError>
+where
+    R: Future<Output = Result<bool, StoreError>>,
+    S: Future<Output = Vec<Result<(), DispatchError>>>,
+    N: Fn(usize) -> String,
+{
+    if !recheck.await? {
+        return Ok(Window::Lost);
+    }
+    let sent: Vec<Sent> = send.await.into_iter().map(Sent::of).collect();
+    for (i, sent) in sent.iter().enumerate() {
+        if let Sent::Unknown(err) = sent {
+            tracing::error!(task = %name(i), error = %err, "send outcome unknown: counted as sent, never sent again");
+        }
+    }
+    Ok(Window::of(sent))
 }
 
 /// Claims whose messages went out but whose progress could not be
@@ -219,6 +288,29 @@ mod tests {
             Err(DispatchError::Unknown { target: "SQS", code: "time-out".into() })
         });
         assert!(matches!(unknown.await, Ok(Sent::Unknown(_))));
+    }
+
+    #[test]
+    fn a_window_is_out_partial_or_broken_by_where_its_sends_stopped() {
+        let out = || Ok(());
+        let not_sent = || Err(DispatchError::Send { target: "SQS", code: "ThrottlingException".into() });
+        let unknown = || Err(DispatchError::Unknown { target: "SQS", code: "time-out".into() });
+        let refused = || Err(DispatchError::Refused { target: "SQS", code: "AccessDenied".into() });
+        let of = |results: Vec<Result<(), DispatchError>>| Window::of(results.into_iter().map(Sent::of).collect());
+        assert!(matches!(of(vec![out(), unknown(), out()]), Window::Out));
+        assert!(matches!(of(vec![out(), unknown(), not_sent(), not_sent()]), Window::Partial { sent: 2, .. }));
+        assert!(matches!(of(vec![not_sent(), not_sent()]), Window::Partial { sent: 0, .. }));
+        match of(vec![out(), not_sent(), out()]) {
+            Window::Broken { went_out, .. } => assert_eq!(went_out, [true, false, true]),
+            other => panic!("{other:?}"),
+        }
+        match of(vec![out(), refused(), not_sent()]) {
+            Window::Broken { went_out, error } => {
+                assert_eq!(went_out, [true, false, false]);
+                assert!(error.is_permanent());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     struct R(&'static str, &'static str);

@@ -11,7 +11,7 @@ use crate::dispatch::{CallbackSink, Outgoing};
 use crate::ids::{Namespace, TaskId};
 use crate::meta::State;
 use crate::metrics;
-use crate::once::Sent;
+use crate::once::Window;
 use crate::store::TaskRecord;
 use crate::time::{now_celery, now_epoch};
 
@@ -191,38 +191,71 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         let event = || {
             json!({"chord_id": gid.as_str(), "namespace": ns.as_str(), "callback": sig.raw, "error": error}).to_string()
         };
-        for (i, call) in calls.iter().enumerate().take(most).skip(claim.state.errbacks_sent as usize) {
+        // Each errback as Celery sends an old-style one: the failed task's
+        // id first, unless the errback is immutable. The header lets the
+        // worker's package call a new-style one instead.
+        let prepared = calls.iter().take(most).enumerate().skip(claim.state.errbacks_sent as usize).map(|(i, call)| {
             let fallback = uuid::Uuid::new_v4().to_string();
-            let Ok(errback) = Signature::from_value(call.errback.clone(), Some(&fallback)) else { continue };
+            let errback = Signature::from_value(call.errback.clone(), Some(&fallback)).ok()?;
             let failed = &call.failed;
-            // As Celery sends an old-style errback: the failed task's id
-            // first, unless the errback is immutable. The header lets the
-            // worker's package call a new-style one instead.
             let mut args = if errback.immutable { Vec::new() } else { vec![Value::String(failed.task_id.to_string())] };
             args.extend(errback.args.iter().cloned());
-            let args = Value::Array(args).to_string();
             let chord_error = json!({
                 "id": failed.task_id.as_str(), "task": failed.task, "args": failed.args, "kwargs": failed.kwargs,
                 "errbacks": failed.errbacks(), "immutable": errback.immutable, "exc": exceptions.of(&failed.task_id),
             });
-            let cx = MessageContext { chord_error: Some(&chord_error), ..claim.context() };
-            let out = Outgoing { sig: &errback, args: &args, event: &event, cx };
-            match self.send(claim, &out, Sending::Errbacks(i as u32 + 1)).await? {
-                Sent::Out => {}
-                Sent::Unknown(err) => {
-                    tracing::error!(chord = %gid, errback = %errback.task, error = %err, "counted as sent, not sent again")
+            Some((i, errback, Value::Array(args).to_string(), chord_error))
+        });
+        let mut prepared = prepared.flatten().peekable();
+        let mut next = claim.state.errbacks_sent as usize;
+        let last = calls.len().min(most);
+        while next < last {
+            // An unreadable errback (checked at store time) is passed over.
+            let window = super::next_window(&mut prepared, self.window_messages, |(_, _, args, error)| {
+                args.len() + error.to_string().len()
+            });
+            let end = prepared.peek().map_or(last, |(i, ..)| *i);
+            let outs: Vec<Outgoing> = window
+                .iter()
+                .map(|(_, errback, args, chord_error)| Outgoing {
+                    sig: errback,
+                    args,
+                    event: &event,
+                    cx: MessageContext { chord_error: Some(chord_error), ..claim.context() },
+                })
+                .collect();
+            let name = |i: usize| window[i].1.task.clone();
+            let not_sent: Vec<usize> = match self.send_window(claim, &outs, Sending::Errbacks(end as u32), name).await?
+            {
+                Window::Out => Vec::new(),
+                Window::Lost => return Ok(false),
+                Window::Partial { sent, error } if on_transient == OnTransient::Retry => {
+                    // The first `sent` went out, none after: record them; a retry sends the rest.
+                    let sent = window.get(sent).map_or(end, |(i, ..)| *i) as u32;
+                    let write = || self.store.record_failure(ns, gid, token, message, sent);
+                    if sent as usize > next && !self.record(claim, sent, "recording an errback", write).await? {
+                        return Ok(false);
+                    }
+                    return Err(error.into());
                 }
-                Sent::Lost => return Ok(false),
-                Sent::Failed(err) if on_transient == OnTransient::Retry => return Err(err.into()),
-                Sent::Refused(err) | Sent::Failed(err) => {
-                    tracing::error!(chord = %gid, errback = %errback.task, error = %err, "errback not sent")
+                Window::Partial { sent, error } => {
+                    tracing::error!(chord = %gid, error = %error, "errbacks not sent");
+                    (sent..window.len()).collect()
                 }
+                Window::Broken { went_out, error } => {
+                    tracing::error!(chord = %gid, error = %error, "errbacks not sent");
+                    went_out.iter().enumerate().filter(|(_, out)| !**out).map(|(i, _)| i).collect()
+                }
+            };
+            for i in not_sent {
+                tracing::error!(chord = %gid, errback = %window[i].1.task, "errback not sent");
             }
-            let sent = i as u32 + 1;
+            let sent = end as u32;
             let write = || self.store.record_failure(ns, gid, token, message, sent);
             if !self.record(claim, sent, "recording an errback", write).await? {
                 return Ok(false);
             }
+            next = end;
         }
         Ok(true)
     }

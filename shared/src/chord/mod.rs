@@ -49,7 +49,7 @@ use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::State;
 use crate::metrics;
-use crate::once::{self, Sent, Unfinished};
+use crate::once::{self, Unfinished, Window};
 use crate::store::DynamoStore;
 use crate::stream::Image;
 use fail::OnTransient;
@@ -137,6 +137,32 @@ impl JoinError {
     }
 }
 
+/// The most messages (of a body, or errbacks) sent together after one
+/// re-check, and the most bytes of their arguments held at once: a window
+/// goes out in concurrent batches, and its progress is recorded once.
+pub const SEND_WINDOW_MESSAGES: usize = 100;
+pub const SEND_WINDOW_BYTES: usize = 8 << 20;
+
+/// The next window: `items` taken as they are made, at most `most` of
+/// them and [`SEND_WINDOW_BYTES`] by `size`
+/// (one at least, whatever its size); the rest stay in `items`.
+fn next_window<T, I: Iterator<Item = T>>(
+    items: &mut std::iter::Peekable<I>,
+    most: usize,
+    size: impl Fn(&T) -> usize,
+) -> Vec<T> {
+    let (mut window, mut bytes) = (Vec::new(), 0);
+    while let Some(item) = items.peek() {
+        let item_bytes = size(item);
+        if window.len() == most || (!window.is_empty() && bytes + item_bytes > SEND_WINDOW_BYTES) {
+            break;
+        }
+        bytes += item_bytes;
+        window.extend(items.next());
+    }
+    window
+}
+
 /// How far past its newest part a chord's expiry is moved (seconds).
 const EXTEND_PAST_NEWEST: i64 = 3600;
 
@@ -156,6 +182,8 @@ pub struct Joiner<S, T> {
     /// next invocation in this process goes on from there instead of
     /// joining again.
     unmarked: Unfinished<u32>,
+    /// The most messages sent together ([`SEND_WINDOW_MESSAGES`]).
+    pub window_messages: usize,
 }
 
 impl Joiner<DynamoStore, Target> {
@@ -178,6 +206,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             result_ttl: config.result_ttl,
             max_message_bytes: config.callbacks.max_bytes,
             unmarked: Unfinished::default(),
+            window_messages: SEND_WINDOW_MESSAGES,
         }
     }
 
@@ -330,31 +359,46 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
         };
         let event = || lambda_event(claim, &sig, &results);
-        // Each message once across retries: progress is kept on the chord's
-        // state item, under the claim, after each send.
-        for (i, task) in messages.iter().enumerate().skip(state.body_sent as usize) {
-            let args = args_with_results(task, &results);
-            let out = Outgoing { sig: task, args: &args, event: &event, cx: claim.context() };
-            match self.send(claim, &out, Sending::Body(i as u32 + 1)).await? {
-                Sent::Out => {}
-                Sent::Unknown(err) => {
-                    tracing::error!(chord = %gid, task = %task.task_id, error = %err, "counted as sent, not sent again")
+        // Each message once across retries: a window of messages goes out
+        // after one re-check, and progress is kept on the chord's state
+        // item, under the claim, after each window.
+        let doing = "recording the callback's progress";
+        let record =
+            |sent: u32| self.record(claim, sent, doing, move || self.store.record_sent(ns, gid, claim.token, sent));
+        let mut next = state.body_sent as usize;
+        while next < messages.len() {
+            let mut made = messages[next..].iter().map(|task| args_with_results(task, &results)).peekable();
+            let args = next_window(&mut made, self.window_messages, String::len);
+            let end = next + args.len();
+            let window = &messages[next..end];
+            let outs: Vec<Outgoing> = window
+                .iter()
+                .zip(&args)
+                .map(|(sig, args)| Outgoing { sig, args, event: &event, cx: claim.context() })
+                .collect();
+            let name = |i: usize| window[i].task_id.to_string();
+            match self.send_window(claim, &outs, Sending::Body(end as u32), name).await? {
+                Window::Out => {}
+                Window::Lost => return Ok(()),
+                Window::Partial { sent, error } => {
+                    // The first `sent` went out, none after: record them; a retry sends the rest.
+                    if sent > 0 && !record((next + sent) as u32).await? {
+                        return Ok(());
+                    }
+                    return Err(error.into());
                 }
-                Sent::Lost => return Ok(()),
-                Sent::Refused(err) => {
-                    let message = format!("ChordError: callback not sent: {err}");
-                    let spared: Vec<TaskId> = messages[..i].iter().flat_map(Signature::ids_that_never_run).collect();
+                Window::Broken { went_out, error } => {
+                    let message = format!("ChordError: callback not sent: {error}");
+                    let ran = window.iter().zip(&went_out).filter(|(_, out)| **out).map(|(task, _)| task);
+                    let spared: Vec<TaskId> =
+                        messages[..next].iter().chain(ran).flat_map(Signature::ids_that_never_run).collect();
                     return self.fail_sparing(claim, &sig, message.into(), OnTransient::Retry, &spared).await;
                 }
-                Sent::Failed(err) => return Err(err.into()),
             }
-            let sent = i as u32 + 1;
-            let doing = "recording the callback's progress";
-            if sent < total
-                && !self.record(claim, sent, doing, || self.store.record_sent(ns, gid, claim.token, sent)).await?
-            {
+            if end < messages.len() && !record(end as u32).await? {
                 return Ok(());
             }
+            next = end;
         }
         self.mark_dispatched(claim, total).await?;
         metrics::count(metrics::CHORD_DISPATCHED);
@@ -367,16 +411,23 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
     }
 
     /// Re-checks the claim (renewing its lease, and recording what may have
-    /// gone out once the send is made) just before a send, then sends (see
-    /// [`once::recheck_then_send`]).
-    async fn send(&self, claim: &Claim<'_>, out: &Outgoing<'_>, sending: Sending) -> Result<Sent, JoinError> {
+    /// gone out once the sends are made) just before a window of sends, then
+    /// sends them together (see [`once::recheck_then_send_all`]); `name`
+    /// names a message of the window in the log.
+    async fn send_window(
+        &self,
+        claim: &Claim<'_>,
+        outs: &[Outgoing<'_>],
+        sending: Sending,
+        name: impl Fn(usize) -> String,
+    ) -> Result<Window, JoinError> {
         let recheck = self.store.renew_claim(claim.ns, claim.gid, claim.token, self.config.lease, sending);
-        let sent = once::recheck_then_send(recheck, self.sink.send(claim.ns, out)).await?;
-        if let Sent::Lost = sent {
+        let window = once::recheck_then_send_all(recheck, self.sink.send_all(claim.ns, outs), name).await?;
+        if let Window::Lost = window {
             metrics::count(metrics::CHORD_CLAIM_LOST);
             tracing::error!(chord = %claim.gid, "the claim was taken over before the send; nothing sent");
         }
-        Ok(sent)
+        Ok(window)
     }
 
     /// Moves a claimed chord to a final phase; a chord no longer ours is

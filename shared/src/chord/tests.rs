@@ -137,7 +137,8 @@ async fn a_group_body_sends_each_task_once_with_the_results_even_when_a_send_fai
 
 #[tokio::test]
 async fn a_group_body_whose_progress_cannot_be_recorded_goes_on_without_sending_twice() {
-    let j = joiner(FakeSink::default());
+    let mut j = joiner(FakeSink::default());
+    j.window_messages = 1;
     j.store.ext.fail_records.store(PERSIST_ATTEMPTS, Ordering::SeqCst);
     let parts = group_bodied(&j).await;
     assert_eq!(j.handle_parts(parts.clone()).await.len(), 2);
@@ -154,7 +155,8 @@ async fn a_group_body_whose_progress_cannot_be_recorded_goes_on_without_sending_
 /// this process, never sending the first again (C3).
 #[tokio::test]
 async fn an_errback_whose_record_fails_is_never_sent_again() {
-    let j = joiner(FakeSink::default());
+    let mut j = joiner(FakeSink::default());
+    j.window_messages = 1;
     j.store.ext.fail_errback_records.store(PERSIST_ATTEMPTS, Ordering::SeqCst);
     let parts = chord_of(&j, &["SUCCESS", "FAILURE"]).await;
     assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "the records come again");
@@ -207,6 +209,46 @@ async fn a_transient_send_error_gives_the_claim_back_and_the_callback_goes_once_
     assert!(j.handle_parts(parts).await.is_empty());
     assert_eq!(j.sink.sent().len(), 1, "sent once: {:?}", j.sink.sent());
     assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+}
+
+/// A body larger than a window goes out window by window, its progress
+/// recorded after each; a window that stops midway records what went out,
+/// and the retry sends only the rest.
+#[tokio::test]
+async fn a_body_goes_out_in_windows_and_a_retry_sends_only_what_did_not_go_out() {
+    let mut j = joiner(FakeSink::answering(vec![Ok(()), Ok(()), Err(transient())]));
+    j.window_messages = 2;
+    let parts = group_bodied(&j).await;
+    assert_eq!(j.handle_parts(parts.clone()).await.len(), 2, "retried: the second window did not go out");
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.body_sent, state.body_sending), (ChordPhase::Open, 2, 2));
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), group_sent(), "each task once, in order");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+}
+
+/// Sent together, a window's middle message did not go out while a later
+/// one did: sending it again later would repeat the later one, so the
+/// chord fails, sparing the tasks that went out (they run).
+#[tokio::test]
+async fn a_window_whose_middle_message_did_not_go_out_fails_the_chord_sparing_those_that_did() {
+    let mut sink = FakeSink::answering(vec![Ok(()), Err(transient()), Ok(())]);
+    sink.all_at_once = true;
+    let j = joiner(sink);
+    let parts = group_bodied(&j).await;
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    assert!(state.error.as_deref().unwrap().contains("ThrottlingException"), "{state:?}");
+    let sent: Vec<String> = j.sink.sent().into_iter().map(|s| s.1).collect();
+    assert_eq!(sent, ["g0", "g2"], "nothing sent again");
+    let ns = Namespace::default();
+    for (id, expected) in [("g0", None), ("g1", Some(State::Failure)), ("g2", None), ("cb", Some(State::Failure))] {
+        let status = j.store.get_task(&ns, &TaskId::parse(id).unwrap()).await.unwrap().map(|s| s.status);
+        assert_eq!(status, expected, "{id}");
+    }
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent().len(), 2);
 }
 
 /// A send that may have gone out (a time-out, a 5xx after the request
