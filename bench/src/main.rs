@@ -19,15 +19,20 @@
 //! Then the processing cache (`--cache 500`, see `cache.rs`): a hit and a
 //! coalesced miss against the raw GetItem and UpdateItem they stand for.
 //!
+//! Then a chord body's fan-out (`--fanout 500`, see `fanout.rs`): a group
+//! body of N tasks from the part's store to all N on the queue, against raw
+//! SendMessage and SendMessageBatch calls.
+//!
 //! Or only the cold-start bench (`--cold-start`, see `coldstart.rs`), or only
 //! the cost model, which writes docs/COST.md (`--cost`, see `cost.rs`).
 //!
-//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20] [--cache 500]`
+//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20] [--cache 500] [--fanout 500]`
 //! builds it, starts the local stack if none is up, and runs it.
 
 mod cache;
 mod coldstart;
 mod cost;
+mod fanout;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
@@ -58,6 +63,9 @@ struct Args {
     /// Processing cache requests per measurement (hits, coalesced misses; 0: none).
     #[arg(long, default_value_t = 500)]
     cache: usize,
+    /// Tasks in a chord's group body to fan out (0: none).
+    #[arg(long, default_value_t = 500)]
+    fanout: usize,
     /// Only the cold-start bench: each release function (`--lambda-dir`) against a Runtime API stub.
     #[arg(long)]
     cold_start: bool,
@@ -269,10 +277,13 @@ async fn main() {
         large_bench(&service, &a).await;
     }
 
+    let sqs = aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&sdk).endpoint_url(&a.moto).build());
     if a.cache > 0 {
-        let sqs =
-            aws_sdk_sqs::Client::from_conf(aws_sdk_sqs::config::Builder::from(&sdk).endpoint_url(&a.moto).build());
         cache::cache_bench(&service, &raw.client, &a.table, &sqs, a.cache).await;
+    }
+
+    if a.fanout > 0 {
+        fanout::fanout_bench(&service, &sqs, a.fanout, a.rounds).await;
     }
 
     if !a.chords.is_empty() {
