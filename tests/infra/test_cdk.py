@@ -54,8 +54,11 @@ def load_sam() -> dict[str, Any]:
     return yaml.load((ROOT / "infra" / "template.yaml").read_text(), Loader=Loader)
 
 
-def translate_sam() -> dict[str, Any]:
-    """SAM's transform, as CloudFormation runs it (the code as a packaged S3 object)."""
+def translate_sam(parameters: dict[str, str] | None = None) -> dict[str, Any]:
+    """SAM's transform, as CloudFormation runs it (the code as a packaged S3
+    object), with the parameters' defaults but for `parameters`: SAM decides
+    some properties from them (Tracing: Disabled sets no tracing mode and
+    grants no X-Ray access)."""
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     from samtranslator.translator.transform import transform
 
@@ -68,7 +71,7 @@ def translate_sam() -> dict[str, Any]:
         def load(self) -> dict[str, str]:
             return {}
 
-    return transform(template, {}, NoManagedPolicies())
+    return transform(template, parameters or {}, NoManagedPolicies())
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +109,22 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     return translate_sam(), cdk
 
 
+# Conditions SAM decides when it translates (from the parameters it was
+# given), where CloudFormation decides the CDK app's: their `Fn::If`s are
+# resolved before the two compare. With the defaults, tracing is off.
+TRACING_OFF = {"IsTracingOn": False}
+NO_VALUE = "${AWS::NoValue}"
+
+
 class Renderer:
     """Writes a template's values with logical ids replaced by SAM's names,
-    so that two templates compare as data."""
+    so that two templates compare as data; `known` conditions (by SAM name)
+    resolve their `Fn::If`s, and what they leave as `AWS::NoValue` is dropped."""
 
-    def __init__(self, names: dict[str, str], conditions: dict[str, str]):
+    def __init__(self, names: dict[str, str], conditions: dict[str, str], known: dict[str, bool] | None = None):
         self.names = names
         self.conditions = conditions
+        self.known = known or {}
 
     def name(self, logical_id: str) -> str:
         return self.names.get(logical_id, logical_id)
@@ -130,7 +142,7 @@ class Renderer:
 
     def render(self, value: Any) -> Any:
         if isinstance(value, list):
-            return [self.render(v) for v in value]
+            return [r for r in (self.render(v) for v in value) if r != NO_VALUE]
         if isinstance(value, str):
             # SAM writes the managed policies' ARNs for the partition it translated in.
             return value.replace("${AWS::Partition}", "aws")
@@ -154,10 +166,14 @@ class Renderer:
                     return self.render(arg[0].join(parts))
                 return {"Join": [arg[0], parts]}
             if key == "Fn::If":
-                return {"If": [self.conditions.get(arg[0], arg[0]), self.render(arg[1]), self.render(arg[2])]}
+                condition = self.conditions.get(arg[0], arg[0])
+                if condition in self.known:
+                    return self.render(arg[1] if self.known[condition] else arg[2])
+                return {"If": [condition, self.render(arg[1]), self.render(arg[2])]}
             if key == "Condition":
                 return {"Condition": self.conditions.get(arg, arg)}
-        return {k: self.render(v) for k, v in value.items()}
+        rendered = {k: self.render(v) for k, v in value.items()}
+        return {k: v for k, v in rendered.items() if v != NO_VALUE}
 
 
 def cdk_names(cdk: dict[str, Any]) -> dict[str, str]:
@@ -169,7 +185,9 @@ def cdk_names(cdk: dict[str, Any]) -> dict[str, str]:
     return names
 
 
-def renderers(sam: dict[str, Any], cdk: dict[str, Any]) -> tuple[Renderer, Renderer]:
+def renderers(
+    sam: dict[str, Any], cdk: dict[str, Any], known: dict[str, bool] = TRACING_OFF
+) -> tuple[Renderer, Renderer]:
     names = cdk_names(cdk)
     sam_r = Renderer({}, {})
     plain = Renderer(names, {})
@@ -182,7 +200,7 @@ def renderers(sam: dict[str, Any], cdk: dict[str, Any]) -> tuple[Renderer, Rende
             key = json.dumps(plain.render(expression), sort_keys=True)
             if key in by_expression:
                 conditions[name] = by_expression[key]
-    return sam_r, Renderer(names, conditions)
+    return sam_r, Renderer(names, conditions, known)
 
 
 def test_the_parameters_are_the_sam_templates(templates):
@@ -208,7 +226,11 @@ def test_the_conditions_rule_and_outputs_are_the_sam_templates(templates):
     assert len(cdk["Conditions"]) == len(sam["Conditions"])
     rules = {k: v for k, v in cdk["Rules"].items() if k != "CheckBootstrapVersion"}
     assert cdk_r.render(rules) == sam_r.render(sam["Rules"])
-    assert cdk_r.render(cdk["Outputs"]) == sam_r.render(sam["Outputs"])
+    outputs = {
+        name: {**output, **({"Condition": cdk_r.conditions[output["Condition"]]} if "Condition" in output else {})}
+        for name, output in cdk["Outputs"].items()
+    }
+    assert cdk_r.render(outputs) == sam_r.render(sam["Outputs"])
 
 
 # What SAM's transform adds that CDK has no reason to: the code's location
@@ -218,7 +240,29 @@ IGNORED = {"AWS::Lambda::Function": {"Code", "Tags"}, "AWS::IAM::Role": {"Tags"}
 
 def test_every_resource_is_the_sam_templates(templates):
     sam, cdk = templates
-    sam_r, cdk_r = renderers(sam, cdk)
+    same_resources(sam, cdk, TRACING_OFF)
+
+
+def test_with_tracing_on_every_resource_is_the_sam_templates(templates):
+    """SAM decides tracing when it translates: with Tracing Active it sets the
+    mode and grants X-Ray write access; the CDK app's conditions do the same."""
+    _, cdk = templates
+    sam = translate_sam({"Tracing": "Active"})
+    same_resources(sam, cdk, {"IsTracingOn": True})
+    roles = [r for r in sam["Resources"].values() if r["Type"] == "AWS::IAM::Role"]
+    assert roles and all(any("Xray" in json.dumps(a) for a in r["Properties"]["ManagedPolicyArns"]) for r in roles)
+
+
+def test_with_tracing_disabled_no_function_may_write_to_x_ray(templates):
+    sam, cdk = templates
+    _, cdk_r = renderers(sam, cdk)
+    rendered = json.dumps(cdk_r.render(cdk["Resources"]))
+    assert "Xray" not in rendered and "TracingConfig" not in rendered
+    assert "Xray" not in json.dumps(sam["Resources"])
+
+
+def same_resources(sam: dict[str, Any], cdk: dict[str, Any], known: dict[str, bool]) -> None:
+    sam_r, cdk_r = renderers(sam, cdk, known)
     mine = {cdk_r.names[k]: v for k, v in cdk["Resources"].items()}
     assert sorted(mine) == sorted(sam["Resources"])
     for name, theirs in sam["Resources"].items():

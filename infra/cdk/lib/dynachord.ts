@@ -100,6 +100,8 @@ export class Dynachord extends Construct {
   readonly bucket: s3.CfnBucket;
   readonly api: apigw.CfnApi;
   readonly deadLetterQueue: sqs.CfnQueue;
+  /** Whether the functions are traced (Tracing is not Disabled). */
+  readonly isTracingOn: CfnCondition;
   readonly functions: Record<FunctionName, lambda.Function>;
   /** Base URL of the v1 API. */
   readonly apiUrl: string;
@@ -142,6 +144,10 @@ export class Dynachord extends Construct {
       Fn.conditionEquals(str("DeletionProtection"), "true"),
     );
     const hasQueueKmsKeys = isSet("HasQueueKmsKeys", Fn.join("", list("CallbackQueueKmsKeyArns")));
+    const policyArn = (name: string) => `arn:${Aws.PARTITION}:iam::aws:policy/${name}`;
+    // As SAM does: X-Ray write access and a tracing mode unless Tracing is Disabled.
+    const isTracingOn = condition("IsTracingOn", Fn.conditionNot(Fn.conditionEquals(str("Tracing"), "Disabled")));
+    this.isTracingOn = isTracingOn;
     const hasChordJoinReservation = condition(
       "HasChordJoinReservation",
       Fn.conditionNot(Fn.conditionEquals(str("ChordJoinReservedConcurrency"), "0")),
@@ -376,10 +382,10 @@ export class Dynachord extends Construct {
           ],
         },
         managedPolicyArns: [
-          "service-role/AWSLambdaBasicExecutionRole",
-          "AWSXrayWriteOnlyAccess",
-          ...(spec.managedPolicies ?? []),
-        ].map((name) => `arn:${Aws.PARTITION}:iam::aws:policy/${name}`),
+          policyArn("service-role/AWSLambdaBasicExecutionRole"),
+          Fn.conditionIf(isTracingOn.logicalId, policyArn("AWSXrayWriteOnlyAccess"), Aws.NO_VALUE).toString(),
+          ...(spec.managedPolicies ?? []).map(policyArn),
+        ],
         policies: [
           { policyName: `${spec.id}RolePolicy0`, policyDocument: { Statement: spec.statements } },
           ...(spec.extraPolicies ?? []).map((p) => ({
@@ -402,9 +408,9 @@ export class Dynachord extends Construct {
         applicationLogLevelV2: str("LogLevel") as lambda.ApplicationLogLevel,
         systemLogLevelV2: lambda.SystemLogLevel.WARN,
       });
-      // Tracing is a setting (Active or PassThrough), so it is written as is.
+      // Tracing is a setting (PassThrough or Active), so it is written as is; none when Disabled.
       const cfn = fn.node.defaultChild as lambda.CfnFunction;
-      cfn.tracingConfig = { mode: str("Tracing") };
+      cfn.tracingConfig = Fn.conditionIf(isTracingOn.logicalId, { Mode: str("Tracing") }, Aws.NO_VALUE);
       if (spec.binary === "chord-join") {
         cfn.reservedConcurrentExecutions = Token.asNumber(
           Fn.conditionIf(

@@ -112,9 +112,9 @@ export const PARAMETERS = {
   },
   Tracing: {
     type: "String",
-    default: "PassThrough",
-    allowedValues: ["Active", "PassThrough"],
-    description: "Active turns on X-Ray active tracing of the functions (traces are billed per trace). Every log line carries the invocation's trace id (xrayTraceId) either way.",
+    default: "Disabled",
+    allowedValues: ["Disabled", "PassThrough", "Active"],
+    description: "X-Ray tracing of the functions. Disabled (the default) sets no tracing mode and grants no X-Ray permission; PassThrough and Active grant the functions X-Ray write access, and Active traces every invocation (billed per trace). Every log line carries the invocation's trace id (xrayTraceId) either way.",
   },
   ApiThrottlingRateLimit: {
     type: "Number",

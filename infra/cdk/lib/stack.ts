@@ -1,7 +1,7 @@
 // The stack the app deploys: the SAM template's parameters, rule, outputs and
 // console layout around one Dynachord construct.
 
-import { CfnOutput, CfnParameter, CfnRule, Fn, Stack, StackProps } from "aws-cdk-lib";
+import { CfnOutput, CfnParameter, CfnRule, Fn, Stack, StackProps, Validations } from "aws-cdk-lib";
 import { Construct } from "constructs";
 import { Dynachord, DynachordProps, DynachordSettings } from "./dynachord";
 import { PARAMETERS, PARAMETER_GROUPS, ParameterName } from "./parameters";
@@ -34,6 +34,7 @@ export class DynachordStack extends Stack {
         ...("maxValue" in spec ? { maxValue: spec.maxValue } : {}),
       });
       parameters[name] = parameter;
+
       settings[name] =
         spec.type === "Number"
           ? parameter.valueAsNumber
@@ -61,6 +62,13 @@ export class DynachordStack extends Stack {
     });
 
     this.service = new Dynachord(this, "Dynachord", { settings, code: props.code, assetsDir: props.assetsDir });
+    // The validator reports on the stack that the Tracing parameter allows
+    // Disabled, which TracingConfig.Mode does not: it does not follow
+    // IsTracingOn, under which a function's TracingConfig is NoValue then.
+    Validations.of(this).acknowledge({
+      id: "CloudFormation-Validate::W1030",
+      reason: "TracingConfig is NoValue when Tracing is Disabled (IsTracingOn)",
+    });
     const s = this.service;
     // Outputs share CloudFormation's names with the parameters' (TableName is
     // both), so they live in a scope of their own under the SAM names.
@@ -72,5 +80,10 @@ export class DynachordStack extends Stack {
     output("TableName", "The results table", s.table.ref);
     output("StreamArn", "The table's stream, consumed by chord-join", s.table.attrStreamArn);
     output("DeadLetterQueueUrl", "Stream records chord-join gave up on", s.deadLetterQueue.ref);
+    new CfnOutput(outputs, "TracingMode", {
+      description: "The functions' X-Ray tracing mode (and their X-Ray write access)",
+      value: settings.Tracing as string,
+      condition: s.isTracingOn,
+    }).overrideLogicalId("TracingMode");
   }
 }
