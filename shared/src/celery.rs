@@ -23,6 +23,9 @@ pub const CHORD: &str = "celery.chord";
 pub const TOLERATED_FAILURES: &str = "tolerated_failures";
 /// The option that says what share of its parts, in percent.
 pub const TOLERATED_FAILURE_PERCENTAGE: &str = "tolerated_failure_percentage";
+/// The option of a chord's body that asks for its parts' results to be
+/// forgotten once its callback has been sent.
+pub const FORGET_PARTS: &str = "forget_parts";
 
 /// A Celery signature, as a worker sends it in `request.chord`.
 #[derive(Debug, Clone)]
@@ -275,6 +278,17 @@ impl Signature {
             (Some(a), Some(b)) => a.min(b),
             (one, other) => one.or(other).unwrap_or(0),
         })
+    }
+
+    /// Whether the chord's parts' results are to be forgotten once this
+    /// body has been sent (`options.forget_parts`, set from Celery with
+    /// `.set(forget_parts=True)`). An `Err` when it is not a boolean.
+    pub fn forgets_parts(&self) -> Result<bool, String> {
+        match self.options.get(FORGET_PARTS) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(yes)) => Ok(*yes),
+            Some(v) => Err(format!("{FORGET_PARTS} must be true or false, not {v}")),
+        }
     }
 
     /// The queue this signature names (`options.queue`), if any.

@@ -37,6 +37,9 @@ pub const CHORD_RESEND_SKIPPED: &str = "ChordResendSkipped";
 /// time-out or a 5xx after the request went out): it counts as sent and is
 /// never sent again (`docs/INVARIANTS.md`, O5).
 pub const SEND_OUTCOME_UNKNOWN: &str = "SendOutcomeUnknown";
+/// Results of a dispatched chord's parts forgotten at its body's request
+/// (`forget_parts`).
+pub const CHORD_PARTS_FORGOTTEN: &str = "ChordPartsForgotten";
 /// Chord parts counted for the first time (each part once).
 pub const CHORD_PARTS_COUNTED: &str = "ChordPartsCounted";
 /// Milliseconds from the newest part's store to its chord's callback sent.

@@ -219,6 +219,7 @@ fn check_callback(config: &Config, ns: &Namespace, callback: &str) -> Result<(),
     }
     let sig = Signature::parse(callback).map_err(|e| ApiError::BadBody(format!("chord: {e}")))?;
     sig.tolerated_failures(0).map_err(|e| ApiError::BadBody(format!("chord: the callback's {e}")))?;
+    sig.forgets_parts().map_err(|e| ApiError::BadBody(format!("chord: the callback's {e}")))?;
     // The callback's own errbacks, and each of a group body's members' (a
     // failed chord calls those for each member).
     let members = sig.group_members();

@@ -300,6 +300,36 @@ async fn a_body_that_tolerates_failed_parts_is_called_back_with_their_exceptions
 }
 
 #[tokio::test]
+async fn a_body_that_asks_forgets_its_parts_results_once_it_is_sent() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({"forget_parts": true}));
+    let ids: Vec<String> = (0..3).map(|i| api.id(&format!("p{i}"))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        api.put_task(id, chord.part(id, i, 3, "SUCCESS", json!(i * 10))).await.expect(200);
+    }
+    let messages = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0].body[0], json!([[0, 10, 20]]), "the callback has the results");
+    // Forgotten after the send: each part reads as unknown (PENDING).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for id in &ids {
+        while api.get_task(id).await.expect(200).json["status"] != "PENDING" {
+            assert!(std::time::Instant::now() < deadline, "{id} was not forgotten");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    assert_eq!((&status.json["state"], &status.json["succeeded"]), (&json!("dispatched"), &json!(3)));
+    // Anything but a boolean is refused when the part is stored.
+    let bad = Chord::new(&api, &queue, json!({"forget_parts": "yes"}));
+    let id = api.id("bad-p0");
+    let refused = api.put_task(&id, bad.part(&id, 0, 1, "SUCCESS", json!(0))).await.expect(400);
+    assert!(refused.json["error"]["message"].as_str().unwrap().contains("forget_parts"), "{}", refused.json);
+    assert_eq!(api.get_task(&id).await.expect(200).json["status"], "PENDING", "nothing stored");
+}
+
+#[tokio::test]
 async fn a_callback_to_a_queue_that_does_not_exist_fails_the_chord_without_retrying_forever() {
     let api = Api::new();
     let queue = Queue::new(&api.id("q")).await;

@@ -163,6 +163,9 @@ fn next_window<T, I: Iterator<Item = T>>(
     window
 }
 
+/// Parts' results forgotten at once after a join (`forget_parts`).
+const FORGET_CONCURRENCY: usize = 16;
+
 /// How far past its newest part a chord's expiry is moved (seconds).
 const EXTEND_PAST_NEWEST: i64 = 3600;
 
@@ -407,7 +410,30 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             metrics::emit(&[], &[metrics::Point::millis(metrics::CHORD_JOIN_LATENCY, latency)]);
         }
         tracing::info!(chord = %gid, parts = ids.len(), messages = total, callback = %sig.task_id, "chord dispatched");
+        // Checked at store time. Kept when a part failed: a redrive needs them all.
+        if sig.forgets_parts().unwrap_or(false) && state.failed == 0 {
+            self.forget_parts(ns, gid, &ids).await;
+        }
         Ok(())
+    }
+
+    /// Forgets the results of a dispatched chord's parts (their items and
+    /// any S3 objects), [`FORGET_CONCURRENCY`] at a time. Best effort: the
+    /// callback is out, a part not forgotten expires with its result's
+    /// lifetime, and failures are logged, not retried.
+    async fn forget_parts(&self, ns: &Namespace, gid: &GroupId, ids: &[TaskId]) {
+        use futures::StreamExt;
+        let outcomes: Vec<Result<(), StoreError>> = futures::stream::iter(ids)
+            .map(|id| self.store.delete_task(ns, id))
+            .buffer_unordered(FORGET_CONCURRENCY)
+            .collect()
+            .await;
+        let forgotten = outcomes.iter().filter(|o| o.is_ok()).count();
+        metrics::emit(&[], &[metrics::Point::count(metrics::CHORD_PARTS_FORGOTTEN, forgotten as f64)]);
+        if let Some(Err(err)) = outcomes.iter().find(|o| o.is_err()) {
+            let kept = ids.len() - forgotten;
+            tracing::warn!(chord = %gid, kept, error = %err, "some parts' results were not forgotten; they expire");
+        }
     }
 
     /// Re-checks the claim (renewing its lease, and recording what may have

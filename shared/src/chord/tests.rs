@@ -747,3 +747,33 @@ fn a_tolerance_must_be_a_count_or_a_share() {
         assert!(sig(bad).tolerated_failures(10).is_err(), "{bad}");
     }
 }
+
+/// The parts' results still stored, by part index.
+async fn parts_stored(j: &Joiner<MemoryStore, FakeSink>, n: u32) -> Vec<bool> {
+    let mut stored = Vec::new();
+    for i in 0..n {
+        let id = TaskId::parse(&format!("p{i}")).unwrap();
+        stored.push(j.store.get_task(&Namespace::default(), &id).await.unwrap().is_some());
+    }
+    stored
+}
+
+#[tokio::test]
+async fn a_body_that_asks_forgets_its_parts_results_once_sent_unless_a_part_failed() {
+    let before = metrics::total(metrics::CHORD_PARTS_FORGOTTEN);
+    let j = tolerating(&["SUCCESS", "SUCCESS", "SUCCESS"], r#""forget_parts":true"#).await;
+    assert_eq!(j.sink.sent().len(), 1, "the callback went out first");
+    assert_eq!(parts_stored(&j, 3).await, [false, false, false]);
+    assert!(metrics::total(metrics::CHORD_PARTS_FORGOTTEN) >= before + 3);
+    // Not asked: kept.
+    let j = tolerating(&["SUCCESS", "SUCCESS"], r#""forget_parts":false"#).await;
+    assert_eq!(parts_stored(&j, 2).await, [true, true]);
+    // A tolerated failure: kept, for a redrive.
+    let j = tolerating(&["SUCCESS", "FAILURE"], r#""forget_parts":true,"tolerated_failures":1"#).await;
+    assert_eq!(j.sink.sent().len(), 1);
+    assert_eq!(parts_stored(&j, 2).await, [true, true]);
+    // A failed chord: kept.
+    let j = tolerating(&["SUCCESS", "FAILURE"], r#""forget_parts":true"#).await;
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+    assert_eq!(parts_stored(&j, 2).await, [true, true]);
+}
