@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 
 use super::results::{exception_in, result_of, Failure};
 use super::{ChordPhase, ChordStore, Claim, JoinError, Joiner, Sending};
-use crate::celery::{MessageContext, Signature};
+use crate::celery::{ErrbackCall, MessageContext, Signature};
 use crate::dispatch::{CallbackSink, Outgoing};
 use crate::ids::{Namespace, TaskId};
 use crate::meta::State;
@@ -14,6 +14,37 @@ use crate::metrics;
 use crate::once::Window;
 use crate::store::TaskRecord;
 use crate::time::{now_celery, now_epoch};
+
+/// An errback's message as Celery sends an old-style one: the failed
+/// task's id first, unless the errback is immutable; the chord-error header
+/// lets the worker's package call a new-style one instead.
+struct ErrbackMessage {
+    errback: Signature,
+    args: String,
+    chord_error: Value,
+}
+
+impl ErrbackMessage {
+    /// What it holds in memory until sent.
+    fn bytes(&self) -> usize {
+        self.args.len() + self.chord_error.to_string().len()
+    }
+}
+
+/// The message of `call`; `None` when its errback cannot be read (checked
+/// at store time, so only a damaged item has one): it is passed over.
+fn errback_message(call: &ErrbackCall, exceptions: &Exceptions) -> Option<ErrbackMessage> {
+    let fallback = uuid::Uuid::new_v4().to_string();
+    let errback = Signature::from_value(call.errback.clone(), Some(&fallback)).ok()?;
+    let failed = &call.failed;
+    let mut args = if errback.immutable { Vec::new() } else { vec![Value::String(failed.task_id.to_string())] };
+    args.extend(errback.args.iter().cloned());
+    let chord_error = json!({
+        "id": failed.task_id.as_str(), "task": failed.task, "args": failed.args, "kwargs": failed.kwargs,
+        "errbacks": failed.errbacks(), "immutable": errback.immutable, "exc": exceptions.of(&failed.task_id),
+    });
+    Some(ErrbackMessage { errback, args: Value::Array(args).to_string(), chord_error })
+}
 
 /// How a failing chord treats an errback whose send may succeed if retried.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -191,40 +222,26 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         let event = || {
             json!({"chord_id": gid.as_str(), "namespace": ns.as_str(), "callback": sig.raw, "error": error}).to_string()
         };
-        // Each errback as Celery sends an old-style one: the failed task's
-        // id first, unless the errback is immutable. The header lets the
-        // worker's package call a new-style one instead.
-        let prepared = calls.iter().take(most).enumerate().skip(claim.state.errbacks_sent as usize).map(|(i, call)| {
-            let fallback = uuid::Uuid::new_v4().to_string();
-            let errback = Signature::from_value(call.errback.clone(), Some(&fallback)).ok()?;
-            let failed = &call.failed;
-            let mut args = if errback.immutable { Vec::new() } else { vec![Value::String(failed.task_id.to_string())] };
-            args.extend(errback.args.iter().cloned());
-            let chord_error = json!({
-                "id": failed.task_id.as_str(), "task": failed.task, "args": failed.args, "kwargs": failed.kwargs,
-                "errbacks": failed.errbacks(), "immutable": errback.immutable, "exc": exceptions.of(&failed.task_id),
-            });
-            Some((i, errback, Value::Array(args).to_string(), chord_error))
-        });
-        let mut prepared = prepared.flatten().peekable();
+        let skip = claim.state.errbacks_sent as usize;
+        let prepared = calls.iter().take(most).enumerate().skip(skip);
+        let mut prepared =
+            prepared.filter_map(|(i, call)| errback_message(call, exceptions).map(|m| (i, m))).peekable();
         let mut next = claim.state.errbacks_sent as usize;
         let last = calls.len().min(most);
         while next < last {
             // An unreadable errback (checked at store time) is passed over.
-            let window = super::next_window(&mut prepared, self.window_messages, |(_, _, args, error)| {
-                args.len() + error.to_string().len()
-            });
+            let window = super::next_window(&mut prepared, self.window_messages, |(_, m)| m.bytes());
             let end = prepared.peek().map_or(last, |(i, ..)| *i);
             let outs: Vec<Outgoing> = window
                 .iter()
-                .map(|(_, errback, args, chord_error)| Outgoing {
-                    sig: errback,
-                    args,
+                .map(|(_, m)| Outgoing {
+                    sig: &m.errback,
+                    args: &m.args,
                     event: &event,
-                    cx: MessageContext { chord_error: Some(chord_error), ..claim.context() },
+                    cx: MessageContext { chord_error: Some(&m.chord_error), ..claim.context() },
                 })
                 .collect();
-            let name = |i: usize| window[i].1.task.clone();
+            let name = |i: usize| window[i].1.errback.task.clone();
             let not_sent: Vec<usize> = match self.send_window(claim, &outs, Sending::Errbacks(end as u32), name).await?
             {
                 Window::Out => Vec::new(),
@@ -248,7 +265,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 }
             };
             for i in not_sent {
-                tracing::error!(chord = %gid, errback = %window[i].1.task, "errback not sent");
+                tracing::error!(chord = %gid, errback = %window[i].1.errback.task, "errback not sent");
             }
             let sent = end as u32;
             let write = || self.store.record_failure(ns, gid, token, message, sent);
