@@ -576,6 +576,7 @@ pub async fn chord_status<S: ChordStore>(
         "state": chord.phase.as_str(),
         "callback_id": chord.callback_id,
         "error": chord.error,
+        "opened_at": chord.opened_at,
     });
     if failed_ids {
         let (ids, more) = app.store.failed_part_ids(ns, id, MAX_FAILED_IDS).await?;

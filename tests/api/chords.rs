@@ -76,10 +76,14 @@ async fn a_chord_of_3_calls_back_once_with_results_in_index_order() {
     assert_eq!(m.body[1], json!({}));
     assert!(m.raw_body.contains(r#"{"i":0,"big":123456789012345678901234567890}"#), "results exact: {}", m.raw_body);
     let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    // When its first part was counted: within the last minutes (the clocks are this machine's).
+    let opened = status.json["opened_at"].as_i64().expect("opened_at");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now - 300..=now + 5).contains(&opened), "{opened} vs {now}");
     assert_eq!(
         status.json,
         json!({"group_id": chord.gid, "size": 3, "done": 3, "succeeded": 3, "failed": 0, "pending": 0,
-               "state": "dispatched", "callback_id": chord.callback_id, "error": null})
+               "state": "dispatched", "callback_id": chord.callback_id, "error": null, "opened_at": opened})
     );
 }
 

@@ -52,7 +52,7 @@ fn count_update(
         .update_expression(
             "SET #size = if_not_exists(#size, :size), #cb = if_not_exists(#cb, :cb), \
              #cbid = if_not_exists(#cbid, :cbid), #state = if_not_exists(#state, :open), \
-             #exp = if_not_exists(#exp, :exp) ADD #done :k, #failed :f",
+             #exp = if_not_exists(#exp, :exp), #opened = if_not_exists(#opened, :now) ADD #done :k, #failed :f",
         )
         .expression_attribute_names("#size", attr::SIZE)
         .expression_attribute_names("#cb", attr::CALLBACK)
@@ -61,6 +61,8 @@ fn count_update(
         .expression_attribute_names("#exp", attr::EXPIRES_AT)
         .expression_attribute_names("#done", attr::DONE)
         .expression_attribute_names("#failed", attr::FAILED)
+        .expression_attribute_names("#opened", attr::OPENED_AT)
+        .expression_attribute_values(":now", n(now_epoch()))
         .expression_attribute_values(":size", n(chord.size))
         .expression_attribute_values(":cb", s(chord.callback.clone()))
         .expression_attribute_values(":cbid", s(chord.callback_id.clone()))
@@ -220,6 +222,7 @@ fn state_of(item: &Item) -> ChordState {
         body_sending: count(attr::BODY_SENDING),
         errbacks_sending: count(attr::ERRBACKS_SENDING),
         expires_at: get_n(item, attr::EXPIRES_AT).unwrap_or(0),
+        opened_at: get_n(item, attr::OPENED_AT),
     }
 }
 

@@ -104,6 +104,7 @@ impl ChordStore for MemoryChordStore {
                 body_sending: 0,
                 errbacks_sending: 0,
                 expires_at,
+                opened_at: Some(now_epoch()),
             };
             (state, None, 0)
         });

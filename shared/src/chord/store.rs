@@ -95,6 +95,9 @@ pub struct ChordState {
     pub errbacks_sending: u32,
     /// The state item's expiry (epoch seconds).
     pub expires_at: i64,
+    /// When the chord's first part was counted (epoch seconds); `None` for
+    /// chords registered before it was kept.
+    pub opened_at: Option<i64>,
 }
 
 impl ChordState {

@@ -55,6 +55,8 @@ pub mod attr {
     /// a claim that takes over never sends one again (invariant O5).
     pub const BODY_SENDING: &str = "body_sending";
     pub const ERRBACKS_SENDING: &str = "errbacks_sending";
+    /// On a chord's state item: when its first part was counted (epoch seconds).
+    pub const OPENED_AT: &str = "opened_at";
     /// On a chord's state item: the counted parts that failed (FAILURE or
     /// REVOKED); on a part item, `true` when the part failed.
     pub const FAILED: &str = "failed";
