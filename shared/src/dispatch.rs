@@ -185,8 +185,9 @@ pub trait CallbackSink: Send + Sync {
         out.args.len()
     }
     /// Sends a window of messages: each one's outcome, in order. Here one
-    /// at a time, stopping at the first that did not go out (the rest get
-    /// its error, untried); [`Target`] sends SQS messages in concurrent
+    /// at a time, stopping at the first that did not go out but may if
+    /// retried (the rest get its error, untried; one refused for good does
+    /// not stop the others); [`Target`] sends SQS messages in concurrent
     /// batches instead.
     fn send_all(
         &self,
@@ -197,7 +198,8 @@ pub trait CallbackSink: Send + Sync {
     }
 }
 
-/// Sends `outs` one at a time, stopping at the first that did not go out.
+/// Sends `outs` one at a time, stopping at the first that did not go out
+/// but may if retried, so a retry goes on from there.
 pub(crate) async fn in_turn<T: CallbackSink + ?Sized>(
     sink: &T,
     ns: &Namespace,
@@ -206,7 +208,7 @@ pub(crate) async fn in_turn<T: CallbackSink + ?Sized>(
     let mut results: Vec<Result<(), DispatchError>> = Vec::with_capacity(outs.len());
     for out in outs {
         match results.last() {
-            Some(Err(stop)) if !stop.may_have_gone_out() => results.push(Err(stop.clone())),
+            Some(Err(stop @ DispatchError::Send { .. })) => results.push(Err(stop.clone())),
             _ => results.push(sink.send(ns, out).await),
         }
     }
@@ -216,10 +218,11 @@ pub(crate) async fn in_turn<T: CallbackSink + ?Sized>(
 /// Messages per `SendMessageBatch`, SQS's most.
 pub const BATCH_ENTRIES: usize = 10;
 
-/// One SQS message of a batch: its place in the window, its body, and for
-/// a FIFO queue its group and deduplication ids.
+/// One SQS message of a batch: its place in the window, its queue's name,
+/// its body, and for a FIFO queue its group and deduplication ids.
 struct Entry {
     index: usize,
+    queue: String,
     body: String,
     fifo: Option<(String, String)>,
 }
@@ -261,7 +264,7 @@ impl Target {
             let group = if out.cx.group_id.is_empty() { out.sig.task_id.as_str() } else { out.cx.group_id };
             (group.to_owned(), out.sig.task_id.to_string())
         });
-        Ok((url, Entry { index, body, fifo }))
+        Ok((url, Entry { index, queue: queue.to_owned(), body, fifo }))
     }
 
     /// Sends one batch to `url` (at most [`BATCH_ENTRIES`], within
@@ -317,9 +320,11 @@ impl Target {
                     retry
                 }
                 Err(e) => {
+                    // The tenant sees the queue's name, never the deployment's URL.
+                    let name = pending.first().map_or_else(String::new, |e| e.queue.clone());
                     let err = match e.as_service_error() {
                         Some(s) if s.is_queue_does_not_exist() => {
-                            DispatchError::NoSuchTarget { target: "SQS queue", name: url.to_owned() }
+                            DispatchError::NoSuchTarget { target: "SQS queue", name }
                         }
                         _ => sort_error("SQS", e),
                     };
@@ -378,6 +383,7 @@ impl CallbackSink for Target {
             .await;
         }
         let (url, entry) = self.sqs_message(ns, out, 0)?;
+        let name = entry.queue;
         let (group, dedup) = entry.fifo.unzip();
         let request = self
             .sqs
@@ -389,7 +395,7 @@ impl CallbackSink for Target {
         retrying(url.ends_with(".fifo"), || async {
             request.clone().send().await.map(|_| ()).map_err(|e| match e.as_service_error() {
                 Some(s) if s.is_queue_does_not_exist() => {
-                    DispatchError::NoSuchTarget { target: "SQS queue", name: url.clone() }
+                    DispatchError::NoSuchTarget { target: "SQS queue", name: name.clone() }
                 }
                 _ => sort_error("SQS", e),
             })

@@ -450,6 +450,18 @@ async fn a_failed_group_body_gives_each_member_the_parts_exception_and_calls_its
     assert!(headers.iter().all(|h| h["exc"]["exc_type"] == "ValueError"), "{headers:?}");
 }
 
+/// An errback refused for good does not keep the next from going out.
+#[tokio::test]
+async fn an_errback_refused_for_good_is_passed_over_and_the_next_goes_out() {
+    let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
+    let j = joiner(FakeSink::answering(vec![Err(refused)]));
+    let parts = chord_of(&j, &["SUCCESS", "FAILURE"]).await;
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent: Vec<String> = j.sink.sent().into_iter().map(|s| s.0).collect();
+    assert_eq!(sent, ["t.e2"]);
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+}
+
 #[tokio::test]
 async fn a_group_body_refused_midway_calls_errbacks_only_for_the_members_not_sent() {
     let refused = DispatchError::Refused { target: "SQS", code: "AccessDenied".into() };
