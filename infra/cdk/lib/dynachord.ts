@@ -639,7 +639,7 @@ export class Dynachord extends Construct {
     });
     alarm("MessagesMayBeLostAlarm", {
       alarmDescription:
-        "A callback, errback or cache message may not have arrived: its send's outcome was unknown, or a claim taken over died mid-send, and it is never sent twice (SendOutcomeUnknown, ChordResendSkipped, CacheResendSkipped): chord-join's log names the task to send again by hand",
+        "A callback, errback or cache message may not have arrived: its send's outcome was unknown, or a claim taken over died mid-send, and it is never sent twice (SendOutcomeUnknown, ChordResendSkipped, CacheResendSkipped): chord-join's log names the chord or cache entry, and the task when it is known",
       metrics: [
         { id: "risk", expression: "FILL(unknown, 0) + FILL(chordskip, 0) + FILL(cacheskip, 0)", returnData: true },
         stat("unknown", "dynachord", "SendOutcomeUnknown", 300),
