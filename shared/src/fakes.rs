@@ -18,7 +18,7 @@ pub struct FakeSink {
     pub chord_errors: Mutex<Vec<Value>>,
     script: Mutex<VecDeque<Result<(), DispatchError>>>,
     /// Sends every message of a window, as concurrent batches do, instead
-    /// of stopping at the first that did not go out.
+    /// of stopping at the first that did not go out but may if retried.
     pub all_at_once: bool,
 }
 
