@@ -53,6 +53,10 @@ pub enum ApiError {
     GroupNotFound(String),
     #[error("chord {0} not found: no part of it has been counted yet")]
     ChordNotFound(String),
+    /// A redrive the chord's state does not allow (still open, nothing
+    /// failed, its parts' arguments not stored).
+    #[error("{0}")]
+    RedriveRefused(String),
     #[error("task {task_id} is already {stored}; a {refused} result does not replace it")]
     Conflict { task_id: String, stored: String, refused: String },
     #[error("request lacks API Gateway's IAM authorizer context")]
@@ -112,6 +116,7 @@ impl ApiError {
             Self::GroupNotFound(_) => (404, "group_not_found"),
             Self::ChordNotFound(_) => (404, "chord_not_found"),
             Self::Conflict { .. } => (409, "state_conflict"),
+            Self::RedriveRefused(_) => (409, "redrive_refused"),
             Self::Unauthenticated => (401, "unauthenticated"),
             Self::UnknownTenant(_) => (403, "unknown_tenant"),
             Self::Throttled { .. } => (503, "throttled"),

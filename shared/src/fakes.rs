@@ -27,6 +27,11 @@ impl FakeSink {
         Self { script: Mutex::new(answers.into()), ..Self::default() }
     }
 
+    /// The answers still to come, to script more.
+    pub fn script_mut(&self) -> std::sync::MutexGuard<'_, VecDeque<Result<(), DispatchError>>> {
+        self.script.lock().unwrap()
+    }
+
     /// (task, task id, args) of each message that went out.
     pub fn sent(&self) -> Vec<(String, String, String)> {
         self.sent.lock().unwrap().clone()

@@ -39,6 +39,8 @@ pub enum Route {
     /// With, from the query string, whether to list the failed parts' ids
     /// (`failed_ids=true`).
     GetChord(GroupId, bool),
+    /// `POST /v1/chords/{group_id}/redrive`: send a chord's failed parts again.
+    RedriveChord(GroupId),
     /// `POST /v1/cache/get-or-delegate`: the processing cache, one key or many.
     CacheGetOrDelegate,
     /// `POST /v1/cache/entry`: an entry's state.
@@ -60,6 +62,7 @@ impl Route {
             Route::GetGroup(_) => "GetGroup",
             Route::DeleteGroup(_) => "DeleteGroup",
             Route::GetChord(..) => "GetChord",
+            Route::RedriveChord(_) => "RedriveChord",
             Route::CacheGetOrDelegate => "CacheGetOrDelegate",
             Route::CacheEntry => "CacheEntry",
             Route::CacheInvalidate => "CacheInvalidate",
@@ -78,6 +81,7 @@ impl Route {
             Route::GetGroup(id) => ("GET", format!("/v1/groups/{id}")),
             Route::DeleteGroup(id) => ("DELETE", format!("/v1/groups/{id}")),
             Route::GetChord(id, _) => ("GET", format!("/v1/chords/{id}")),
+            Route::RedriveChord(id) => ("POST", format!("/v1/chords/{id}/redrive")),
             Route::CacheGetOrDelegate => ("POST", "/v1/cache/get-or-delegate".to_owned()),
             Route::CacheEntry => ("POST", "/v1/cache/entry".to_owned()),
             Route::CacheInvalidate => ("POST", "/v1/cache/invalidate".to_owned()),
@@ -124,6 +128,7 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
         ("GET", ["", "v1", "groups", id]) => Ok(Route::GetGroup(group(id)?)),
         ("DELETE", ["", "v1", "groups", id]) => Ok(Route::DeleteGroup(group(id)?)),
         ("GET", ["", "v1", "chords", id]) => Ok(Route::GetChord(group(id)?, false)),
+        ("POST", ["", "v1", "chords", id, "redrive"]) => Ok(Route::RedriveChord(group(id)?)),
         ("POST", ["", "v1", "cache", "get-or-delegate"]) => Ok(Route::CacheGetOrDelegate),
         ("POST", ["", "v1", "cache", "entry"]) => Ok(Route::CacheEntry),
         ("POST", ["", "v1", "cache", "invalidate"]) => Ok(Route::CacheInvalidate),

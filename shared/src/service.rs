@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::celery::Signature;
-use crate::chord::ChordStore;
+use crate::chord::{ChordPhase, ChordState, ChordStore, RedriveTo};
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiError, StoreError};
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::{join_result, pending_json, with_result_ref, TaskMeta};
 use crate::metrics::{self, Point};
@@ -584,6 +584,136 @@ pub async fn chord_status<S: ChordStore>(
         answer["failed_ids_truncated"] = more.into();
     }
     Ok(Reply::ok(answer.to_string()))
+}
+
+/// `POST /v1/chords/{group_id}/redrive`: sends a chord's failed parts
+/// again, with their task ids and arguments, and joins it again once they
+/// have reported (`docs/API.md`, "Redriving a chord"). Allowed when the
+/// chord failed, or called back with tolerated failures; the first failed
+/// part's arguments must be on record (`result_extended`). The chord moves
+/// to `redriving` with one conditional write, and chord-join sends the
+/// parts from that write's stream record (`chord/redrive.rs`). The
+/// callback's earlier result, and those of the tasks it runs, are
+/// forgotten, so they can be stored again and a caller waits for the new
+/// ones. Asked again while the redrive is under way, it answers the same.
+pub async fn redrive_chord<S: ChordStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &GroupId,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    let to = redrive_to(&app.config, ns, body)?;
+    if app.config.callbacks.lambda_function.is_some() {
+        let why = "a redrive sends Celery task messages; this deployment calls back a Lambda function";
+        return Err(ApiError::RedriveRefused(why.into()));
+    }
+    let Some(state) = app.store.chord_state(ns, id).await? else {
+        return Err(ApiError::ChordNotFound(id.to_string()));
+    };
+    let redriving = match state.phase {
+        ChordPhase::Redriving => state.failed,
+        ChordPhase::Open | ChordPhase::Joining => {
+            let (phase, done, size) = (state.phase.as_str(), state.done.min(state.size), state.size);
+            return Err(ApiError::RedriveRefused(format!(
+                "chord {id} is {phase}, {done} of {size} parts reported; only a chord that failed, \
+                 or called back with tolerated failures, can be redriven"
+            )));
+        }
+        ChordPhase::Dispatched | ChordPhase::Failed if state.failed == 0 => {
+            return Err(ApiError::RedriveRefused(format!("chord {id} has no failed part to redrive")));
+        }
+        ChordPhase::Dispatched | ChordPhase::Failed => {
+            check_redrivable(app, ns, id, &state, &to).await?;
+            if !app.store.start_redrive(ns, id, &state, &to).await? {
+                let why = format!("chord {id} changed while its redrive was asked (another redrive?); ask again");
+                return Err(ApiError::RedriveRefused(why));
+            }
+            state.failed
+        }
+    };
+    forget_callback_results(app, ns, &state.callback).await?;
+    let answer = serde_json::json!({
+        "group_id": id.as_str(),
+        "state": ChordPhase::Redriving.as_str(),
+        "redriving": redriving,
+        "redrives": state.redrives + u32::from(state.phase != ChordPhase::Redriving),
+    });
+    Ok(Reply { status: 202, body: answer.to_string(), metrics: Vec::new() })
+}
+
+/// Where a redrive's body says to send the parts: `{"queue": name}` for
+/// all of them, or `{"queue_prefix": prefix}` (kombu's SQS
+/// `queue_name_prefix`) before each part's own queue; an empty body sends
+/// each part to the queue its result names, or the default queue. A queue
+/// the tenant may not use is refused here (invariant T2).
+fn redrive_to(config: &Config, ns: &Namespace, body: &[u8]) -> Result<RedriveTo, ApiError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        queue: Option<String>,
+        queue_prefix: Option<String>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(RedriveTo::default());
+    }
+    let body: Body = serde_json::from_slice(body).map_err(|e| ApiError::BadBody(format!("redrive: {e}")))?;
+    let name_ok = |q: &String| !q.is_empty() && q.len() <= 80;
+    if body.queue.as_ref().is_some_and(|q| !name_ok(q)) || body.queue_prefix.as_ref().is_some_and(|p| p.len() > 80) {
+        return Err(ApiError::BadBody("redrive: a queue name or prefix is at most 80 characters".into()));
+    }
+    if let Some(queue) = &body.queue {
+        if config.callbacks.queue_url(ns, queue).is_none() {
+            return Err(ApiError::CallbackNotAllowed(format!("queue {queue:?} is not one this tenant may use")));
+        }
+    }
+    Ok(RedriveTo { queue: body.queue, prefix: body.queue_prefix.filter(|p| !p.is_empty()) })
+}
+
+/// Refuses a redrive whose first failed part cannot be sent again (its
+/// arguments not stored, its result gone, its queue not the tenant's), so
+/// the common mistake is told at once and changes nothing.
+async fn check_redrivable<S: ChordStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &GroupId,
+    state: &ChordState,
+    to: &RedriveTo,
+) -> Result<(), ApiError> {
+    let Some(part) = app.store.failed_parts(ns, id, 1).await?.into_iter().next() else {
+        return Err(ApiError::RedriveRefused(format!("chord {id}'s failed parts are no longer on record")));
+    };
+    let Some(stored) = app.store.get_task(ns, &part.task_id).await? else {
+        let why = format!("part {}'s result expired or was forgotten; it cannot be sent again", part.task_id);
+        return Err(ApiError::RedriveRefused(why));
+    };
+    let (sig, _) = crate::chord::part_message(&stored.json, &part, id, &state.callback, to)
+        .map_err(|why| ApiError::RedriveRefused(format!("chord {id} cannot be redriven: {why}")))?;
+    if let Some(queue) = sig.queue() {
+        if app.config.callbacks.queue_url(ns, queue).is_none() {
+            return Err(ApiError::CallbackNotAllowed(format!(
+                "part {} would go to queue {queue:?}, which this tenant may not use; name a queue",
+                part.task_id
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Forgets the results a redriven chord's callback left (its ChordError,
+/// or the result of a callback that ran with tolerated failures), and those
+/// of the tasks it runs, so they can be stored again: at most
+/// `CHORD_MAX_MESSAGES` of them, checked when the chord was stored.
+async fn forget_callback_results<S: ChordStore>(app: &App<S>, ns: &Namespace, callback: &str) -> Result<(), ApiError> {
+    use futures::StreamExt;
+    let Ok(sig) = Signature::parse(callback) else { return Ok(()) };
+    let ids = sig.ids_that_never_run();
+    let forgotten: Vec<Result<(), StoreError>> = futures::stream::iter(ids)
+        .map(|id| async move { app.store.delete_task(ns, &id).await })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    forgotten.into_iter().collect::<Result<(), StoreError>>()?;
+    Ok(())
 }
 
 /// `DELETE /v1/groups/{group_id}`. Idempotent.

@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, Sending};
+use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, RedriveTo, Sending};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::store::dynamo::DynamoStore;
@@ -96,11 +96,14 @@ impl DynamoStore {
                 if part.failed {
                     item.insert(attr::FAILED.into(), AttributeValue::Bool(true));
                 }
+                // New, or removed from the count by a redrive before this result was stored.
                 let put = Put::builder()
                     .table_name(self.table())
                     .set_item(Some(item))
-                    .condition_expression("attribute_not_exists(#pk)")
+                    .condition_expression("attribute_not_exists(#pk) OR #redriven < :stored")
                     .expression_attribute_names("#pk", attr::PK)
+                    .expression_attribute_names("#redriven", attr::REDRIVEN_AT)
+                    .expression_attribute_values(":stored", n(part.stored_at.unwrap_or(0)))
                     .build()
                     .map_err(|e| StoreError::Other(e.to_string()))?;
                 actions.push(TransactWriteItem::builder().put(put).build());
@@ -159,16 +162,16 @@ impl DynamoStore {
 }
 
 impl DynamoStore {
-    /// The counted parts' task ids in `group_index` order (only the failed
-    /// ones, with `failed`), at most `limit`; and whether there are more.
-    async fn part_ids(
+    /// The counted parts in `group_index` order (only the failed ones,
+    /// with `failed`), at most `limit`; and whether there are more.
+    async fn parts(
         &self,
         ns: &Namespace,
         gid: &GroupId,
         failed: bool,
         limit: usize,
-    ) -> Result<(Vec<TaskId>, bool), StoreError> {
-        let mut ids = Vec::new();
+    ) -> Result<(Vec<ChordPart>, bool), StoreError> {
+        let mut parts = Vec::new();
         let mut start: Option<Item> = None;
         loop {
             let mut query = self
@@ -190,19 +193,108 @@ impl DynamoStore {
             }
             let out = query.send().await.map_err(|e| classify(e, self.attempts()))?;
             for item in out.items.unwrap_or_default() {
-                if ids.len() == limit {
-                    return Ok((ids, true));
+                if parts.len() == limit {
+                    return Ok((parts, true));
                 }
-                if let Some(id) = get_s(&item, attr::TASK_ID).and_then(|id| TaskId::parse(&id).ok()) {
-                    ids.push(id);
+                if let Some(part) = part_of_item(&item) {
+                    parts.push(part);
                 }
             }
             match out.last_evaluated_key {
                 Some(key) if !key.is_empty() => start = Some(key),
-                _ => return Ok((ids, false)),
+                _ => return Ok((parts, false)),
             }
         }
     }
+
+    /// An update of a redriving chord's state item that names its state and
+    /// claim token (`#state`, `#token`, `:token`, `:redriving`).
+    fn update_redrive(&self, ns: &Namespace, gid: &GroupId, token: &str) -> UpdateItemFluentBuilder {
+        self.client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(chord_key(ns, gid), SK_CHORD_STATE)))
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_values(":token", s(token))
+            .expression_attribute_values(":redriving", s(ChordPhase::Redriving.as_str()))
+    }
+
+    /// One transaction over a redrive's window of parts and the chord's
+    /// state item, the state's update conditional on the claim: `false`
+    /// when the claim was lost.
+    async fn redrive_transaction(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        parts: Vec<TransactWriteItem>,
+        state: Update,
+    ) -> Result<bool, StoreError> {
+        let mut actions = parts;
+        actions.push(TransactWriteItem::builder().update(state).build());
+        let last = actions.len() - 1;
+        match self.client().transact_write_items().set_transact_items(Some(actions)).send().await {
+            Ok(_) => Ok(true),
+            Err(err) => match transaction_error(&err) {
+                Some(reasons) if reasons.get(last).and_then(|r| r.as_deref()) == Some("ConditionalCheckFailed") => {
+                    tracing::warn!(chord = %gid, ns = %ns.as_str(), token, "the redrive's claim was lost");
+                    Ok(false)
+                }
+                Some(reasons) => Err(StoreError::Other(format!("a redrive's parts changed under it: {reasons:?}"))),
+                None => Err(classify(err, self.attempts())),
+            },
+        }
+    }
+
+    /// The state item's update of a redrive's window: `done` and `failed`
+    /// moved by `delta`, under the claim; `set` adds to the SET clause.
+    fn redrive_count(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        delta: i64,
+        set: Option<(&str, AttributeValue, &str, AttributeValue)>,
+    ) -> Result<Update, StoreError> {
+        let mut update = Update::builder()
+            .table_name(self.table())
+            .set_key(Some(key(chord_key(ns, gid), SK_CHORD_STATE)))
+            .condition_expression(HELD_REDRIVE)
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#done", attr::DONE)
+            .expression_attribute_names("#failed", attr::FAILED)
+            .expression_attribute_values(":token", s(token))
+            .expression_attribute_values(":redriving", s(ChordPhase::Redriving.as_str()))
+            .expression_attribute_values(":delta", n(delta));
+        update = match set {
+            Some((a, av, b, bv)) => update
+                .update_expression("SET #a = :a, #b = :b ADD #done :delta, #failed :delta")
+                .expression_attribute_names("#a", a)
+                .expression_attribute_values(":a", av)
+                .expression_attribute_names("#b", b)
+                .expression_attribute_values(":b", bv),
+            None => update.update_expression("ADD #done :delta, #failed :delta"),
+        };
+        update.build().map_err(|e| StoreError::Other(e.to_string()))
+    }
+}
+
+/// A part item as the join reads it; `None` for one a redrive removed
+/// from the count.
+fn part_of_item(item: &Item) -> Option<ChordPart> {
+    if item.contains_key(attr::REDRIVEN_AT) {
+        return None;
+    }
+    let index = get_s(item, attr::SK)?.strip_prefix(SK_PART_PREFIX)?.parse().ok()?;
+    Some(ChordPart {
+        index,
+        task_id: TaskId::parse(&get_s(item, attr::TASK_ID)?).ok()?,
+        expires_at: get_n(item, attr::EXPIRES_AT).unwrap_or(0),
+        failed: matches!(item.get(attr::FAILED), Some(AttributeValue::Bool(true))),
+        stored_at: None,
+    })
 }
 
 /// A chord's state item as the join reads it.
@@ -223,11 +315,19 @@ fn state_of(item: &Item) -> ChordState {
         errbacks_sending: count(attr::ERRBACKS_SENDING),
         expires_at: get_n(item, attr::EXPIRES_AT).unwrap_or(0),
         opened_at: get_n(item, attr::OPENED_AT),
+        redrives: count(attr::REDRIVES),
+        redrive_window: count(attr::REDRIVE_WINDOW),
+        redrive_to: RedriveTo {
+            queue: get_s(item, attr::REDRIVE_QUEUE).filter(|q| !q.is_empty()),
+            prefix: get_s(item, attr::REDRIVE_PREFIX).filter(|p| !p.is_empty()),
+        },
     }
 }
 
 /// The condition every transition of a held claim shares.
 const HELD: &str = "#state = :joining AND #token = :token";
+/// The same for a held redrive.
+const HELD_REDRIVE: &str = "#state = :redriving AND #token = :token";
 
 impl ChordStore for DynamoStore {
     /// Per chunk of 99, one transaction puts the part items
@@ -396,10 +496,185 @@ impl ChordStore for DynamoStore {
         gid: &GroupId,
         limit: usize,
     ) -> Result<(Vec<TaskId>, bool), StoreError> {
-        self.part_ids(ns, gid, true, limit).await
+        let (parts, more) = self.parts(ns, gid, true, limit).await?;
+        Ok((parts.into_iter().map(|p| p.task_id).collect(), more))
     }
 
     async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
-        Ok(self.part_ids(ns, gid, false, usize::MAX).await?.0)
+        Ok(self.parts(ns, gid, false, usize::MAX).await?.0.into_iter().map(|p| p.task_id).collect())
+    }
+
+    async fn failed_parts(&self, ns: &Namespace, gid: &GroupId, limit: usize) -> Result<Vec<ChordPart>, StoreError> {
+        Ok(self.parts(ns, gid, true, limit).await?.0)
+    }
+
+    async fn start_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        seen: &ChordState,
+        to: &RedriveTo,
+    ) -> Result<bool, StoreError> {
+        let request = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(chord_key(ns, gid), SK_CHORD_STATE)))
+            .update_expression(
+                "SET #state = :redriving, #attempts = :zero, #bsent = :zero, #bsending = :zero, \
+                 #esent = :zero, #esending = :zero, #window = :zero, #to = :to, #prefix = :prefix REMOVE #error, #token, #lease ADD #redrives :one",
+            )
+            .condition_expression(
+                "#state = :seen AND #done = :done AND #failed = :failed \
+                 AND (attribute_not_exists(#redrives) OR #redrives = :redrives)",
+            )
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_names("#attempts", attr::ATTEMPTS)
+            .expression_attribute_names("#bsent", attr::BODY_SENT)
+            .expression_attribute_names("#bsending", attr::BODY_SENDING)
+            .expression_attribute_names("#esent", attr::ERRBACKS_SENT)
+            .expression_attribute_names("#esending", attr::ERRBACKS_SENDING)
+            .expression_attribute_names("#window", attr::REDRIVE_WINDOW)
+            .expression_attribute_names("#error", attr::ERROR)
+            .expression_attribute_names("#token", attr::TOKEN)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#redrives", attr::REDRIVES)
+            .expression_attribute_names("#done", attr::DONE)
+            .expression_attribute_names("#failed", attr::FAILED)
+            .expression_attribute_values(":redriving", s(ChordPhase::Redriving.as_str()))
+            .expression_attribute_values(":zero", n(0))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":seen", s(seen.phase.as_str()))
+            .expression_attribute_values(":done", n(seen.done))
+            .expression_attribute_values(":failed", n(seen.failed))
+            .expression_attribute_values(":redrives", n(seen.redrives))
+            .expression_attribute_names("#to", attr::REDRIVE_QUEUE)
+            .expression_attribute_names("#prefix", attr::REDRIVE_PREFIX)
+            .expression_attribute_values(":to", s(to.queue.clone().unwrap_or_default()))
+            .expression_attribute_values(":prefix", s(to.prefix.clone().unwrap_or_default()));
+        self.send_conditional(request).await
+    }
+
+    async fn claim_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Option<ChordState>, StoreError> {
+        let now = now_epoch();
+        let request = self
+            .update_redrive(ns, gid, token)
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .update_expression("SET #token = :token, #lease = :lease")
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .condition_expression("#state = :redriving AND (attribute_not_exists(#token) OR #lease < :now)")
+            .expression_attribute_values(":lease", n(now + lease.as_secs().max(1) as i64))
+            .expression_attribute_values(":now", n(now));
+        let claimed = self.written(request.send().await)?;
+        Ok(claimed.map(|out| state_of(&out.attributes.unwrap_or_default())))
+    }
+
+    /// One transaction: each part item replaced (while it is a failed part)
+    /// by one marked `redriven_at`, now, which only a result stored later
+    /// replaces, and the state's counts lowered, its lease renewed and the window
+    /// recorded, under the claim.
+    async fn uncount_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+        parts: &[ChordPart],
+    ) -> Result<bool, StoreError> {
+        let pk = chord_key(ns, gid);
+        let mut removals = Vec::with_capacity(parts.len());
+        let now = crate::time::now_millis();
+        for part in parts {
+            let mut item = key(&pk, &part_sk(part.index));
+            item.insert(attr::TASK_ID.into(), s(part.task_id.as_str()));
+            item.insert(attr::EXPIRES_AT.into(), n(part.expires_at));
+            item.insert(attr::REDRIVEN_AT.into(), n(now));
+            let put = Put::builder()
+                .table_name(self.table())
+                .set_item(Some(item))
+                .condition_expression("#failed = :yes")
+                .expression_attribute_names("#failed", attr::FAILED)
+                .expression_attribute_values(":yes", AttributeValue::Bool(true))
+                .build()
+                .map_err(|e| StoreError::Other(e.to_string()))?;
+            removals.push(TransactWriteItem::builder().put(put).build());
+        }
+        let until = n(now_epoch() + lease.as_secs().max(1) as i64);
+        let set = Some((attr::LEASE_UNTIL, until, attr::REDRIVE_WINDOW, n(parts.len())));
+        let state = self.redrive_count(ns, gid, token, -(parts.len() as i64), set)?;
+        self.redrive_transaction(ns, gid, token, removals, state).await
+    }
+
+    /// One transaction: each part item put back as failed (where it is
+    /// still marked `redriven_at`) and the state's counts raised, under the claim.
+    async fn recount_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        parts: &[ChordPart],
+    ) -> Result<bool, StoreError> {
+        let pk = chord_key(ns, gid);
+        let mut puts = Vec::with_capacity(parts.len());
+        for part in parts {
+            let mut item = key(&pk, &part_sk(part.index));
+            item.insert(attr::TASK_ID.into(), s(part.task_id.as_str()));
+            item.insert(attr::EXPIRES_AT.into(), n(part.expires_at));
+            item.insert(attr::FAILED.into(), AttributeValue::Bool(true));
+            let put = Put::builder()
+                .table_name(self.table())
+                .set_item(Some(item))
+                .condition_expression("attribute_exists(#redriven)")
+                .expression_attribute_names("#redriven", attr::REDRIVEN_AT)
+                .build()
+                .map_err(|e| StoreError::Other(e.to_string()))?;
+            puts.push(TransactWriteItem::builder().put(put).build());
+        }
+        let state = self.redrive_count(ns, gid, token, parts.len() as i64, None)?;
+        self.redrive_transaction(ns, gid, token, puts, state).await
+    }
+
+    async fn end_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        error: Option<&str>,
+    ) -> Result<Option<ChordState>, StoreError> {
+        let request = self
+            .update_redrive(ns, gid, token)
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .condition_expression(HELD_REDRIVE)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#window", attr::REDRIVE_WINDOW);
+        let request = match error {
+            Some(error) => request
+                .update_expression("SET #state = :failed, #error = :error REMOVE #token, #lease, #window")
+                .expression_attribute_names("#error", attr::ERROR)
+                .expression_attribute_values(":error", s(error))
+                .expression_attribute_values(":failed", s(ChordPhase::Failed.as_str())),
+            None => request
+                .update_expression("SET #state = :open REMOVE #token, #lease, #window")
+                .expression_attribute_values(":open", s(ChordPhase::Open.as_str())),
+        };
+        let ended = self.written(request.send().await)?;
+        Ok(ended.map(|out| state_of(&out.attributes.unwrap_or_default())))
+    }
+
+    async fn release_redrive(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
+        let request = self
+            .update_redrive(ns, gid, token)
+            .update_expression("REMOVE #token, #lease ADD #attempts :one")
+            .condition_expression(HELD_REDRIVE)
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .expression_attribute_names("#attempts", attr::ATTEMPTS)
+            .expression_attribute_values(":one", n(1));
+        self.send_conditional(request).await
     }
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, Sending};
+use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, RedriveTo, Sending};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::store::memory::{injected, MemoryStore};
@@ -22,6 +22,9 @@ pub struct Chords {
     chords: Mutex<HashMap<String, Claimed>>,
     /// Chord key → counted parts by index.
     parts: Mutex<HashMap<String, BTreeMap<u32, ChordPart>>>,
+    /// Chord key → parts a redrive removed from the count, by index, with
+    /// when (epoch milliseconds): counted again only from a later result.
+    redriven: Mutex<HashMap<String, BTreeMap<u32, i64>>>,
     /// Fault: this many coming `finish_chord` calls fail as if DynamoDB were down.
     pub fail_finishes: AtomicU32,
     /// How many coming `record_sent` calls fail as if DynamoDB were down.
@@ -62,6 +65,18 @@ impl MemoryChordStore {
         }
     }
 
+    /// Applies `change` to the chord's state if `token` holds its redrive.
+    fn if_redriving(&self, ns: &Namespace, gid: &GroupId, token: &str, change: impl FnOnce(&mut Claimed)) -> bool {
+        let mut chords = self.ext.chords.lock().unwrap();
+        match chords.get_mut(&chord_key(ns, gid)) {
+            Some(claimed) if claimed.0.phase == ChordPhase::Redriving && claimed.1.as_deref() == Some(token) => {
+                change(claimed);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Forgets the chord's part items, as an expiry would.
     pub fn drop_parts(&self, ns: &Namespace, gid: &GroupId) {
         self.ext.parts.lock().unwrap().remove(&chord_key(ns, gid));
@@ -79,8 +94,16 @@ impl ChordStore for MemoryChordStore {
         let key = chord_key(ns, gid);
         let mut all = self.ext.parts.lock().unwrap();
         let counted = all.entry(key.clone()).or_default();
+        let mut redriven = self.ext.redriven.lock().unwrap();
+        let redriven = redriven.entry(key.clone()).or_default();
         let (mut new, mut failed) = (0, 0);
         for part in parts {
+            if let Some(at) = redriven.get(&part.index) {
+                if part.stored_at.unwrap_or(0) <= *at {
+                    continue;
+                }
+                redriven.remove(&part.index);
+            }
             if let std::collections::btree_map::Entry::Vacant(e) = counted.entry(part.index) {
                 e.insert(part.clone());
                 new += 1;
@@ -105,6 +128,9 @@ impl ChordStore for MemoryChordStore {
                 errbacks_sending: 0,
                 expires_at,
                 opened_at: Some(now_epoch()),
+                redrives: 0,
+                redrive_window: 0,
+                redrive_to: Default::default(),
             };
             (state, None, 0)
         });
@@ -226,6 +252,143 @@ impl ChordStore for MemoryChordStore {
             .unwrap_or_default();
         let more = failed.len() > limit;
         Ok((failed.into_iter().take(limit).collect(), more))
+    }
+
+    async fn failed_parts(&self, ns: &Namespace, gid: &GroupId, limit: usize) -> Result<Vec<ChordPart>, StoreError> {
+        let parts = self.ext.parts.lock().unwrap();
+        let failed = parts.get(&chord_key(ns, gid)).into_iter().flat_map(|p| p.values().filter(|p| p.failed));
+        Ok(failed.take(limit).cloned().collect())
+    }
+
+    async fn start_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        seen: &ChordState,
+        to: &RedriveTo,
+    ) -> Result<bool, StoreError> {
+        let mut chords = self.ext.chords.lock().unwrap();
+        let Some((state, held, _)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(false) };
+        let same = (state.phase, state.done, state.failed, state.redrives)
+            == (seen.phase, seen.done, seen.failed, seen.redrives);
+        if !same {
+            return Ok(false);
+        }
+        *state = ChordState {
+            phase: ChordPhase::Redriving,
+            error: None,
+            attempts: 0,
+            body_sent: 0,
+            body_sending: 0,
+            errbacks_sent: 0,
+            errbacks_sending: 0,
+            redrive_window: 0,
+            redrives: state.redrives + 1,
+            redrive_to: to.clone(),
+            ..state.clone()
+        };
+        *held = None;
+        Ok(true)
+    }
+
+    async fn claim_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Option<ChordState>, StoreError> {
+        let now = now_epoch();
+        let mut chords = self.ext.chords.lock().unwrap();
+        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(None) };
+        if state.phase != ChordPhase::Redriving || (held.is_some() && *until >= now) {
+            return Ok(None);
+        }
+        *held = Some(token.to_owned());
+        *until = now + lease.as_secs() as i64;
+        Ok(Some(state.clone()))
+    }
+
+    async fn uncount_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+        parts: &[ChordPart],
+    ) -> Result<bool, StoreError> {
+        let mut all = self.ext.parts.lock().unwrap();
+        let counted = all.entry(chord_key(ns, gid)).or_default();
+        if parts.iter().any(|p| !counted.get(&p.index).is_some_and(|c| c.failed)) {
+            return Err(StoreError::Other("a redrive's parts changed under it".into()));
+        }
+        let held = self.if_redriving(ns, gid, token, |(state, _, until)| {
+            state.done -= parts.len() as u32;
+            state.failed -= parts.len() as u32;
+            state.redrive_window = parts.len() as u32;
+            *until = now_epoch() + lease.as_secs() as i64;
+        });
+        if held {
+            let mut redriven = self.ext.redriven.lock().unwrap();
+            let redriven = redriven.entry(chord_key(ns, gid)).or_default();
+            for part in parts {
+                counted.remove(&part.index);
+                redriven.insert(part.index, crate::time::now_millis());
+            }
+        }
+        Ok(held)
+    }
+
+    async fn recount_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        parts: &[ChordPart],
+    ) -> Result<bool, StoreError> {
+        let mut all = self.ext.parts.lock().unwrap();
+        let counted = all.entry(chord_key(ns, gid)).or_default();
+        let mut redriven = self.ext.redriven.lock().unwrap();
+        let redriven = redriven.entry(chord_key(ns, gid)).or_default();
+        if parts.iter().any(|p| counted.contains_key(&p.index) || !redriven.contains_key(&p.index)) {
+            return Err(StoreError::Other("a redrive's parts changed under it".into()));
+        }
+        let held = self.if_redriving(ns, gid, token, |(state, _, _)| {
+            state.done += parts.len() as u32;
+            state.failed += parts.len() as u32;
+        });
+        if held {
+            for part in parts {
+                redriven.remove(&part.index);
+                counted.insert(part.index, ChordPart { failed: true, ..part.clone() });
+            }
+        }
+        Ok(held)
+    }
+
+    async fn end_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        error: Option<&str>,
+    ) -> Result<Option<ChordState>, StoreError> {
+        let mut ended = None;
+        self.if_redriving(ns, gid, token, |(state, held, until)| {
+            state.phase = if error.is_some() { ChordPhase::Failed } else { ChordPhase::Open };
+            state.error = error.map(str::to_owned);
+            state.redrive_window = 0;
+            (*held, *until) = (None, 0);
+            ended = Some(state.clone());
+        });
+        Ok(ended)
+    }
+
+    async fn release_redrive(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
+        Ok(self.if_redriving(ns, gid, token, |(state, held, until)| {
+            state.attempts += 1;
+            (*held, *until) = (None, 0);
+        }))
     }
 
     async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {

@@ -34,6 +34,7 @@ mod dynamo;
 mod fail;
 #[cfg(test)]
 mod memory;
+mod redrive;
 mod results;
 pub mod store;
 #[cfg(test)]
@@ -53,9 +54,10 @@ use crate::once::{self, Unfinished, Window};
 use crate::store::DynamoStore;
 use crate::stream::Image;
 use fail::OnTransient;
+pub use redrive::{part_message, redrive_of, Redrive, REDRIVE_WINDOW_PARTS};
 use results::{args_with_results, lambda_event};
 pub use results::{result_of, results_id};
-pub use store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, Sending};
+pub use store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, RedriveTo, Sending};
 
 /// A chord part entering a ready state, read from a stream record.
 #[derive(Debug, Clone)]
@@ -65,8 +67,6 @@ pub struct Part {
     pub group_id: GroupId,
     pub chord: ChordRegistration,
     pub part: ChordPart,
-    /// When the part's result was stored (epoch milliseconds), if its item says.
-    pub stored_at: Option<i64>,
 }
 
 impl once::Record for Part {
@@ -100,8 +100,8 @@ pub fn part_of(record: &EventRecord) -> Option<Part> {
             task_id,
             expires_at: image.n(attr::EXPIRES_AT).unwrap_or(0),
             failed: matches!(status, State::Failure | State::Revoked),
+            stored_at: image.n(attr::STORED_AT),
         },
-        stored_at: image.n(attr::STORED_AT),
         sequence: image.sequence,
     })
 }
@@ -240,7 +240,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         if new > 0 {
             metrics::emit(&[], &[metrics::Point::count(metrics::CHORD_PARTS_COUNTED, new.into())]);
         }
-        let newest_stored = parts.iter().filter_map(|p| p.stored_at).max();
+        let newest_stored = parts.iter().filter_map(|p| p.part.stored_at).max();
         let state = self.store.chord_state(ns, gid).await?.ok_or_else(|| JoinError::Missing(gid.to_string()))?;
         let key = chord_key(ns, gid);
         if state.is_final() {
@@ -267,9 +267,22 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             state.body_sent = state.body_sent.max(sent);
             return self.join(&Claim { ns, gid, token: &token, last, state: &state, newest_stored }).await;
         }
-        if state.done < state.size {
+        // A redriving chord is joined when its redrive ends (`redrive.rs`).
+        if state.done < state.size || state.phase == ChordPhase::Redriving {
             return Ok(());
         }
+        self.claim_and_join(ns, gid, last, newest_stored).await
+    }
+
+    /// Claims a complete chord and joins it: gives the claim back when
+    /// nothing was sent, fails the chord once out of attempts.
+    async fn claim_and_join(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        last: &TaskId,
+        newest_stored: Option<i64>,
+    ) -> Result<(), JoinError> {
         let token = uuid::Uuid::new_v4().to_string();
         let Some(mut state) = self.store.claim_chord(ns, gid, &token, self.config.lease).await? else {
             return match self.store.chord_state(ns, gid).await? {

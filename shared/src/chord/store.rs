@@ -19,6 +19,10 @@ pub struct ChordPart {
     pub expires_at: i64,
     /// Whether the part failed (FAILURE or REVOKED).
     pub failed: bool,
+    /// When the part's result was stored (epoch milliseconds), if its item
+    /// says: a part a redrive removed from the count is counted again only
+    /// from a result stored after that (a replayed record of its failure is not).
+    pub stored_at: Option<i64>,
 }
 
 /// What the first counted part registers on the chord's state item (the
@@ -42,6 +46,9 @@ pub enum ChordPhase {
     Dispatched,
     /// The chord failed: ChordError stored on the callback, errbacks sent.
     Failed,
+    /// Its failed parts are being sent again (`POST /v1/chords/{id}/redrive`);
+    /// it opens again once they are all out.
+    Redriving,
 }
 
 impl ChordPhase {
@@ -51,6 +58,7 @@ impl ChordPhase {
             Self::Joining => "joining",
             Self::Dispatched => "dispatched",
             Self::Failed => "failed",
+            Self::Redriving => "redriving",
         }
     }
 
@@ -61,6 +69,7 @@ impl ChordPhase {
             "joining" => Self::Joining,
             "dispatched" => Self::Dispatched,
             "failed" => Self::Failed,
+            "redriving" => Self::Redriving,
             _ => Self::Open,
         }
     }
@@ -98,6 +107,34 @@ pub struct ChordState {
     /// When the chord's first part was counted (epoch seconds); `None` for
     /// chords registered before it was kept.
     pub opened_at: Option<i64>,
+    /// Redrives asked so far.
+    pub redrives: u32,
+    /// Failed parts the redrive under way sent in its last window (set
+    /// with their un-counting, before the send).
+    pub redrive_window: u32,
+    /// Where the redrive under way sends the parts.
+    pub redrive_to: RedriveTo,
+}
+
+/// Where a redrive sends a chord's failed parts: each to the queue its
+/// result names (`queue`, with `result_extended`), with kombu's
+/// `queue_name_prefix` if given, else the deployment's default queue; or
+/// all of them to `queue`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedriveTo {
+    pub queue: Option<String>,
+    pub prefix: Option<String>,
+}
+
+impl RedriveTo {
+    /// The queue a part goes to, from the queue its result names.
+    pub fn queue_of(&self, stored: Option<&str>) -> Option<String> {
+        if let Some(queue) = &self.queue {
+            return Some(queue.clone());
+        }
+        let stored = stored.filter(|q| !q.is_empty())?;
+        Some(format!("{}{stored}", self.prefix.as_deref().unwrap_or("")))
+    }
 }
 
 impl ChordState {
@@ -222,6 +259,71 @@ pub trait ChordStore: ResultStore {
         gid: &GroupId,
         limit: usize,
     ) -> impl Future<Output = Result<(Vec<TaskId>, bool), StoreError>> + Send;
+    /// The counted parts that failed, in `group_index` order, at most `limit`.
+    fn failed_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<ChordPart>, StoreError>> + Send;
+    /// Asks a redrive of a chord as `seen` (final, some parts failed):
+    /// final → redriving, the join's progress and error cleared, `redrives`
+    /// counted, `to` kept; `false` when the chord is no longer as seen (one write,
+    /// so two callers never both start one).
+    fn start_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        seen: &ChordState,
+        to: &RedriveTo,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Claims a redriving chord with `token` and a lease (or takes over a
+    /// claim whose lease ran out): the state as claimed, `None` when it is
+    /// not redriving or someone else holds it.
+    fn claim_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
+    /// While `token` holds the redrive: removes `parts` (failed) from the
+    /// count, so their next results are counted, and records them as the
+    /// window about to be sent, renewing the lease; one write, the
+    /// re-check before their send. `false` when the claim was lost.
+    fn uncount_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+        parts: &[ChordPart],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// While `token` holds the redrive: counts `parts` again as failed
+    /// (their send surely did not go out).
+    fn recount_parts(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        parts: &[ChordPart],
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Ends the redrive `token` holds: redriving → open with `error` unset,
+    /// or → failed with it. The state after, `None` when the claim was lost.
+    fn end_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        error: Option<&str>,
+    ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
+    /// Gives a redrive claim back, counting the attempt (the chord stays redriving).
+    fn release_redrive(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     /// The counted parts' task ids in `group_index` order.
     fn chord_part_ids(
         &self,

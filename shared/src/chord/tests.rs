@@ -72,8 +72,13 @@ async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status:
         ns,
         group_id: gid(),
         chord: ChordRegistration { size, callback: callback.into(), callback_id: "cb".into() },
-        part: ChordPart { index: i, task_id, expires_at: now_epoch() + 3600, failed },
-        stored_at: Some(crate::time::now_millis()),
+        part: ChordPart {
+            index: i,
+            task_id,
+            expires_at: now_epoch() + 3600,
+            failed,
+            stored_at: Some(crate::time::now_millis()),
+        },
     }
 }
 
@@ -788,4 +793,208 @@ async fn a_body_that_asks_forgets_its_parts_results_once_sent_unless_a_part_fail
     let j = tolerating(&["SUCCESS", "FAILURE"], r#""forget_parts":true"#).await;
     assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
     assert_eq!(parts_stored(&j, 2).await, [true, true]);
+}
+
+// Redrive (invariant C11).
+
+/// Stores part `i` again, as a worker does, with `result_extended`'s
+/// task name and arguments, and returns the stream's view of it.
+async fn extended_part(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str, callback: &str) -> Part {
+    let mut part = part_with(j, i, size, status, callback).await;
+    let ns = Namespace::default();
+    let stored = j.store.get_task(&ns, &part.part.task_id).await.unwrap().unwrap();
+    let mut meta: Value = serde_json::from_str(&stored.json).unwrap();
+    meta["name"] = json!("t.part");
+    meta["args"] = json!([i, "x"]);
+    meta["kwargs"] = json!({"k": i});
+    meta["queue"] = json!("work");
+    j.store.delete_task(&ns, &part.part.task_id).await.unwrap();
+    let record = TaskRecord {
+        task_id: part.part.task_id.clone(),
+        status: State::parse(status).unwrap(),
+        json: meta.to_string(),
+        expires_at: now_epoch() + 3600,
+        group_id: Some(gid()),
+        group_index: Some(i),
+        chord: None,
+        upload: None,
+    };
+    j.store.put_task(&ns, &record).await.unwrap();
+    part.part.stored_at = Some(crate::time::now_millis());
+    part
+}
+
+/// A chord of `statuses`, with its parts' arguments stored, joined.
+async fn extended_chord(j: &Joiner<MemoryStore, FakeSink>, statuses: &[&str], callback: &str) -> Vec<Part> {
+    let mut parts = Vec::new();
+    for (i, status) in statuses.iter().enumerate() {
+        parts.push(extended_part(j, i as u32, statuses.len() as u32, status, callback).await);
+    }
+    assert!(j.handle_parts(parts.clone()).await.is_empty());
+    parts
+}
+
+/// Asks a redrive as the route does, and delivers its stream record.
+async fn redrive(j: &Joiner<MemoryStore, FakeSink>) -> Vec<String> {
+    let ns = Namespace::default();
+    let state = phase(j).await;
+    assert!(j.store.start_redrive(&ns, &gid(), &state, &RedriveTo::default()).await.unwrap());
+    deliver_redrive(j).await
+}
+
+async fn deliver_redrive(j: &Joiner<MemoryStore, FakeSink>) -> Vec<String> {
+    let record = Redrive { sequence: "seq-redrive".into(), ns: Namespace::default(), group_id: gid() };
+    j.handle_redrives(vec![record]).await
+}
+
+/// The worker runs a redriven part again: `status` stored over its failure.
+async fn rerun(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status: &str, callback: &str) -> Part {
+    // A result stored after the redrive, a millisecond at least.
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    extended_part(j, i, size, status, callback).await
+}
+
+#[tokio::test]
+async fn a_redrive_sends_only_the_failed_parts_again_and_the_chord_joins_once_with_every_result() {
+    let j = joiner(FakeSink::default());
+    let old = extended_chord(&j, &["SUCCESS", "FAILURE", "SUCCESS", "FAILURE"], CALLBACK).await;
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+    let before = j.sink.sent().len();
+    assert!(redrive(&j).await.is_empty());
+    let sent: Vec<_> = j.sink.sent()[before..].to_vec();
+    assert_eq!(
+        sent,
+        [("t.part".into(), "p1".into(), r#"[1,"x"]"#.into()), ("t.part".into(), "p3".into(), r#"[3,"x"]"#.into())]
+    );
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.done, state.failed, state.redrives), (ChordPhase::Open, 2, 0, 1));
+    // The stream replays the old batch, failures and all, during the
+    // redrive: nothing is counted again.
+    assert!(j.handle_parts(old.clone()).await.is_empty());
+    assert_eq!((phase(&j).await.done, phase(&j).await.phase), (2, ChordPhase::Open));
+    // The failed parts run again and succeed: the chord joins, once.
+    let new = vec![rerun(&j, 1, 4, "SUCCESS", CALLBACK).await, rerun(&j, 3, 4, "SUCCESS", CALLBACK).await];
+    assert!(j.handle_parts(new.clone()).await.is_empty());
+    assert!(j.handle_parts(new).await.is_empty());
+    assert!(j.handle_parts(old).await.is_empty());
+    let callbacks: Vec<_> = j.sink.sent().into_iter().filter(|(task, ..)| task == "t.sum").collect();
+    assert_eq!(callbacks, [("t.sum".into(), "cb".into(), "[[0,1,2,3]]".into())]);
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    // A redrive record delivered again changes nothing.
+    assert!(deliver_redrive(&j).await.is_empty());
+    assert_eq!(j.sink.sent().iter().filter(|(task, ..)| task != "t.e1" && task != "t.e2").count(), 3);
+}
+
+#[tokio::test]
+async fn a_chord_that_tolerated_failures_is_redriven_and_calls_back_again_with_every_result() {
+    let j = joiner(FakeSink::default());
+    let callback = r#"{"task":"t.sum","options":{"task_id":"cb","tolerated_failures":1}}"#;
+    extended_chord(&j, &["SUCCESS", "FAILURE", "SUCCESS"], callback).await;
+    assert_eq!(phase(&j).await.phase, ChordPhase::Dispatched);
+    assert!(redrive(&j).await.is_empty());
+    let part = rerun(&j, 1, 3, "SUCCESS", callback).await;
+    assert!(j.handle_parts(vec![part]).await.is_empty());
+    let callbacks: Vec<String> =
+        j.sink.sent().into_iter().filter(|(task, ..)| task == "t.sum").map(|(.., args)| args).collect();
+    assert_eq!(callbacks.len(), 2, "{callbacks:?}");
+    assert_eq!(callbacks[1], "[[0,1,2]]");
+}
+
+#[tokio::test]
+async fn a_part_that_fails_again_fails_the_chord_again_and_it_can_be_redriven_again() {
+    let j = joiner(FakeSink::default());
+    extended_chord(&j, &["FAILURE", "SUCCESS"], CALLBACK).await;
+    assert!(redrive(&j).await.is_empty());
+    let part = rerun(&j, 0, 2, "FAILURE", CALLBACK).await;
+    assert!(j.handle_parts(vec![part]).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.failed), (ChordPhase::Failed, 1));
+    assert!(redrive(&j).await.is_empty());
+    let part = rerun(&j, 0, 2, "SUCCESS", CALLBACK).await;
+    assert!(j.handle_parts(vec![part]).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.redrives), (ChordPhase::Dispatched, 2));
+}
+
+#[tokio::test]
+async fn a_redriven_part_whose_send_did_not_go_out_is_counted_failed_again_and_sent_by_the_retry() {
+    let j = joiner(FakeSink::default());
+    extended_chord(&j, &["FAILURE", "FAILURE"], r#"{"task":"t.sum","options":{"task_id":"cb"}}"#).await;
+    assert!(j.sink.sent().is_empty(), "a failed chord without errbacks sends nothing");
+    *j.sink.script_mut() = vec![Err(transient())].into();
+    assert_eq!(redrive(&j).await, ["seq-redrive"], "retried");
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.done, state.failed, state.attempts), (ChordPhase::Redriving, 2, 2, 1));
+    assert!(j.sink.sent().is_empty(), "in turn, the first did not go out and stopped the window");
+    assert!(deliver_redrive(&j).await.is_empty());
+    let ids: Vec<String> = j.sink.sent().into_iter().map(|(_, id, _)| id).collect();
+    assert_eq!(ids, ["p0", "p1"]);
+    assert_eq!(phase(&j).await.phase, ChordPhase::Open);
+}
+
+#[tokio::test]
+async fn a_redriven_part_whose_outcome_is_unknown_counts_as_sent() {
+    let j = joiner(FakeSink::default());
+    extended_chord(&j, &["FAILURE", "SUCCESS"], r#"{"task":"t.sum","options":{"task_id":"cb"}}"#).await;
+    *j.sink.script_mut() = vec![Err(unknown())].into();
+    assert!(redrive(&j).await.is_empty());
+    assert_eq!(j.sink.sent().len(), 1);
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.done, state.failed), (ChordPhase::Open, 1, 0));
+}
+
+#[tokio::test]
+async fn a_redrive_taken_over_from_a_claimer_that_died_mid_send_never_sends_its_window_again() {
+    let j = joiner(FakeSink::default());
+    extended_chord(&j, &["FAILURE", "SUCCESS", "FAILURE"], r#"{"task":"t.sum","options":{"task_id":"cb"}}"#).await;
+    let (ns, state) = (Namespace::default(), phase(&j).await);
+    assert!(j.store.start_redrive(&ns, &gid(), &state, &RedriveTo::default()).await.unwrap());
+    // A claimer removes the first failed part from the count, as just
+    // before its send, and dies there.
+    assert!(j.store.claim_redrive(&ns, &gid(), "dead", std::time::Duration::from_secs(60)).await.unwrap().is_some());
+    let first = j.store.failed_parts(&ns, &gid(), 1).await.unwrap();
+    assert!(j.store.uncount_parts(&ns, &gid(), "dead", std::time::Duration::from_secs(60), &first).await.unwrap());
+    // While its lease holds, nobody else sends.
+    assert_eq!(deliver_redrive(&j).await, ["seq-redrive"]);
+    assert!(j.sink.sent().is_empty());
+    j.store.lapse_claims();
+    assert!(deliver_redrive(&j).await.is_empty());
+    let ids: Vec<String> = j.sink.sent().into_iter().map(|(_, id, _)| id).collect();
+    assert_eq!(ids, ["p2"], "p0 may have gone out: it is not sent again");
+    assert_eq!(phase(&j).await.phase, ChordPhase::Open);
+}
+
+#[tokio::test]
+async fn a_redrive_of_parts_whose_arguments_were_not_stored_fails_the_chord_again_with_why() {
+    let j = joiner(FakeSink::default());
+    // `part` stores no task name nor arguments (no result_extended).
+    let parts = chord_of(&j, &["FAILURE", "SUCCESS"]).await;
+    assert!(j.handle_parts(parts).await.is_empty());
+    let sent = j.sink.sent().len();
+    assert!(redrive(&j).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!((state.phase, state.failed), (ChordPhase::Failed, 1));
+    assert!(state.error.unwrap().contains("result_extended=True"));
+    assert_eq!(j.sink.sent().len(), sent, "nothing sent");
+}
+
+#[test]
+fn a_redriven_parts_message_carries_its_chord_and_goes_to_its_own_queue() {
+    let stored = r#"{"status":"FAILURE","name":"t.part","args":[1],"kwargs":{"k":2},"queue":"work","root_id":"r"}"#;
+    let part =
+        ChordPart { index: 4, task_id: TaskId::parse("p4").unwrap(), expires_at: 0, failed: true, stored_at: None };
+    let to = RedriveTo { queue: None, prefix: Some("test-".into()) };
+    let (sig, args) = part_message(stored, &part, &gid(), CALLBACK, &to).unwrap();
+    assert_eq!((sig.task.as_str(), sig.task_id.as_str(), args.as_str()), ("t.part", "p4", "[1]"));
+    assert_eq!(sig.options["group_id"], "g1");
+    assert_eq!(sig.options["group_index"], 4);
+    assert_eq!(sig.options["chord"]["task"], "t.sum");
+    assert_eq!(sig.options["root_id"], "r");
+    assert_eq!(sig.queue(), Some("test-work"));
+    let to = RedriveTo { queue: Some("fix".into()), prefix: None };
+    assert_eq!(part_message(stored, &part, &gid(), CALLBACK, &to).unwrap().0.queue(), Some("fix"));
+    let bare = r#"{"status":"FAILURE","result":null}"#;
+    assert!(part_message(bare, &part, &gid(), CALLBACK, &RedriveTo::default())
+        .unwrap_err()
+        .contains("result_extended"));
 }

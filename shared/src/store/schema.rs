@@ -57,6 +57,19 @@ pub mod attr {
     pub const ERRBACKS_SENDING: &str = "errbacks_sending";
     /// On a chord's state item: when its first part was counted (epoch seconds).
     pub const OPENED_AT: &str = "opened_at";
+    /// On a chord's state item: how many redrives were asked (`POST
+    /// /v1/chords/{id}/redrive`), and how many failed parts the redrive
+    /// under way sent in its last window (they count as sent if its
+    /// claimer dies, invariant O5).
+    pub const REDRIVES: &str = "redrives";
+    pub const REDRIVE_WINDOW: &str = "redrive_window";
+    /// On a chord's state item: where its redrive sends the failed parts
+    /// (a queue for all of them, or a prefix for each part's own queue).
+    /// On a chord's part item: a part a redrive removed from the count, and
+    /// when (epoch milliseconds); a result stored later counts it again.
+    pub const REDRIVEN_AT: &str = "redriven_at";
+    pub const REDRIVE_QUEUE: &str = "redrive_queue";
+    pub const REDRIVE_PREFIX: &str = "redrive_prefix";
     /// On a chord's state item: the counted parts that failed (FAILURE or
     /// REVOKED); on a part item, `true` when the part failed.
     pub const FAILED: &str = "failed";
