@@ -427,3 +427,109 @@ async fn a_claim_left_by_a_crashed_invocation_heals_after_its_lease() {
     let status = api.call(reqwest::Method::GET, &status_path, None).await.expect(200);
     assert_eq!(status.json["state"], "dispatched");
 }
+
+/// A part as a worker with `result_extended` stores it: its task, arguments and queue too.
+fn extended(chord: &Chord, queue: &Queue, id: &str, index: usize, size: usize, status: &str, result: Value) -> Value {
+    let mut part = chord.part(id, index, size, status, result);
+    part["name"] = json!("proj.tasks.flaky");
+    part["args"] = json!([index, "x"]);
+    part["kwargs"] = json!({"k": index});
+    part["queue"] = json!(queue.name);
+    part
+}
+
+#[tokio::test]
+async fn a_failed_chord_is_redriven_its_failed_parts_sent_again_and_it_joins_once_with_every_result() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({}));
+    let failure = json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"});
+    let ids: Vec<String> = (0..4).map(|i| api.id(&format!("p{i}"))).collect();
+    let redrive = format!("/v1/chords/{}/redrive", chord.gid);
+    for (i, id) in ids.iter().enumerate() {
+        let (status, result) = if i % 2 == 1 { ("FAILURE", failure.clone()) } else { ("SUCCESS", json!(i)) };
+        api.put_task(id, extended(&chord, &queue, id, i, 4, status, result)).await.expect(200);
+        if i == 0 {
+            // Once counted, and still open: refused, and nothing changes.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let status = format!("/v1/chords/{}", chord.gid);
+            while api.call(reqwest::Method::GET, &status, None).await.status != 200 {
+                assert!(std::time::Instant::now() < deadline, "the first part was not counted");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            api.call(reqwest::Method::POST, &redrive, None).await.expect_error(409, "redrive_refused");
+        }
+    }
+    poll_until(&api, &chord.callback_id, "FAILURE").await.expect("the chord failed");
+    // A body that is not what the route takes is refused.
+    let bad = api.call(reqwest::Method::POST, &redrive, Some(json!({"queues": 1}).to_string())).await;
+    bad.expect_error(400, "invalid_body");
+    let answer = api.call(reqwest::Method::POST, &redrive, None).await.expect(202);
+    assert_eq!((&answer.json["redriving"], &answer.json["redrives"]), (&json!(2), &json!(1)), "{}", answer.json);
+    // The callback's ChordError is forgotten: a caller waits for the new result.
+    assert_eq!(api.get_task(&chord.callback_id).await.expect(200).json["status"], "PENDING");
+    let resent = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    let mut resent_ids: Vec<&str> = resent.iter().map(|m| m.headers["id"].as_str().unwrap()).collect();
+    resent_ids.sort();
+    let mut failed = vec![ids[1].as_str(), ids[3].as_str()];
+    failed.sort();
+    assert_eq!(resent_ids, failed, "only the failed parts");
+    for message in &resent {
+        assert_eq!(message.headers["task"], "proj.tasks.flaky");
+        assert_eq!(message.headers["group"], json!(chord.gid));
+        assert_eq!(message.body[2]["chord"]["options"]["task_id"], json!(chord.callback_id), "carries its chord");
+        let index = message.headers["group_index"].as_u64().unwrap() as usize;
+        assert_eq!(message.body[0], json!([index, "x"]));
+    }
+    // The worker runs them again; they succeed and report (the stack's
+    // pumps deliver each record twice, and an old failure's record again).
+    for i in [1, 3] {
+        api.put_task(&ids[i], extended(&chord, &queue, &ids[i], i, 4, "SUCCESS", json!(i))).await.expect(200);
+    }
+    let callbacks = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(callbacks.len(), 1, "{callbacks:?}");
+    assert_eq!(callbacks[0].body[0], json!([[0, 1, 2, 3]]));
+    let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    assert_eq!(
+        (&status.json["state"], &status.json["succeeded"]),
+        (&json!("dispatched"), &json!(4)),
+        "{}",
+        status.json
+    );
+    // Nothing failed now: a second redrive is refused.
+    let refused = api.call(reqwest::Method::POST, &redrive, None).await.expect(409);
+    assert!(refused.json["error"]["message"].as_str().unwrap().contains("no failed part"), "{}", refused.json);
+}
+
+#[tokio::test]
+async fn a_chord_whose_parts_arguments_were_not_stored_is_refused_a_redrive_and_nothing_changes() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    let chord = Chord::new(&api, &queue, json!({}));
+    let failure = json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"});
+    let id = api.id("p0");
+    api.put_task(&id, chord.part(&id, 0, 1, "FAILURE", failure)).await.expect(200);
+    poll_until(&api, &chord.callback_id, "FAILURE").await.expect("the chord failed");
+    let redrive = format!("/v1/chords/{}/redrive", chord.gid);
+    let refused = api.call(reqwest::Method::POST, &redrive, None).await.expect_error(409, "redrive_refused");
+    let message = refused.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("result_extended=True"), "{message}");
+    let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{}", chord.gid), None).await.expect(200);
+    assert_eq!((&status.json["state"], &status.json["failed"]), (&json!("failed"), &json!(1)));
+    assert_eq!(api.get_task(&chord.callback_id).await.expect(200).json["status"], "FAILURE", "kept");
+    let unknown = format!("/v1/chords/{}/redrive", api.id("nope"));
+    api.call(reqwest::Method::POST, &unknown, None).await.expect_error(404, "chord_not_found");
+}
+
+/// The task's result once it reaches `status`, within a minute.
+async fn poll_until(api: &Api, id: &str, status: &str) -> Option<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let got = api.get_task(id).await.expect(200).json;
+        if got["status"] == status {
+            return Some(got);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}

@@ -301,7 +301,7 @@ def test_the_functions_routes_and_permissions_are_spelled_out(templates):
     )
     assert ("PUT /v1/tasks/{task_id}", "integrations/${StoreIntegration}") in routes
     assert ("POST /v1/tasks/batch-get", "integrations/${BatchFetchIntegration}") in routes
-    assert len(routes) == 12
+    assert len(routes) == 13
     join = cdk_r.render(mine["ChordJoinFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"])
     assert {
         "Effect": "Allow",

@@ -73,6 +73,7 @@ const ROUTES: [string, string, string, string][] = [
   ["DeleteTask", "DELETE", "/v1/tasks/{task_id}", "Store"],
   ["PutGroup", "PUT", "/v1/groups/{group_id}", "Store"],
   ["DeleteGroup", "DELETE", "/v1/groups/{group_id}", "Store"],
+  ["RedriveChord", "POST", "/v1/chords/{group_id}/redrive", "Store"],
   ["CacheGetOrDelegate", "POST", "/v1/cache/get-or-delegate", "Store"],
   ["CacheEntry", "POST", "/v1/cache/entry", "Store"],
   ["CacheInvalidate", "POST", "/v1/cache/invalidate", "Store"],
@@ -452,6 +453,9 @@ export class Dynachord extends Construct {
           {
             pattern:
               '{"eventName": ["INSERT", "MODIFY"], "dynamodb": {"NewImage": {"cache_key": {"S": [{"exists": true}]}}}}',
+          },
+          {
+            pattern: '{"eventName": ["MODIFY"], "dynamodb": {"NewImage": {"sk": {"S": ["state"]}, "state": {"S": ["redriving"]}}}}',
           },
         ],
       },

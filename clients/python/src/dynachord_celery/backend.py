@@ -437,6 +437,19 @@ class DynachordBackend(BaseBackend):
         ``chord(header)(body)``, or the group's ``GroupResult.id``."""
         return self.client.chord(group_id, failed_ids=failed_ids)
 
+    def redrive_chord(self, group_id: str, queue: str | None = None) -> dict[str, Any]:
+        """Runs a chord's failed parts again, as Step Functions' redrive does:
+        the parts that failed are sent again with their task ids and
+        arguments, the others keep their results, and once they have
+        reported the chord joins again, once, and its callback runs with
+        every result (``AsyncResult(callback_id).get()`` waits for it).
+
+        For a chord that failed, or called back with tolerated failures;
+        needs ``result_extended=True`` (the parts' arguments are read from
+        their results). Each part goes back to the queue it ran from, or to
+        ``queue``. Takes the chord's id, as :meth:`chord_status` does."""
+        return self.client.redrive_chord(group_id, queue=queue, queue_prefix=self._queue_name_prefix() or None)
+
     def as_uri(self, include_password: bool = False) -> str:
         return f"dynachord+{self.client.endpoint}"
 

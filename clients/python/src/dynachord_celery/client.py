@@ -450,6 +450,18 @@ class Client:
         response = self._get_or_none(path, "chord_not_found")
         return None if response is None else dict(response.json())
 
+    def redrive_chord(self, group_id: str, queue: str | None = None, queue_prefix: str | None = None) -> dict[str, Any]:
+        """Sends a chord's failed parts again, with their task ids and
+        arguments (stored with ``result_extended``), and has it join again
+        once they report: ``{"group_id", "state": "redriving", "redriving",
+        "redrives"}``. Each part goes to the queue its result names, with
+        ``queue_prefix`` before it, or to ``queue``. A chord still open, with
+        no failed part, or whose parts' arguments were not stored raises
+        :class:`DynachordError` (``redrive_refused``)."""
+        body = {k: v for k, v in (("queue", queue), ("queue_prefix", queue_prefix)) if v}
+        path = "/v1/chords/" + quote(group_id, safe="") + "/redrive"
+        return dict(self.request("POST", path, body, ok=(202,)).json())
+
     def _get_or_none(self, path: str, not_found: str) -> requests.Response | None:
         """GET, with the service's own "no such thing" 404 as ``None``; any
         other 404 (a wrong endpoint or base path) is an error."""
