@@ -20,8 +20,12 @@ import e2e_tasks  # noqa: E402
 from celery import Celery, chain, chord, group  # noqa: E402
 from celery.exceptions import ChordError  # noqa: E402
 from celery.result import AsyncResult, GroupResult  # noqa: E402
-from dynachord_celery import DynachordBackend, is_failure  # noqa: E402
-from e2e_tasks import add, app, collect, fail, mul, record_error  # noqa: E402
+from dynachord_celery import (  # noqa: E402
+    DynachordBackend,
+    DynachordError,
+    is_failure,
+)
+from e2e_tasks import add, app, collect, fail, fail_first, mul, record_error  # noqa: E402
 
 TIMEOUT = 120
 
@@ -150,6 +154,34 @@ def test_a_chord_that_tolerates_failed_parts_calls_back_with_their_exceptions(wo
     strict = chord(header)(collect.s("strict").set(tolerated_failures=2))
     with pytest.raises(ChordError):
         AsyncResult(strict.id, app=app).get(timeout=TIMEOUT)
+
+
+def test_a_failed_chord_is_redriven_and_calls_back_once_with_every_result(worker, tmp_path):
+    flaky = (3, 40, 77)
+    header = [fail_first.s(str(tmp_path), i) if i in flaky else add.s(i, 0) for i in range(100)]
+    result = chord(header)(collect.s("redriven"))
+    with pytest.raises(ChordError):
+        AsyncResult(result.id, app=app).get(timeout=TIMEOUT)
+    status = app.backend.chord_status(result.parent.id)
+    assert (status["state"], status["failed"], status["succeeded"]) == ("failed", 3, 97), status
+    answer = app.backend.redrive_chord(result.parent.id)
+    assert (answer["state"], answer["redriving"], answer["redrives"]) == ("redriving", 3, 1), answer
+    # Only the failed parts ran again; the callback runs once, with every result.
+    values = AsyncResult(result.id, app=app).get(timeout=TIMEOUT)["values"]
+    assert values == list(range(100))
+    status = app.backend.chord_status(result.parent.id)
+    assert (status["state"], status["failed"], status["succeeded"]) == ("dispatched", 0, 100), status
+    assert sorted(int(p.name) for p in tmp_path.iterdir()) == list(flaky)
+    ran = rf"Task e2e_tasks.collect\[{result.id}\] succeeded"
+    deadline = time.monotonic() + 30
+    while not re.search(ran, worker.read_text()):
+        assert time.monotonic() < deadline, "the worker did not log the callback's run"
+        time.sleep(0.2)
+    assert len(re.findall(ran, worker.read_text())) == 1
+    # Nothing failed any more: a second redrive is refused, clearly.
+    with pytest.raises(DynachordError) as refused:
+        app.backend.redrive_chord(result.parent.id)
+    assert refused.value.code == "redrive_refused"
 
 
 def test_a_saved_group_is_restored_and_deleted(worker):

@@ -55,6 +55,18 @@ def fail(message):
 
 
 @app.task
+def fail_first(marks, value):
+    """Fails the first time it runs for `value`, succeeds after: a part a
+    redrive fixes. `marks` is a directory the test owns; a file in it says
+    the task ran once."""
+    try:
+        os.close(os.open(os.path.join(marks, str(value)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return value
+    raise ValueError("first run fails", value)
+
+
+@app.task
 def record_error(task_id, note):
     """An (old-style) errback: called with the failed task's id."""
     return {"failed": task_id, "note": note}
