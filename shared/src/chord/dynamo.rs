@@ -159,6 +159,14 @@ impl DynamoStore {
     async fn send_conditional(&self, request: UpdateItemFluentBuilder) -> Result<bool, StoreError> {
         self.applied(request.send().await)
     }
+
+    /// Sends a conditional update of the state item: the state after it,
+    /// `None` if its condition did not hold.
+    async fn send_for_state(&self, request: UpdateItemFluentBuilder) -> Result<Option<ChordState>, StoreError> {
+        let request = request.return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew);
+        let written = self.written(request.send().await)?;
+        Ok(written.map(|out| state_of(&out.attributes.unwrap_or_default())))
+    }
 }
 
 impl DynamoStore {
@@ -324,6 +332,11 @@ fn state_of(item: &Item) -> ChordState {
     }
 }
 
+/// A lease of `lease` from now (a second at least), as stored.
+fn lease_until(lease: Duration) -> AttributeValue {
+    n(now_epoch() + lease.as_secs().max(1) as i64)
+}
+
 /// The condition every transition of a held claim shares.
 const HELD: &str = "#state = :joining AND #token = :token";
 /// The same for a held redrive.
@@ -381,17 +394,15 @@ impl ChordStore for DynamoStore {
         let now = now_epoch();
         let request = self
             .update_claim(ns, gid, token)
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
             .update_expression("SET #state = :joining, #token = :token, #lease = :lease")
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .condition_expression("#done >= #size AND (#state = :open OR (#state = :joining AND #lease < :now))")
             .expression_attribute_names("#done", attr::DONE)
             .expression_attribute_names("#size", attr::SIZE)
             .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
-            .expression_attribute_values(":lease", n(now + lease.as_secs().max(1) as i64))
+            .expression_attribute_values(":lease", lease_until(lease))
             .expression_attribute_values(":now", n(now));
-        let claimed = self.written(request.send().await)?;
-        Ok(claimed.map(|out| state_of(&out.attributes.unwrap_or_default())))
+        self.send_for_state(request).await
     }
 
     async fn renew_claim(
@@ -412,7 +423,7 @@ impl ChordStore for DynamoStore {
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .expression_attribute_names("#sending", name)
             .condition_expression(HELD)
-            .expression_attribute_values(":lease", n(now_epoch() + lease.as_secs().max(1) as i64))
+            .expression_attribute_values(":lease", lease_until(lease))
             .expression_attribute_values(":sending", n(count));
         self.send_conditional(request).await
     }
@@ -565,14 +576,12 @@ impl ChordStore for DynamoStore {
         let now = now_epoch();
         let request = self
             .update_redrive(ns, gid, token)
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
             .update_expression("SET #token = :token, #lease = :lease")
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .condition_expression("#state = :redriving AND (attribute_not_exists(#token) OR #lease < :now)")
-            .expression_attribute_values(":lease", n(now + lease.as_secs().max(1) as i64))
+            .expression_attribute_values(":lease", lease_until(lease))
             .expression_attribute_values(":now", n(now));
-        let claimed = self.written(request.send().await)?;
-        Ok(claimed.map(|out| state_of(&out.attributes.unwrap_or_default())))
+        self.send_for_state(request).await
     }
 
     /// One transaction: each part item replaced (while it is a failed part)
@@ -605,7 +614,7 @@ impl ChordStore for DynamoStore {
                 .map_err(|e| StoreError::Other(e.to_string()))?;
             removals.push(TransactWriteItem::builder().put(put).build());
         }
-        let until = n(now_epoch() + lease.as_secs().max(1) as i64);
+        let until = lease_until(lease);
         let set = Some((attr::LEASE_UNTIL, until, attr::REDRIVE_WINDOW, n(parts.len())));
         let state = self.redrive_count(ns, gid, token, -(parts.len() as i64), set)?;
         self.redrive_transaction(ns, gid, token, removals, state).await
@@ -649,7 +658,6 @@ impl ChordStore for DynamoStore {
     ) -> Result<Option<ChordState>, StoreError> {
         let request = self
             .update_redrive(ns, gid, token)
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
             .condition_expression(HELD_REDRIVE)
             .expression_attribute_names("#lease", attr::LEASE_UNTIL)
             .expression_attribute_names("#window", attr::REDRIVE_WINDOW);
@@ -663,8 +671,7 @@ impl ChordStore for DynamoStore {
                 .update_expression("SET #state = :open REMOVE #token, #lease, #window")
                 .expression_attribute_values(":open", s(ChordPhase::Open.as_str())),
         };
-        let ended = self.written(request.send().await)?;
-        Ok(ended.map(|out| state_of(&out.attributes.unwrap_or_default())))
+        self.send_for_state(request).await
     }
 
     async fn release_redrive(&self, ns: &Namespace, gid: &GroupId, token: &str) -> Result<bool, StoreError> {
