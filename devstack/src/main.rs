@@ -34,6 +34,7 @@
 
 mod faults;
 mod pump;
+mod wakes;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -317,6 +318,10 @@ async fn run(
     let env_file = write_functions_env(s, state, &functions_dynamodb_url, &functions_sqs_url, &sqs_url)?;
     let base = start_functions(s, state, &env_file, procs).await?;
     start_pumps(s, &dynamodb_url, &base).await;
+    let sqs = aws_sdk_sqs::Client::new(&dynachord::aws::local_config(Some(&sqs_url)).await);
+    let deadline_queue = format!("{sqs_url}/123456789012/{}", wakes::DEADLINE_QUEUE);
+    let invoke_url = format!("{base}/2015-03-31/functions/chord-join/invocations");
+    tokio::spawn(wakes::run(sqs, deadline_queue, invoke_url, s.invoke_timeout));
     std::fs::write(ready_file, format!("{base}\n")).map_err(|e| e.to_string())?;
     println!("dynachord is up: {base}/v1/...  (DynamoDB Local {dynamodb_url}, table {}; SQS {sqs_url})", s.table);
     let logs = s.state_dir.display();
@@ -389,6 +394,11 @@ async fn start_sqs(s: &Settings, state: &Path, procs: &mut Processes) -> Result<
         sqs.create_queue().queue_name("celery").send().await.is_ok()
     })
     .await?;
+    sqs.create_queue()
+        .queue_name(wakes::DEADLINE_QUEUE)
+        .send()
+        .await
+        .map_err(|e| format!("creating queue {} on moto: {e}", wakes::DEADLINE_QUEUE))?;
     // The results bucket (moto takes an unsigned path-style PUT).
     let created = reqwest::Client::new()
         .put(format!("{sqs_url}/{LOCAL_BUCKET}"))
@@ -415,6 +425,7 @@ fn write_functions_env(
         format!("AWS_ENDPOINT_URL_S3={queues_url}"),
         format!("RESULTS_BUCKET={LOCAL_BUCKET}"),
         format!("CALLBACK_QUEUE_URL_PREFIX={queues_url}/123456789012/"),
+        format!("CHORD_DEADLINE_QUEUE_URL={queues_url}/123456789012/{}", wakes::DEADLINE_QUEUE),
         format!("TABLE_NAME={}", s.table),
         "AUTH_MODE=none".to_owned(),
         format!("AWS_ENDPOINT_URL_DYNAMODB={dynamodb_url}"),

@@ -27,6 +27,22 @@ pub const TOLERATED_FAILURE_PERCENTAGE: &str = "tolerated_failure_percentage";
 /// forgotten once its callback has been sent.
 pub const FORGET_PARTS: &str = "forget_parts";
 
+/// The options of a chord's body that give it a deadline, in seconds from
+/// when its first part was counted, and ask it to fail when the deadline
+/// passes with parts missing.
+pub const DEADLINE_SECONDS: &str = "deadline_seconds";
+pub const FAIL_AT_DEADLINE: &str = "fail_at_deadline";
+/// The longest deadline a chord may carry: 7 days.
+pub const MAX_DEADLINE_SECONDS: u64 = 7 * 24 * 3600;
+
+/// A chord's deadline, from its body's options ([`Signature::deadline`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    pub seconds: u32,
+    /// Fail the chord, with its errbacks, when the deadline passes.
+    pub fail: bool,
+}
+
 /// A Celery signature, as a worker sends it in `request.chord`.
 #[derive(Debug, Clone)]
 pub struct Signature {
@@ -289,6 +305,28 @@ impl Signature {
             Some(Value::Bool(yes)) => Ok(*yes),
             Some(v) => Err(format!("{FORGET_PARTS} must be true or false, not {v}")),
         }
+    }
+
+    /// The chord's deadline, if its body carries one (`options.deadline_seconds`,
+    /// a whole number from 1 to [`MAX_DEADLINE_SECONDS`], and
+    /// `options.fail_at_deadline`, a boolean; set from Celery with
+    /// `.set(...)`). An `Err` says which is malformed.
+    pub fn deadline(&self) -> Result<Option<Deadline>, String> {
+        let fail = match self.options.get(FAIL_AT_DEADLINE) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(yes)) => *yes,
+            Some(v) => return Err(format!("{FAIL_AT_DEADLINE} must be true or false, not {v}")),
+        };
+        let seconds = match self.options.get(DEADLINE_SECONDS) {
+            None | Some(Value::Null) if fail => return Err(format!("{FAIL_AT_DEADLINE} needs {DEADLINE_SECONDS}")),
+            None | Some(Value::Null) => return Ok(None),
+            Some(v) => crate::whole::as_u64(v).filter(|n| (1..=MAX_DEADLINE_SECONDS).contains(n)).ok_or_else(|| {
+                format!(
+                    "{DEADLINE_SECONDS} must be a whole number of seconds from 1 to {MAX_DEADLINE_SECONDS}, not {v}"
+                )
+            })?,
+        };
+        Ok(Some(Deadline { seconds: seconds as u32, fail }))
     }
 
     /// The queue this signature names (`options.queue`), if any.

@@ -135,6 +135,10 @@ pub struct CallbackConfig {
     /// largest callback message. A callback whose results would pass it is
     /// sent with a reference to them instead (see `docs/LARGE_RESULTS.md`).
     pub max_bytes: usize,
+    /// `CHORD_DEADLINE_QUEUE_URL`: the queue of the messages that wake
+    /// chord-join at a chord's deadline (`chord/deadline.rs`); without it,
+    /// a chord's deadline is kept in its status but nothing reports it.
+    pub deadline_queue_url: Option<String>,
 }
 
 /// The queues one namespace may send callbacks to: exact names with their
@@ -412,6 +416,7 @@ fn callback_config(
         shared: QueueRoutes::from_pairs(pairs),
         default_queue,
         max_bytes: num("CALLBACK_MAX_BYTES", 1 << 20, 1024, 1 << 20)? as usize,
+        deadline_queue_url: var("CHORD_DEADLINE_QUEUE_URL").filter(|url| !url.trim().is_empty()),
     })
 }
 

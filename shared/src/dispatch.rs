@@ -170,6 +170,9 @@ pub struct Outgoing<'a> {
     pub cx: MessageContext<'a>,
 }
 
+/// The longest an SQS message can be delayed: 15 minutes.
+pub const MAX_DELAY: Duration = Duration::from_secs(900);
+
 /// Where the join sends; [`Target`] on AWS, a fake in unit tests.
 pub trait CallbackSink: Send + Sync {
     /// Sends `out` for a chord of namespace `ns`.
@@ -184,6 +187,11 @@ pub trait CallbackSink: Send + Sync {
     fn message_bytes(&self, _ns: &Namespace, out: &Outgoing<'_>) -> usize {
         out.args.len()
     }
+    /// Sends `body` to the deployment's deadline queue
+    /// (`CHORD_DEADLINE_QUEUE_URL`), to be received after `delay` (at most
+    /// [`MAX_DELAY`], SQS's limit): what wakes chord-join at a chord's
+    /// deadline. A copy does no harm, so an unknown outcome is retried.
+    fn send_later(&self, body: &str, delay: Duration) -> impl Future<Output = Result<(), DispatchError>> + Send;
     /// Sends a window of messages: each one's outcome, in order. Here one
     /// at a time, stopping at the first that did not go out but may if
     /// retried (the rest get its error, untried; one refused for good does
@@ -401,6 +409,15 @@ impl CallbackSink for Target {
             })
         })
         .await
+    }
+
+    async fn send_later(&self, body: &str, delay: Duration) -> Result<(), DispatchError> {
+        let Some(url) = &self.config.deadline_queue_url else {
+            return Err(DispatchError::NoSuchTarget { target: "queue", name: "CHORD_DEADLINE_QUEUE_URL".into() });
+        };
+        let delay = delay.min(MAX_DELAY).as_secs() as i32;
+        let request = self.sqs.send_message().queue_url(url).message_body(body).delay_seconds(delay);
+        retrying(true, || async { request.clone().send().await.map(|_| ()).map_err(|e| sort_error("SQS", e)) }).await
     }
 
     /// SQS messages go in batches per queue (at most [`BATCH_ENTRIES`] and

@@ -17,6 +17,8 @@ pub struct FakeSink {
     /// The chord-error header of each errback that went out.
     pub chord_errors: Mutex<Vec<Value>>,
     script: Mutex<VecDeque<Result<(), DispatchError>>>,
+    /// The body and delay of each message sent to the deadline queue.
+    pub later: Mutex<Vec<(String, std::time::Duration)>>,
     /// Sends every message of a window, as concurrent batches do, instead
     /// of stopping at the first that did not go out but may if retried.
     pub all_at_once: bool,
@@ -46,6 +48,11 @@ impl CallbackSink for FakeSink {
             self.chord_errors.lock().unwrap().extend(out.cx.chord_error.cloned());
         }
         answer
+    }
+
+    async fn send_later(&self, body: &str, delay: std::time::Duration) -> Result<(), DispatchError> {
+        self.later.lock().unwrap().push((body.to_owned(), delay));
+        Ok(())
     }
 
     async fn send_all(&self, ns: &Namespace, outs: &[Outgoing<'_>]) -> Vec<Result<(), DispatchError>> {

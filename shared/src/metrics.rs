@@ -37,6 +37,8 @@ pub const CHORD_RESEND_SKIPPED: &str = "ChordResendSkipped";
 /// time-out or a 5xx after the request went out): it counts as sent and is
 /// never sent again (`docs/INVARIANTS.md`, O5).
 pub const SEND_OUTCOME_UNKNOWN: &str = "SendOutcomeUnknown";
+/// Chords found open past their deadline (`deadline_seconds`), each once.
+pub const CHORD_STALLED: &str = "ChordStalled";
 /// Chords whose failed parts a redrive sent again.
 pub const CHORD_REDRIVEN: &str = "ChordRedriven";
 /// Results of a dispatched chord's parts forgotten at its body's request

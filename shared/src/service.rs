@@ -220,6 +220,7 @@ fn check_callback(config: &Config, ns: &Namespace, callback: &str) -> Result<(),
     let sig = Signature::parse(callback).map_err(|e| ApiError::BadBody(format!("chord: {e}")))?;
     sig.tolerated_failures(0).map_err(|e| ApiError::BadBody(format!("chord: the callback's {e}")))?;
     sig.forgets_parts().map_err(|e| ApiError::BadBody(format!("chord: the callback's {e}")))?;
+    sig.deadline().map_err(|e| ApiError::BadBody(format!("chord: the callback's {e}")))?;
     // The callback's own errbacks, and each of a group body's members' (a
     // failed chord calls those for each member).
     let members = sig.group_members();
@@ -577,6 +578,8 @@ pub async fn chord_status<S: ChordStore>(
         "callback_id": chord.callback_id,
         "error": chord.error,
         "opened_at": chord.opened_at,
+        "deadline_at": chord.deadline_at,
+        "stalled_at": chord.stalled_at,
     });
     if failed_ids {
         let (ids, more) = app.store.failed_part_ids(ns, id, MAX_FAILED_IDS).await?;

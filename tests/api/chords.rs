@@ -460,7 +460,7 @@ async fn a_failed_chord_is_redriven_its_failed_parts_sent_again_and_it_joins_onc
             api.call(reqwest::Method::POST, &redrive, None).await.expect_error(409, "redrive_refused");
         }
     }
-    poll_until(&api, &chord.callback_id, "FAILURE").await.expect("the chord failed");
+    chord_status_when(&api, &chord.gid, Duration::from_secs(60), |s| s["state"] == "failed").await;
     // A body that is not what the route takes is refused.
     let bad = api.call(reqwest::Method::POST, &redrive, Some(json!({"queues": 1}).to_string())).await;
     bad.expect_error(400, "invalid_body");
@@ -509,7 +509,7 @@ async fn a_chord_whose_parts_arguments_were_not_stored_is_refused_a_redrive_and_
     let failure = json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"});
     let id = api.id("p0");
     api.put_task(&id, chord.part(&id, 0, 1, "FAILURE", failure)).await.expect(200);
-    poll_until(&api, &chord.callback_id, "FAILURE").await.expect("the chord failed");
+    chord_status_when(&api, &chord.gid, Duration::from_secs(60), |s| s["state"] == "failed").await;
     let redrive = format!("/v1/chords/{}/redrive", chord.gid);
     let refused = api.call(reqwest::Method::POST, &redrive, None).await.expect_error(409, "redrive_refused");
     let message = refused.json["error"]["message"].as_str().unwrap();
@@ -521,15 +521,61 @@ async fn a_chord_whose_parts_arguments_were_not_stored_is_refused_a_redrive_and_
     api.call(reqwest::Method::POST, &unknown, None).await.expect_error(404, "chord_not_found");
 }
 
-/// The task's result once it reaches `status`, within a minute.
-async fn poll_until(api: &Api, id: &str, status: &str) -> Option<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        let got = api.get_task(id).await.expect(200).json;
-        if got["status"] == status {
-            return Some(got);
+/// The chord's status once `ready` holds for it, within `limit`.
+async fn chord_status_when(api: &Api, gid: &str, limit: Duration, ready: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let status = api.call(reqwest::Method::GET, &format!("/v1/chords/{gid}"), None).await;
+        if status.status == 200 && ready(&status.json) {
+            return status.json;
         }
+        assert!(std::time::Instant::now() < deadline, "not within {limit:?}: {}", status.text);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    None
+}
+
+#[tokio::test]
+async fn a_chord_whose_last_part_never_runs_is_reported_at_its_deadline() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    // Reported only.
+    let chord = Chord::new(&api, &queue, json!({"deadline_seconds": 2}));
+    let id = api.id("p0");
+    api.put_task(&id, chord.part(&id, 0, 2, "SUCCESS", json!(0))).await.expect(200);
+    let opened = chord_status_when(&api, &chord.gid, Duration::from_secs(60), |s| !s["deadline_at"].is_null()).await;
+    assert_eq!(opened["deadline_at"].as_i64().unwrap(), opened["opened_at"].as_i64().unwrap() + 2);
+    // Reported within the deadline and one poll of the deadline queue (a
+    // second, and a stream poll's worth of slack on a busy machine).
+    let stalled = chord_status_when(&api, &chord.gid, Duration::from_secs(20), |s| !s["stalled_at"].is_null()).await;
+    assert!(stalled["stalled_at"].as_i64().unwrap() >= stalled["deadline_at"].as_i64().unwrap(), "{stalled}");
+    assert_eq!(stalled["state"], "open");
+}
+
+#[tokio::test]
+async fn a_chord_that_asks_is_failed_at_its_deadline_naming_its_missing_parts() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    // The ChordError names the missing parts; the errback goes once.
+    let errback = json!([{"task": "proj.tasks.on_error", "options": {"task_id": api.id("eb"), "queue": queue.name}}]);
+    let chord =
+        Chord::new(&api, &queue, json!({"deadline_seconds": 1, "fail_at_deadline": true, "link_error": errback}));
+    let id = api.id("q0");
+    api.put_task(&id, chord.part(&id, 0, 3, "SUCCESS", json!(0))).await.expect(200);
+    let failed = chord_status_when(&api, &chord.gid, Duration::from_secs(30), |s| s["state"] == "failed").await;
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("deadline passed") && error.contains("2 of 3 (group_index 1, 2)"), "{error}");
+    let callback = api.get_task(&chord.callback_id).await.expect(200);
+    assert_eq!(callback.json["status"], "FAILURE");
+    let sent = queue.expect(Duration::from_secs(30), Duration::from_secs(2)).await;
+    let tasks: Vec<&Value> = sent.iter().map(|m| &m.headers["task"]).collect();
+    assert_eq!(tasks, [&json!("proj.tasks.on_error")], "the errback only, once");
+    // A late part changes nothing.
+    let late = api.id("q1");
+    api.put_task(&late, chord.part(&late, 1, 3, "SUCCESS", json!(1))).await.expect(200);
+    let after = chord_status_when(&api, &chord.gid, Duration::from_secs(30), |s| s["done"] == 2).await;
+    assert_eq!(after["state"], "failed");
+    // A deadline that is not whole seconds is refused when the part is stored.
+    let bad = Chord::new(&api, &queue, json!({"deadline_seconds": 0}));
+    let id = api.id("bad");
+    api.put_task(&id, bad.part(&id, 0, 1, "SUCCESS", json!(0))).await.expect_error(400, "invalid_body");
 }

@@ -101,6 +101,7 @@ export class Dynachord extends Construct {
   readonly bucket: s3.CfnBucket;
   readonly api: apigw.CfnApi;
   readonly deadLetterQueue: sqs.CfnQueue;
+  readonly deadlineQueue: sqs.CfnQueue;
   /** Whether the functions are traced (Tracing is not Disabled). */
   readonly isTracingOn: CfnCondition;
   readonly functions: Record<FunctionName, lambda.Function>;
@@ -258,6 +259,13 @@ export class Dynachord extends Construct {
       messageRetentionPeriod: 1209600,
       sqsManagedSseEnabled: true,
     });
+    // The messages that wake chord-join at a chord's deadline (shared/src/chord/deadline.rs).
+    this.deadlineQueue = new sqs.CfnQueue(this, "ChordDeadlineQueue", {
+      visibilityTimeout: 720,
+      messageRetentionPeriod: 1209600,
+      sqsManagedSseEnabled: true,
+      redrivePolicy: { deadLetterTargetArn: this.deadLetterQueue.attrArn, maxReceiveCount: 10 },
+    });
 
     // Where callbacks (and the cache's processing messages) may be sent.
     const queues = Fn.conditionIf(
@@ -347,7 +355,11 @@ export class Dynachord extends Construct {
         description: "DynamoDB Streams consumer that joins chords and sends each callback once",
         memorySize: 1024,
         timeout: 120,
-        environment: { CHORD_LEASE_SECONDS: "180", CHORD_MAX_ATTEMPTS: str("ChordMaxAttempts") },
+        environment: {
+          CHORD_LEASE_SECONDS: "180",
+          CHORD_MAX_ATTEMPTS: str("ChordMaxAttempts"),
+          CHORD_DEADLINE_QUEUE_URL: this.deadlineQueue.ref,
+        },
         statements: [
           onTable(
             "dynamodb:GetItem",
@@ -361,8 +373,9 @@ export class Dynachord extends Construct {
           sendToQueues,
           useQueueKeys,
           invokeCallbackLambda,
+          { Effect: "Allow", Action: ["sqs:SendMessage"], Resource: this.deadlineQueue.attrArn },
         ],
-        managedPolicies: ["service-role/AWSLambdaDynamoDBExecutionRole"],
+        managedPolicies: ["service-role/AWSLambdaSQSQueueExecutionRole", "service-role/AWSLambdaDynamoDBExecutionRole"],
         extraPolicies: [
           {
             name: "StreamSQSPolicy",
@@ -459,6 +472,14 @@ export class Dynachord extends Construct {
           },
         ],
       },
+    });
+
+    // chord-join receives the messages that wake it at a chord's deadline.
+    new lambda.CfnEventSourceMapping(this, "ChordJoinFunctionDeadlines", {
+      batchSize: 10,
+      eventSourceArn: this.deadlineQueue.attrArn,
+      functionName: fnOf.ChordJoin.functionName,
+      functionResponseTypes: ["ReportBatchItemFailures"],
     });
 
     // The HTTP API: a route per v1 endpoint, IAM-authorized unless AuthMode is none.

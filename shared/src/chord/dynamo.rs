@@ -46,14 +46,15 @@ fn count_update(
     parts: &[&ChordPart],
     expires_at: i64,
 ) -> Result<TransactWriteItem, StoreError> {
-    let update = Update::builder()
+    let deadline = if chord.deadline.is_some() { ", #deadline = if_not_exists(#deadline, :deadline)" } else { "" };
+    let mut update = Update::builder()
         .table_name(table)
         .set_key(Some(key(pk, SK_CHORD_STATE)))
-        .update_expression(
+        .update_expression(format!(
             "SET #size = if_not_exists(#size, :size), #cb = if_not_exists(#cb, :cb), \
              #cbid = if_not_exists(#cbid, :cbid), #state = if_not_exists(#state, :open), \
-             #exp = if_not_exists(#exp, :exp), #opened = if_not_exists(#opened, :now) ADD #done :k, #failed :f",
-        )
+             #exp = if_not_exists(#exp, :exp), #opened = if_not_exists(#opened, :now){deadline} ADD #done :k, #failed :f",
+        ))
         .expression_attribute_names("#size", attr::SIZE)
         .expression_attribute_names("#cb", attr::CALLBACK)
         .expression_attribute_names("#cbid", attr::CALLBACK_ID)
@@ -69,9 +70,13 @@ fn count_update(
         .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
         .expression_attribute_values(":exp", n(expires_at))
         .expression_attribute_values(":k", n(parts.len()))
-        .expression_attribute_values(":f", n(parts.iter().filter(|p| p.failed).count()))
-        .build()
-        .map_err(|e| StoreError::Other(e.to_string()))?;
+        .expression_attribute_values(":f", n(parts.iter().filter(|p| p.failed).count()));
+    if let Some(seconds) = chord.deadline {
+        update = update
+            .expression_attribute_names("#deadline", attr::DEADLINE_AT)
+            .expression_attribute_values(":deadline", n(now_epoch() + i64::from(seconds)));
+    }
+    let update = update.build().map_err(|e| StoreError::Other(e.to_string()))?;
     Ok(TransactWriteItem::builder().update(update).build())
 }
 
@@ -325,6 +330,9 @@ fn state_of(item: &Item) -> ChordState {
         opened_at: get_n(item, attr::OPENED_AT),
         redrives: count(attr::REDRIVES),
         redrive_window: count(attr::REDRIVE_WINDOW),
+        deadline_at: get_n(item, attr::DEADLINE_AT),
+        deadline_armed: matches!(item.get(attr::DEADLINE_ARMED), Some(AttributeValue::Bool(true))),
+        stalled_at: get_n(item, attr::STALLED_AT),
         redrive_to: RedriveTo {
             queue: get_s(item, attr::REDRIVE_QUEUE).filter(|q| !q.is_empty()),
             prefix: get_s(item, attr::REDRIVE_PREFIX).filter(|p| !p.is_empty()),
@@ -509,6 +517,57 @@ impl ChordStore for DynamoStore {
     ) -> Result<(Vec<TaskId>, bool), StoreError> {
         let (parts, more) = self.parts(ns, gid, true, limit).await?;
         Ok((parts.into_iter().map(|p| p.task_id).collect(), more))
+    }
+
+    async fn arm_deadline(&self, ns: &Namespace, gid: &GroupId) -> Result<(), StoreError> {
+        let request = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(chord_key(ns, gid), SK_CHORD_STATE)))
+            .update_expression("SET #armed = :yes")
+            .condition_expression("attribute_exists(#armed) OR attribute_exists(#deadline)")
+            .expression_attribute_names("#armed", attr::DEADLINE_ARMED)
+            .expression_attribute_names("#deadline", attr::DEADLINE_AT)
+            .expression_attribute_values(":yes", AttributeValue::Bool(true));
+        self.send_conditional(request).await.map(|_| ())
+    }
+
+    async fn mark_stalled(&self, ns: &Namespace, gid: &GroupId) -> Result<bool, StoreError> {
+        let request = self
+            .client()
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(key(chord_key(ns, gid), SK_CHORD_STATE)))
+            .update_expression("SET #stalled = :now")
+            .condition_expression("attribute_not_exists(#stalled) AND (#state = :open OR #state = :redriving)")
+            .expression_attribute_names("#stalled", attr::STALLED_AT)
+            .expression_attribute_names("#state", attr::STATE)
+            .expression_attribute_values(":now", n(now_epoch()))
+            .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
+            .expression_attribute_values(":redriving", s(ChordPhase::Redriving.as_str()));
+        self.send_conditional(request).await
+    }
+
+    async fn claim_stalled(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Option<ChordState>, StoreError> {
+        let request = self
+            .update_claim(ns, gid, token)
+            .update_expression("SET #state = :joining, #token = :token, #lease = :lease")
+            .expression_attribute_names("#lease", attr::LEASE_UNTIL)
+            .condition_expression("#state = :open")
+            .expression_attribute_values(":open", s(ChordPhase::Open.as_str()))
+            .expression_attribute_values(":lease", lease_until(lease));
+        self.send_for_state(request).await
+    }
+
+    async fn counted_indexes(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<u32>, StoreError> {
+        Ok(self.parts(ns, gid, false, usize::MAX).await?.0.into_iter().map(|p| p.index).collect())
     }
 
     async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {

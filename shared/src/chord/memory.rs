@@ -77,6 +77,13 @@ impl MemoryChordStore {
         }
     }
 
+    /// Moves every chord's deadline to the second before now.
+    pub fn pass_deadlines(&self) {
+        for (state, _, _) in self.ext.chords.lock().unwrap().values_mut() {
+            state.deadline_at = state.deadline_at.map(|_| now_epoch() - 1);
+        }
+    }
+
     /// Forgets the chord's part items, as an expiry would.
     pub fn drop_parts(&self, ns: &Namespace, gid: &GroupId) {
         self.ext.parts.lock().unwrap().remove(&chord_key(ns, gid));
@@ -131,6 +138,9 @@ impl ChordStore for MemoryChordStore {
                 redrives: 0,
                 redrive_window: 0,
                 redrive_to: Default::default(),
+                deadline_at: chord.deadline.map(|s| now_epoch() + i64::from(s)),
+                deadline_armed: false,
+                stalled_at: None,
             };
             (state, None, 0)
         });
@@ -389,6 +399,47 @@ impl ChordStore for MemoryChordStore {
             state.attempts += 1;
             (*held, *until) = (None, 0);
         }))
+    }
+
+    async fn arm_deadline(&self, ns: &Namespace, gid: &GroupId) -> Result<(), StoreError> {
+        if let Some((state, _, _)) = self.ext.chords.lock().unwrap().get_mut(&chord_key(ns, gid)) {
+            state.deadline_armed = true;
+        }
+        Ok(())
+    }
+
+    async fn mark_stalled(&self, ns: &Namespace, gid: &GroupId) -> Result<bool, StoreError> {
+        let mut chords = self.ext.chords.lock().unwrap();
+        let Some((state, _, _)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(false) };
+        let open = matches!(state.phase, ChordPhase::Open | ChordPhase::Redriving);
+        if state.stalled_at.is_some() || !open {
+            return Ok(false);
+        }
+        state.stalled_at = Some(now_epoch());
+        Ok(true)
+    }
+
+    async fn claim_stalled(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> Result<Option<ChordState>, StoreError> {
+        let mut chords = self.ext.chords.lock().unwrap();
+        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(None) };
+        if state.phase != ChordPhase::Open {
+            return Ok(None);
+        }
+        state.phase = ChordPhase::Joining;
+        *held = Some(token.to_owned());
+        *until = now_epoch() + lease.as_secs() as i64;
+        Ok(Some(state.clone()))
+    }
+
+    async fn counted_indexes(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<u32>, StoreError> {
+        let parts = self.ext.parts.lock().unwrap();
+        Ok(parts.get(&chord_key(ns, gid)).map(|p| p.keys().copied().collect()).unwrap_or_default())
     }
 
     async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {

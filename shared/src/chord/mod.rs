@@ -30,6 +30,7 @@
 //! hardest cases are unit tests with in-memory fakes (`tests.rs`). It
 //! sends by the protocol of [`crate::once`], which the cache shares.
 
+mod deadline;
 mod dynamo;
 mod fail;
 #[cfg(test)]
@@ -53,6 +54,7 @@ use crate::metrics;
 use crate::once::{self, Unfinished, Window};
 use crate::store::DynamoStore;
 use crate::stream::Image;
+pub use deadline::{wake_of, Wake};
 use fail::OnTransient;
 pub use redrive::{part_message, redrive_of, Redrive, REDRIVE_WINDOW_PARTS};
 use results::{args_with_results, lambda_event};
@@ -89,12 +91,14 @@ pub fn part_of(record: &EventRecord) -> Option<Part> {
         return None;
     }
     let callback = image.s(attr::CHORD_CALLBACK)?.to_owned();
-    let callback_id = Signature::parse(&callback).map(|s| s.task_id.to_string()).unwrap_or_default();
+    let sig = Signature::parse(&callback).ok();
+    let callback_id = sig.as_ref().map(|s| s.task_id.to_string()).unwrap_or_default();
+    let deadline = sig.and_then(|s| s.deadline().ok().flatten()).map(|d| d.seconds);
     let (ns, task_id) = image.task()?;
     Some(Part {
         ns,
         group_id: GroupId::parse(image.s(attr::GROUP_ID)?).ok()?,
-        chord: ChordRegistration { size: image.n(attr::CHORD_SIZE)?, callback, callback_id },
+        chord: ChordRegistration { size: image.n(attr::CHORD_SIZE)?, callback, callback_id, deadline },
         part: ChordPart {
             index: image.n(attr::GROUP_INDEX)?,
             task_id,
@@ -253,6 +257,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         if newest > state.expires_at {
             self.store.extend_chord(ns, gid, newest + EXTEND_PAST_NEWEST).await?;
         }
+        self.arm_deadline(ns, gid, &state).await?;
         let last = &parts.iter().max_by_key(|p| p.part.index).expect("parts are not empty").part.task_id;
         if let Some((token, sent)) = self.unmarked.get(&key) {
             // Our messages went out earlier but recording it failed: go on

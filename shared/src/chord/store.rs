@@ -33,6 +33,8 @@ pub struct ChordRegistration {
     /// The callback signature, as JSON text.
     pub callback: String,
     pub callback_id: String,
+    /// The body's deadline, in seconds from the first part counted.
+    pub deadline: Option<u32>,
 }
 
 /// Where a chord is in its life.
@@ -114,6 +116,12 @@ pub struct ChordState {
     pub redrive_window: u32,
     /// Where the redrive under way sends the parts.
     pub redrive_to: RedriveTo,
+    /// When the chord's deadline passes (epoch seconds), if its body has one.
+    pub deadline_at: Option<i64>,
+    /// Whether the message that wakes chord-join at the deadline was sent.
+    pub deadline_armed: bool,
+    /// When the chord was found open past its deadline (epoch seconds).
+    pub stalled_at: Option<i64>,
 }
 
 /// Where a redrive sends a chord's failed parts: each to the queue its
@@ -324,6 +332,26 @@ pub trait ChordStore: ResultStore {
         gid: &GroupId,
         token: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Records that the deadline's wake-up message was sent.
+    fn arm_deadline(&self, ns: &Namespace, gid: &GroupId) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Records that the chord was found open (or redriving) past its
+    /// deadline, once: `true` for the call that recorded it.
+    fn mark_stalled(&self, ns: &Namespace, gid: &GroupId) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// open → joining with `token` and a lease, however many parts were
+    /// counted: a chord failed at its deadline. `None` when it is not open.
+    fn claim_stalled(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
+    /// The counted parts' indexes, in order.
+    fn counted_indexes(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+    ) -> impl Future<Output = Result<Vec<u32>, StoreError>> + Send;
     /// The counted parts' task ids in `group_index` order.
     fn chord_part_ids(
         &self,

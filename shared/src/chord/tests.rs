@@ -71,7 +71,12 @@ async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status:
         sequence: format!("seq-{i}"),
         ns,
         group_id: gid(),
-        chord: ChordRegistration { size, callback: callback.into(), callback_id: "cb".into() },
+        chord: ChordRegistration {
+            size,
+            callback: callback.into(),
+            callback_id: "cb".into(),
+            deadline: Signature::parse(callback).ok().and_then(|s| s.deadline().ok().flatten()).map(|d| d.seconds),
+        },
         part: ChordPart {
             index: i,
             task_id,
@@ -997,4 +1002,85 @@ fn a_redriven_parts_message_carries_its_chord_and_goes_to_its_own_queue() {
     assert!(part_message(bare, &part, &gid(), CALLBACK, &RedriveTo::default())
         .unwrap_err()
         .contains("result_extended"));
+}
+
+// Deadlines (invariant C12).
+
+fn wake() -> Wake {
+    Wake { id: "m1".into(), ns: Namespace::default(), group_id: gid() }
+}
+
+#[tokio::test]
+async fn a_chord_with_a_deadline_arms_one_wake_up_and_is_reported_once_past_it() {
+    let j = joiner(FakeSink::default());
+    let callback = r#"{"task":"t.sum","options":{"task_id":"cb","deadline_seconds":600}}"#;
+    let first = part_with(&j, 0, 2, "SUCCESS", callback).await;
+    assert!(j.handle_parts(vec![first.clone()]).await.is_empty());
+    assert!(j.handle_parts(vec![first]).await.is_empty());
+    let later = j.sink.later.lock().unwrap().clone();
+    assert_eq!(later.len(), 1, "armed once: {later:?}");
+    assert!(later[0].1 <= std::time::Duration::from_secs(600) && later[0].1 >= std::time::Duration::from_secs(598));
+    let state = phase(&j).await;
+    assert!(state.deadline_armed && state.deadline_at.is_some() && state.stalled_at.is_none());
+    // Woken before the deadline (SQS delays 15 minutes at most): sent on again, nothing reported.
+    assert!(j.handle_wakes(vec![wake()]).await.is_empty());
+    assert_eq!(j.sink.later.lock().unwrap().len(), 2);
+    assert!(phase(&j).await.stalled_at.is_none());
+    // Past it: reported once, the chord still open (the body did not ask to fail).
+    j.store.pass_deadlines();
+    assert!(j.handle_wakes(vec![wake()]).await.is_empty());
+    let stalled = phase(&j).await.stalled_at;
+    assert!(stalled.is_some());
+    assert!(j.handle_wakes(vec![wake()]).await.is_empty());
+    assert_eq!((phase(&j).await.stalled_at, phase(&j).await.phase), (stalled, ChordPhase::Open));
+    assert!(j.sink.sent().is_empty());
+    // The last part comes late: the chord joins as any chord.
+    let last = part_with(&j, 1, 2, "SUCCESS", callback).await;
+    assert!(j.handle_parts(vec![last]).await.is_empty());
+    assert_eq!(j.sink.sent(), [("t.sum".into(), "cb".into(), "[[0,1]]".into())]);
+    assert_eq!(j.sink.later.lock().unwrap().len(), 2, "a final chord arms nothing");
+}
+
+#[tokio::test]
+async fn a_chord_that_asks_fails_at_its_deadline_naming_its_missing_parts_and_a_late_part_changes_nothing() {
+    let j = joiner(FakeSink::default());
+    let callback = r#"{"task":"t.sum","options":{"task_id":"cb","deadline_seconds":60,"fail_at_deadline":true,
+        "link_error":[{"task":"t.e1","options":{"task_id":"e1"}}]}}"#;
+    let parts = vec![part_with(&j, 0, 4, "SUCCESS", callback).await, part_with(&j, 2, 4, "SUCCESS", callback).await];
+    assert!(j.handle_parts(parts).await.is_empty());
+    j.store.pass_deadlines();
+    assert!(j.handle_wakes(vec![wake()]).await.is_empty());
+    let state = phase(&j).await;
+    assert_eq!(state.phase, ChordPhase::Failed);
+    let error = state.error.unwrap();
+    assert!(error.contains("deadline passed") && error.contains("2 of 4 (group_index 1, 3)"), "{error}");
+    let tasks: Vec<String> = j.sink.sent().into_iter().map(|(task, ..)| task).collect();
+    assert_eq!(tasks, ["t.e1"], "the errback, once");
+    let cb = j.store.get_task(&Namespace::default(), &TaskId::parse("cb").unwrap()).await.unwrap().unwrap();
+    assert!(cb.json.contains("ChordError") && cb.json.contains("group_index 1, 3"), "{}", cb.json);
+    // The missing parts come late: nothing more happens; a copy of the wake-up neither.
+    let late = vec![part_with(&j, 1, 4, "SUCCESS", callback).await, part_with(&j, 3, 4, "SUCCESS", callback).await];
+    assert!(j.handle_parts(late).await.is_empty());
+    assert!(j.handle_wakes(vec![wake()]).await.is_empty());
+    assert_eq!(j.sink.sent().len(), 1);
+    assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
+}
+
+#[test]
+fn a_deadline_is_whole_seconds_up_to_a_week_and_failing_at_it_needs_one() {
+    let sig =
+        |options: &str| Signature::parse(&format!(r#"{{"task":"t","options":{{"task_id":"cb",{options}}}}}"#)).unwrap();
+    assert_eq!(sig(r#""x":1"#).deadline(), Ok(None));
+    let deadline = sig(r#""deadline_seconds":30,"fail_at_deadline":true"#).deadline().unwrap().unwrap();
+    assert_eq!((deadline.seconds, deadline.fail), (30, true));
+    for bad in [
+        r#""deadline_seconds":0"#,
+        r#""deadline_seconds":1.5"#,
+        r#""deadline_seconds":"30""#,
+        r#""deadline_seconds":604801"#,
+        r#""fail_at_deadline":true"#,
+        r#""deadline_seconds":30,"fail_at_deadline":"yes""#,
+    ] {
+        assert!(sig(bad).deadline().is_err(), "{bad}");
+    }
 }

@@ -68,6 +68,12 @@ pub mod attr {
     /// On a chord's part item: a part a redrive removed from the count, and
     /// when (epoch milliseconds); a result stored later counts it again.
     pub const REDRIVEN_AT: &str = "redriven_at";
+    /// On a chord's state item: when its deadline passes (epoch seconds),
+    /// whether the message that wakes chord-join then was sent, and when it
+    /// was found open past it.
+    pub const DEADLINE_AT: &str = "deadline_at";
+    pub const DEADLINE_ARMED: &str = "deadline_armed";
+    pub const STALLED_AT: &str = "stalled_at";
     pub const REDRIVE_QUEUE: &str = "redrive_queue";
     pub const REDRIVE_PREFIX: &str = "redrive_prefix";
     /// On a chord's state item: the counted parts that failed (FAILURE or
