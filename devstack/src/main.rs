@@ -10,7 +10,8 @@
 //! It also starts moto's server for SQS and S3 (chord callbacks go there, to
 //! queues under `http://127.0.0.1:5000/123456789012/`; the queue `celery` is
 //! created; large results go to the bucket `dynachord-local-results`) and
-//! the stream pump that feeds `chord-join` (see [`pump`]).
+//! the stream pump that feeds `chord-join` (see [`pump`]), and the deadline
+//! queue's event source (see [`wakes`]).
 //!
 //! Settings (flags or environment): `--port`/`DYNACHORD_PORT` (9000),
 //! `--dynamodb-port`/`DYNAMODB_PORT` (8000), `--sqs-port`/`SQS_PORT` (5000),
