@@ -19,6 +19,8 @@ pub struct FakeSink {
     script: Mutex<VecDeque<Result<(), DispatchError>>>,
     /// The body and delay of each message sent to the deadline queue.
     pub later: Mutex<Vec<(String, std::time::Duration)>>,
+    /// The deployment has no deadline queue: every `send_later` is refused.
+    no_deadline_queue: bool,
     /// Sends every message of a window, as concurrent batches do, instead
     /// of stopping at the first that did not go out but may if retried.
     pub all_at_once: bool,
@@ -32,6 +34,11 @@ impl FakeSink {
     /// The answers still to come, to script more.
     pub fn script_mut(&self) -> std::sync::MutexGuard<'_, VecDeque<Result<(), DispatchError>>> {
         self.script.lock().unwrap()
+    }
+
+    /// A sink of a deployment without a deadline queue.
+    pub fn without_deadline_queue() -> Self {
+        Self { no_deadline_queue: true, ..Self::default() }
     }
 
     /// (task, task id, args) of each message that went out.
@@ -51,6 +58,9 @@ impl CallbackSink for FakeSink {
     }
 
     async fn send_later(&self, body: &str, delay: std::time::Duration) -> Result<(), DispatchError> {
+        if self.no_deadline_queue {
+            return Err(DispatchError::NoSuchTarget { target: "queue", name: "CHORD_DEADLINE_QUEUE_URL".into() });
+        }
         self.later.lock().unwrap().push((body.to_owned(), delay));
         Ok(())
     }

@@ -61,7 +61,15 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         if state.deadline_armed || state.is_final() {
             return Ok(());
         }
-        self.wake_at(ns, gid, at).await?;
+        match self.wake_at(ns, gid, at).await {
+            Ok(()) => {}
+            // No deadline queue, or one that refuses: the chord goes on without
+            // its report, never held back for it.
+            Err(err) if err.is_permanent() => {
+                tracing::error!(chord = %gid, error = %err, "the chord's deadline cannot be armed; it will not be reported");
+            }
+            Err(err) => return Err(err.into()),
+        }
         self.store.arm_deadline(ns, gid).await?;
         Ok(())
     }

@@ -1066,6 +1066,15 @@ async fn a_chord_that_asks_fails_at_its_deadline_naming_its_missing_parts_and_a_
     assert_eq!(phase(&j).await.phase, ChordPhase::Failed);
 }
 
+#[tokio::test]
+async fn a_deadline_that_cannot_be_armed_never_holds_its_chord_back() {
+    let j = joiner(FakeSink::without_deadline_queue());
+    let callback = r#"{"task":"t.sum","options":{"task_id":"cb","deadline_seconds":60}}"#;
+    let parts = vec![part_with(&j, 0, 2, "SUCCESS", callback).await, part_with(&j, 1, 2, "SUCCESS", callback).await];
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), [("t.sum".into(), "cb".into(), "[[0,1]]".into())]);
+}
+
 #[test]
 fn a_deadline_is_whole_seconds_up_to_a_week_and_failing_at_it_needs_one() {
     let sig =
