@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use crate::{median, Service};
 
-async fn fresh_queue(sqs: &aws_sdk_sqs::Client, tag: &str) -> String {
+pub(crate) async fn fresh_queue(sqs: &aws_sdk_sqs::Client, tag: &str) -> String {
     let name = format!("bench-fan-{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..6]);
     sqs.create_queue().queue_name(&name).send().await.expect("SQS answers").queue_url.unwrap()
 }
 
-async fn queued(sqs: &aws_sdk_sqs::Client, url: &str) -> usize {
+pub(crate) async fn queued(sqs: &aws_sdk_sqs::Client, url: &str) -> usize {
     let attrs = sqs
         .get_queue_attributes()
         .queue_url(url)

@@ -23,16 +23,20 @@
 //! body of N tasks from the part's store to all N on the queue, against raw
 //! SendMessage and SendMessageBatch calls.
 //!
+//! Then a chord's redrive (`--redrive 1000`, see `redrive.rs`): a chord a
+//! tenth of whose parts failed, redriven, against its first join.
+//!
 //! Or only the cold-start bench (`--cold-start`, see `coldstart.rs`), or only
 //! the cost model, which writes docs/COST.md (`--cost`, see `cost.rs`).
 //!
-//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20] [--cache 500] [--fanout 500]`
+//! `./dev bench [--n 1000] [--rounds 3] [--chords 1000,10000] [--large 1,20] [--cache 500] [--fanout 500] [--redrive 1000]`
 //! builds it, starts the local stack if none is up, and runs it.
 
 mod cache;
 mod coldstart;
 mod cost;
 mod fanout;
+mod redrive;
 
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use aws_sdk_dynamodb::Client;
@@ -66,6 +70,9 @@ struct Args {
     /// Tasks in a chord's group body to fan out (0: none).
     #[arg(long, default_value_t = 500)]
     fanout: usize,
+    /// Parts of a chord a tenth of which fail, then redriven (0: none).
+    #[arg(long, default_value_t = 1000)]
+    redrive: usize,
     /// Only the cold-start bench: each release function (`--lambda-dir`) against a Runtime API stub.
     #[arg(long)]
     cold_start: bool,
@@ -284,6 +291,10 @@ async fn main() {
 
     if a.fanout > 0 {
         fanout::fanout_bench(&service, &sqs, a.fanout, a.rounds).await;
+    }
+
+    if a.redrive > 0 {
+        redrive::redrive_bench(&service, &sqs, a.redrive, a.rounds).await;
     }
 
     if !a.chords.is_empty() {

@@ -56,6 +56,25 @@ impl DispatchError {
     pub fn may_have_gone_out(&self) -> bool {
         matches!(self, Self::Unknown { .. })
     }
+
+    /// Whether sending again may help and cannot duplicate: the message did
+    /// not go out, or may have where the target drops a second copy
+    /// (`deduplicated`, a FIFO queue).
+    fn worth_another_try(&self, deduplicated: bool) -> bool {
+        matches!(self, Self::Send { .. }) || (deduplicated && self.may_have_gone_out())
+    }
+}
+
+/// An SQS error, naming the queue by `name` (the tenant's, never the
+/// deployment's URL) when it does not exist.
+fn sqs_error<E>(name: &str, missing: bool, err: SdkError<E, aws_smithy_runtime_api::http::Response>) -> DispatchError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if missing {
+        return DispatchError::NoSuchTarget { target: "SQS queue", name: name.to_owned() };
+    }
+    sort_error("SQS", err)
 }
 
 /// Error codes of SQS and Lambda that no retry fixes.
@@ -145,9 +164,7 @@ where
     let mut tries = 1;
     loop {
         match attempt().await {
-            Err(err @ (DispatchError::Send { .. } | DispatchError::Unknown { .. }))
-                if tries < SEND_ATTEMPTS && (deduplicated || !err.may_have_gone_out()) =>
-            {
+            Err(err) if tries < SEND_ATTEMPTS && err.worth_another_try(deduplicated) => {
                 tracing::warn!(attempt = tries, error = %err, "sending again");
                 tokio::time::sleep(pause).await;
                 pause *= 2;
@@ -213,10 +230,21 @@ pub(crate) async fn in_turn<T: CallbackSink + ?Sized>(
     ns: &Namespace,
     outs: &[Outgoing<'_>],
 ) -> Vec<Result<(), DispatchError>> {
+    one_by_one(sink, ns, outs, true).await
+}
+
+/// Sends `outs` one at a time; with `stop`, the rest after one that did not
+/// go out but may if retried get its error, untried.
+pub(crate) async fn one_by_one<T: CallbackSink + ?Sized>(
+    sink: &T,
+    ns: &Namespace,
+    outs: &[Outgoing<'_>],
+    stop: bool,
+) -> Vec<Result<(), DispatchError>> {
     let mut results: Vec<Result<(), DispatchError>> = Vec::with_capacity(outs.len());
     for out in outs {
         match results.last() {
-            Some(Err(stop @ DispatchError::Send { .. })) => results.push(Err(stop.clone())),
+            Some(Err(err @ DispatchError::Send { .. })) if stop => results.push(Err(err.clone())),
             _ => results.push(sink.send(ns, out).await),
         }
     }
@@ -329,15 +357,10 @@ impl Target {
                 }
                 Err(e) => {
                     // The tenant sees the queue's name, never the deployment's URL.
-                    let name = pending.first().map_or_else(String::new, |e| e.queue.clone());
-                    let err = match e.as_service_error() {
-                        Some(s) if s.is_queue_does_not_exist() => {
-                            DispatchError::NoSuchTarget { target: "SQS queue", name }
-                        }
-                        _ => sort_error("SQS", e),
-                    };
-                    let again = matches!(err, DispatchError::Send { .. }) || (deduplicated && err.may_have_gone_out());
-                    if !again || last {
+                    let name = pending.first().map_or("", |e| e.queue.as_str());
+                    let missing = e.as_service_error().is_some_and(|s| s.is_queue_does_not_exist());
+                    let err = sqs_error(name, missing, e);
+                    if !err.worth_another_try(deduplicated) || last {
                         done.extend(pending.iter().map(|e| (e.index, Err(err.clone()))));
                         return done;
                     }
@@ -401,11 +424,9 @@ impl CallbackSink for Target {
             .set_message_group_id(group)
             .set_message_deduplication_id(dedup);
         retrying(url.ends_with(".fifo"), || async {
-            request.clone().send().await.map(|_| ()).map_err(|e| match e.as_service_error() {
-                Some(s) if s.is_queue_does_not_exist() => {
-                    DispatchError::NoSuchTarget { target: "SQS queue", name: name.clone() }
-                }
-                _ => sort_error("SQS", e),
+            request.clone().send().await.map(|_| ()).map_err(|e| {
+                let missing = e.as_service_error().is_some_and(|s| s.is_queue_does_not_exist());
+                sqs_error(&name, missing, e)
             })
         })
         .await

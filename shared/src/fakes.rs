@@ -66,14 +66,7 @@ impl CallbackSink for FakeSink {
     }
 
     async fn send_all(&self, ns: &Namespace, outs: &[Outgoing<'_>]) -> Vec<Result<(), DispatchError>> {
-        if !self.all_at_once {
-            return crate::dispatch::in_turn(self, ns, outs).await;
-        }
-        let mut results = Vec::with_capacity(outs.len());
-        for out in outs {
-            results.push(self.send(ns, out).await);
-        }
-        results
+        crate::dispatch::one_by_one(self, ns, outs, !self.all_at_once).await
     }
 }
 

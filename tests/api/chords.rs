@@ -83,7 +83,8 @@ async fn a_chord_of_3_calls_back_once_with_results_in_index_order() {
     assert_eq!(
         status.json,
         json!({"group_id": chord.gid, "size": 3, "done": 3, "succeeded": 3, "failed": 0, "pending": 0,
-               "state": "dispatched", "callback_id": chord.callback_id, "error": null, "opened_at": opened})
+               "state": "dispatched", "callback_id": chord.callback_id, "error": null, "opened_at": opened,
+               "deadline_at": null, "stalled_at": null})
     );
 }
 

@@ -1,6 +1,7 @@
 //! The chord join, driven by DynamoDB Streams (the `chord-join` function).
 //! `docs/ARCHITECTURE.md` follows a record through it; `docs/INVARIANTS.md`
-//! lists what it promises (C1 to C8) and the tests that hold it to them.
+//! lists what it promises (C1 to C12) and the tests that hold it to them.
+//! A failed chord's redrive is in `redrive.rs`, deadlines in `deadline.rs`.
 //!
 //! A chord part is a task result stored with `group_id`, `group_index` and
 //! `chord: {size, callback}`; the chord travels on the part's own item, so a
