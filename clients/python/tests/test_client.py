@@ -528,3 +528,26 @@ def test_a_failed_parts_exception_is_told_apart_from_a_result() -> None:
     assert is_failure({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"})
     for result in [1, "exc_type", None, [], {"exc_type": 3, "exc_message": []}, {"exc_type": "X"}]:
         assert not is_failure(result), result
+
+
+def test_a_redrive_names_the_sqs_transports_queue_prefix_and_a_refusal_says_why(server: tuple[str, Script]) -> None:
+    url, script = server
+    app = Celery("t", set_as_current=False)
+    app.conf.update(
+        result_backend=f"dynachord+{url}",
+        broker_url="sqs://",
+        broker_transport_options={"queue_name_prefix": "dev-"},
+        result_backend_transport_options=FAST,
+    )
+    answer = {"group_id": "c 1", "state": "redriving", "redriving": 3, "redrives": 1}
+    refused = {"error": {"code": "redrive_refused", "message": "chord c 1 has no failed part to redrive"}}
+    script.answers = [(202, {}, answer), (409, {}, refused)]
+    assert app.backend.redrive_chord("c 1") == answer
+    with pytest.raises(DynachordError) as err:
+        app.backend.redrive_chord("c 1", queue="fix")
+    assert (err.value.code, err.value.status) == ("redrive_refused", 409)
+    assert [(seen["method"], seen["path"]) for seen in script.seen] == [("POST", "/v1/chords/c%201/redrive")] * 2
+    assert [json.loads(seen["body"]) for seen in script.seen] == [
+        {"queue_prefix": "dev-"},
+        {"queue": "fix", "queue_prefix": "dev-"},
+    ]
