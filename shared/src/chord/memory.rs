@@ -65,6 +65,30 @@ impl MemoryChordStore {
         }
     }
 
+    /// Claims the chord with `token` and a lease when `free` says it may be
+    /// claimed (given its state and whether a live lease holds it), moving
+    /// it to `phase`: the state as claimed.
+    fn claim_if(
+        &self,
+        ns: &Namespace,
+        gid: &GroupId,
+        token: &str,
+        lease: Duration,
+        free: impl FnOnce(&ChordState, bool) -> bool,
+        phase: ChordPhase,
+    ) -> Option<ChordState> {
+        let now = now_epoch();
+        let mut chords = self.ext.chords.lock().unwrap();
+        let (state, held, until) = chords.get_mut(&chord_key(ns, gid))?;
+        if !free(state, held.is_some() && *until >= now) {
+            return None;
+        }
+        state.phase = phase;
+        *held = Some(token.to_owned());
+        *until = now + lease.as_secs() as i64;
+        Some(state.clone())
+    }
+
     /// Applies `change` to the chord's state if `token` holds its redrive.
     fn if_redriving(&self, ns: &Namespace, gid: &GroupId, token: &str, change: impl FnOnce(&mut Claimed)) -> bool {
         let mut chords = self.ext.chords.lock().unwrap();
@@ -167,17 +191,12 @@ impl ChordStore for MemoryChordStore {
         token: &str,
         lease: Duration,
     ) -> Result<Option<ChordState>, StoreError> {
-        let now = now_epoch();
-        let mut chords = self.ext.chords.lock().unwrap();
-        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(None) };
-        let free = state.phase == ChordPhase::Open || (state.phase == ChordPhase::Joining && *until < now);
-        if state.done < state.size || !free {
-            return Ok(None);
-        }
-        state.phase = ChordPhase::Joining;
-        *held = Some(token.to_owned());
-        *until = now + lease.as_secs() as i64;
-        Ok(Some(state.clone()))
+        // A joining chord whose lease ran out may be taken over.
+        let free = |state: &ChordState, live: bool| {
+            state.done >= state.size
+                && (state.phase == ChordPhase::Open || (state.phase == ChordPhase::Joining && !live))
+        };
+        Ok(self.claim_if(ns, gid, token, lease, free, ChordPhase::Joining))
     }
 
     async fn renew_claim(
@@ -308,15 +327,8 @@ impl ChordStore for MemoryChordStore {
         token: &str,
         lease: Duration,
     ) -> Result<Option<ChordState>, StoreError> {
-        let now = now_epoch();
-        let mut chords = self.ext.chords.lock().unwrap();
-        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(None) };
-        if state.phase != ChordPhase::Redriving || (held.is_some() && *until >= now) {
-            return Ok(None);
-        }
-        *held = Some(token.to_owned());
-        *until = now + lease.as_secs() as i64;
-        Ok(Some(state.clone()))
+        let free = |state: &ChordState, live: bool| state.phase == ChordPhase::Redriving && !live;
+        Ok(self.claim_if(ns, gid, token, lease, free, ChordPhase::Redriving))
     }
 
     async fn uncount_parts(
@@ -426,15 +438,8 @@ impl ChordStore for MemoryChordStore {
         token: &str,
         lease: Duration,
     ) -> Result<Option<ChordState>, StoreError> {
-        let mut chords = self.ext.chords.lock().unwrap();
-        let Some((state, held, until)) = chords.get_mut(&chord_key(ns, gid)) else { return Ok(None) };
-        if state.phase != ChordPhase::Open {
-            return Ok(None);
-        }
-        state.phase = ChordPhase::Joining;
-        *held = Some(token.to_owned());
-        *until = now_epoch() + lease.as_secs() as i64;
-        Ok(Some(state.clone()))
+        let free = |state: &ChordState, _live: bool| state.phase == ChordPhase::Open;
+        Ok(self.claim_if(ns, gid, token, lease, free, ChordPhase::Joining))
     }
 
     async fn counted_indexes(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<u32>, StoreError> {
