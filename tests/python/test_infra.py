@@ -75,6 +75,7 @@ def test_every_v1_route_is_in_the_template_and_the_local_router():
             ("GET", "/v1/groups/{group_id}"),
             ("DELETE", "/v1/groups/{group_id}"),
             ("GET", "/v1/chords/{group_id}"),
+            ("POST", "/v1/chords/{group_id}/redrive"),
             ("POST", "/v1/cache/get-or-delegate"),
             ("POST", "/v1/cache/entry"),
             ("POST", "/v1/cache/invalidate"),
