@@ -714,6 +714,7 @@ impl ChordStore for DynamoStore {
         gid: &GroupId,
         token: &str,
         error: Option<&str>,
+        lease: Duration,
     ) -> Result<Option<ChordState>, StoreError> {
         let request = self
             .update_redrive(ns, gid, token)
@@ -722,10 +723,11 @@ impl ChordStore for DynamoStore {
             .expression_attribute_names("#window", attr::REDRIVE_WINDOW);
         let request = match error {
             Some(error) => request
-                .update_expression("SET #state = :failed, #error = :error REMOVE #token, #lease, #window")
+                .update_expression("SET #state = :joining, #error = :error, #lease = :lease REMOVE #window")
                 .expression_attribute_names("#error", attr::ERROR)
                 .expression_attribute_values(":error", s(error))
-                .expression_attribute_values(":failed", s(ChordPhase::Failed.as_str())),
+                .expression_attribute_values(":joining", s(ChordPhase::Joining.as_str()))
+                .expression_attribute_values(":lease", lease_until(lease)),
             None => request
                 .update_expression("SET #state = :open REMOVE #token, #lease, #window")
                 .expression_attribute_values(":open", s(ChordPhase::Open.as_str())),

@@ -394,13 +394,22 @@ impl ChordStore for MemoryChordStore {
         gid: &GroupId,
         token: &str,
         error: Option<&str>,
+        lease: Duration,
     ) -> Result<Option<ChordState>, StoreError> {
         let mut ended = None;
         self.if_redriving(ns, gid, token, |(state, held, until)| {
-            state.phase = if error.is_some() { ChordPhase::Failed } else { ChordPhase::Open };
-            state.error = error.map(str::to_owned);
             state.redrive_window = 0;
-            (*held, *until) = (None, 0);
+            match error {
+                Some(error) => {
+                    state.phase = ChordPhase::Joining;
+                    state.error = Some(error.to_owned());
+                    *until = now_epoch() + lease.as_secs() as i64;
+                }
+                None => {
+                    state.phase = ChordPhase::Open;
+                    (*held, *until) = (None, 0);
+                }
+            }
             ended = Some(state.clone());
         });
         Ok(ended)

@@ -23,7 +23,8 @@
 use aws_lambda_events::event::dynamodb::EventRecord;
 use serde_json::{json, Map, Value};
 
-use super::{chord_key, ChordPart, ChordPhase, ChordState, ChordStore, JoinError, Joiner};
+use super::fail::OnTransient;
+use super::{chord_key, ChordPart, ChordPhase, ChordState, ChordStore, Claim, JoinError, Joiner};
 use crate::celery::{MessageContext, Signature};
 use crate::dispatch::{CallbackSink, Outgoing};
 use crate::ids::{GroupId, Namespace, TaskId};
@@ -173,22 +174,27 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 return Err(err);
             }
         };
-        let Some(ended) = self.store.end_redrive(ns, gid, &token, error.as_deref()).await? else {
+        let lease = self.config.lease;
+        let Some(ended) = self.store.end_redrive(ns, gid, &token, error.as_deref(), lease).await? else {
             self.lost(gid, "ending the redrive");
             return Ok(());
         };
-        match &error {
-            Some(message) => {
-                metrics::count(metrics::CHORD_FAILED);
-                tracing::error!(chord = %gid, error = %message, "chord redrive stopped; the chord failed again");
-                Ok(())
-            }
-            None => {
-                metrics::count(metrics::CHORD_REDRIVEN);
-                tracing::info!(chord = %gid, redrives = ended.redrives, "chord redriven: its failed parts were sent again");
-                self.join_if_complete(ns, gid, &ended).await
-            }
-        }
+        let Some(message) = error else {
+            metrics::count(metrics::CHORD_REDRIVEN);
+            tracing::info!(chord = %gid, redrives = ended.redrives, "chord redriven: its failed parts were sent again");
+            return self.join_if_complete(ns, gid, &ended).await;
+        };
+        // The chord fails again, as a join fails it: the callback (whose
+        // earlier result the redrive forgot) gets the ChordError, its errbacks go once.
+        tracing::error!(chord = %gid, error = %message, "chord redrive stopped; the chord fails again");
+        let ids = self.store.chord_part_ids(ns, gid).await?;
+        // The last part on record is the errbacks' parent; with none left, the callback.
+        let callback = TaskId::parse(&ended.callback_id).ok();
+        let Some(last) = ids.last().or(callback.as_ref()) else {
+            return Err(JoinError::Missing(gid.to_string()));
+        };
+        let claim = Claim { ns, gid, token: &token, last, state: &ended, newest_stored: None };
+        self.fail_claimed(&claim, message, OnTransient::Skip).await
     }
 
     /// Joins an open chord whose parts have all been counted.

@@ -316,14 +316,17 @@ pub trait ChordStore: ResultStore {
         token: &str,
         parts: &[ChordPart],
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-    /// Ends the redrive `token` holds: redriving → open with `error` unset,
-    /// or → failed with it. The state after, `None` when the claim was lost.
+    /// Ends the redrive `token` holds: redriving → open; or, with `error`,
+    /// → joining, still held by `token` with a fresh `lease`, failing with
+    /// it (the caller fails the chord as a join does). The state after,
+    /// `None` when the claim was lost.
     fn end_redrive(
         &self,
         ns: &Namespace,
         gid: &GroupId,
         token: &str,
         error: Option<&str>,
+        lease: Duration,
     ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
     /// Gives a redrive claim back, counting the attempt (the chord stays redriving).
     fn release_redrive(

@@ -976,11 +976,19 @@ async fn a_redrive_of_parts_whose_arguments_were_not_stored_fails_the_chord_agai
     let parts = chord_of(&j, &["FAILURE", "SUCCESS"]).await;
     assert!(j.handle_parts(parts).await.is_empty());
     let sent = j.sink.sent().len();
+    // The route forgets the callback's ChordError when it starts a redrive.
+    let (ns, cb) = (Namespace::default(), TaskId::parse("cb").unwrap());
+    j.store.delete_task(&ns, &cb).await.unwrap();
     assert!(redrive(&j).await.is_empty());
     let state = phase(&j).await;
     assert_eq!((state.phase, state.failed), (ChordPhase::Failed, 1));
     assert!(state.error.unwrap().contains("result_extended=True"));
-    assert_eq!(j.sink.sent().len(), sent, "nothing sent");
+    // Failed again as a join fails a chord: the callback has the ChordError
+    // (nobody waits on it for ever), and its errbacks go once more.
+    let callback = j.store.get_task(&ns, &cb).await.unwrap().expect("the callback's ChordError");
+    assert!(callback.json.contains("redrive stopped"), "{}", callback.json);
+    let errbacks: Vec<String> = j.sink.sent()[sent..].iter().map(|(task, ..)| task.clone()).collect();
+    assert_eq!(errbacks, ["t.e1", "t.e2"]);
 }
 
 #[test]
