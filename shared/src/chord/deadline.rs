@@ -109,7 +109,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             // Woken early: SQS delays at most 15 minutes.
             return Ok(self.wake_at(ns, gid, at).await?);
         }
-        let counted = self.store.counted_indexes(ns, gid).await?;
+        let counted: Vec<u32> = self.store.counted_parts(ns, gid).await?.iter().map(|p| p.index).collect();
         let missing = missing(&counted, state.size);
         if self.store.mark_stalled(ns, gid).await? {
             metrics::count(metrics::CHORD_STALLED);

@@ -508,17 +508,6 @@ impl ChordStore for DynamoStore {
         self.send_conditional(request).await
     }
 
-    /// One consistent Query, paged.
-    async fn failed_part_ids(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        limit: usize,
-    ) -> Result<(Vec<TaskId>, bool), StoreError> {
-        let (parts, more) = self.parts(ns, gid, true, limit).await?;
-        Ok((parts.into_iter().map(|p| p.task_id).collect(), more))
-    }
-
     async fn arm_deadline(&self, ns: &Namespace, gid: &GroupId) -> Result<(), StoreError> {
         let request = self
             .client()
@@ -566,14 +555,12 @@ impl ChordStore for DynamoStore {
         self.send_for_state(request).await
     }
 
-    async fn counted_indexes(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<u32>, StoreError> {
-        Ok(self.parts(ns, gid, false, usize::MAX).await?.0.into_iter().map(|p| p.index).collect())
+    /// One consistent Query, paged.
+    async fn counted_parts(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<ChordPart>, StoreError> {
+        Ok(self.parts(ns, gid, false, usize::MAX).await?.0)
     }
 
-    async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
-        Ok(self.parts(ns, gid, false, usize::MAX).await?.0.into_iter().map(|p| p.task_id).collect())
-    }
-
+    /// One consistent Query, paged, with a filter.
     async fn failed_parts(&self, ns: &Namespace, gid: &GroupId, limit: usize) -> Result<Vec<ChordPart>, StoreError> {
         Ok(self.parts(ns, gid, true, limit).await?.0)
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, RedriveTo, Sending};
 use crate::error::StoreError;
-use crate::ids::{GroupId, Namespace, TaskId};
+use crate::ids::{GroupId, Namespace};
 use crate::store::memory::{injected, MemoryStore};
 use crate::time::now_epoch;
 
@@ -268,21 +268,6 @@ impl ChordStore for MemoryChordStore {
         }))
     }
 
-    async fn failed_part_ids(
-        &self,
-        ns: &Namespace,
-        gid: &GroupId,
-        limit: usize,
-    ) -> Result<(Vec<TaskId>, bool), StoreError> {
-        let parts = self.ext.parts.lock().unwrap();
-        let failed: Vec<TaskId> = parts
-            .get(&chord_key(ns, gid))
-            .map(|p| p.values().filter(|p| p.failed).map(|p| p.task_id.clone()).collect())
-            .unwrap_or_default();
-        let more = failed.len() > limit;
-        Ok((failed.into_iter().take(limit).collect(), more))
-    }
-
     async fn failed_parts(&self, ns: &Namespace, gid: &GroupId, limit: usize) -> Result<Vec<ChordPart>, StoreError> {
         let parts = self.ext.parts.lock().unwrap();
         let failed = parts.get(&chord_key(ns, gid)).into_iter().flat_map(|p| p.values().filter(|p| p.failed));
@@ -451,13 +436,8 @@ impl ChordStore for MemoryChordStore {
         Ok(self.claim_if(ns, gid, token, lease, free, ChordPhase::Joining))
     }
 
-    async fn counted_indexes(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<u32>, StoreError> {
+    async fn counted_parts(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<ChordPart>, StoreError> {
         let parts = self.ext.parts.lock().unwrap();
-        Ok(parts.get(&chord_key(ns, gid)).map(|p| p.keys().copied().collect()).unwrap_or_default())
-    }
-
-    async fn chord_part_ids(&self, ns: &Namespace, gid: &GroupId) -> Result<Vec<TaskId>, StoreError> {
-        let parts = self.ext.parts.lock().unwrap();
-        Ok(parts.get(&chord_key(ns, gid)).map(|p| p.values().map(|p| p.task_id.clone()).collect()).unwrap_or_default())
+        Ok(parts.get(&chord_key(ns, gid)).map(|p| p.values().cloned().collect()).unwrap_or_default())
     }
 }

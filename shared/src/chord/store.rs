@@ -266,7 +266,14 @@ pub trait ChordStore: ResultStore {
         ns: &Namespace,
         gid: &GroupId,
         limit: usize,
-    ) -> impl Future<Output = Result<(Vec<TaskId>, bool), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(Vec<TaskId>, bool), StoreError>> + Send {
+        async move {
+            let mut failed = self.failed_parts(ns, gid, limit.saturating_add(1)).await?;
+            let more = failed.len() > limit;
+            failed.truncate(limit);
+            Ok((failed.into_iter().map(|p| p.task_id).collect(), more))
+        }
+    }
     /// The counted parts that failed, in `group_index` order, at most `limit`.
     fn failed_parts(
         &self,
@@ -349,18 +356,20 @@ pub trait ChordStore: ResultStore {
         token: &str,
         lease: Duration,
     ) -> impl Future<Output = Result<Option<ChordState>, StoreError>> + Send;
-    /// The counted parts' indexes, in order.
-    fn counted_indexes(
+    /// The counted parts, in `group_index` order.
+    fn counted_parts(
         &self,
         ns: &Namespace,
         gid: &GroupId,
-    ) -> impl Future<Output = Result<Vec<u32>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<ChordPart>, StoreError>> + Send;
     /// The counted parts' task ids in `group_index` order.
     fn chord_part_ids(
         &self,
         ns: &Namespace,
         gid: &GroupId,
-    ) -> impl Future<Output = Result<Vec<TaskId>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<TaskId>, StoreError>> + Send {
+        async move { Ok(self.counted_parts(ns, gid).await?.into_iter().map(|p| p.task_id).collect()) }
+    }
 }
 
 /// The partition key of a chord's state and part items.
