@@ -59,6 +59,10 @@ pub enum ApiError {
     RedriveRefused(String),
     #[error("task {task_id} is already {stored}; a {refused} result does not replace it")]
     Conflict { task_id: String, stored: String, refused: String },
+    /// A claim on a task's run refused: the task is ready (`stored`), or
+    /// another live claim holds it for `expires_in_ms` more.
+    #[error("{}", claim_refusal(task_id, stored, *expires_in_ms))]
+    ClaimRefused { task_id: String, stored: String, expires_in_ms: Option<u64> },
     #[error("request lacks API Gateway's IAM authorizer context")]
     Unauthenticated,
     #[error("caller {0} is not mapped to a tenant (TENANTS)")]
@@ -116,6 +120,8 @@ impl ApiError {
             Self::GroupNotFound(_) => (404, "group_not_found"),
             Self::ChordNotFound(_) => (404, "chord_not_found"),
             Self::Conflict { .. } => (409, "state_conflict"),
+            Self::ClaimRefused { expires_in_ms: None, .. } => (409, "state_conflict"),
+            Self::ClaimRefused { .. } => (409, "task_claimed"),
             Self::RedriveRefused(_) => (409, "redrive_refused"),
             Self::Unauthenticated => (401, "unauthenticated"),
             Self::UnknownTenant(_) => (403, "unknown_tenant"),
@@ -146,14 +152,28 @@ impl ApiError {
         if status >= 500 {
             error["request_id"] = request_id.into();
         }
-        if let Self::Conflict { stored, .. } = self {
+        if let Self::Conflict { stored, .. } | Self::ClaimRefused { stored, .. } = self {
             error["stored_status"] = stored.clone().into();
+        }
+        if let Self::ClaimRefused { expires_in_ms: Some(ms), .. } = self {
+            // How long the holder's claim lives unless renewed.
+            error["claim_expires_in"] = (*ms as f64 / 1000.0).into();
         }
         if let Self::ExpiresOutOfRange { max, .. } = self {
             // The package clamps a longer result_expires to this.
             error["max_expires_in"] = (*max).into();
         }
         serde_json::json!({ "error": error }).to_string()
+    }
+}
+
+fn claim_refusal(task_id: &str, stored: &str, expires_in_ms: Option<u64>) -> String {
+    match expires_in_ms {
+        None => format!("task {task_id} is already {stored}; it is not run again"),
+        Some(ms) => format!(
+            "task {task_id} is claimed by another run ({stored}) for {:.1} s more unless renewed",
+            ms as f64 / 1000.0
+        ),
     }
 }
 

@@ -281,6 +281,9 @@ fn record(
     if let Ok(reply) = outcome {
         points.extend(reply.metrics.iter().copied());
     }
+    if let Err(ApiError::ClaimRefused { .. }) = outcome {
+        points.push(Point::count(metrics::TASK_RUNS_REFUSED, 1.0));
+    }
     metrics::emit_with(&[("Route", route)], &points, &[("request_id", request_id)]);
 }
 

@@ -68,7 +68,12 @@ impl State {
 
     /// Ready states are final for a client: SUCCESS, FAILURE, REVOKED.
     pub fn is_ready(&self) -> bool {
-        READY_STATES.contains(&self.as_str())
+        Self::is_ready_str(self.as_str())
+    }
+
+    /// Whether a stored status names a ready state.
+    pub fn is_ready_str(status: &str) -> bool {
+        READY_STATES.contains(&status)
     }
 }
 
@@ -157,7 +162,31 @@ pub struct TaskMeta {
     /// (`POST /v1/tasks/{task_id}/upload`) instead of sent in `result`.
     #[serde(default, skip_serializing)]
     pub result_upload: Option<UploadSpec>,
+    /// Request only: this store claims the task for one run (see
+    /// [`ClaimSpec`]). Kept on the item as `claim_token`/`claim_until`,
+    /// never served.
+    #[serde(default, skip_serializing)]
+    pub claim: Option<ClaimSpec>,
 }
+
+/// A claim on a task's run, made by the store of a state that is not
+/// ready (STARTED): it is stored only if the task is not ready and no other
+/// live claim holds it, so of the workers that got the same task's message
+/// one runs it (see `docs/API.md`, "Claiming a task's run"). The same token
+/// renews the claim.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimSpec {
+    /// The claimer's token: 8 to 64 of `A-Z a-z 0-9 - _`.
+    pub token: String,
+    /// How long the claim lives unless renewed (1 to `MAX_CLAIM_LEASE_SECONDS`).
+    #[serde(deserialize_with = "crate::whole::required")]
+    pub lease_seconds: u64,
+}
+
+/// The longest lease a claim may ask for: a running worker renews its claim
+/// well within it, and a dead one holds the task no longer than this.
+pub const MAX_CLAIM_LEASE_SECONDS: u64 = 3600;
 
 /// An uploaded result: the SHA-256 (lowercase hex) of the object as uploaded.
 #[derive(Debug, Deserialize)]
@@ -191,6 +220,8 @@ pub enum MetaError {
     BadChord(String),
     #[error("result_upload: {0}")]
     BadUpload(String),
+    #[error("claim: {0}")]
+    BadClaim(String),
 }
 
 impl TaskMeta {
@@ -218,6 +249,9 @@ impl TaskMeta {
                 return Err(MetaError::BadUpload("sha256 must be 64 lowercase hex digits".into()));
             }
         }
+        if let Some(claim) = &meta.claim {
+            check_claim(claim, &meta.status)?;
+        }
         if meta.children.is_none() {
             meta.children = Some(raw("[]"));
         }
@@ -232,6 +266,25 @@ impl TaskMeta {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("task meta always serialises")
     }
+}
+
+/// A claim is made by the store of a state that is not ready, with a
+/// well-formed token and a lease within bounds.
+fn check_claim(claim: &ClaimSpec, status: &State) -> Result<(), MetaError> {
+    if status.is_ready() {
+        return Err(MetaError::BadClaim(format!(
+            "a claim is made with a state that is not ready (STARTED), not {status}"
+        )));
+    }
+    let token_ok = (8..=64).contains(&claim.token.len())
+        && claim.token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !token_ok {
+        return Err(MetaError::BadClaim("token must be 8 to 64 of A-Z, a-z, 0-9, - and _".into()));
+    }
+    if !(1..=MAX_CLAIM_LEASE_SECONDS).contains(&claim.lease_seconds) {
+        return Err(MetaError::BadClaim(format!("lease_seconds must be 1 to {MAX_CLAIM_LEASE_SECONDS}")));
+    }
+    Ok(())
 }
 
 /// Refuses a body that is not a JSON object before serde reads it: serde

@@ -67,6 +67,9 @@ pub const CACHE_FINISH_FAILED: &str = "CacheFinishFailed";
 pub const CACHE_RESEND_SKIPPED: &str = "CacheResendSkipped";
 
 /// Per request, dimension `Route`.
+/// Claims on a task's run refused (the task was ready, or another live
+/// claim held it): each is a delivery of a task that did not run again.
+pub const TASK_RUNS_REFUSED: &str = "TaskRunsRefused";
 pub const REQUESTS: &str = "Requests";
 /// Milliseconds the function spent on the request.
 pub const LATENCY: &str = "Latency";

@@ -14,7 +14,7 @@ use crate::error::{ApiError, StoreError};
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::{join_result, pending_json, with_result_ref, TaskMeta};
 use crate::metrics::{self, Point};
-use crate::store::{PartOf, PutOutcome, ResultStore, Stored, TaskRecord, Within};
+use crate::store::{Claim, PartOf, PutOutcome, ResultStore, Stored, TaskRecord, Within};
 use crate::time::now_epoch;
 
 /// What a function holds for its lifetime: configuration and the store.
@@ -97,6 +97,10 @@ pub async fn store_task<S: ResultStore>(
         group_index: meta.group_index,
         chord: meta.chord.as_ref().map(|c| PartOf { size: c.size, callback: c.callback.get().to_owned() }),
         upload: meta.result_upload.as_ref().map(|u| u.sha256.clone()),
+        claim: meta.claim.as_ref().map(|c| Claim {
+            token: c.token.clone(),
+            until_ms: crate::time::now_millis() as i64 + (c.lease_seconds * 1000) as i64,
+        }),
     };
     if let Some(chord) = &record.chord {
         check_callback(&app.config, ns, &chord.callback)?;
@@ -111,9 +115,17 @@ pub async fn store_task<S: ResultStore>(
             })
             .to_string(),
         )),
+        PutOutcome::Refused { stored } if record.claim.is_some() => {
+            Err(ApiError::ClaimRefused { task_id: id.to_string(), stored, expires_in_ms: None })
+        }
         PutOutcome::Refused { stored } => {
             Err(ApiError::Conflict { task_id: id.to_string(), stored, refused: record.status.to_string() })
         }
+        PutOutcome::Claimed { stored, until_ms } => Err(ApiError::ClaimRefused {
+            task_id: id.to_string(),
+            stored,
+            expires_in_ms: Some((until_ms - crate::time::now_millis() as i64).max(0) as u64),
+        }),
     }
 }
 
@@ -751,6 +763,40 @@ mod tests {
         assert!(matches!(&err, ApiError::Conflict { stored, .. } if stored == "SUCCESS"), "{err:?}");
         let got = fetch_task(&app, &Namespace::default(), &tid("t1"), Duration::ZERO).await.unwrap();
         assert!(got.body.contains(r#""result":1"#));
+    }
+
+    #[tokio::test]
+    async fn a_claim_holds_a_task_for_one_token_until_it_lapses_or_the_task_is_ready() {
+        let app = app();
+        let claim = |token: &str, lease: u64| {
+            format!(r#"{{"status":"STARTED","claim":{{"token":"{token}","lease_seconds":{lease}}}}}"#)
+        };
+        put(&app, "t1", &claim("holder-one", 60)).await.unwrap();
+        let held = put(&app, "t1", &claim("holder-two", 60)).await.unwrap_err();
+        assert_eq!(held.status_and_code(), (409, "task_claimed"));
+        assert!(matches!(held, ApiError::ClaimRefused { expires_in_ms: Some(ms), .. } if ms > 59_000), "{held:?}");
+        put(&app, "t1", &claim("holder-one", 60)).await.expect("its own token renews it");
+        // A lapsed claim is taken over.
+        let ns = Namespace::default();
+        let lapsed = TaskRecord {
+            task_id: tid("t2"),
+            status: crate::meta::State::Started,
+            json: r#"{"status":"STARTED"}"#.into(),
+            expires_at: now_epoch() + 60,
+            group_id: None,
+            group_index: None,
+            chord: None,
+            upload: None,
+            claim: Some(Claim { token: "dead-holder".into(), until_ms: crate::time::now_millis() - 1 }),
+        };
+        app.store.put_task(&ns, &lapsed).await.unwrap();
+        put(&app, "t2", &claim("next-delivery", 60)).await.expect("a lapsed claim is taken over");
+        // Ready: no claim again, a conflict as any store's.
+        put(&app, "t1", r#"{"status":"SUCCESS","result":1}"#).await.unwrap();
+        let done = put(&app, "t1", &claim("holder-one", 60)).await.unwrap_err();
+        assert_eq!(done.status_and_code(), (409, "state_conflict"));
+        let body: serde_json::Value = serde_json::from_str(&done.to_json("r")).unwrap();
+        assert_eq!(body["error"]["stored_status"], "SUCCESS");
     }
 
     #[tokio::test]

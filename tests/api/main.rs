@@ -11,6 +11,7 @@ mod sqs;
 mod batch;
 mod cache;
 mod chords;
+mod claims;
 mod errors;
 mod groups;
 mod large;

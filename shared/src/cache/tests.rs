@@ -63,6 +63,7 @@ async fn finish_task(app: &App<MemoryStore>, ns: &Namespace, task_id: &str, stat
         group_index: None,
         chord: None,
         upload: None,
+        claim: None,
     };
     app.store.put_task(ns, &record).await.unwrap();
     Done {

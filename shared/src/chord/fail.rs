@@ -192,6 +192,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 group_index: None,
                 chord: None,
                 upload: None,
+                claim: None,
             };
             self.store.put_task(claim.ns, &record).await?;
         }

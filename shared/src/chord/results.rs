@@ -207,6 +207,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             group_index: None,
             chord: None,
             upload: None,
+            claim: None,
         };
         // Refused: an earlier attempt stored the same results.
         match self.store.put_task(claim.ns, &record).await {

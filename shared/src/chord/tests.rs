@@ -65,6 +65,7 @@ async fn part_with(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, status:
         group_index: Some(i),
         chord: None,
         upload: None,
+        claim: None,
     };
     assert_eq!(j.store.put_task(&ns, &record).await.unwrap(), PutOutcome::Stored);
     Part {
@@ -552,6 +553,7 @@ async fn results_past_the_targets_limit_go_by_reference_and_past_the_joins_limit
                 group_index: None,
                 chord: None,
                 upload: None,
+                claim: None,
             };
             j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
             j.store.put_task(&ns, &record).await.unwrap();
@@ -626,6 +628,7 @@ async fn restore(j: &Joiner<MemoryStore, FakeSink>, p: &Part, result: &str) {
         group_index: None,
         chord: None,
         upload: None,
+        claim: None,
     };
     j.store.delete_task(&ns, &p.part.task_id).await.unwrap();
     j.store.put_task(&ns, &record).await.unwrap();
@@ -823,6 +826,7 @@ async fn extended_part(j: &Joiner<MemoryStore, FakeSink>, i: u32, size: u32, sta
         group_index: Some(i),
         chord: None,
         upload: None,
+        claim: None,
     };
     j.store.put_task(&ns, &record).await.unwrap();
     part.part.stored_at = Some(crate::time::now_millis());

@@ -24,7 +24,7 @@ use super::blobs::{expiry_class, gzip, object_key, sha256_hex, BlobRef, Blobs, P
 pub use super::retry::classify;
 use super::retry::Backoff;
 use super::schema::{attr, SK_ITEM};
-use super::{group_key, task_key, PutOutcome, ResultStore, Stored, TaskRecord, Within};
+use super::{group_key, task_key, Claim, PutOutcome, ResultStore, Stored, TaskRecord, Within};
 use crate::config::Config;
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
@@ -341,6 +341,10 @@ fn task_item(ns: &Namespace, record: &TaskRecord, doc_attr: &str, doc: Attribute
         item.insert(attr::CHORD_SIZE.into(), AttributeValue::N(chord.size.to_string()));
         item.insert(attr::CHORD_CALLBACK.into(), AttributeValue::S(chord.callback.clone()));
     }
+    if let Some(claim) = &record.claim {
+        item.insert(attr::CLAIM_TOKEN.into(), AttributeValue::S(claim.token.clone()));
+        item.insert(attr::CLAIM_UNTIL.into(), AttributeValue::N(claim.until_ms.to_string()));
+    }
     item
 }
 
@@ -349,8 +353,11 @@ fn task_item(ns: &Namespace, record: &TaskRecord, doc_attr: &str, doc: Attribute
 /// - a ready state (SUCCESS, FAILURE, REVOKED) replaces anything but SUCCESS;
 /// - a non-ready state replaces only non-ready states.
 ///
+/// A claim (invariant S10) also needs that no other live claim holds the
+/// task: none stored, lapsed, or its own token (a renewal).
+///
 /// Returns the expression and its values.
-pub fn write_condition(new: &State, now: i64) -> (String, Vec<(String, AttributeValue)>) {
+pub fn write_condition(new: &State, claim: Option<&Claim>, now: i64) -> (String, Vec<(String, AttributeValue)>) {
     let mut values = vec![(":now".to_owned(), AttributeValue::N(now.to_string()))];
     let guard = if new.is_ready() {
         values.push((":success".to_owned(), AttributeValue::S("SUCCESS".into())));
@@ -360,7 +367,18 @@ pub fn write_condition(new: &State, now: i64) -> (String, Vec<(String, Attribute
         for (name, state) in names.iter().zip(READY_STATES) {
             values.push((name.clone(), AttributeValue::S(state.into())));
         }
-        format!("NOT (#status IN ({}))", names.join(", "))
+        let not_ready = format!("NOT (#status IN ({}))", names.join(", "));
+        match claim {
+            None => not_ready,
+            Some(claim) => {
+                values.push((":now_ms".to_owned(), AttributeValue::N(crate::time::now_millis().to_string())));
+                values.push((":token".to_owned(), AttributeValue::S(claim.token.clone())));
+                format!(
+                    "({not_ready} AND (attribute_not_exists(#claim_until) OR #claim_until <= :now_ms \
+                     OR #claim_token = :token))"
+                )
+            }
+        }
     };
     (format!("attribute_not_exists(#pk) OR #expires_at <= :now OR {guard}"), values)
 }
@@ -477,10 +495,14 @@ impl ResultStore for DynamoStore {
             }
             return Err(StoreError::TooLarge { size, limit: MAX_ITEM_BYTES });
         }
-        let (condition, values) = write_condition(&record.status, now);
-        let result = self
-            .client
-            .put_item()
+        let (condition, values) = write_condition(&record.status, record.claim.as_ref(), now);
+        let mut put = self.client.put_item();
+        if record.claim.is_some() {
+            put = put
+                .expression_attribute_names("#claim_until", attr::CLAIM_UNTIL)
+                .expression_attribute_names("#claim_token", attr::CLAIM_TOKEN);
+        }
+        let result = put
             .table_name(&self.table)
             .set_item(Some(item))
             .condition_expression(condition)
@@ -521,7 +543,15 @@ impl ResultStore for DynamoStore {
                     if let Some(key) = ours.filter(|key| kept.as_deref() != Some(*key)) {
                         self.delete_object(key, "its store was refused").await;
                     }
-                    Ok(PutOutcome::Refused { stored })
+                    // A claim refused by a task that is not ready: another
+                    // live claim holds it.
+                    let held = refusal.item.as_ref().and_then(|i| get_n(i, attr::CLAIM_UNTIL));
+                    match held {
+                        Some(until_ms) if record.claim.is_some() && !State::is_ready_str(&stored) => {
+                            Ok(PutOutcome::Claimed { stored, until_ms })
+                        }
+                        _ => Ok(PutOutcome::Refused { stored }),
+                    }
                 }
                 // Whether the write happened is unknown: the object stays.
                 // No item points to it unless the write did happen; an
@@ -702,6 +732,7 @@ mod tests {
             group_index: None,
             chord: None,
             upload: None,
+            claim: None,
         };
         let (result, calls) = counted(store.put_task(&Namespace::default(), &record)).await;
         assert_eq!(result.unwrap(), PutOutcome::Stored);
@@ -776,15 +807,23 @@ mod tests {
 
     #[test]
     fn the_write_condition_guards_success_and_ready_states() {
-        let (ready, values) = write_condition(&State::Failure, 5);
+        let (ready, values) = write_condition(&State::Failure, None, 5);
         assert_eq!(ready, "attribute_not_exists(#pk) OR #expires_at <= :now OR #status <> :success");
         assert_eq!(values.len(), 2);
-        let (not_ready, values) = write_condition(&State::Started, 5);
+        let (not_ready, values) = write_condition(&State::Started, None, 5);
         assert_eq!(
             not_ready,
             "attribute_not_exists(#pk) OR #expires_at <= :now OR NOT (#status IN (:success, :failure, :revoked))"
         );
         assert_eq!(values.len(), 4);
+        let claim = Claim { token: "holder-one".into(), until_ms: 9 };
+        let (claimed, values) = write_condition(&State::Started, Some(&claim), 5);
+        assert_eq!(
+            claimed,
+            "attribute_not_exists(#pk) OR #expires_at <= :now OR (NOT (#status IN (:success, :failure, :revoked)) \
+             AND (attribute_not_exists(#claim_until) OR #claim_until <= :now_ms OR #claim_token = :token))"
+        );
+        assert_eq!(values.len(), 6);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{group_key, task_key, BlobRef, Presigned, PutOutcome, ResultStore, Stored, TaskRecord, Within};
+use super::{group_key, task_key, BlobRef, Claim, Presigned, PutOutcome, ResultStore, Stored, TaskRecord, Within};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::time::now_epoch;
@@ -30,6 +30,8 @@ pub struct MemoryStore<X = ()> {
     pub blobs: Mutex<HashMap<String, String>>,
     /// The most document bytes one `get_tasks_within` returned inflated.
     pub largest_read: AtomicUsize,
+    /// Claims on tasks' runs, by task key (invariant S10).
+    claims: Mutex<HashMap<String, Claim>>,
     /// The items of the chord join or the cache, and their faults.
     pub ext: X,
 }
@@ -60,7 +62,18 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
             if refused {
                 return Ok(PutOutcome::Refused { stored: old.status.to_string() });
             }
+            let held = self.claims.lock().unwrap().get(&key).cloned();
+            if let (Some(ours), Some(held), true) = (&r.claim, held, *exp > now_epoch()) {
+                if held.token != ours.token && held.until_ms > crate::time::now_millis() {
+                    return Ok(PutOutcome::Claimed { stored: old.status.to_string(), until_ms: held.until_ms });
+                }
+            }
         }
+        // A store replaces the item: its claim, if any, is the new one.
+        match &r.claim {
+            Some(claim) => self.claims.lock().unwrap().insert(key.clone(), claim.clone()),
+            None => self.claims.lock().unwrap().remove(&key),
+        };
         let spill_above = self.spill_above.load(Ordering::SeqCst);
         let stored = if let Some(sha) = &r.upload {
             let key = super::blobs::object_key(ns, &r.task_id, sha);

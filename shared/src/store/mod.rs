@@ -72,6 +72,17 @@ pub struct TaskRecord {
     /// The SHA-256 of the result's uploaded object, when the worker
     /// uploaded it (then `json` has `"result":null`).
     pub upload: Option<String>,
+    /// A claim on the task's run: written only if the task is not ready and
+    /// no other live claim holds it (invariant S10).
+    pub claim: Option<Claim>,
+}
+
+/// A claim on a task's run, as stored: its token and when it lapses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub token: String,
+    /// Epoch milliseconds after which another token may claim the task.
+    pub until_ms: i64,
 }
 
 /// The chord a stored task is a part of: what its item carries so that
@@ -91,6 +102,13 @@ pub enum PutOutcome {
     /// ready state facing a non-ready one); nothing was changed.
     Refused {
         stored: String,
+    },
+    /// A claim refused because another live claim holds the task; nothing
+    /// was changed.
+    Claimed {
+        stored: String,
+        /// Epoch milliseconds at which the holder's claim lapses.
+        until_ms: i64,
     },
 }
 

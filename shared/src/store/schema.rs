@@ -30,6 +30,10 @@ pub mod attr {
     /// On a result kept in S3: its object's key, and the result's size.
     pub const BLOB_KEY: &str = "blob_key";
     pub const BLOB_BYTES: &str = "blob_bytes";
+    /// On a claimed task (invariant S10): the claimer's token, and when
+    /// its claim lapses (epoch milliseconds).
+    pub const CLAIM_TOKEN: &str = "claim_token";
+    pub const CLAIM_UNTIL: &str = "claim_until";
     pub const GROUP_ID: &str = "group_id";
     pub const GROUP_INDEX: &str = "group_index";
     /// On a chord part: the chord's size and callback signature (JSON).
