@@ -99,7 +99,7 @@ pub async fn store_task<S: ResultStore>(
         upload: meta.result_upload.as_ref().map(|u| u.sha256.clone()),
         claim: meta.claim.as_ref().map(|c| Claim {
             token: c.token.clone(),
-            until_ms: crate::time::now_millis() as i64 + (c.lease_seconds * 1000) as i64,
+            until_ms: crate::time::now_millis() + (c.lease_seconds * 1000) as i64,
         }),
     };
     if let Some(chord) = &record.chord {
@@ -124,7 +124,7 @@ pub async fn store_task<S: ResultStore>(
         PutOutcome::Claimed { stored, until_ms } => Err(ApiError::ClaimRefused {
             task_id: id.to_string(),
             stored,
-            expires_in_ms: Some((until_ms - crate::time::now_millis() as i64).max(0) as u64),
+            expires_in_ms: Some((until_ms - crate::time::now_millis()).max(0) as u64),
         }),
     }
 }
