@@ -3,7 +3,9 @@
 by its PID when the test or module is done, also when one failed, and its
 log's tail shown when a test of its scope failed."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,13 @@ class Worker:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """Kills the worker and its pool's processes at once (SIGKILL to the
+        process group it leads, by its PID), as a crashed host would."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
 
 @contextmanager
 def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterator[Worker]:
@@ -79,6 +88,9 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # Its own process group, so that kill() takes its pool's
+            # processes with it.
+            start_new_session=True,
         )
     worker = Worker(proc, log)
     raised = False
@@ -89,6 +101,9 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
         raise
     finally:
         stop(proc, 30)
+        # A pool process left by a killed worker, by the group its PID leads.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         if raised or request.session.testsfailed > failed_before:
             show_tail(request, f"worker {name}'s log (exit code {proc.returncode})", worker.text(), 200)
         log.unlink()

@@ -551,3 +551,76 @@ def test_a_redrive_names_the_sqs_transports_queue_prefix_and_a_refusal_says_why(
         {"queue_prefix": "dev-"},
         {"queue": "fix", "queue_prefix": "dev-"},
     ]
+
+
+def test_the_run_once_guard_claims_before_a_run_and_refuses_a_ready_or_held_task(server: tuple[str, Script]) -> None:
+    from celery import signals, states
+    from dynachord_celery import AlreadyRan, RunDeferred
+    from dynachord_celery.run_once import guard
+
+    url, script = server
+    app = Celery("t", backend=f"dynachord+{url}")
+    app.conf.result_backend_transport_options = FAST
+
+    def work() -> str:
+        return "ran"
+
+    app.task(work, name="t.guarded", run_once=True, run_once_lease=9)
+    app.task(work, name="t.plain")
+    app.task(work, name="t.opted_out", run_once=False)
+    guarded, plain, opted_out = (app.tasks[f"t.{name}"] for name in ("guarded", "plain", "opted_out"))
+    for task in (guarded, plain, opted_out):
+        guard(task)
+
+    def attempt(task: Any, task_id: str, origin: str | None = None) -> BaseException | None:
+        """The worker's steps before the body: prerun, track_started, before_start."""
+        task.push_request(id=task_id, origin=origin, hostname="w1")
+        try:
+            signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=[], kwargs={})
+            task.backend.store_result(task_id, {"pid": 1}, states.STARTED, request=task.request)
+            try:
+                task.before_start(task_id, [], {})
+            except BaseException as exc:
+                return exc
+            # What the task stores while it runs renews the claim; RETRY gives it up.
+            task.backend.store_result(task_id, {"step": 1}, "PROGRESS", request=task.request)
+            task.backend.store_result(task_id, None, states.RETRY, request=task.request)
+            return None
+        finally:
+            signals.task_postrun.send(sender=task, task_id=task_id, task=task)
+            task.pop_request()
+
+    ok = {"task_id": "x", "status": "STARTED"}
+    script.answers = [(200, {}, ok)] * 3
+    assert attempt(guarded, "g1") is None
+    bodies = [json.loads(s["body"]) for s in script.seen]
+    assert [b["status"] for b in bodies] == ["STARTED", "PROGRESS", "RETRY"], "track_started's store was the claim"
+    token = bodies[0]["claim"]["token"]
+    assert bodies[0]["claim"] == {"token": token, "lease_seconds": 9}
+    assert bodies[1]["claim"] == bodies[0]["claim"], "a store while it runs renews the same claim"
+    assert "claim" not in bodies[2], "RETRY gives the claim up for the retry's delivery"
+
+    script.seen.clear()
+    script.answers = [(409, {}, {"error": {"code": "state_conflict", "message": "m", "stored_status": "SUCCESS"}})]
+    refused = attempt(guarded, "g2")
+    assert isinstance(refused, AlreadyRan) and refused.status == "SUCCESS"
+    assert len(script.seen) == 1, "a refused run stores nothing of its own"
+
+    script.seen.clear()
+    held = {"code": "task_claimed", "message": "m", "stored_status": "STARTED", "claim_expires_in": 7.5}
+    script.answers = [(409, {}, {"error": held})]
+    deferred = attempt(guarded, "g3")
+    assert isinstance(deferred, RunDeferred) and deferred.retry_in == 7.5
+    assert len(script.seen) == 1
+
+    # Unguarded: Celery's own stores, without a claim; what the service
+    # sends is guarded unless its task opts out.
+    script.seen.clear()
+    script.answers = [(200, {}, ok)] * 6
+    assert attempt(plain, "p1") is None
+    assert attempt(opted_out, "o1", origin="dynachord@chord-join") is None
+    assert all("claim" not in json.loads(s["body"]) for s in script.seen)
+    script.seen.clear()
+    script.answers = [(200, {}, ok)] * 3
+    assert attempt(plain, "p2", origin="dynachord@chord-join") is None
+    assert "claim" in json.loads(script.seen[0]["body"])

@@ -3,6 +3,8 @@ backend dynachord (the local stack). Run by a real `celery worker` and
 imported by the tests, which send its tasks."""
 
 import os
+import time
+import uuid
 
 from celery import Celery
 from dynachord_celery.sqs_fix import survive_sqs_server_errors
@@ -209,3 +211,40 @@ def quarantined(operation, uri, exc):
         "exc": str(exc),
         "op_kwargs": getattr(exc, "op_kwargs", None),
     }
+
+
+def _mark(marks, key, line):
+    with open(os.path.join(marks, key), "a") as out:
+        out.write(line + "\n")
+
+
+def _starts(marks, key):
+    try:
+        with open(os.path.join(marks, key)) as seen:
+            return sum(1 for line in seen if line.startswith("start"))
+    except FileNotFoundError:
+        return 0
+
+
+@app.task(run_once=True, run_once_lease=3, acks_late=True)
+def once(marks, key, first_seconds):
+    """A task under dynachord's run-once guard that counts its runs: a line
+    `start <run>` in `marks/key` as it begins and `done <run>` as it ends.
+    Its first run takes `first_seconds`, later runs none. Returns the run's
+    own id, so a caller can tell which run's result it got."""
+    run = uuid.uuid4().hex
+    first = _starts(marks, key) == 0
+    _mark(marks, key, f"start {run}")
+    if first:
+        time.sleep(first_seconds)
+    _mark(marks, key, f"done {run}")
+    return run
+
+
+@app.task
+def collect_once(values, marks, key):
+    """A chord callback that counts its runs (`marks/key`); the guard is on
+    for it because the service sends it."""
+    run = uuid.uuid4().hex
+    _mark(marks, key, f"start {run}")
+    return {"values": values, "run": run}

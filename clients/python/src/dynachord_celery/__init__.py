@@ -4,15 +4,19 @@ Configure Celery with `result_backend = "dynachord+https://<api-id>.execute-api.
 """
 
 from .backend import DynachordBackend, is_failure
-from .client import Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
+from .client import Claim, Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
+from .run_once import AlreadyRan, RunDeferred
 
 __all__ = [
+    "AlreadyRan",
+    "Claim",
     "Client",
     "ClientOptions",
     "DynachordBackend",
     "DynachordError",
     "DynachordTimeout",
     "DynachordUnavailable",
+    "RunDeferred",
     "is_failure",
 ]
 __version__ = "0.1.0"

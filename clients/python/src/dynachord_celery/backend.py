@@ -103,6 +103,9 @@ def _nested(sig: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+#: The request attribute of a run that claimed its task (see run_once.py).
+RUN_ATTR = "dynachord_run"
+
 #: Most ids in one batch-get call (the service's MAX_BATCH_IDS default).
 BATCH_IDS = 1000
 
@@ -153,6 +156,26 @@ class DynachordBackend(BaseBackend):
         request: Any = None,
         **kwargs: Any,
     ) -> Any:
+        body = self._store_body(task_id, result, state, traceback, request)
+        run = getattr(request, RUN_ATTR, None) if request is not None else None
+        if run is not None and state not in states.READY_STATES:
+            # A run that claimed the task (run_once): what it stores before
+            # it is done keeps (and renews) its claim.
+            run.store(body, state)
+            return result
+        try:
+            self.client.put_task(task_id, body)
+        except DynachordError as exc:
+            if "chord" not in body or exc.code not in REFUSED_CHORD_CODES:
+                raise
+            self._refuse_chord(task_id, body, exc)
+        return result
+
+    def _store_body(
+        self, task_id: str, result: Any, state: str, traceback: str | None = None, request: Any = None
+    ) -> dict[str, Any]:
+        """The store's body: Celery's task meta (extended with the request's
+        fields when ``result_extended``), the part's chord, the expiry."""
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         body = {k: meta[k] for k in META_FIELDS if k in meta}
         if request is not None:
@@ -165,13 +188,7 @@ class DynachordBackend(BaseBackend):
         expires_in = self._expires_in()
         if expires_in is not None:
             body["expires_in"] = expires_in
-        try:
-            self.client.put_task(task_id, body)
-        except DynachordError as exc:
-            if "chord" not in body or exc.code not in REFUSED_CHORD_CODES:
-                raise
-            self._refuse_chord(task_id, body, exc)
-        return result
+        return body
 
     def _refuse_chord(self, task_id: str, body: dict[str, Any], exc: DynachordError) -> None:
         """The service refused a part's chord (a body it cannot send, a queue

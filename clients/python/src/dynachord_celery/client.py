@@ -68,6 +68,20 @@ class DynachordTimeout(DynachordUnavailable):
 
 
 @dataclass(frozen=True)
+class Claim:
+    """The answer to a claim on a task's run (:meth:`Client.claim_task`)."""
+
+    #: The claim is this caller's: it may run the task.
+    claimed: bool
+    #: When refused, the task's stored status: a ready one (SUCCESS,
+    #: FAILURE, REVOKED) when it already ran, else the holder's.
+    stored_status: str | None = None
+    #: When another live claim holds the task: the seconds it lives unless
+    #: renewed (``None`` when the task is ready).
+    held_for: float | None = None
+
+
+@dataclass(frozen=True)
 class ClientOptions:
     """How the client talks to the service. All of them have sane defaults."""
 
@@ -360,6 +374,19 @@ class Client:
             logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
             return None
         return dict(response.json())
+
+    def claim_task(self, task_id: str, meta: Mapping[str, Any], token: str, lease_seconds: int) -> Claim:
+        """Stores ``meta`` (a state that is not ready, STARTED) as a claim on
+        the task's run: it is written only if the task is not ready and no
+        other live claim holds it; the same ``token`` renews it. One request,
+        one conditional write (see the API's "Claiming a task's run")."""
+        body = dict(self._clamp_expiry(meta), claim={"token": token, "lease_seconds": lease_seconds})
+        response = self._put_expiring(_task_path(task_id), body, ok=(200, 409))
+        if response.status_code == 200:
+            return Claim(True)
+        error = dict(_loads(response.text)).get("error") or {}
+        held = error.get("claim_expires_in") if error.get("code") == "task_claimed" else None
+        return Claim(False, stored_status=error.get("stored_status"), held_for=held)
 
     def get_task(self, task_id: str, wait: float = 0.0, deadline: float | None = None) -> dict[str, Any]:
         """The task's meta (``PENDING`` when unknown or expired); with ``wait``,
