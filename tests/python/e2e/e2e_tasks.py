@@ -151,7 +151,6 @@ def digest(values):
 
 # -- the processing cache (test_cache.py) ------------------------------------
 
-import time  # noqa: E402
 
 from dynachord_celery.cache import ProcessingCache  # noqa: E402
 
