@@ -506,6 +506,11 @@ pub struct MessageContext<'a> {
 /// serializes exceptions.
 pub const CHORD_ERROR_HEADER: &str = "dynachord_chord_error";
 
+/// The message header (and signature option) that marks a chord part a
+/// redrive sends again: the redrive's number. The Python package's run-once
+/// guard then claims the part over its FAILURE (never over a SUCCESS).
+pub const REDRIVE_HEADER: &str = "dynachord_redrive";
+
 /// The SQS message body of a Celery protocol-2 task message for `sig` with
 /// `args` (a JSON array, already including the chord results when there are
 /// any): base64 of kombu's JSON envelope, whose `body` is base64 of
@@ -582,6 +587,9 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
     });
     if let Some(info) = cx.chord_error {
         envelope["headers"][CHORD_ERROR_HEADER] = info.clone();
+    }
+    if let Some(redrive) = sig.options.get(REDRIVE_HEADER) {
+        envelope["headers"][REDRIVE_HEADER] = redrive.clone();
     }
     B64.encode(envelope.to_string().as_bytes())
 }

@@ -182,6 +182,10 @@ pub struct ClaimSpec {
     /// How long the claim lives unless renewed (1 to `MAX_CLAIM_LEASE_SECONDS`).
     #[serde(deserialize_with = "crate::whole::required")]
     pub lease_seconds: u64,
+    /// A run a redrive asked for: the claim may also replace a FAILURE or
+    /// REVOKED result (never a SUCCESS).
+    #[serde(default)]
+    pub rerun: bool,
 }
 
 /// The longest lease a claim may ask for: a running worker renews its claim

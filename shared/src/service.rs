@@ -100,6 +100,7 @@ pub async fn store_task<S: ResultStore>(
         claim: meta.claim.as_ref().map(|c| Claim {
             token: c.token.clone(),
             until_ms: crate::time::now_millis() + (c.lease_seconds * 1000) as i64,
+            rerun: c.rerun,
         }),
     };
     if let Some(chord) = &record.chord {
@@ -701,7 +702,7 @@ async fn check_redrivable<S: ChordStore>(
         let why = format!("part {}'s result expired or was forgotten; it cannot be sent again", part.task_id);
         return Err(ApiError::RedriveRefused(why));
     };
-    let (sig, _) = crate::chord::part_message(&stored.json, &part, id, &state.callback, to)
+    let (sig, _) = crate::chord::part_message(&stored.json, &part, id, &state.callback, to, state.redrives + 1)
         .map_err(|why| ApiError::RedriveRefused(format!("chord {id} cannot be redriven: {why}")))?;
     if let Some(queue) = sig.queue() {
         if app.config.callbacks.queue_url(ns, queue).is_none() {
@@ -787,7 +788,7 @@ mod tests {
             group_index: None,
             chord: None,
             upload: None,
-            claim: Some(Claim { token: "dead-holder".into(), until_ms: crate::time::now_millis() - 1 }),
+            claim: Some(Claim { token: "dead-holder".into(), until_ms: crate::time::now_millis() - 1, rerun: false }),
         };
         app.store.put_task(&ns, &lapsed).await.unwrap();
         put(&app, "t2", &claim("next-delivery", 60)).await.expect("a lapsed claim is taken over");

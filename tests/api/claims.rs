@@ -78,3 +78,22 @@ async fn a_bad_claim_is_refused_and_changes_nothing() {
     api.put_task(&id, claim("holder-bb", 60)).await.expect_error(409, "task_claimed");
     assert_eq!(api.get_task(&id).await.expect(200).json["status"], "STARTED");
 }
+
+#[tokio::test]
+async fn a_rerun_claims_a_failed_task_but_never_a_succeeded_one() {
+    let api = Api::new();
+    let id = api.id("rerun");
+    api.put_task(&id, json!({"status": "FAILURE", "result": {"exc_type": "ValueError", "exc_message": ["x"]}}))
+        .await
+        .expect(200);
+    api.put_task(&id, claim("plain-run", 60)).await.expect_error(409, "state_conflict");
+    let mut rerun = claim("rerun-one", 60);
+    rerun["claim"]["rerun"] = json!(true);
+    api.put_task(&id, rerun.clone()).await.expect(200);
+    // Claimed now: another rerun's delivery is held off like any other.
+    let mut other = rerun.clone();
+    other["claim"]["token"] = json!("rerun-two");
+    api.put_task(&id, other).await.expect_error(409, "task_claimed");
+    api.put_task(&id, success(json!(1))).await.expect(200);
+    api.put_task(&id, rerun).await.expect_error(409, "state_conflict");
+}

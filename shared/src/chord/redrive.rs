@@ -92,6 +92,7 @@ pub fn part_message(
     gid: &GroupId,
     callback: &str,
     to: &super::RedriveTo,
+    redrive: u32,
 ) -> Result<(Signature, String), String> {
     let id = &part.task_id;
     let meta: Value = serde_json::from_str(stored).map_err(|e| format!("part {id}'s result is not JSON: {e}"))?;
@@ -110,6 +111,7 @@ pub fn part_message(
         "group_id": gid.as_str(),
         "group_index": part.index,
         "chord": callback,
+        crate::celery::REDRIVE_HEADER: redrive,
     });
     if let Some(queue) = to.queue_of(meta.get("queue").and_then(Value::as_str)) {
         options["queue"] = queue.into();
@@ -284,7 +286,7 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 },
                 None => return Ok(Err(format!("part {}'s result expired or was forgotten", part.task_id))),
             };
-            match part_message(&stored.json, &part, gid, &state.callback, &state.redrive_to) {
+            match part_message(&stored.json, &part, gid, &state.callback, &state.redrive_to, state.redrives) {
                 Ok((sig, args)) => window.push((part, sig, args)),
                 Err(why) => return Ok(Err(why)),
             }

@@ -1001,17 +1001,18 @@ fn a_redriven_parts_message_carries_its_chord_and_goes_to_its_own_queue() {
     let part =
         ChordPart { index: 4, task_id: TaskId::parse("p4").unwrap(), expires_at: 0, failed: true, stored_at: None };
     let to = RedriveTo { queue: None, prefix: Some("test-".into()) };
-    let (sig, args) = part_message(stored, &part, &gid(), CALLBACK, &to).unwrap();
+    let (sig, args) = part_message(stored, &part, &gid(), CALLBACK, &to, 2).unwrap();
     assert_eq!((sig.task.as_str(), sig.task_id.as_str(), args.as_str()), ("t.part", "p4", "[1]"));
     assert_eq!(sig.options["group_id"], "g1");
     assert_eq!(sig.options["group_index"], 4);
     assert_eq!(sig.options["chord"]["task"], "t.sum");
     assert_eq!(sig.options["root_id"], "r");
+    assert_eq!(sig.options[crate::celery::REDRIVE_HEADER], 2, "the worker's guard claims it over its FAILURE");
     assert_eq!(sig.queue(), Some("test-work"));
     let to = RedriveTo { queue: Some("fix".into()), prefix: None };
-    assert_eq!(part_message(stored, &part, &gid(), CALLBACK, &to).unwrap().0.queue(), Some("fix"));
+    assert_eq!(part_message(stored, &part, &gid(), CALLBACK, &to, 1).unwrap().0.queue(), Some("fix"));
     let bare = r#"{"status":"FAILURE","result":null}"#;
-    assert!(part_message(bare, &part, &gid(), CALLBACK, &RedriveTo::default())
+    assert!(part_message(bare, &part, &gid(), CALLBACK, &RedriveTo::default(), 1)
         .unwrap_err()
         .contains("result_extended"));
 }

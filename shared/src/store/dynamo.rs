@@ -359,9 +359,15 @@ fn task_item(ns: &Namespace, record: &TaskRecord, doc_attr: &str, doc: Attribute
 /// Returns the expression and its values.
 pub fn write_condition(new: &State, claim: Option<&Claim>, now: i64) -> (String, Vec<(String, AttributeValue)>) {
     let mut values = vec![(":now".to_owned(), AttributeValue::N(now.to_string()))];
+    let claimable = "(attribute_not_exists(#claim_until) OR #claim_until <= :now_ms OR #claim_token = :token)";
     let guard = if new.is_ready() {
         values.push((":success".to_owned(), AttributeValue::S("SUCCESS".into())));
         "#status <> :success".to_owned()
+    } else if let Some(claim) = claim.filter(|c| c.rerun) {
+        values.push((":success".to_owned(), AttributeValue::S("SUCCESS".into())));
+        values.push((":now_ms".to_owned(), AttributeValue::N(crate::time::now_millis().to_string())));
+        values.push((":token".to_owned(), AttributeValue::S(claim.token.clone())));
+        format!("(#status <> :success AND {claimable})")
     } else {
         let names: Vec<String> = READY_STATES.iter().map(|s| format!(":{}", s.to_lowercase())).collect();
         for (name, state) in names.iter().zip(READY_STATES) {
@@ -373,10 +379,7 @@ pub fn write_condition(new: &State, claim: Option<&Claim>, now: i64) -> (String,
             Some(claim) => {
                 values.push((":now_ms".to_owned(), AttributeValue::N(crate::time::now_millis().to_string())));
                 values.push((":token".to_owned(), AttributeValue::S(claim.token.clone())));
-                format!(
-                    "({not_ready} AND (attribute_not_exists(#claim_until) OR #claim_until <= :now_ms \
-                     OR #claim_token = :token))"
-                )
+                format!("({not_ready} AND {claimable})")
             }
         }
     };
@@ -816,7 +819,7 @@ mod tests {
             "attribute_not_exists(#pk) OR #expires_at <= :now OR NOT (#status IN (:success, :failure, :revoked))"
         );
         assert_eq!(values.len(), 4);
-        let claim = Claim { token: "holder-one".into(), until_ms: 9 };
+        let claim = Claim { token: "holder-one".into(), until_ms: 9, rerun: false };
         let (claimed, values) = write_condition(&State::Started, Some(&claim), 5);
         assert_eq!(
             claimed,
@@ -824,6 +827,14 @@ mod tests {
              AND (attribute_not_exists(#claim_until) OR #claim_until <= :now_ms OR #claim_token = :token))"
         );
         assert_eq!(values.len(), 6);
+        let rerun = Claim { rerun: true, ..claim };
+        let (rerun, values) = write_condition(&State::Started, Some(&rerun), 5);
+        assert_eq!(
+            rerun,
+            "attribute_not_exists(#pk) OR #expires_at <= :now OR (#status <> :success \
+             AND (attribute_not_exists(#claim_until) OR #claim_until <= :now_ms OR #claim_token = :token))"
+        );
+        assert_eq!(values.len(), 4);
     }
 
     #[test]

@@ -57,8 +57,9 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
         let mut items = self.items.lock().unwrap();
         let key = task_key(ns, &r.task_id);
         if let Some((Some(old), _, exp)) = items.get(&key) {
+            let rerun = r.claim.as_ref().is_some_and(|c| c.rerun);
             let refused = *exp > now_epoch()
-                && (old.status.as_str() == "SUCCESS" || (old.status.is_ready() && !r.status.is_ready()));
+                && (old.status.as_str() == "SUCCESS" || (old.status.is_ready() && !r.status.is_ready() && !rerun));
             if refused {
                 return Ok(PutOutcome::Refused { stored: old.status.to_string() });
             }

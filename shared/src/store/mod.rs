@@ -83,6 +83,9 @@ pub struct Claim {
     pub token: String,
     /// Epoch milliseconds after which another token may claim the task.
     pub until_ms: i64,
+    /// A rerun's claim (a redriven chord part): it may replace a FAILURE or
+    /// REVOKED result, never a SUCCESS.
+    pub rerun: bool,
 }
 
 /// The chord a stored task is a part of: what its item carries so that

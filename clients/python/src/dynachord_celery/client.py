@@ -375,12 +375,19 @@ class Client:
             return None
         return dict(response.json())
 
-    def claim_task(self, task_id: str, meta: Mapping[str, Any], token: str, lease_seconds: int) -> Claim:
+    def claim_task(
+        self, task_id: str, meta: Mapping[str, Any], token: str, lease_seconds: int, rerun: bool = False
+    ) -> Claim:
         """Stores ``meta`` (a state that is not ready, STARTED) as a claim on
         the task's run: it is written only if the task is not ready and no
-        other live claim holds it; the same ``token`` renews it. One request,
-        one conditional write (see the API's "Claiming a task's run")."""
-        body = dict(self._clamp_expiry(meta), claim={"token": token, "lease_seconds": lease_seconds})
+        other live claim holds it; the same ``token`` renews it. A ``rerun``
+        (a part a chord's redrive sent again) may also replace a FAILURE or
+        REVOKED, never a SUCCESS. One request, one conditional write (see
+        the API's "Claiming a task's run")."""
+        claim: dict[str, Any] = {"token": token, "lease_seconds": lease_seconds}
+        if rerun:
+            claim["rerun"] = True
+        body = dict(self._clamp_expiry(meta), claim=claim)
         response = self._put_expiring(_task_path(task_id), body, ok=(200, 409))
         if response.status_code == 200:
             return Claim(True)

@@ -56,6 +56,8 @@ TASK_OPTION = "run_once"
 LEASE_SETTING = "dynachord_run_once_lease"
 LEASE_OPTION = "run_once_lease"
 DEFAULT_LEASE = 60
+#: The header on a chord part a redrive sends again (its number).
+REDRIVE_HEADER = "dynachord_redrive"
 #: The service's bound on a claim's lease.
 MAX_LEASE = 3600
 #: SQS's bound on a message's visibility timeout.
@@ -108,8 +110,8 @@ class Run:
     every third of its lease while it runs, by what the task stores before it
     is done (STARTED, progress states) and by a thread of its own."""
 
-    def __init__(self, backend: DynachordBackend, task_id: str, lease: int) -> None:
-        self.backend, self.task_id, self.lease = backend, task_id, lease
+    def __init__(self, backend: DynachordBackend, task_id: str, lease: int, rerun: bool = False) -> None:
+        self.backend, self.task_id, self.lease, self.rerun = backend, task_id, lease, rerun
         self.token = uuid.uuid4().hex
         self.refusal: Ignore | None = None
         self.body: dict[str, Any] = {}
@@ -122,7 +124,7 @@ class Run:
     def claim(self, body: dict[str, Any]) -> bool:
         """Claims the task with ``body`` (STARTED); on refusal keeps why."""
         try:
-            answer = self.backend.client.claim_task(self.task_id, body, self.token, self.lease)
+            answer = self.backend.client.claim_task(self.task_id, body, self.token, self.lease, self.rerun)
         except DynachordError as exc:
             self.refusal = RunDeferred(self.task_id, self.lease, f"its claim could not be made ({exc})")
             return False
@@ -153,7 +155,7 @@ class Run:
             self._renew(body)
 
     def _renew(self, body: dict[str, Any]) -> None:
-        answer = self.backend.client.claim_task(self.task_id, body, self.token, self.lease)
+        answer = self.backend.client.claim_task(self.task_id, body, self.token, self.lease, self.rerun)
         if answer.claimed:
             self.body = body
             return
@@ -193,7 +195,9 @@ def _claim_before_run(sender: Any = None, task_id: str | None = None, task: Any 
         return
     if not isinstance(backend, DynachordBackend) or not runs_once(task):
         return
-    run = Run(backend, task_id, lease_of(task))
+    # A chord part a redrive sent again runs over its FAILURE.
+    rerun = sent_by_the_service(task) and getattr(request, REDRIVE_HEADER, None) is not None
+    run = Run(backend, task_id, lease_of(task), rerun)
     meta = {"pid": os.getpid(), "hostname": getattr(request, "hostname", None)}
     body = backend._store_body(task_id, meta, states.STARTED, request=request)
     body.pop("chord", None)
