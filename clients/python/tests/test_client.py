@@ -625,3 +625,45 @@ def test_the_run_once_guard_claims_before_a_run_and_refuses_a_ready_or_held_task
     script.answers = [(200, {}, ok)] * 3
     assert attempt(plain, "p2", origin="dynachord@chord-join") is None
     assert "claim" in json.loads(script.seen[0]["body"])
+
+
+def test_a_claim_the_service_cannot_take_now_defers_the_run_and_one_it_refuses_runs_unguarded(
+    server: tuple[str, Script],
+) -> None:
+    from celery import signals
+    from dynachord_celery import RunDeferred
+    from dynachord_celery.backend import RUN_ATTR
+    from dynachord_celery.run_once import guard
+
+    url, script = server
+    app = Celery("t", backend=f"dynachord+{url}")
+    app.conf.result_backend_transport_options = dict(FAST, max_retries=1)
+    app.conf.dynachord_run_once = True
+
+    def work() -> str:
+        return "ran"
+
+    app.task(work, name="t.work")
+    task = app.tasks["t.work"]
+    guard(task)
+
+    def prerun(task_id: str) -> Any:
+        task.push_request(id=task_id, hostname="w1")
+        try:
+            signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=[], kwargs={})
+            try:
+                task.before_start(task_id, [], {})
+            except RunDeferred as exc:
+                return exc
+            return getattr(task.request, RUN_ATTR, None)
+        finally:
+            signals.task_postrun.send(sender=task, task_id=task_id, task=task)
+            task.pop_request()
+
+    unavailable = (503, {"Retry-After": "0"}, {"error": {"code": "unavailable", "message": "down"}})
+    script.answers = [unavailable] * 2
+    assert isinstance(prerun("u1"), RunDeferred), "unreachable: not run now, its message comes back"
+    # An old service that does not know claims: the task runs, unguarded.
+    old = (400, {}, {"error": {"code": "invalid_meta", "message": "unknown field `claim`"}})
+    script.answers = [old]
+    assert prerun("o1") is None, "no claim is held, and the task's stores are Celery's own"

@@ -45,7 +45,7 @@ from celery.exceptions import Ignore
 from celery.utils.imports import symbol_by_name
 
 from .backend import RUN_ATTR, DynachordBackend, sent_by_the_service
-from .client import DynachordError
+from .client import DynachordError, DynachordUnavailable, _dumps
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ DEFAULT_LEASE = 60
 REDRIVE_HEADER = "dynachord_redrive"
 #: The service's bound on a claim's lease.
 MAX_LEASE = 3600
+#: A claim's body stays small: past this, it goes without the task's
+#: arguments (its result carries them).
+CLAIM_BODY_BYTES = 64 * 1024
 #: SQS's bound on a message's visibility timeout.
 MAX_VISIBILITY = 43200
 
@@ -117,6 +120,8 @@ class Run:
         self.body: dict[str, Any] = {}
         #: The claim was a STARTED store: track_started's own is not made again.
         self.started_stored = False
+        #: The service refused the claim for good: the task runs unguarded.
+        self.unguarded = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -125,8 +130,15 @@ class Run:
         """Claims the task with ``body`` (STARTED); on refusal keeps why."""
         try:
             answer = self.backend.client.claim_task(self.task_id, body, self.token, self.lease, self.rerun)
-        except DynachordError as exc:
+        except DynachordUnavailable as exc:
+            # Throttled or unreachable after the client's retries: run it later.
             self.refusal = RunDeferred(self.task_id, self.lease, f"its claim could not be made ({exc})")
+            return False
+        except DynachordError as exc:
+            # Refused for good (a service too old to know claims, say): no
+            # later delivery would do better, so it runs without the guard.
+            self.unguarded = True
+            logger.error("dynachord: task %s runs without the run-once guard: %s", self.task_id, exc)
             return False
         if answer.claimed:
             self.body, self.started_stored = body, body.get("status") == states.STARTED
@@ -201,9 +213,15 @@ def _claim_before_run(sender: Any = None, task_id: str | None = None, task: Any 
     meta = {"pid": os.getpid(), "hostname": getattr(request, "hostname", None)}
     body = backend._store_body(task_id, meta, states.STARTED, request=request)
     body.pop("chord", None)
+    if len(_dumps(body)) > CLAIM_BODY_BYTES:
+        # Arguments too large for a claim: its result will carry them.
+        body.pop("args", None)
+        body.pop("kwargs", None)
     setattr(request, RUN_ATTR, run)
     if run.claim(body):
         run.start_renewing()
+    elif run.unguarded:
+        delattr(request, RUN_ATTR)
     else:
         logger.info("dynachord: %s[%s] %s", task.name, task_id, run.refusal)
 
