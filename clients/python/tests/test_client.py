@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.app.backends import by_url
+from celery.app.task import Context
 from celery.exceptions import ImproperlyConfigured
 from dynachord_celery import (
     Client,
@@ -98,12 +99,64 @@ def test_celery_finds_the_backend_by_its_url_scheme() -> None:
     assert app.backend.as_uri() == "dynachord+http://127.0.0.1:9000"
 
 
-def test_non_json_serializers_and_unknown_options_are_refused() -> None:
+@pytest.mark.parametrize("serializer", ["pickle", "msgpack", "yaml", "json"])
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_results_of_any_serializer_are_stored_as_opaque_payloads_and_read_back(
+    serializer: str, compression: str | None
+) -> None:
+    import datetime
+
+    from celery import states
+    from kombu.serialization import dumps, loads
+    from kombu.utils.json import dumps as json_dumps
+
     app = Celery("t", set_as_current=False, result_backend="dynachord+http://127.0.0.1:9000")
-    app.conf.result_serializer = "pickle"
-    app.conf.accept_content = ["pickle", "json"]
-    with pytest.raises(ImproperlyConfigured, match="result_serializer"):
-        _ = app.backend
+    app.conf.result_serializer = serializer
+    app.conf.result_accept_content = [serializer, "json"]
+    app.conf.result_compression = compression
+    app.conf.result_extended = True
+    backend = app.backend
+    value = {"tuple": (1, 2), "bytes": b"\x00\xff", "when": datetime.datetime(2026, 12, 5, 1, 2, 3)}
+    if serializer == "yaml":
+        value.pop("bytes")  # PyYAML's safe dumper has no bytes
+    if serializer == "msgpack":
+        value.pop("when")  # msgpack has no datetimes
+    if serializer == "json":
+        value = {"plain": [1, "two"]}
+    # What the serializer itself gives back is what the reader gets.
+    _, _, payload = dumps(value, serializer=serializer)
+    expected = loads(payload, content_type=backend.content_type, content_encoding=backend.content_encoding, force=True)
+    request = Context({"id": "t1", "task": "t.x", "args": [value], "kwargs": {}, "delivery_info": {}})
+    body = backend._store_body("t1", value, states.SUCCESS, request=request)
+    wire = json.loads(json_dumps(body))  # what goes to the service, and comes back
+    assert backend.opaque is (serializer != "json" or compression is not None)
+    if backend.opaque:
+        assert set(wire["result"]) == {"dynachord_encoded"}
+    meta = backend._decode(wire)
+    assert meta["result"] == expected and meta["args"] == [expected]
+    # A failure stays Celery's JSON, which chord-join reads, and reads back as the exception.
+    exc_meta = backend.encode_result(ValueError("boom", 42), states.FAILURE)
+    failed = backend._store_body("t2", exc_meta, states.FAILURE, request=request)
+    assert failed["result"]["exc_type"] == "ValueError"
+    exc = backend._decode(json.loads(json_dumps(failed)))["result"]
+    assert isinstance(exc, ValueError) and exc.args == ("boom", 42)
+    # A chord callback the service sends gets the results decoded.
+    assert backend.from_opaque_results([wire["result"], wire["result"]]) == [expected, expected]
+
+
+def test_a_payload_of_a_content_type_the_app_does_not_accept_is_not_decoded() -> None:
+    from kombu.exceptions import ContentDisallowed
+
+    writer = Celery("t", set_as_current=False, result_backend="dynachord+http://127.0.0.1:9000")
+    writer.conf.result_serializer = "pickle"
+    writer.conf.result_accept_content = ["pickle"]
+    opaque = writer.backend.to_opaque({"x": 1})
+    reader = Celery("t", set_as_current=False, result_backend="dynachord+http://127.0.0.1:9000")
+    with pytest.raises(ContentDisallowed):
+        reader.backend.from_opaque(opaque)
+
+
+def test_unknown_options_are_refused() -> None:
     app2 = Celery("t", set_as_current=False, result_backend="dynachord+http://127.0.0.1:9000")
     app2.conf.result_backend_transport_options = {"retires": 3}
     with pytest.raises(ImproperlyConfigured, match="unknown dynachord option"):

@@ -25,6 +25,7 @@ What it does differently from Celery's key-value backends:
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
 import logging
@@ -34,10 +35,13 @@ from typing import Any
 
 from celery import signals, states
 from celery.app.task import Context
-from celery.backends.base import BaseBackend
+from celery.backends.base import BaseBackend, compress_payload, decompress_payload
 from celery.exceptions import ChordError, ImproperlyConfigured
 from celery.result import result_from_tuple
 from celery.utils.functional import arity_greater
+from kombu.serialization import loads
+from kombu.utils.json import dumps as json_dumps
+from kombu.utils.json import loads as json_loads
 
 from .client import Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
 
@@ -103,6 +107,25 @@ def _nested(sig: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
+#: The key of a value stored encoded by the app's result serializer:
+#: ``{"dynachord_encoded": {"content_type", "content_encoding", "data"}}``,
+#: ``data`` the payload (compressed with ``result_compression``) in base64.
+ENCODED = "dynachord_encoded"
+
+
+def _is_opaque(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(ENCODED), dict)
+
+
+def _json_holds(value: Any) -> bool:
+    """Whether JSON (as Celery's json serializer writes it) holds ``value``
+    and gives it back the same."""
+    try:
+        return bool(json_loads(json_dumps(value)) == value)  # type: ignore[no-untyped-call]
+    except Exception:
+        return False
+
+
 #: The request attribute of a run that claimed its task (see run_once.py).
 RUN_ATTR = "dynachord_run"
 
@@ -120,17 +143,16 @@ class DynachordBackend(BaseBackend):
 
     supports_native_join = True
     supports_autoexpire = True
+    supports_result_compression = True
     persistent = True
 
     def __init__(self, app: Any, url: str | None = None, **kwargs: Any) -> None:
         super().__init__(app, url=url, **kwargs)
         if not url:
             raise ImproperlyConfigured("dynachord needs the service's URL: result_backend = 'dynachord+https://<host>'")
-        if self.serializer != "json":
-            raise ImproperlyConfigured(
-                f"dynachord stores results as JSON documents; result_serializer is {self.serializer!r}, "
-                "set it to 'json'"
-            )
+        #: Results (and arguments JSON cannot hold) are stored encoded by the
+        #: app's serializer, and compressed, as opaque payloads.
+        self.opaque = self.serializer != "json" or bool(self.compression)
         raw = app.conf.get("result_backend_transport_options") or {}
         try:
             self.client = Client(url, ClientOptions.from_mapping(raw))
@@ -188,7 +210,58 @@ class DynachordBackend(BaseBackend):
         expires_in = self._expires_in()
         if expires_in is not None:
             body["expires_in"] = expires_in
+        if self.opaque:
+            # Exceptions stay JSON (see encode_result); arguments too when
+            # JSON holds them, so a redrive can send them again.
+            if "result" in body and state not in self.EXCEPTION_STATES:
+                body["result"] = self.to_opaque(body["result"])
+            for key in ("args", "kwargs"):
+                if key in body and not _json_holds(body[key]):
+                    body[key] = self.to_opaque(body[key])
         return body
+
+    def encode_result(self, result: Any, state: str) -> Any:
+        """As Celery's, except that an exception is kept in Celery's JSON form
+        (``exc_type``, ``exc_message``, ``exc_module``) whatever the
+        serializer: chord-join reads a failed part's exception to fail its
+        chord, and every reader turns it back into the exception."""
+        if state in self.EXCEPTION_STATES and isinstance(result, Exception):
+            return self.prepare_exception(result, "json")
+        return super().encode_result(result, state)
+
+    def to_opaque(self, value: Any) -> dict[str, Any]:
+        """``value`` encoded by the app's result serializer (and compressed
+        with ``result_compression``), as the service stores it: its content
+        type and encoding kept, as Celery's key-value backends keep them."""
+        content_type, content_encoding, payload = self._encode(value)
+        if self.compression:
+            payload = compress_payload(payload, self.compression)
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        data = base64.b64encode(payload).decode("ascii")
+        return {ENCODED: {"content_type": content_type, "content_encoding": content_encoding, "data": data}}
+
+    def from_opaque(self, value: Any) -> Any:
+        """The value an opaque payload holds (anything else as it is),
+        decoded only if its content type is one the app accepts
+        (``result_accept_content``)."""
+        if not _is_opaque(value):
+            return value
+        spec = value[ENCODED]
+        payload = decompress_payload(base64.b64decode(spec["data"]))
+        return loads(  # type: ignore[no-untyped-call]
+            payload, content_type=spec["content_type"], content_encoding=spec["content_encoding"], accept=self.accept
+        )
+
+    def from_opaque_results(self, value: Any) -> Any:
+        """What the service sends a callback as its first argument, decoded:
+        one result (the processing cache's), or a chord's results; the same
+        object when nothing in it is opaque."""
+        if _is_opaque(value):
+            return self.from_opaque(value)
+        if isinstance(value, list) and any(_is_opaque(item) for item in value):
+            return [self.from_opaque(item) for item in value]
+        return value
 
     def _refuse_chord(self, task_id: str, body: dict[str, Any], exc: DynachordError) -> None:
         """The service refused a part's chord (a body it cannot send, a queue
@@ -273,6 +346,9 @@ class DynachordBackend(BaseBackend):
         return str(options.get("queue_name_prefix") or "")
 
     def _decode(self, meta: dict[str, Any]) -> dict[str, Any]:
+        for key in ("result", "args", "kwargs"):
+            if _is_opaque(meta.get(key)):
+                meta[key] = self.from_opaque(meta[key])
         return dict(self.meta_from_decoded(meta))
 
     def _get_task_meta_for(self, task_id: str) -> dict[str, Any]:
@@ -503,23 +579,29 @@ def sent_by_the_service(task: Any) -> bool:
 def _resolve_chord_results(sender: Any = None, task: Any = None, args: Any = None, **_: Any) -> None:
     """Before a task runs (``task_prerun``): when the service sent it and its
     first argument is the service's reference to a chord's results, puts the
-    results in its place, so the callback receives the real list."""
+    results in its place, so the callback receives the real list; results
+    stored encoded by the app's serializer (``result_serializer`` other than
+    JSON, ``result_compression``) are decoded."""
     if not isinstance(args, list) or not args or not sent_by_the_service(task):
         return
     first = args[0]
-    if not (isinstance(first, dict) and set(first) == {RESULTS_REF} and isinstance(first[RESULTS_REF], dict)):
-        return
     backend = getattr(task, "backend", None)
-    if not isinstance(backend, DynachordBackend):
-        logger.warning("dynachord: %s got chord results by reference, but its backend is not dynachord", task)
-        return
-    ref_id = str(first[RESULTS_REF].get("task_id"))
-    meta = backend.client.get_task(ref_id)
-    if meta.get("status") != states.SUCCESS:
-        raise ChordError(f"the chord's results ({ref_id}) are no longer stored: {meta.get('status')}")
-    # Its own meta keeps the reference, not the results, which may be far
-    # larger than a store request.
-    _run_with(task, args, [meta.get("result"), *args[1:]])
+    if isinstance(first, dict) and set(first) == {RESULTS_REF} and isinstance(first[RESULTS_REF], dict):
+        if not isinstance(backend, DynachordBackend):
+            logger.warning("dynachord: %s got chord results by reference, but its backend is not dynachord", task)
+            return
+        ref_id = str(first[RESULTS_REF].get("task_id"))
+        meta = backend.client.get_task(ref_id)
+        if meta.get("status") != states.SUCCESS:
+            raise ChordError(f"the chord's results ({ref_id}) are no longer stored: {meta.get('status')}")
+        first = meta.get("result")
+    # Results stored encoded by the app's serializer are decoded here.
+    if isinstance(backend, DynachordBackend):
+        first = backend.from_opaque_results(first)
+    if first is not args[0]:
+        # Its own meta keeps the reference, not the results, which may be
+        # far larger than a store request.
+        _run_with(task, args, [first, *args[1:]])
 
 
 def _run_with(task: Any, args: list[Any], new: list[Any]) -> None:
