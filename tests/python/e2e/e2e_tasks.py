@@ -2,6 +2,7 @@
 backend dynachord (the local stack). Run by a real `celery worker` and
 imported by the tests, which send its tasks."""
 
+import datetime
 import os
 import time
 import uuid
@@ -28,6 +29,13 @@ app.conf.update(
     task_default_queue=os.environ["E2E_QUEUE"],
     worker_prefetch_multiplier=8,
 )
+# E2E_RESULT_SERIALIZER, E2E_RESULT_COMPRESSION: test_serializers.py's
+# workers store results with another serializer, compressed or not.
+if os.environ.get("E2E_RESULT_SERIALIZER"):
+    app.conf.result_serializer = os.environ["E2E_RESULT_SERIALIZER"]
+    app.conf.result_accept_content = [app.conf.result_serializer, "json"]
+if os.environ.get("E2E_RESULT_COMPRESSION"):
+    app.conf.result_compression = os.environ["E2E_RESULT_COMPRESSION"]
 if not os.environ.get("E2E_RESULT_BACKEND"):
     # Every failure of the local stack shows: only the service's own
     # retryable answers (throttled, unavailable) are sent again, never a 500
@@ -247,3 +255,19 @@ def collect_once(values, marks, key):
     run = uuid.uuid4().hex
     _mark(marks, key, f"start {run}")
     return {"values": values, "run": run}
+
+
+def rich_value(serializer):
+    """A value JSON cannot hold, made of what `serializer` can: a tuple,
+    bytes, a datetime (as each of them allows)."""
+    value = {"tuple": (1, 2), "bytes": b"\x00\xff", "when": datetime.datetime(2026, 12, 5, 1, 2, 3)}
+    if serializer == "yaml":
+        del value["bytes"]
+    if serializer == "msgpack":
+        del value["when"]
+    return value
+
+
+@app.task
+def rich(serializer):
+    return rich_value(serializer)
