@@ -42,6 +42,7 @@ from celery.utils.functional import arity_greater
 from kombu.serialization import loads
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
+from vine import promise
 
 from .client import Client, ClientOptions, DynachordError, DynachordTimeout, DynachordUnavailable
 
@@ -111,6 +112,17 @@ def _nested(sig: dict[str, Any]) -> list[dict[str, Any]]:
 #: ``{"dynachord_encoded": {"content_type", "content_encoding", "data"}}``,
 #: ``data`` the payload (compressed with ``result_compression``) in base64.
 ENCODED = "dynachord_encoded"
+
+
+def _does_something(on_interval: Any) -> bool:
+    """Whether calling ``on_interval`` can do anything: ``AsyncResult.get``
+    always passes a promise, which holds nothing unless the result follows
+    its parents (``follow_parents``) or the caller gave one."""
+    if on_interval is None:
+        return False
+    if not isinstance(on_interval, promise):
+        return True
+    return on_interval.fun is not None or bool(on_interval._svpending or on_interval._lvpending)
 
 
 def _is_opaque(value: Any) -> bool:
@@ -398,9 +410,12 @@ class DynachordBackend(BaseBackend):
             return dict(cached)
         deadline = None if timeout is None else time.monotonic() + timeout
         seen: tuple[Any, Any] | None = None
+        follows = _does_something(on_interval)
         while True:
             left = self.client.options.max_wait if deadline is None else deadline - time.monotonic()
-            if on_message is not None:
+            if on_message is not None or follows:
+                # States reach on_message as they change, and a parent's
+                # failure is seen within a second, as Celery's drainer sees it.
                 left = min(left, 1.0)
             try:
                 meta = self._decode(self.client.get_task(task_id, wait=max(0.0, left), deadline=deadline))
@@ -412,6 +427,11 @@ class DynachordBackend(BaseBackend):
                     seen = state
                     on_message(dict(meta))
             if meta["status"] in states.READY_STATES:
+                if follows and meta["status"] in states.PROPAGATE_STATES:
+                    # As Celery's drainer, once more after the wait that made
+                    # the result ready: a failed parent (a chord's header
+                    # task, a chain's) raises its own exception first.
+                    on_interval()
                 if meta["status"] == states.SUCCESS:
                     self._cache[task_id] = meta
                 return meta
