@@ -359,28 +359,26 @@ fn task_item(ns: &Namespace, record: &TaskRecord, doc_attr: &str, doc: Attribute
 /// Returns the expression and its values.
 pub fn write_condition(new: &State, claim: Option<&Claim>, now: i64) -> (String, Vec<(String, AttributeValue)>) {
     let mut values = vec![(":now".to_owned(), AttributeValue::N(now.to_string()))];
-    let claimable = "(attribute_not_exists(#claim_until) OR #claim_until <= :now_ms OR #claim_token = :token)";
-    let guard = if new.is_ready() {
+    // A ready state, and a rerun's claim, replace anything but SUCCESS.
+    let replaceable = if new.is_ready() || claim.is_some_and(|c| c.rerun) {
         values.push((":success".to_owned(), AttributeValue::S("SUCCESS".into())));
         "#status <> :success".to_owned()
-    } else if let Some(claim) = claim.filter(|c| c.rerun) {
-        values.push((":success".to_owned(), AttributeValue::S("SUCCESS".into())));
-        values.push((":now_ms".to_owned(), AttributeValue::N(crate::time::now_millis().to_string())));
-        values.push((":token".to_owned(), AttributeValue::S(claim.token.clone())));
-        format!("(#status <> :success AND {claimable})")
     } else {
         let names: Vec<String> = READY_STATES.iter().map(|s| format!(":{}", s.to_lowercase())).collect();
         for (name, state) in names.iter().zip(READY_STATES) {
             values.push((name.clone(), AttributeValue::S(state.into())));
         }
-        let not_ready = format!("NOT (#status IN ({}))", names.join(", "));
-        match claim {
-            None => not_ready,
-            Some(claim) => {
-                values.push((":now_ms".to_owned(), AttributeValue::N(crate::time::now_millis().to_string())));
-                values.push((":token".to_owned(), AttributeValue::S(claim.token.clone())));
-                format!("({not_ready} AND {claimable})")
-            }
+        format!("NOT (#status IN ({}))", names.join(", "))
+    };
+    let guard = match claim {
+        None => replaceable,
+        Some(claim) => {
+            values.push((":now_ms".to_owned(), AttributeValue::N(crate::time::now_millis().to_string())));
+            values.push((":token".to_owned(), AttributeValue::S(claim.token.clone())));
+            format!(
+                "({replaceable} AND (attribute_not_exists(#claim_until) OR #claim_until <= :now_ms \
+                 OR #claim_token = :token))"
+            )
         }
     };
     (format!("attribute_not_exists(#pk) OR #expires_at <= :now OR {guard}"), values)

@@ -132,6 +132,7 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
 
     async fn delete_task(&self, ns: &Namespace, id: &TaskId) -> Result<(), StoreError> {
         let old = self.items.lock().unwrap().remove(&task_key(ns, id));
+        self.claims.lock().unwrap().remove(&task_key(ns, id));
         if let Some(blob) = old.and_then(|(stored, _, _)| stored?.blob) {
             self.blobs.lock().unwrap().remove(&blob.key);
         }

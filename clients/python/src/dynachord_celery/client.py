@@ -387,7 +387,7 @@ class Client:
         claim: dict[str, Any] = {"token": token, "lease_seconds": lease_seconds}
         if rerun:
             claim["rerun"] = True
-        body = dict(self._clamp_expiry(meta), claim=claim)
+        body = dict(meta, claim=claim)
         response = self._put_expiring(_task_path(task_id), body, ok=(200, 409))
         if response.status_code == 200:
             return Claim(True)
