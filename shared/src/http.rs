@@ -258,6 +258,22 @@ fn record(
     took: Duration,
     request_id: &str,
 ) {
+    let (points, plain) = request_points(outcome, calls, took);
+    // The request id only when something went wrong or was retried (a
+    // caller has it from the answer's x-dynachord-request-id).
+    let properties: &[(&str, &str)] = if plain { &[] } else { &[("request_id", request_id)] };
+    crate::metrics::emit_with(&[("Route", route)], &points, properties);
+}
+
+/// A request's data points, and whether it was plainly healthy (answered
+/// 2xx with no retry). A healthy request writes its metrics line alone, and
+/// no more of it than it needs: retries only when there were some (their
+/// sum is the figure).
+fn request_points(
+    outcome: &Result<Reply, ApiError>,
+    calls: crate::calls::Calls,
+    took: Duration,
+) -> (Vec<crate::metrics::Point>, bool) {
     use crate::metrics::{self, Point};
     let outcome_metric = match outcome {
         Ok(_) => metrics::OK,
@@ -272,9 +288,11 @@ fn record(
         Point::count(metrics::REQUESTS, 1.0),
         Point::millis(metrics::LATENCY, took.as_secs_f64() * 1000.0),
         Point::count(metrics::DDB_CALLS, calls.ddb.into()),
-        Point::count(metrics::DDB_RETRIES, calls.ddb_retries.into()),
         Point::count(outcome_metric, 1.0),
     ];
+    if calls.ddb_retries > 0 {
+        points.push(Point::count(metrics::DDB_RETRIES, calls.ddb_retries.into()));
+    }
     if calls.s3 > 0 {
         points.push(Point::count(metrics::S3_CALLS, calls.s3.into()));
     }
@@ -284,7 +302,7 @@ fn record(
     if let Err(ApiError::ClaimRefused { .. }) = outcome {
         points.push(Point::count(metrics::TASK_RUNS_REFUSED, 1.0));
     }
-    metrics::emit_with(&[("Route", route)], &points, &[("request_id", request_id)]);
+    (points, outcome.is_ok() && calls.ddb_retries == 0)
 }
 
 /// The request's id: API Gateway's (which its access log records), else
@@ -357,6 +375,23 @@ mod tests {
             "what the route adds; S3 only when used"
         );
         assert_eq!(total(metrics::LATENCY), 25.0);
+    }
+
+    #[test]
+    fn a_healthy_request_writes_a_lean_line_and_a_troubled_one_names_itself() {
+        use crate::metrics::{self, line_with};
+        let healthy = crate::calls::Calls { ddb: 1, ddb_retries: 0, s3: 0 };
+        let (points, plain) = request_points(&Ok(Reply::ok("{}".into())), healthy, Duration::from_micros(3214));
+        assert!(plain);
+        assert!(points.iter().all(|p| p.name != metrics::DDB_RETRIES), "no retries, no retries metric");
+        // What CloudWatch Logs ingests per healthy request (docs/COST.md).
+        let line = line_with(&[("Route", "PutTask")], &points, &[]).to_string();
+        assert!(line.len() <= 300, "{} bytes: {line}", line.len());
+        let retried = crate::calls::Calls { ddb: 3, ddb_retries: 2, s3: 0 };
+        let (points, plain) = request_points(&Ok(Reply::ok("{}".into())), retried, Duration::from_millis(9));
+        assert!(!plain && points.iter().any(|p| p.name == metrics::DDB_RETRIES && p.value == 2.0));
+        let (_, plain) = request_points(&Err(ApiError::BadBody("x".into())), healthy, Duration::from_millis(1));
+        assert!(!plain, "a refused request names its request id");
     }
 
     #[test]

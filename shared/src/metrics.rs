@@ -145,8 +145,16 @@ pub fn line_with(dimensions: &[(&str, &str)], points: &[Point], properties: &[(&
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default();
     let names: Vec<&str> = dimensions.iter().map(|(name, _)| *name).collect();
-    let metrics: Vec<serde_json::Value> =
-        points.iter().map(|p| serde_json::json!({"Name": p.name, "Unit": p.unit.as_str()})).collect();
+    // A count is declared without its unit (CloudWatch's default, None):
+    // every request writes this line, and its bytes are what CloudWatch
+    // Logs bills (docs/COST.md).
+    let metrics: Vec<serde_json::Value> = points
+        .iter()
+        .map(|p| match p.unit {
+            Unit::Count => serde_json::json!({"Name": p.name}),
+            unit => serde_json::json!({"Name": p.name, "Unit": unit.as_str()}),
+        })
+        .collect();
     let mut line = serde_json::json!({
         "_aws": {
             "Timestamp": timestamp,
@@ -157,12 +165,22 @@ pub fn line_with(dimensions: &[(&str, &str)], points: &[Point], properties: &[(&
         line[*name] = (*value).into();
     }
     for point in points {
-        line[point.name] = point.value.into();
+        line[point.name] = compact(point.value);
     }
     for (name, value) in properties {
         line[*name] = (*value).into();
     }
     line
+}
+
+/// A value as few bytes hold it: a whole number without a fraction, any
+/// other to a hundredth (of a millisecond, for times).
+fn compact(value: f64) -> serde_json::Value {
+    if value.fract() == 0.0 && value.abs() < 9e15 {
+        (value as i64).into()
+    } else {
+        ((value * 100.0).round() / 100.0).into()
+    }
 }
 
 /// Writes `points` under `dimensions` as one EMF line, and adds them to the
@@ -211,14 +229,14 @@ mod tests {
         let aws = &line["_aws"]["CloudWatchMetrics"][0];
         assert_eq!(aws["Namespace"], NAMESPACE);
         assert_eq!(aws["Dimensions"], serde_json::json!([["Route"]]));
+        // Counts carry no unit (CloudWatch's default), and whole numbers no fraction.
+        assert_eq!(aws["Metrics"], serde_json::json!([{"Name": "Hits"}, {"Name": "Latency", "Unit": "Milliseconds"}]));
         assert_eq!(
-            aws["Metrics"],
-            serde_json::json!([{"Name": "Hits", "Unit": "Count"}, {"Name": "Latency", "Unit": "Milliseconds"}])
+            (line["Route"].as_str(), line["Hits"].as_i64(), line["Latency"].as_f64()),
+            (Some("GetTask"), Some(1), Some(12.5))
         );
-        assert_eq!(
-            (line["Route"].as_str(), line["Hits"].as_f64(), line["Latency"].as_f64()),
-            (Some("GetTask"), Some(1.0), Some(12.5))
-        );
+        assert_eq!(compact(3.21456), serde_json::json!(3.21));
+        assert!(line.to_string().contains(r#""Hits":1,"#), "{line}");
         assert!(line["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000);
     }
 

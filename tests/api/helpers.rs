@@ -68,6 +68,39 @@ impl Api {
         }
     }
 
+    /// The same client (same ids) with requests sent under `prefix` (a
+    /// function's own URL on the local stack: `/lambda-url/<function>`).
+    pub fn under(&self, prefix: &str) -> Self {
+        Self {
+            http: self.http.clone(),
+            base: format!("{}{prefix}", self.base),
+            prefix: self.prefix.clone(),
+            caller: self.caller.clone(),
+        }
+    }
+
+    /// Sends `event` to `function`'s invoke endpoint and reads the HTTP
+    /// answer in Lambda's reply back as a response.
+    pub async fn invoke_event(&self, function: &str, event: &Value) -> Resp {
+        let invoked = self
+            .send_http(
+                Method::POST,
+                &format!("/2015-03-31/functions/{function}/invocations"),
+                Some(event.to_string().into_bytes()),
+            )
+            .await;
+        assert_eq!(invoked.status, 200, "invoke {function}: {}", invoked.text);
+        let answer = &invoked.json;
+        let text = answer["body"].as_str().unwrap_or("").to_owned();
+        let header = |name: &str| answer["headers"][name].as_str().map(str::to_owned);
+        Resp {
+            status: answer["statusCode"].as_u64().expect("a statusCode") as u16,
+            ddb_calls: header("x-dynachord-ddb-calls").and_then(|v| v.parse().ok()),
+            json: if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) },
+            text,
+        }
+    }
+
     /// An id no other test uses.
     pub fn id(&self, name: &str) -> String {
         format!("{}-{name}", self.prefix)
@@ -112,23 +145,7 @@ impl Api {
             _ => "store",
         };
         let event = api_gateway_event(method.as_str(), raw_path, query, body.as_deref().map(str::as_bytes), Some(arn));
-        let invoked = self
-            .send_http(
-                Method::POST,
-                &format!("/2015-03-31/functions/{function}/invocations"),
-                Some(event.to_string().into_bytes()),
-            )
-            .await;
-        assert_eq!(invoked.status, 200, "invoke {function}: {}", invoked.text);
-        let answer = &invoked.json;
-        let text = answer["body"].as_str().unwrap_or("").to_owned();
-        let header = |name: &str| answer["headers"][name].as_str().map(str::to_owned);
-        Resp {
-            status: answer["statusCode"].as_u64().expect("a statusCode") as u16,
-            ddb_calls: header("x-dynachord-ddb-calls").and_then(|v| v.parse().ok()),
-            json: if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::Null) },
-            text,
-        }
+        self.invoke_event(function, &event).await
     }
 
     pub async fn put_task(&self, id: &str, meta: Value) -> Resp {

@@ -13,6 +13,7 @@ mod cache;
 mod chords;
 mod claims;
 mod errors;
+mod front_doors;
 mod groups;
 mod large;
 mod limits;

@@ -308,3 +308,28 @@ def test_the_functions_routes_and_permissions_are_spelled_out(templates):
         "Action": ["sqs:SendMessage"],
         "Resource": {"If": ["HasQueueArns", "${CallbackQueueArns}", "arn:aws:sqs:${AWS::Region}:${AWS::AccountId}:*"]},
     } in join
+
+
+def test_the_function_url_front_door_is_iam_authorized_and_replaces_the_api(templates):
+    """FrontDoor FunctionUrls: each HTTP function's own URL, IAM-authorized,
+    instead of the HTTP API (every API resource is conditional on UseHttpApi),
+    and a rule refuses it without AuthMode iam."""
+    sam, cdk = templates
+    _, cdk_r = renderers(sam, cdk)
+    mine = {cdk_r.names[k]: v for k, v in cdk["Resources"].items()}
+    urls = {n: r for n, r in mine.items() if r["Type"] == "AWS::Lambda::Url"}
+    assert sorted(urls) == ["BatchFetchFunctionUrl", "FetchFunctionUrl", "StoreFunctionUrl"]
+    for resource in urls.values():
+        assert resource["Properties"]["AuthType"] == "AWS_IAM"
+        assert cdk_r.conditions[resource["Condition"]] == "UseFunctionUrls"
+    api = [n for n, r in mine.items() if r["Type"].startswith("AWS::ApiGatewayV2::") or n.endswith("ApiPermission")]
+    assert len(api) >= 13 + 3 + 3 + 2
+    assert all(cdk_r.conditions[mine[n]["Condition"]] == "UseHttpApi" for n in api)
+    rule = sam["Rules"]["FunctionUrlsAreIamAuthorized"]
+    assert rule["Assertions"][0]["Assert"] == {"Fn::Equals": [{"Ref": "AuthMode"}, "iam"]}
+    backend = cdk_r.render(cdk["Outputs"]["ResultBackend"]["Value"])
+    assert backend["If"][0] == "UseHttpApi"
+    assert backend["If"][2] == (
+        "dynachord+${StoreFunctionUrl.FunctionUrl}?fetch=${FetchFunctionUrl.FunctionUrl}"
+        "&batch_get=${BatchFetchFunctionUrl.FunctionUrl}"
+    )

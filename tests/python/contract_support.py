@@ -16,7 +16,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ENDPOINT = os.environ.get("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000")
+from dynachord_celery.client import Routes
+from endpoints import ENDPOINT, FUNCTION_OPERATIONS, FUNCTION_URLS, url
+
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "openapi.yaml"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
@@ -37,7 +39,7 @@ if SEED == "random":
 
 def call(method, path, body=None):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(ENDPOINT + path, data=data, method=method)
+    req = urllib.request.Request(url(method, path), data=data, method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, resp.read()
@@ -59,9 +61,26 @@ phases.coverage.enabled = false
 """
 
 
-def schemathesis(tmp_path, *args, config="", max_time="240"):
+def schemathesis(tmp_path, *args, config="", max_time="240", functions=None):
+    """Runs schemathesis against the API; returns its output. In the
+    function-URL layout each function is fuzzed at its own URL on the
+    operations it serves (`functions` picks some, by their key in
+    FUNCTION_OPERATIONS), the time shared between them."""
     config_file = tmp_path / "schemathesis.toml"
     config_file.write_text(config + BASE_CONFIG)
+    if not FUNCTION_URLS:
+        return _schemathesis_run(tmp_path, config_file, ENDPOINT, max_time, args)
+    routes = Routes.parse(ENDPOINT)
+    chosen = functions or list(FUNCTION_OPERATIONS)
+    share = str(max(30, int(max_time) // len(chosen)))
+    outputs = [
+        _schemathesis_run(tmp_path, config_file, getattr(routes, f), share, (*FUNCTION_OPERATIONS[f], *args))
+        for f in chosen
+    ]
+    return "\n".join(outputs)
+
+
+def _schemathesis_run(tmp_path, config_file, base, max_time, args):
     cmd = [
         str(SCHEMATHESIS),
         "--config-file",
@@ -69,7 +88,7 @@ def schemathesis(tmp_path, *args, config="", max_time="240"):
         "run",
         str(SPEC),
         "--url",
-        ENDPOINT,
+        base,
         "--exclude-checks",
         EXCLUDED,
         "--max-examples",
@@ -93,7 +112,7 @@ def schemathesis(tmp_path, *args, config="", max_time="240"):
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL
     )
-    print(f"schemathesis seed {SEED} (FUZZ_SEED), {EXAMPLES} examples per operation (FUZZ_EXAMPLES)")
+    print(f"schemathesis at {base}: seed {SEED} (FUZZ_SEED), {EXAMPLES} examples per operation (FUZZ_EXAMPLES)")
     print(proc.stdout, proc.stderr[-5000:])
     assert proc.returncode == 0, f"schemathesis found failures (exit {proc.returncode}); see the output above"
     return proc.stdout

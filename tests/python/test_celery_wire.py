@@ -13,14 +13,14 @@ import uuid
 import pytest
 from celery import Celery
 from celery.worker.request import Request
+from endpoints import url
 from kombu import Connection
 
-ENDPOINT = os.environ.get("DYNACHORD_ENDPOINT", "http://127.0.0.1:9000")
 SQS_ENDPOINT = os.environ.get("SQS_ENDPOINT", "http://127.0.0.1:5000")
 
 
 def put(path, body):
-    req = urllib.request.Request(ENDPOINT + path, data=json.dumps(body).encode(), method="PUT")
+    req = urllib.request.Request(url("PUT", path), data=json.dumps(body).encode(), method="PUT")
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.status == 200
 

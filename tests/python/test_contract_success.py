@@ -18,6 +18,7 @@ def test_fuzzed_stores_aimed_at_a_success_never_change_it(tmp_path, sentinels):
         "storeTask",
         config=f'[parameters]\n"path.task_id" = "{task_id}"\n',
         max_time="120",
+        functions=["base"],
     )
     assert "1 selected" in out, "only the store operation is aimed at the sentinel"
     assert call("GET", target)[1] == sentinels[target]

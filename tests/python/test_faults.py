@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from endpoints import endpoint_at, url
 from log_tail import show_tail
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +56,8 @@ def lower_keys(headers):
 
 class Stack:
     def __init__(self, base, control, sqs, pid, state):
-        self.base = base
+        # In this run's layout (the router, or each function's own URL).
+        self.base = endpoint_at(base)
         self.control = control
         self.sqs = sqs
         self.pid = pid
@@ -78,7 +80,7 @@ class Stack:
 
     def call(self, method, path, body=None, timeout=60):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req = urllib.request.Request(url(method, path, self.base), data=data, method=method)
         req.add_header("content-type", "application/json")
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:

@@ -24,7 +24,7 @@ from dynachord_celery import (
     DynachordTimeout,
     DynachordUnavailable,
 )
-from dynachord_celery.client import parse_endpoint
+from dynachord_celery.client import Routes, parse_endpoint
 
 FAST = dict(backoff_base=0.001, backoff_cap=0.01)
 
@@ -84,9 +84,61 @@ def test_endpoints_from_backend_urls() -> None:
         == "https://abc123.execute-api.eu-west-1.amazonaws.com"
     )
     assert parse_endpoint("dynachord://results.example.com/prod") == "https://results.example.com/prod"
-    for bad in ("ftp://host", "http://", "http://host?x=1", "127.0.0.1:9000"):
+    for bad in (
+        "ftp://host",
+        "http://",
+        "http://host?x=1",
+        "127.0.0.1:9000",
+        "http://host#f",
+        "http://host?fetch=ftp://other",
+        "http://host?fetch=/a&fetch=/b",
+        "http://host?fetch=http://other?x=1",
+    ):
         with pytest.raises(ValueError, match="dynachord endpoint"):
             parse_endpoint(bad)
+
+
+def test_function_url_endpoints_name_each_functions_url() -> None:
+    store = "https://s1.lambda-url.eu-west-1.on.aws/"
+    fetch = "https://f2.lambda-url.eu-west-1.on.aws/"
+    batch = "https://b3.lambda-url.eu-west-1.on.aws/"
+    # The stack's ResultBackend output, as pasted.
+    routes = Routes.parse(f"dynachord+{store}?fetch={fetch}&batch_get={batch}")
+    assert routes.base_for("PUT", "/v1/tasks/t1") == store.rstrip("/")
+    assert routes.base_for("DELETE", "/v1/tasks/t1") == store.rstrip("/")
+    assert routes.base_for("POST", "/v1/tasks/t1/upload") == store.rstrip("/")
+    assert routes.base_for("POST", "/v1/chords/g/redrive") == store.rstrip("/")
+    assert routes.base_for("POST", "/v1/cache/get-or-delegate") == store.rstrip("/")
+    for path in ("/v1/tasks/t1", "/v1/groups/g", "/v1/chords/g"):
+        assert routes.base_for("GET", path) == fetch.rstrip("/")
+    assert routes.base_for("POST", "/v1/tasks/batch-get") == batch.rstrip("/")
+    # The canonical string reads back the same (Celery pickles the backend by it).
+    assert Routes.parse(routes.canonical) == routes
+    # Paths are taken on the base URL's host: the local stack's layout.
+    local = Routes.parse(
+        "http://127.0.0.1:9000/lambda-url/store?fetch=/lambda-url/fetch&batch_get=/lambda-url/batch-fetch"
+    )
+    assert local.base_for("GET", "/v1/tasks/t") == "http://127.0.0.1:9000/lambda-url/fetch"
+    assert local.base_for("POST", "/v1/tasks/batch-get") == "http://127.0.0.1:9000/lambda-url/batch-fetch"
+    assert local.base_for("PUT", "/v1/tasks/t") == "http://127.0.0.1:9000/lambda-url/store"
+    # One base serves every route (an HTTP API).
+    single = Routes.parse("https://abc123.execute-api.eu-west-1.amazonaws.com")
+    routes_seen = [("GET", "/v1/tasks/t"), ("POST", "/v1/tasks/batch-get"), ("PUT", "/v1/tasks/t")]
+    assert {single.base_for(m, p) for m, p in routes_seen} == {single.base}
+
+
+def test_each_request_goes_to_the_function_that_serves_it(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.answers = [(200, {}, {"status": "PENDING", "result": None}), (200, {}, {"results": []}), (204, {}, None)]
+    client = Client(f"{url}/store?fetch=/fetch&batch_get=/batch", ClientOptions(**FAST))
+    client.get_task("t1")
+    client.batch_get([])
+    client.forget("t1")
+    assert [(s["method"], s["path"]) for s in script.seen] == [
+        ("GET", "/fetch/v1/tasks/t1"),
+        ("POST", "/batch/v1/tasks/batch-get"),
+        ("DELETE", "/store/v1/tasks/t1"),
+    ]
 
 
 def test_celery_finds_the_backend_by_its_url_scheme() -> None:
@@ -285,6 +337,17 @@ def test_execute_api_hosts_are_signed_with_sigv4(server: tuple[str, Script], mon
     # Plain http to loopback is not signed unless asked.
     assert not Client(url)._sign
     assert Client("https://abc123.execute-api.us-east-2.amazonaws.com")._region == "us-east-2"
+
+
+def test_function_urls_are_signed_for_the_lambda_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    client = Client("https://s1.lambda-url.ap-south-1.on.aws?fetch=https://f2.lambda-url.ap-south-1.on.aws")
+    assert client._sign and client._region == "ap-south-1"
+    headers = client._headers("GET", "https://f2.lambda-url.ap-south-1.on.aws/v1/tasks/t1", None)
+    assert "/ap-south-1/lambda/aws4_request" in headers["Authorization"]
 
 
 def test_signing_without_credentials_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:

@@ -11,6 +11,7 @@ import * as path from "node:path";
 import {
   Aws,
   CfnCondition,
+  CfnResource,
   Duration,
   Fn,
   RemovalPolicy,
@@ -105,8 +106,12 @@ export class Dynachord extends Construct {
   /** Whether the functions are traced (Tracing is not Disabled). */
   readonly isTracingOn: CfnCondition;
   readonly functions: Record<FunctionName, lambda.Function>;
-  /** Base URL of the v1 API. */
+  /** Base URL of the v1 API (FrontDoor HttpApi). */
   readonly apiUrl: string;
+  /** Celery's result_backend for this stack, either front door. */
+  readonly resultBackend: string;
+  /** Whether the HTTP API is the front door (FrontDoor HttpApi). */
+  readonly useHttpApi: CfnCondition;
   /** The CloudWatch dashboard's console URL. */
   readonly dashboardUrl: string;
 
@@ -135,6 +140,9 @@ export class Dynachord extends Construct {
       Fn.conditionAnd(isProvisioned, Fn.conditionEquals(str("EnableAutoScaling"), "true")),
     );
     const isIamAuth = condition("IsIamAuth", Fn.conditionEquals(str("AuthMode"), "iam"));
+    const useHttpApi = condition("UseHttpApi", Fn.conditionEquals(str("FrontDoor"), "HttpApi"));
+    const useFunctionUrls = condition("UseFunctionUrls", Fn.conditionEquals(str("FrontDoor"), "FunctionUrls"));
+    this.useHttpApi = useHttpApi;
     // A setting that is not empty (a list: any of its members).
     const isSet = (name: string, value: string) => condition(name, Fn.conditionNot(Fn.conditionEquals(value, "")));
     const hasQueueArns = isSet("HasQueueArns", Fn.join("", list("CallbackQueueArns")));
@@ -420,7 +428,7 @@ export class Dynachord extends Construct {
         environment: { ...environment, ...(spec.environment ?? {}) },
         loggingFormat: lambda.LoggingFormat.JSON,
         applicationLogLevelV2: str("LogLevel") as lambda.ApplicationLogLevel,
-        systemLogLevelV2: lambda.SystemLogLevel.WARN,
+        systemLogLevelV2: str("SystemLogLevel") as lambda.SystemLogLevel,
       });
       // Tracing is a setting (PassThrough or Active), so it is written as is; none when Disabled.
       const cfn = fn.node.defaultChild as lambda.CfnFunction;
@@ -482,14 +490,33 @@ export class Dynachord extends Construct {
       functionResponseTypes: ["ReportBatchItemFailures"],
     });
 
-    // The HTTP API: a route per v1 endpoint, IAM-authorized unless AuthMode is none.
-    this.api = new apigw.CfnApi(this, "HttpApi", {
-      name: Aws.STACK_NAME,
-      protocolType: "HTTP",
-      description: "dynachord's v1 API",
-    });
-    const accessLogs = new logs.CfnLogGroup(this, "ApiAccessLogs", { retentionInDays: 30 });
-    new apigw.CfnStage(this, "HttpApiStage", {
+    // The HTTP API (FrontDoor HttpApi): a route per v1 endpoint,
+    // IAM-authorized unless AuthMode is none.
+    const onlyWithHttpApi = <T extends CfnResource>(resource: T): T => {
+      resource.cfnOptions.condition = useHttpApi;
+      return resource;
+    };
+    this.api = onlyWithHttpApi(
+      new apigw.CfnApi(this, "HttpApi", {
+        name: Aws.STACK_NAME,
+        protocolType: "HTTP",
+        description: "dynachord's v1 API",
+      }),
+    );
+    // The function-URL front door (FrontDoor FunctionUrls): each HTTP
+    // function's own URL, IAM-authorized; the functions route and check
+    // every request themselves.
+    const urls: Record<string, lambda.CfnUrl> = {};
+    for (const name of ["Store", "Fetch", "BatchFetch"]) {
+      urls[name] = new lambda.CfnUrl(this, `${name}FunctionUrl`, {
+        targetFunctionArn: fnOf[name].functionArn,
+        authType: "AWS_IAM",
+        invokeMode: "BUFFERED",
+      });
+      urls[name].cfnOptions.condition = useFunctionUrls;
+    }
+    const accessLogs = onlyWithHttpApi(new logs.CfnLogGroup(this, "ApiAccessLogs", { retentionInDays: 30 }));
+    onlyWithHttpApi(new apigw.CfnStage(this, "HttpApiStage", {
       apiId: this.api.ref,
       stageName: "$default",
       autoDeploy: true,
@@ -505,44 +532,67 @@ export class Dynachord extends Construct {
           '"routeKey":"$context.routeKey","status":"$context.status", ' +
           '"latencyMs":"$context.responseLatency","integrationError":"$context.integrationErrorMessage"}',
       },
-    });
+    }));
     const integrations: Record<string, apigw.CfnIntegration> = {};
     for (const name of ["Store", "Fetch", "BatchFetch"]) {
-      integrations[name] = new apigw.CfnIntegration(this, `${name}Integration`, {
-        apiId: this.api.ref,
-        integrationType: "AWS_PROXY",
-        integrationUri: fnOf[name].functionArn,
-        payloadFormatVersion: "2.0",
-        timeoutInMillis: 30000,
-      });
-      new lambda.CfnPermission(this, `${name}ApiPermission`, {
-        action: "lambda:InvokeFunction",
-        functionName: fnOf[name].functionName,
-        principal: "apigateway.amazonaws.com",
-        sourceArn: `arn:${Aws.PARTITION}:execute-api:${Aws.REGION}:${Aws.ACCOUNT_ID}:${this.api.ref}/*`,
-      });
+      integrations[name] = onlyWithHttpApi(
+        new apigw.CfnIntegration(this, `${name}Integration`, {
+          apiId: this.api.ref,
+          integrationType: "AWS_PROXY",
+          integrationUri: fnOf[name].functionArn,
+          payloadFormatVersion: "2.0",
+          timeoutInMillis: 30000,
+        }),
+      );
+      onlyWithHttpApi(
+        new lambda.CfnPermission(this, `${name}ApiPermission`, {
+          action: "lambda:InvokeFunction",
+          functionName: fnOf[name].functionName,
+          principal: "apigateway.amazonaws.com",
+          sourceArn: `arn:${Aws.PARTITION}:execute-api:${Aws.REGION}:${Aws.ACCOUNT_ID}:${this.api.ref}/*`,
+        }),
+      );
     }
     for (const [name, method, route, fn] of ROUTES) {
-      new apigw.CfnRoute(this, `${name}Route`, {
-        apiId: this.api.ref,
-        routeKey: `${method} ${route}`,
-        target: `integrations/${integrations[fn].ref}`,
-        authorizationType: Token.asString(Fn.conditionIf(isIamAuth.logicalId, "AWS_IAM", "NONE")),
-      });
+      onlyWithHttpApi(
+        new apigw.CfnRoute(this, `${name}Route`, {
+          apiId: this.api.ref,
+          routeKey: `${method} ${route}`,
+          target: `integrations/${integrations[fn].ref}`,
+          authorizationType: Token.asString(Fn.conditionIf(isIamAuth.logicalId, "AWS_IAM", "NONE")),
+        }),
+      );
     }
 
-    this.alarms(hasAlarmTopic, str("AlarmTopicArn"), fnOf);
+    this.alarms(hasAlarmTopic, str("AlarmTopicArn"), fnOf, useHttpApi, useFunctionUrls);
 
     new cloudwatch.CfnDashboard(this, "Dashboard", {
       dashboardName: `${Aws.STACK_NAME}-dynachord`,
       dashboardBody: Fn.sub(DASHBOARD_BODY, { ChordJoin: fnOf.ChordJoin.functionName }),
     });
     this.apiUrl = `https://${this.api.ref}.execute-api.${Aws.REGION}.${Aws.URL_SUFFIX}`;
+    this.resultBackend = Token.asString(
+      Fn.conditionIf(
+        useHttpApi.logicalId,
+        `dynachord+${this.apiUrl}`,
+        Fn.sub("dynachord+${Store}?fetch=${Fetch}&batch_get=${BatchFetch}", {
+          Store: urls.Store.attrFunctionUrl,
+          Fetch: urls.Fetch.attrFunctionUrl,
+          BatchFetch: urls.BatchFetch.attrFunctionUrl,
+        }),
+      ),
+    );
     this.dashboardUrl = `https://${Aws.REGION}.console.aws.amazon.com/cloudwatch/home?region=${Aws.REGION}#dashboards:name=${Aws.STACK_NAME}-dynachord`;
   }
 
   /** The alarms: the join falling behind or failing, errors, throttling, 5xx. */
-  private alarms(hasTopic: CfnCondition, topicArn: string, fnOf: Record<string, lambda.Function>): void {
+  private alarms(
+    hasTopic: CfnCondition,
+    topicArn: string,
+    fnOf: Record<string, lambda.Function>,
+    useHttpApi: CfnCondition,
+    useFunctionUrls: CfnCondition,
+  ): void {
     const actions = Fn.conditionIf(hasTopic.logicalId, [topicArn], Aws.NO_VALUE) as unknown as string[];
     const base = {
       treatMissingData: "notBreaching",
@@ -568,7 +618,7 @@ export class Dynachord extends Construct {
       stat("batch", "AWS/Lambda", metricName, 60, ["FunctionName", fnOf.BatchFetch.functionName]),
       stat("join", "AWS/Lambda", metricName, 60, ["FunctionName", fnOf.ChordJoin.functionName]),
     ];
-    const alarm = (id: string, props: Partial<cloudwatch.CfnAlarmProps>) => {
+    const alarm = (id: string, props: Partial<cloudwatch.CfnAlarmProps>, only?: CfnCondition) => {
       const resource = new cloudwatch.CfnAlarm(this, id, {
         ...base,
         evaluationPeriods: 1,
@@ -581,6 +631,7 @@ export class Dynachord extends Construct {
         id: "CloudFormation-Validate::W1030",
         reason: "AlarmActions is NoValue unless AlarmTopicArn is set",
       });
+      if (only) resource.cfnOptions.condition = only;
     };
 
     alarm("ChordJoinIteratorAgeAlarm", {
@@ -633,7 +684,25 @@ export class Dynachord extends Construct {
         stat("requests", "AWS/ApiGateway", "Count", 300, ["ApiId", this.api.ref]),
       ],
       threshold: 1,
-    });
+    }, useHttpApi);
+    const urlFunctions: [string, lambda.Function][] = [["1", fnOf.Store], ["2", fnOf.Fetch], ["3", fnOf.BatchFetch]];
+    alarm(
+      "FunctionUrl5xxAlarm",
+      {
+        alarmDescription: "The function URLs answered more than 1% 5xx over 5 minutes",
+        metrics: [
+          {
+            id: "rate",
+            expression: "IF((r1 + r2 + r3) > 0, 100 * (e1 + e2 + e3) / (r1 + r2 + r3), 0)",
+            returnData: true,
+          },
+          ...urlFunctions.map(([n, fn]) => stat(`e${n}`, "AWS/Lambda", "Url5xxCount", 300, ["FunctionName", fn.functionName])),
+          ...urlFunctions.map(([n, fn]) => stat(`r${n}`, "AWS/Lambda", "UrlRequestCount", 300, ["FunctionName", fn.functionName])),
+        ],
+        threshold: 1,
+      },
+      useFunctionUrls,
+    );
     // On the functions' own metrics (Embedded Metric Format, namespace dynachord).
     alarm("ChordFailuresAlarm", {
       alarmDescription:

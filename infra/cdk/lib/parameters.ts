@@ -67,6 +67,12 @@ export const PARAMETERS = {
     allowedValues: ["true", "false"],
     description: "Refuse to delete the table (also when the stack is deleted).",
   },
+  FrontDoor: {
+    type: "String",
+    default: "HttpApi",
+    allowedValues: ["HttpApi", "FunctionUrls"],
+    description: "How callers reach the functions. HttpApi (the default): one API Gateway HTTP API in front of them ($1.00 a million requests), with its throttling (ApiThrottling*), access log and 5xx alarm. FunctionUrls: the store, fetch and batch-fetch functions' own Lambda function URLs, IAM-authorized (AuthMode must be iam; no charge per request); callers need lambda:InvokeFunctionUrl and lambda:InvokeFunction on the three functions, and throttling is the functions' concurrency. Either way the ResultBackend output is the one string the Python package takes (docs/DEPLOY.md, \"Front doors\").",
+  },
   AuthMode: {
     type: "String",
     default: "iam",
@@ -101,8 +107,14 @@ export const PARAMETERS = {
   LogLevel: {
     type: "String",
     default: "INFO",
-    allowedValues: ["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"],
-    description: "Application log level of the functions (JSON logs).",
+    allowedValues: ["TRACE", "DEBUG", "INFO"],
+    description: "Application log level of the functions (JSON logs). INFO writes, for a healthy request, its metrics line alone. No level above INFO: the metrics lines (Embedded Metric Format) carry no level, Lambda files them as INFO, and a WARN filter would drop every metric.",
+  },
+  SystemLogLevel: {
+    type: "String",
+    default: "WARN",
+    allowedValues: ["DEBUG", "INFO", "WARN"],
+    description: "Lambda's own log lines for the functions (JSON). WARN (the default) writes no START, END or REPORT line per invocation (Lambda's Duration, Errors and Throttles metrics are kept either way); INFO writes them, about 300 bytes more per invocation (docs/COST.md).",
   },
   Architecture: {
     type: "String",
@@ -256,7 +268,7 @@ export type ParameterName = keyof typeof PARAMETERS;
 /** The console's parameter groups, as the SAM template lays them out. */
 export const PARAMETER_GROUPS: { label: string; parameters: ParameterName[] }[] = [
   { label: "Table", parameters: ["TableName", "BillingMode", "ReadCapacityUnits", "WriteCapacityUnits", "EnableAutoScaling", "AutoScalingMinCapacity", "AutoScalingMaxCapacity", "AutoScalingTargetUtilization", "DeletionProtection"] },
-  { label: "Service", parameters: ["AuthMode", "Namespace", "Tenants", "ResultTtlSeconds", "MaxWaitSeconds", "LogLevel", "Architecture", "ApiThrottlingRateLimit", "ApiThrottlingBurstLimit", "Tracing"] },
+  { label: "Service", parameters: ["FrontDoor", "AuthMode", "Namespace", "Tenants", "ResultTtlSeconds", "MaxWaitSeconds", "LogLevel", "SystemLogLevel", "Architecture", "ApiThrottlingRateLimit", "ApiThrottlingBurstLimit", "Tracing"] },
   { label: "Chords", parameters: ["StreamBatchSize", "StreamBatchingWindowSeconds", "StreamMaximumRetryAttempts", "StreamMaximumRecordAgeSeconds", "CallbackTarget", "CallbackQueues", "CallbackQueueUrlPrefix", "CallbackQueueNames", "CallbackQueueUrls", "CallbackDefaultQueue", "CallbackQueueArns", "CallbackLambdaFunctionArn", "ChordMaxAttempts", "ChordJoinReservedConcurrency", "CallbackQueueKmsKeyArns"] },
   { label: "Large results", parameters: ["SpillAboveBytes", "MaxResultBytes", "CallbackMaxBytes", "PresignSeconds"] },
   { label: "Alarms", parameters: ["AlarmTopicArn"] },

@@ -47,6 +47,16 @@ export class DynachordStack extends Stack {
         ParameterGroups: PARAMETER_GROUPS.map((g) => ({ Label: { default: g.label }, Parameters: g.parameters })),
       },
     };
+    // A function URL is IAM-authorized or public: no open front door.
+    new CfnRule(this, "FunctionUrlsAreIamAuthorized", {
+      ruleCondition: Fn.conditionEquals(parameters.FrontDoor!.valueAsString, "FunctionUrls"),
+      assertions: [
+        {
+          assert: Fn.conditionEquals(parameters.AuthMode!.valueAsString, "iam"),
+          assertDescription: "FrontDoor FunctionUrls needs AuthMode iam (a function URL without IAM auth is public).",
+        },
+      ],
+    });
     // A multi-tenant stack scopes sqs:SendMessage to the queues it grants.
     new CfnRule(this, "TenantsNameTheirQueues", {
       ruleCondition: Fn.conditionAnd(
@@ -69,6 +79,13 @@ export class DynachordStack extends Stack {
       id: "CloudFormation-Validate::W1030",
       reason: "TracingConfig is NoValue when Tracing is Disabled (IsTracingOn)",
     });
+    // ResultBackend's Fn::If names the function URLs only in its
+    // UseFunctionUrls branch, which the validator does not tell apart from
+    // UseHttpApi's (FrontDoor has these two values alone).
+    Validations.of(this).acknowledge({
+      id: "CloudFormation-Validate::W1001",
+      reason: "ResultBackend names the function URLs only when FrontDoor is FunctionUrls",
+    });
     const s = this.service;
     // Outputs share CloudFormation's names with the parameters' (TableName is
     // both), so they live in a scope of their own under the SAM names.
@@ -76,7 +93,16 @@ export class DynachordStack extends Stack {
     const output = (id: string, description: string, value: string) =>
       new CfnOutput(outputs, id, { description, value }).overrideLogicalId(id);
     output("DashboardUrl", "The stack's CloudWatch dashboard", s.dashboardUrl);
-    output("ApiUrl", "Base URL of the v1 API (SigV4-signed requests, service execute-api)", s.apiUrl);
+    new CfnOutput(outputs, "ApiUrl", {
+      description: "Base URL of the v1 API (SigV4-signed requests, service execute-api)",
+      value: s.apiUrl,
+      condition: s.useHttpApi,
+    }).overrideLogicalId("ApiUrl");
+    output(
+      "ResultBackend",
+      "Celery's result_backend for this stack, as the Python package takes it (with function URLs it names each function's URL; SigV4, service lambda)",
+      s.resultBackend,
+    );
     output("TableName", "The results table", s.table.ref);
     output("StreamArn", "The table's stream, consumed by chord-join", s.table.attrStreamArn);
     output("DeadLetterQueueUrl", "Stream records chord-join gave up on", s.deadLetterQueue.ref);

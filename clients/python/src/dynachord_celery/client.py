@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 from kombu.utils import json as kjson
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 _EXECUTE_API_HOST = re.compile(r"^[a-z0-9]+\.execute-api\.([a-z0-9-]+)\.amazonaws\.com$")
+_FUNCTION_URL_HOST = re.compile(r"^[a-z0-9]+\.lambda-url\.([a-z0-9-]+)\.on\.aws$")
 
 
 class DynachordError(Exception):
@@ -85,11 +86,12 @@ class Claim:
 class ClientOptions:
     """How the client talks to the service. All of them have sane defaults."""
 
-    #: Sign requests with SigV4 (service ``execute-api``). ``None``: sign when
-    #: the endpoint is an ``execute-api`` host, never for plain ``http``.
+    #: Sign requests with SigV4 (service ``execute-api``, or ``lambda`` for a
+    #: function URL). ``None``: sign when the endpoint is an ``execute-api``
+    #: or ``lambda-url`` host, never for plain ``http``.
     sign: bool | None = None
-    #: The API's region; by default from the ``execute-api`` host name, else
-    #: the AWS configuration (``AWS_REGION``, profile).
+    #: The API's region; by default from the ``execute-api`` or ``lambda-url``
+    #: host name, else the AWS configuration (``AWS_REGION``, profile).
     region: str | None = None
     #: Seconds to connect, and to read an answer (a long-poll adds its wait).
     #: The read time-out is past API Gateway's own 29 s limit, so a request
@@ -140,39 +142,101 @@ class ClientOptions:
         return cls(**raw)
 
 
+#: The query keys of an endpoint that name where a function's routes are
+#: served, when each function has a URL of its own (Lambda function URLs):
+#: ``fetch`` serves the GETs of tasks, groups and chords, ``batch_get`` the
+#: batch-get; every other route goes to the base URL (the store function's).
+ROUTE_KEYS = ("fetch", "batch_get")
+
+
 def parse_endpoint(url: str) -> str:
-    """The service's base URL from a backend URL.
+    """The service's endpoint from a backend URL, in its canonical form.
 
     ``dynachord+https://host`` reaches Celery as ``https://host``; a bare
     ``dynachord://host`` means HTTPS. Paths are kept (custom domains with a
-    base path); a trailing slash is dropped.
+    base path); a trailing slash is dropped. Behind Lambda function URLs
+    (one URL per function), the query names the other functions' URLs:
+    ``https://<store>.lambda-url.<region>.on.aws?fetch=https://<fetch>...&batch_get=https://<batch>...``
+    (the stack's ``ResultBackend`` output is this string); a value that is
+    a path is taken on the base URL's host (the local stack's
+    ``/lambda-url/<function>``).
     """
-    if url.startswith("dynachord+"):
-        url = url[len("dynachord+") :]
-    elif url.startswith("dynachord://"):
-        url = "https://" + url[len("dynachord://") :]
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"dynachord endpoint must be http(s)://host[:port][/path], got {url!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"dynachord endpoint takes no query or fragment: {url!r}")
-    return url.rstrip("/")
+    return Routes.parse(url).canonical
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Where each route is served: one base URL (an HTTP API, or the store
+    function's URL), and the URLs of the functions that have their own."""
+
+    base: str
+    fetch: str | None = None
+    batch_get: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> Routes:
+        if url.startswith("dynachord+"):
+            url = url[len("dynachord+") :]
+        elif url.startswith("dynachord://"):
+            url = "https://" + url[len("dynachord://") :]
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"dynachord endpoint must be http(s)://host[:port][/path], got {url!r}")
+        if parts.fragment:
+            raise ValueError(f"dynachord endpoint takes no fragment: {url!r}")
+        base = urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
+        found: dict[str, str] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)):
+            if key not in ROUTE_KEYS:
+                raise ValueError(f"dynachord endpoint: unknown query key {key!r} in {url!r}; known: {list(ROUTE_KEYS)}")
+            if key in found:
+                raise ValueError(f"dynachord endpoint: {key!r} given twice in {url!r}")
+            target = urlsplit(urljoin(base + "/", value))
+            if target.scheme not in ("http", "https") or not target.netloc or target.query or target.fragment:
+                raise ValueError(f"dynachord endpoint: {key}={value!r} is not a URL or a path: {url!r}")
+            found[key] = urlunsplit(target).rstrip("/")
+        return cls(base, found.get("fetch"), found.get("batch_get"))
+
+    @property
+    def canonical(self) -> str:
+        """The endpoint as one string (what ``parse`` reads back)."""
+        query = [(key, getattr(self, key)) for key in ROUTE_KEYS if getattr(self, key)]
+        return self.base + ("?" + urlencode(query, safe=":/") if query else "")
+
+    def base_for(self, method: str, path: str) -> str:
+        """The base URL that serves ``method path`` (a v1 path)."""
+        if method == "POST" and path == "/v1/tasks/batch-get":
+            return self.batch_get or self.base
+        if method == "GET" and path.startswith(("/v1/tasks/", "/v1/groups/", "/v1/chords/")):
+            return self.fetch or self.base
+        return self.base
+
+    def hosts(self) -> set[str]:
+        return {urlsplit(url).hostname or "" for url in (self.base, self.fetch, self.batch_get) if url}
 
 
 def _region_of(host: str) -> str | None:
-    match = _EXECUTE_API_HOST.match(host)
+    match = _EXECUTE_API_HOST.match(host) or _FUNCTION_URL_HOST.match(host)
     return match.group(1) if match else None
+
+
+def _service_of(host: str) -> str:
+    """SigV4's service for a host: ``lambda`` for a function URL, else
+    ``execute-api`` (an HTTP API, or a custom domain in front of one)."""
+    return "lambda" if _FUNCTION_URL_HOST.match(host) else "execute-api"
 
 
 class Client:
     """dynachord's v1 API. Thread-safe; fork-safe (sessions are per process)."""
 
     def __init__(self, endpoint: str, options: ClientOptions = ClientOptions()) -> None:
-        self.endpoint = parse_endpoint(endpoint)
+        self.routes = Routes.parse(endpoint)
+        #: The endpoint in its canonical form (see :func:`parse_endpoint`).
+        self.endpoint = self.routes.canonical
         self.options = options
-        host = urlsplit(self.endpoint).hostname or ""
-        self._sign = options.sign if options.sign is not None else _region_of(host) is not None
-        self._region = options.region or _region_of(host)
+        regions = {_region_of(host) for host in self.routes.hosts()} - {None}
+        self._sign = options.sign if options.sign is not None else bool(regions)
+        self._region = options.region or (regions.pop() if len(regions) == 1 else None)
         self._local = threading.local()
         #: The service's longest result lifetime, once it has told us.
         self._max_expires_in: int | None = None
@@ -200,7 +264,7 @@ class Client:
                 "to sign requests to an IAM-authorised API"
             )
         self._region = region
-        return lambda: SigV4Auth(credentials.get_frozen_credentials(), "execute-api", region)
+        return lambda service: SigV4Auth(credentials.get_frozen_credentials(), service, region)
 
     def _session(self) -> requests.Session:
         # One session per thread and process: requests' Session is not
@@ -221,7 +285,7 @@ class Client:
             from botocore.awsrequest import AWSRequest
 
             request = AWSRequest(method=method, url=url, data=body or b"", headers=headers)
-            self._signer().add_auth(request)
+            self._signer(_service_of(urlsplit(url).hostname or "")).add_auth(request)
             headers = dict(request.headers.items())
         return headers
 
@@ -246,7 +310,7 @@ class Client:
         answer or raises :class:`DynachordError`. With a ``deadline``
         (``time.monotonic()``), every attempt and every pause between them
         ends by it: past it, :class:`DynachordTimeout`."""
-        url = self.endpoint + path + ("?" + urlencode(params) if params else "")
+        url = self.routes.base_for(method, path) + path + ("?" + urlencode(params) if params else "")
         # Bytes are a body encoded already (see put_task).
         data = body if isinstance(body, bytes) or body is None else _dumps(body).encode("utf-8")
 
