@@ -88,7 +88,68 @@ fn lambda_cost(p: &Prices, memory_mb: f64, ms: f64) -> f64 {
     p.lambda_requests_per_million / MILLION + memory_mb / 1024.0 * ms.ceil() / 1000.0 * p.lambda_gb_second_arm64
 }
 
+/// How callers reach the functions: the template's `FrontDoor`.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Door {
+    /// One API Gateway HTTP API in front of the functions (billed per request).
+    HttpApi,
+    /// Each HTTP function's own Lambda function URL (no charge per request).
+    FunctionUrls,
+}
+
+impl Door {
+    fn name(self) -> &'static str {
+        match self {
+            Door::HttpApi => "HTTP API",
+            Door::FunctionUrls => "function URLs",
+        }
+    }
+
+    /// The local stack's URL of `path` through this door: the router (the
+    /// HTTP API's layout), or the function's own URL (`/lambda-url/<fn>`).
+    fn url(self, base: &str, function: &str, path: &str) -> String {
+        match self {
+            Door::HttpApi => format!("{base}{path}"),
+            Door::FunctionUrls => format!("{base}/lambda-url/{function}{path}"),
+        }
+    }
+}
+
+/// One front door on the local stack: a store and a fetch of a 100-byte
+/// result through it (medians), and the bytes each request's body and its
+/// answer's body carry.
+struct DoorFigures {
+    door: Door,
+    store_ms: f64,
+    fetch_ms: f64,
+    store_bytes: (usize, usize),
+    fetch_bytes: (usize, usize),
+}
+
+async fn measure_door(service: &Service, door: Door, tag: &str, n: usize) -> DoorFigures {
+    let (mut stores, mut fetches) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut store_bytes, mut fetch_bytes) = ((0, 0), (0, 0));
+    for i in 0..n {
+        let id = format!("cost-{tag}-door-{i}");
+        let body = serde_json::json!({"status": "SUCCESS", "result": crate::random_hex(50), "task_id": id}).to_string();
+        let started = Instant::now();
+        let (answer, _) = service
+            .send(service.http.put(door.url(&service.base, "store", &format!("/v1/tasks/{id}"))).body(body.clone()))
+            .await;
+        stores.push(started.elapsed().as_secs_f64() * 1000.0);
+        store_bytes = (body.len(), answer.len());
+        let started = Instant::now();
+        let (answer, _) =
+            service.send(service.http.get(door.url(&service.base, "fetch", &format!("/v1/tasks/{id}")))).await;
+        fetches.push(started.elapsed().as_secs_f64() * 1000.0);
+        fetch_bytes = (0, answer.len());
+    }
+    DoorFigures { door, store_ms: crate::median(stores), fetch_ms: crate::median(fetches), store_bytes, fetch_bytes }
+}
+
 struct Measured {
+    /// Each front door, interleaved in this run.
+    doors: Vec<DoorFigures>,
     store_calls: f64,
     fetch_calls: f64,
     item_bytes: usize,
@@ -153,9 +214,31 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
     let large_fetch = crate::fetch_large(service, &id, json.len()).await;
     let large_secs = started.elapsed().as_secs_f64();
 
+    // The two doors in alternation, so that neither gets a quieter machine.
+    let mut doors = Vec::new();
+    for round in 0..2 {
+        for door in [Door::HttpApi, Door::FunctionUrls] {
+            doors.push(measure_door(service, door, &format!("{tag}-{round}"), 100).await);
+        }
+    }
+    let doors = [Door::HttpApi, Door::FunctionUrls]
+        .into_iter()
+        .map(|door| {
+            let runs: Vec<&DoorFigures> = doors.iter().filter(|f| f.door == door).collect();
+            DoorFigures {
+                door,
+                store_ms: crate::median(runs.iter().map(|f| f.store_ms).collect()),
+                fetch_ms: crate::median(runs.iter().map(|f| f.fetch_ms).collect()),
+                store_bytes: runs[0].store_bytes,
+                fetch_bytes: runs[0].fetch_bytes,
+            }
+        })
+        .collect();
+
     let chord = crate::chord_run(service, sdk, 1000).await;
     let celery = crate::celery_join(1000).ok();
     Measured {
+        doors,
         store_calls: store_calls as f64 / n as f64,
         fetch_calls: fetch_calls as f64 / n as f64,
         item_bytes: item_size(&item),
@@ -229,11 +312,13 @@ fn usd(x: f64) -> String {
 /// Measures, prices and writes `docs/COST.md`; prints it too.
 pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, figures: &[Figures]) {
     let m = measure_service(service, sdk, table).await;
-    let b = Bill::of(&m, figures);
+    let b = Bill::of(&m, figures, Door::HttpApi);
+    let u = Bill::of(&m, figures, Door::FunctionUrls);
     let mut d = String::new();
     write_measured(&mut d, &m, &b, figures);
-    write_work(&mut d, &m, &b);
-    write_idle(&mut d, &b);
+    write_doors(&mut d, &m, figures);
+    write_work(&mut d, &m, &b, &u);
+    write_idle(&mut d, &b, &u);
     std::fs::write("docs/COST.md", &d).expect("docs/ is writable");
     println!("\n{d}");
     eprintln!("wrote docs/COST.md");
@@ -242,6 +327,7 @@ pub async fn run(service: &Service, sdk: &aws_config::SdkConfig, table: &str, fi
 /// The prices this run's measurements come to.
 struct Bill<'a> {
     figures: &'a [Figures],
+    door: Door,
     /// Write and read units of a stored result's item.
     w: f64,
     r: f64,
@@ -273,14 +359,16 @@ struct Bill<'a> {
 }
 
 impl<'a> Bill<'a> {
-    fn of(m: &Measured, figures: &'a [Figures]) -> Self {
+    fn of(m: &Measured, figures: &'a [Figures], door: Door) -> Self {
         let p = &PRICES;
         let (w, r) = (write_units(m.item_bytes), read_units(m.item_bytes));
         let mut b = Bill {
             figures,
+            door,
             w,
             r,
-            api: p.api_per_million / MILLION,
+            // A function URL is billed as the invocation it makes, no more.
+            api: if door == Door::HttpApi { p.api_per_million / MILLION } else { 0.0 },
             tasks: 0.0,
             tasks_ddb: (m.store_calls + m.fetch_calls) * MILLION,
             celery_tasks: (wru(w) + rru(r)) * MILLION, // one PutItem, one GetItem
@@ -442,8 +530,36 @@ fn write_measured(d: &mut String, m: &Measured, b: &Bill, figures: &[Figures]) {
     let _ = writeln!(d, "\nAssumed (not measurable on one machine): a DynamoDB request adds {DDB_LATENCY_MS} ms to a function's duration in a region (DynamoDB Local answers in under a millisecond); chord-join gets {RECORDS_PER_JOIN_INVOCATION} records per invocation (BatchSize 100, no batching window: parts stored over time arrive in small batches); Lambda reads its stream for free.\n");
 }
 
+/// "Front doors": what each door's requests carry and take here, and what
+/// each hop adds on AWS, from what AWS documents.
+fn write_doors(d: &mut String, m: &Measured, figures: &[Figures]) {
+    let warm = |name: &str| figures.iter().find(|f| f.function == name).map_or(0.0, |f| f.warm_ms);
+    let _ = writeln!(d, "## Front doors\n");
+    let _ = writeln!(d, "Measured here, through each door of the local stack (the router that stands for the HTTP API, and each function's own URL), 200 stores and 200 fetches each, the doors in alternation:\n");
+    let _ = writeln!(d, "| door | requests per store / fetch | store: body sent / answered (bytes) | fetch: answered (bytes) | store median | fetch median | the function's own duration (store / fetch, warm, release build) |");
+    let _ = writeln!(d, "|---|---|---|---|---|---|---|");
+    for f in &m.doors {
+        let _ = writeln!(
+            d,
+            "| {} | 1 / 1 | {} / {} | {} | {:.2} ms | {:.2} ms | {:.2} ms / {:.2} ms |",
+            f.door.name(),
+            f.store_bytes.0,
+            f.store_bytes.1,
+            f.fetch_bytes.1,
+            f.store_ms,
+            f.fetch_ms,
+            warm("store"),
+            warm("fetch")
+        );
+    }
+    let _ = writeln!(d, "\nOn one machine both doors reach the same function host, so the medians differ by the router's work alone. On AWS:");
+    let _ = writeln!(d, "- **HTTP API**: the caller's request goes to API Gateway, which checks its SigV4 signature (IAM auth), matches the route, and invokes the function. AWS publishes no latency figure for that hop; a deployment measures it as the HTTP API's `Latency` minus its `IntegrationLatency` (both CloudWatch metrics of API Gateway, documented in \"Monitoring HTTP API metrics\", API Gateway Developer Guide). Its integration times out at 30 s (\"Quotas for HTTP APIs\", the same guide), so a long-poll stays under it (MaxWaitSeconds at most 25).");
+    let _ = writeln!(d, "- **Function URLs**: the caller's request goes to Lambda's own front end, which checks the signature and invokes the function: no other service's hop, no per-request price (\"Lambda function URLs\" and \"AWS Lambda pricing\": a URL's requests are billed as invocations). A request may run for the function's whole timeout (up to 15 minutes, \"Lambda quotas\"), and a buffered answer is at most 6 MB, as behind API Gateway (a streamed one may be larger; the functions do not stream yet).");
+    let _ = writeln!(d, "- Either way the function's own duration is the column above, plus the DynamoDB requests it makes in a region (assumed {DDB_LATENCY_MS} ms each below).\n");
+}
+
 /// "Work": a million of each kind, beside Celery's DynamoDB backend.
-fn write_work(d: &mut String, m: &Measured, b: &Bill) {
+fn write_work(d: &mut String, m: &Measured, b: &Bill, u: &Bill) {
     let (w, r, ls, lf) = (b.w, b.r, &m.large_store, &m.large_fetch);
     let Bill { api, tasks, tasks_ddb, celery_tasks, polls, celery_polls, celery_poll_reads, .. } = *b;
     let Bill {
@@ -451,27 +567,35 @@ fn write_work(d: &mut String, m: &Measured, b: &Bill) {
     } = *b;
     let p = &PRICES;
     let _ = writeln!(d, "## Work\n");
-    let _ = writeln!(d, "| work | dynachord | its DynamoDB requests | Celery's DynamoDB backend, DynamoDB only |");
-    let _ = writeln!(d, "|---|---|---|---|");
     let _ = writeln!(
         d,
-        "| 1 million tasks stored and fetched once | {} | {:.1} million | {} (1 PutItem + 1 GetItem each, 2 million requests) |",
+        "| work | dynachord, {} | dynachord, {} | its DynamoDB requests | Celery's DynamoDB backend, DynamoDB only |",
+        b.door.name(),
+        u.door.name()
+    );
+    let _ = writeln!(d, "|---|---|---|---|---|");
+    let _ = writeln!(
+        d,
+        "| 1 million tasks stored and fetched once | {} | {} | {:.1} million | {} (1 PutItem + 1 GetItem each, 2 million requests) |",
         usd(tasks),
+        usd(u.tasks),
         tasks_ddb / MILLION,
         usd(celery_tasks)
     );
     let _ = writeln!(
         d,
-        "| 1 million 5 s long-polls (the whole wait) | {} | {:.1} million | {} (no long-poll: `get()` reads every 0.5 s, {:.0} million reads) |",
+        "| 1 million 5 s long-polls (the whole wait) | {} | {} | {:.1} million | {} (no long-poll: `get()` reads every 0.5 s, {:.0} million reads) |",
         usd(polls),
+        usd(u.polls),
         m.poll_calls,
         usd(celery_polls),
         celery_poll_reads
     );
     let _ = writeln!(
         d,
-        "| 1 million chord parts in chords of 1,000 | {} | {:.1} million | {} |",
+        "| 1 million chord parts in chords of 1,000 | {} | {} | {:.1} million | {} |",
         usd(chord_total),
+        usd(u.chord_total),
         chord_ddb / MILLION,
         match (celery_chord_cost, celery_chord_requests) {
             (Some(cost), Some(c)) => format!(
@@ -484,8 +608,9 @@ fn write_work(d: &mut String, m: &Measured, b: &Bill) {
     );
     let _ = writeln!(
         d,
-        "| 1 million 1 MB results stored and fetched once (through S3) | {} | {:.1} million, and {:.1} million S3 requests | not possible (DynamoDB items stop at 400 KB) |",
+        "| 1 million 1 MB results stored and fetched once (through S3) | {} | {} | {:.1} million, and {:.1} million S3 requests | not possible (DynamoDB items stop at 400 KB) |",
         usd(large),
+        usd(u.large),
         f64::from(ls.ddb + lf.ddb),
         f64::from(ls.s3_direct + lf.s3_direct + ls.s3_by_service + lf.s3_by_service)
     );
@@ -493,32 +618,39 @@ fn write_work(d: &mut String, m: &Measured, b: &Bill) {
     // KB, a consistent read unit per 4 KB), as stored here; past
     // SpillAboveBytes (64 KB compressed) it goes to S3 (the row above).
     let _ = writeln!(d, "\nBy result size, a million stored and fetched once (results of random hex; a document over 16 KB is stored deflate-compressed, so its item is smaller than the result):\n");
-    let _ =
-        writeln!(d, "| result | its item | write + read units each | DynamoDB | all of it |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        d,
+        "| result | its item | write + read units each | DynamoDB | all of it, {} | all of it, {} |\n|---|---|---|---|---|---|",
+        b.door.name(),
+        u.door.name()
+    );
     let base_ddb = Bill::tasks_ddb_cost(m, w, r);
     for &(kb, bytes) in &m.by_size {
         let (w, r) = (write_units(bytes), read_units(bytes));
         let ddb = Bill::tasks_ddb_cost(m, w, r);
         let _ = writeln!(
             d,
-            "| {kb} KB | {:.1} KB | {w:.0} + {r:.0} | {} | {} |",
+            "| {kb} KB | {:.1} KB | {w:.0} + {r:.0} | {} | {} | {} |",
             bytes as f64 / 1024.0,
             usd(ddb),
-            usd(tasks - base_ddb + ddb)
+            usd(tasks - base_ddb + ddb),
+            usd(u.tasks - base_ddb + ddb)
         );
     }
-    let _ = writeln!(d, "\nWhere a million tasks stored and fetched once goes: API Gateway {}, Lambda {}, DynamoDB {}, CloudWatch Logs {}.",
+    let _ = writeln!(d, "\nWhere a million tasks stored and fetched once goes: API Gateway {} (none through function URLs), Lambda {}, DynamoDB {}, CloudWatch Logs {} (each request's metrics line, {:.0} bytes from store and {:.0} from fetch; no START, END or REPORT line at the template's SystemLogLevel WARN).",
         usd(2.0 * api * MILLION),
         usd((b.store_lambda(m) + b.fetch_lambda(m)) * MILLION),
         usd(Bill::tasks_ddb_cost(m, w, r)),
-        usd((b.log_cost("store") + b.log_cost("fetch")) * MILLION));
+        usd((b.log_cost("store") + b.log_cost("fetch")) * MILLION),
+        b.figure("store").log_bytes_per_invocation,
+        b.figure("fetch").log_bytes_per_invocation);
     let _ = writeln!(d, "A long-poll is mostly Lambda's wait ({} of {} per million): clients that can wait on a chord or a batch (one request for many results) pay it once.",
         usd(lambda_cost(p, 256.0, m.poll_secs * 1000.0) * MILLION), usd(polls));
     let _ = writeln!(d, "A chord's callback is {callback_requests:.0} SQS requests per 1,000 chords ({}).\n", usd(sqs));
 }
 
 /// "Idle, a month" and "Reading it".
-fn write_idle(d: &mut String, b: &Bill) {
+fn write_idle(d: &mut String, b: &Bill, u: &Bill) {
     let p = &PRICES;
     let Bill { tasks, provisioned, alarms, metric_names, elasticache, .. } = *b;
     let metric_month = metric_names as f64 * p.custom_metric_month;
@@ -542,8 +674,9 @@ fn write_idle(d: &mut String, b: &Bill) {
     );
     let _ = writeln!(d, "\nBeside it: the smallest ElastiCache node for Celery's Redis backend, cache.t4g.micro, one node with no replica, costs {} a month whether used or not.", usd(elasticache));
     let _ = writeln!(d, "\n## Reading it\n");
-    let _ = writeln!(d, "- Per request, dynachord costs more than Celery's DynamoDB backend, which calls DynamoDB from the worker directly: most of a store or a fetch is API Gateway's and Lambda's request price, not DynamoDB's. What it buys is one conditional write per store, consistent reads, long-polls, batch-gets and a server-side chord join, with no client holding AWS table credentials.");
-    let _ = writeln!(d, "- Against the smallest Redis node, dynachord idles at {} a month on demand (alarms and dashboard) and costs {} per million tasks stored and fetched: it is cheaper below about {:.1} million tasks a month, and needs no node to size, patch or fail over.", usd(alarms + p.dashboard_month), usd(tasks), (elasticache - alarms - p.dashboard_month) / tasks);
+    let _ = writeln!(d, "- Per request, dynachord costs more than Celery's DynamoDB backend, which calls DynamoDB from the worker directly: through the HTTP API, most of a store or a fetch is API Gateway's and Lambda's request price, not DynamoDB's; through function URLs ({} per million tasks against {}), Lambda's request price ($0.20 a million invocations) is the floor left above DynamoDB's. What it buys is one conditional write per store, consistent reads, long-polls, batch-gets and a server-side chord join, with no client holding AWS table credentials.", usd(u.tasks), usd(tasks));
+    let _ = writeln!(d, "- Against the smallest Redis node, dynachord idles at {} a month on demand (alarms and dashboard) and costs {} per million tasks stored and fetched through the HTTP API, {} through function URLs: it is cheaper below about {:.1} (HTTP API) or {:.1} (function URLs) million tasks a month, and needs no node to size, patch or fail over.", usd(alarms + p.dashboard_month), usd(tasks), usd(u.tasks), (elasticache - alarms - p.dashboard_month) / tasks, (elasticache - alarms - p.dashboard_month) / u.tasks);
+    let _ = writeln!(d, "- Function URLs give up what the HTTP API adds: its per-route throttling (a function's reserved concurrency is the only cap), its access log, custom domains without a CloudFront distribution, and a route table in front of the functions (each function refuses what it does not serve itself, with the same JSON 404). They keep IAM auth and tenants, and let a long-poll run past API Gateway's 29 s.");
     let _ = writeln!(d, "- A long-poll bills its whole wait in Lambda. Batch-gets and chords (one request or one callback for many results) are the cheap way to wait for many results.");
     let _ = writeln!(d, "- The local stack delivers each stream batch twice (two pumps), so chord-join's requests per part here are at most what a deployment makes.");
     let _ = writeln!(d, "- Measured on {}: requests and sizes through the local stack, durations and log bytes from the release build against a Runtime API stub. Re-run `./dev bench --cost` after a change; edit `PRICES` in bench/src/cost.rs to re-price.", today());
