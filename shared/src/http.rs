@@ -105,13 +105,18 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
     let no_route = || ApiError::NoRoute { method: method.to_owned(), path: path.to_owned() };
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
     // Path segments arrive percent-encoded (`a%3Ab` is the id `a:b`).
-    let task = |raw: &str| TaskId::parse(&percent_decode(raw)).map_err(ApiError::from);
+    // `batch-get` names the batch route; no task by that name is addressable,
+    // by any method, whether a router stands in front or not (behind a
+    // function URL the function is the only router).
+    let task = |raw: &str| match percent_decode(raw) {
+        id if id == "batch-get" => Err(no_route()),
+        id => TaskId::parse(&id).map_err(ApiError::from),
+    };
     let group = |raw: &str| GroupId::parse(&percent_decode(raw)).map_err(ApiError::from);
     match (method, segments.as_slice()) {
         ("POST", ["", "v1", "tasks", "batch-get"]) => Ok(Route::BatchGet),
         ("PUT", ["", "v1", "tasks", id]) => Ok(Route::PutTask(task(id)?)),
-        // `batch-get` names the batch route; no task by that name is addressable.
-        ("POST", ["", "v1", "tasks", id, "upload"]) if *id != "batch-get" => Ok(Route::UploadTask(task(id)?)),
+        ("POST", ["", "v1", "tasks", id, "upload"]) => Ok(Route::UploadTask(task(id)?)),
         ("GET", ["", "v1", "tasks", id]) => {
             let wait = match wait {
                 None => None,
@@ -404,6 +409,12 @@ mod tests {
         assert!(matches!(route("PUT", "/v1/groups/g1", None, MAX), Ok(Route::PutGroup(_))));
         assert!(matches!(route("POST", "/v1/tasks/t1/upload", None, MAX), Ok(Route::UploadTask(_))));
         assert!(matches!(route("POST", "/v1/tasks/batch-get/upload", None, MAX), Err(ApiError::NoRoute { .. })));
+        // No method reaches a task named batch-get (nor its escaped spelling).
+        for method in ["PUT", "GET", "DELETE"] {
+            for path in ["/v1/tasks/batch-get", "/v1/tasks/batch%2Dget"] {
+                assert!(matches!(route(method, path, None, MAX), Err(ApiError::NoRoute { .. })), "{method} {path}");
+            }
+        }
         assert!(matches!(route("PATCH", "/v1/tasks/t1", None, MAX), Err(ApiError::NoRoute { .. })));
         assert_eq!(route("POST", "/v1/cache/get-or-delegate", None, MAX).unwrap(), Route::CacheGetOrDelegate);
         assert_eq!(route("POST", "/v1/cache/invalidate", None, MAX).unwrap(), Route::CacheInvalidate);

@@ -43,6 +43,10 @@ async fn a_function_answers_a_route_it_does_not_serve_with_its_own_json_404_and_
         (&fetch, Method::GET, "/v2/tasks/x".to_owned()),
         (&batch, Method::GET, "/".to_owned()),
         (&store, Method::POST, "/v1/groups".to_owned()),
+        // The batch route's name is no task's, by any method, at any URL.
+        (&store, Method::PUT, "/v1/tasks/batch-get".to_owned()),
+        (&store, Method::DELETE, "/v1/tasks/batch-get".to_owned()),
+        (&fetch, Method::GET, "/v1/tasks/batch-get".to_owned()),
     ] {
         door.call(method.clone(), &path, None).await.expect_error(404, "no_route");
     }
