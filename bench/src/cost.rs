@@ -218,7 +218,8 @@ async fn measure_service(service: &Service, sdk: &aws_config::SdkConfig, table: 
     let mut doors = Vec::new();
     for round in 0..2 {
         for door in [Door::HttpApi, Door::FunctionUrls] {
-            doors.push(measure_door(service, door, &format!("{tag}-{round}"), 100).await);
+            let run = format!("{tag}-{round}-{}", if door == Door::HttpApi { "api" } else { "url" });
+            doors.push(measure_door(service, door, &run, 100).await);
         }
     }
     let doors = [Door::HttpApi, Door::FunctionUrls]
@@ -554,7 +555,7 @@ fn write_doors(d: &mut String, m: &Measured, figures: &[Figures]) {
     }
     let _ = writeln!(d, "\nOn one machine both doors reach the same function host, so the medians differ by the router's work alone. On AWS:");
     let _ = writeln!(d, "- **HTTP API**: the caller's request goes to API Gateway, which checks its SigV4 signature (IAM auth), matches the route, and invokes the function. AWS publishes no latency figure for that hop; a deployment measures it as the HTTP API's `Latency` minus its `IntegrationLatency` (both CloudWatch metrics of API Gateway, documented in \"Monitoring HTTP API metrics\", API Gateway Developer Guide). Its integration times out at 30 s (\"Quotas for HTTP APIs\", the same guide), so a long-poll stays under it (MaxWaitSeconds at most 25).");
-    let _ = writeln!(d, "- **Function URLs**: the caller's request goes to Lambda's own front end, which checks the signature and invokes the function: no other service's hop, no per-request price (\"Lambda function URLs\" and \"AWS Lambda pricing\": a URL's requests are billed as invocations). A request may run for the function's whole timeout (up to 15 minutes, \"Lambda quotas\"), and a buffered answer is at most 6 MB, as behind API Gateway (a streamed one may be larger; the functions do not stream yet).");
+    let _ = writeln!(d, "- **Function URLs**: the caller's request goes to Lambda's own front end, which checks the signature and invokes the function: no other service's hop, no per-request price (\"Lambda function URLs\" and \"AWS Lambda pricing\": a URL's requests are billed as invocations). A request may run for the function's whole timeout (Lambda allows up to 15 minutes, \"Lambda quotas\"; the template keeps 29 s for both doors), and a buffered answer is at most 6 MB, as behind API Gateway (a streamed one may be larger; the functions do not stream yet).");
     let _ = writeln!(d, "- Either way the function's own duration is the column above, plus the DynamoDB requests it makes in a region (assumed {DDB_LATENCY_MS} ms each below).\n");
 }
 
@@ -676,7 +677,7 @@ fn write_idle(d: &mut String, b: &Bill, u: &Bill) {
     let _ = writeln!(d, "\n## Reading it\n");
     let _ = writeln!(d, "- Per request, dynachord costs more than Celery's DynamoDB backend, which calls DynamoDB from the worker directly: through the HTTP API, most of a store or a fetch is API Gateway's and Lambda's request price, not DynamoDB's; through function URLs ({} per million tasks against {}), Lambda's request price ($0.20 a million invocations) is the floor left above DynamoDB's. What it buys is one conditional write per store, consistent reads, long-polls, batch-gets and a server-side chord join, with no client holding AWS table credentials.", usd(u.tasks), usd(tasks));
     let _ = writeln!(d, "- Against the smallest Redis node, dynachord idles at {} a month on demand (alarms and dashboard) and costs {} per million tasks stored and fetched through the HTTP API, {} through function URLs: it is cheaper below about {:.1} (HTTP API) or {:.1} (function URLs) million tasks a month, and needs no node to size, patch or fail over.", usd(alarms + p.dashboard_month), usd(tasks), usd(u.tasks), (elasticache - alarms - p.dashboard_month) / tasks, (elasticache - alarms - p.dashboard_month) / u.tasks);
-    let _ = writeln!(d, "- Function URLs give up what the HTTP API adds: its per-route throttling (a function's reserved concurrency is the only cap), its access log, custom domains without a CloudFront distribution, and a route table in front of the functions (each function refuses what it does not serve itself, with the same JSON 404). They keep IAM auth and tenants, and let a long-poll run past API Gateway's 29 s.");
+    let _ = writeln!(d, "- Function URLs give up what the HTTP API adds: its per-route throttling (a function's reserved concurrency is the only cap), its access log, custom domains without a CloudFront distribution, and a route table in front of the functions (each function refuses what it does not serve itself, with the same JSON 404). They keep IAM auth and tenants. A long-poll is kept to MaxWaitSeconds (at most 25 s) behind either door: the functions' 29 s timeout is the template's for both.");
     let _ = writeln!(d, "- A long-poll bills its whole wait in Lambda. Batch-gets and chords (one request or one callback for many results) are the cheap way to wait for many results.");
     let _ = writeln!(d, "- The local stack delivers each stream batch twice (two pumps), so chord-join's requests per part here are at most what a deployment makes.");
     let _ = writeln!(d, "- Measured on {}: requests and sizes through the local stack, durations and log bytes from the release build against a Runtime API stub. Re-run `./dev bench --cost` after a change; edit `PRICES` in bench/src/cost.rs to re-price.", today());

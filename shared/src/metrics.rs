@@ -78,10 +78,9 @@ pub const DDB_CALLS: &str = "DynamoDBCalls";
 pub const DDB_RETRIES: &str = "DynamoDBRetries";
 /// S3 requests (large results).
 pub const S3_CALLS: &str = "S3Calls";
-/// Outcomes: answered 2xx; refused (409, a state that stands); throttled
-/// (503 after the retries); rejected (any other 4xx, bad input); failed
-/// (any other 5xx).
-pub const OK: &str = "Ok";
+/// Outcomes other than success (a request that has none answered 2xx):
+/// refused (409, a state that stands); throttled (503 after the retries);
+/// rejected (any other 4xx, bad input); failed (any other 5xx).
 pub const REFUSED: &str = "Refused";
 pub const THROTTLED: &str = "Throttled";
 pub const REJECTED: &str = "Rejected";

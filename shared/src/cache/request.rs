@@ -485,7 +485,7 @@ async fn delegate<S: CacheStore, T: CallbackSink>(
     let out = Outgoing { sig: &sig, args: &args, event: &event, cx: no_group() };
     match sink.send(ns, &out).await {
         Ok(()) => {
-            tracing::info!(op = %key.op, task = %task_id, waiters = entry.waiter_count, "processing delegated");
+            tracing::debug!(op = %key.op, task = %task_id, waiters = entry.waiter_count, "processing delegated");
             Answer::Processing { entry, delegated: true }
         }
         Err(err) => {
