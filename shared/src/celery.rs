@@ -157,6 +157,16 @@ impl Signature {
                 inner.check_sendable().map_err(|e| format!("the chord's body: {e}"))?;
                 // What our backend's apply_chord records, so each part reports the chord's size.
                 body["chord_size"] = json!(header.len());
+                // As chord.run does: the rest of a chain the chord is in
+                // goes on from its body, which runs last (the worker that
+                // ran the chord before it put it in the chord's options).
+                let rest = self.options.get("chain").filter(|c| c.as_array().is_some_and(|c| !c.is_empty()));
+                if let (Some(rest), Some(body)) = (rest, body.as_object_mut()) {
+                    let options = body.entry("options").or_insert_with(|| json!({}));
+                    if let Some(options) = options.as_object_mut() {
+                        options.insert("chain".into(), rest.clone());
+                    }
+                }
                 let extra = self.kwargs.get("kwargs").and_then(Value::as_object).cloned().unwrap_or_default();
                 let mut messages = Vec::with_capacity(header.len());
                 for (i, task) in header.iter().enumerate() {
@@ -833,6 +843,27 @@ mod tests {
         assert_eq!(ids, ["c0", "c1", "g0", "g1", "grp"]);
         let ids: Vec<String> = chain.ids_that_never_run().iter().map(|i| i.to_string()).collect();
         assert_eq!(ids, ["c0", "c1"], "a chain's message stands for the whole chain");
+    }
+
+    /// `chain(a, group, group, b)`: Celery makes the first group a chord
+    /// whose body is the second group's chord, and the worker that runs it
+    /// puts the rest of the chain in that body's options. Sent as a body,
+    /// the inner chord passes the rest on to its own body, as chord.run
+    /// does, so the chain goes on after it.
+    #[test]
+    fn a_chord_body_passes_the_rest_of_its_chain_to_its_own_body() {
+        let chord = r#"{"task":"celery.chord","args":[],"kwargs":{"kwargs":{},
+            "header":{"task":"celery.group","args":[],"kwargs":{"tasks":[
+                {"task":"t.sum","options":{"task_id":"h0","group_index":0}}]},
+                "options":{"task_id":"inner"},"subtask_type":"group"},
+            "body":{"task":"t.sum","args":[],"kwargs":{},"options":{"task_id":"cb2"}}},
+            "options":{"task_id":"inner","chain":[{"task":"t.add","args":[1],"options":{"task_id":"last"}}]},
+            "subtask_type":"chord"}"#;
+        let sent = messages(chord);
+        let body = &sent[0].options["chord"];
+        assert_eq!(body["options"]["task_id"], json!("cb2"));
+        assert_eq!(body["options"]["chain"][0]["options"]["task_id"], json!("last"), "{body}");
+        assert_eq!(sent[0].options.get("chain"), None, "never to the header's tasks");
     }
 
     /// A chord body as Celery 5.7's chord.run freezes it: the header is a

@@ -197,6 +197,13 @@ CANVASES: dict[str, Recipe] = {
     "a chain of parts that retry": lambda s: chord([s("retry_once", 1) | s("retry_once")], s("tsum")),
     "a body with its own task id": lambda s: chord([s("add", 1, 1)], s("tsum").set(task_id=str(uuid.uuid4()))),
     "a group of one chord": lambda s: group(chord([s("add", 1, 1), s("add", 2, 2)], s("tsum"))),
+    # From Celery's own suite (test_chain_of_two_groups_as_tuple_holds_each_task_once).
+    "a task, two groups, two tasks": lambda s: chain(
+        s("add", 1, 0), group(s("add", 1), s("add", 2)), group(s("tsum"), s("tsum")), s("tsum"), s("add", 1)
+    ),
+    "two groups, then a task": lambda s: chain(
+        group(s("add", 1, 1), s("add", 2, 2)), group(s("tsum"), s("collect", "2nd")), s("collect", "after")
+    ),
 }
 
 
