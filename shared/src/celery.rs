@@ -560,6 +560,13 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
         at @ Value::String(_) => at,
         _ => Value::Null,
     };
+    // Stamps (Celery's stamping visitors) as amqp.as_task_v2 writes them:
+    // the names in `stamped_headers`, each one's value from the options.
+    let stamped_headers = option("stamped_headers");
+    let stamps: Map<String, Value> = match &stamped_headers {
+        Value::Array(names) => names.iter().filter_map(Value::as_str).map(|h| (h.to_owned(), option(h))).collect(),
+        _ => Map::new(),
+    };
     let mut envelope = json!({
         "body": B64.encode(body.as_bytes()),
         "content-encoding": "utf-8",
@@ -582,8 +589,8 @@ pub fn celery_sqs_body(sig: &Signature, args: &str, queue: &str, cx: &MessageCon
             "origin": "dynachord@chord-join",
             "ignore_result": sig.options.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
             "replaced_task_nesting": 0,
-            "stamped_headers": null,
-            "stamps": {},
+            "stamped_headers": stamped_headers,
+            "stamps": stamps,
         },
         "properties": {
             "correlation_id": task_id,
@@ -720,12 +727,29 @@ mod tests {
         assert_eq!(inner[2]["errbacks"], json!([{"task": "proj.err"}]));
         assert_eq!(inner[2]["chord"], Value::Null);
         assert!(headers.get(CHORD_ERROR_HEADER).is_none(), "only an errback of a failed chord carries it");
+        assert_eq!((headers["stamped_headers"].clone(), headers["stamps"].clone()), (Value::Null, json!({})));
 
         let failed = json!({"id": "cb-id", "exc": {"exc_type": "ChordError"}});
         let cx = MessageContext { chord_error: Some(&failed), ..cx };
         let envelope: Value =
             serde_json::from_slice(&B64.decode(celery_sqs_body(&sig, "[]", "q", &cx)).unwrap()).unwrap();
         assert_eq!(envelope["headers"][CHORD_ERROR_HEADER], failed);
+    }
+
+    /// A signature stamped with Celery's visitor API (`sig.stamp(visitor)`)
+    /// carries its stamps into the message's headers, as apply_async does.
+    #[test]
+    fn a_stamped_signatures_stamps_reach_the_message_headers() {
+        let sig = Signature::parse(
+            r#"{"task":"t.sum","options":{"task_id":"s1","stamped_headers":["on_signature","flow"],
+                "on_signature":42,"flow":["a","b"]}}"#,
+        )
+        .unwrap();
+        let cx = MessageContext { group_id: "g1", parent_id: None, root_id: None, chord_error: None };
+        let envelope: Value =
+            serde_json::from_slice(&B64.decode(celery_sqs_body(&sig, "[]", "q", &cx)).unwrap()).unwrap();
+        assert_eq!(envelope["headers"]["stamped_headers"], json!(["on_signature", "flow"]));
+        assert_eq!(envelope["headers"]["stamps"], json!({"on_signature": 42, "flow": ["a", "b"]}));
     }
 
     #[test]

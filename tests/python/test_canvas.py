@@ -342,6 +342,33 @@ def test_on_message_sees_the_progress_states_while_the_client_waits_as_on_redis(
         assert all(p["of"] == 3 for p in progress), progress
 
 
+def test_a_stamped_chords_body_and_group_body_carry_the_stamps_as_on_redis(apps):
+    """Stamps set with Celery's visitor API reach the tasks the service
+    sends (a chord's body, each task of a group body), as they reach the
+    tasks Celery's Redis backend sends from the worker."""
+    from celery.canvas import StampingVisitor
+
+    class Flow(StampingVisitor):
+        def on_signature(self, sig, **headers):
+            return {"flow": "nightly", "batch": [1, 2]}
+
+    got = []
+    for each in apps:
+        s = t(each)
+        canvases = [
+            chord([s("add", 1, 1), s("add", 2, 2)], s("stamps_seen")),
+            chord([s("add", 1, 1)], group(s("stamps_seen"), s("stamps_seen"))),
+        ]
+        seen = []
+        for canvas in canvases:
+            canvas.stamp(visitor=Flow())
+            seen.append(canvas.apply_async().get(timeout=TIMEOUT))
+        got.append(seen)
+    assert got[0] == got[1], f"dynachord gave {got[0]!r}, Celery's Redis backend {got[1]!r}"
+    stamped = {"stamped_headers": ["batch", "flow"], "stamps": {"flow": "nightly", "batch": [1, 2]}}
+    assert got[0] == [stamped, [stamped, stamped]], got[0]
+
+
 def test_waiting_on_a_result_inside_a_task_is_refused_as_on_redis(apps):
     """disable_sync_subtasks: get() inside a task raises RuntimeError."""
     got = []

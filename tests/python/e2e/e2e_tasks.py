@@ -95,6 +95,12 @@ def tsum(values):
 
 
 @app.task(bind=True)
+def stamps_seen(self, *args):
+    """Shows the stamps its message carried (Celery's stamping visitors)."""
+    return {"stamped_headers": sorted(self.request.stamped_headers or []), "stamps": self.request.stamps or {}}
+
+
+@app.task(bind=True)
 def progress(self, steps):
     """Reports PROGRESS states while it works (for get(on_message=...))."""
     import time
