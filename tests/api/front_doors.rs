@@ -9,11 +9,15 @@ use crate::helpers::{api_gateway_event, success, Api};
 use reqwest::Method;
 use serde_json::json;
 
+/// The same client at each HTTP function's own URL: store, fetch, batch-fetch.
+fn doors(api: &Api) -> (Api, Api, Api) {
+    (api.under("/lambda-url/store"), api.under("/lambda-url/fetch"), api.under("/lambda-url/batch-fetch"))
+}
+
 #[tokio::test]
 async fn each_function_serves_its_routes_at_its_own_url() {
     let api = Api::new();
-    let (store, fetch, batch) =
-        (api.under("/lambda-url/store"), api.under("/lambda-url/fetch"), api.under("/lambda-url/batch-fetch"));
+    let (store, fetch, batch) = doors(&api);
     let id = api.id("furl");
     store.put_task(&id, success(json!({"door": "function-url"}))).await.expect(200);
     let got = fetch.get_task_wait(&id, 1.0).await.expect(200);
@@ -29,8 +33,7 @@ async fn each_function_serves_its_routes_at_its_own_url() {
 #[tokio::test]
 async fn a_function_answers_a_route_it_does_not_serve_with_its_own_json_404_and_changes_nothing() {
     let api = Api::new();
-    let (store, fetch, batch) =
-        (api.under("/lambda-url/store"), api.under("/lambda-url/fetch"), api.under("/lambda-url/batch-fetch"));
+    let (store, fetch, batch) = doors(&api);
     let id = api.id("wrong-door");
     // A store sent to fetch's URL, a read sent to store's, a batch to fetch's.
     fetch.put_task(&id, success(json!(1))).await.expect_error(404, "no_route");
