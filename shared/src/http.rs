@@ -34,6 +34,8 @@ pub enum Route {
     DeleteTask(TaskId),
     BatchGet,
     PutGroup(GroupId),
+    /// `POST /v1/groups/{group_id}/upload`: a presigned URL to upload a large saved group.
+    UploadGroup(GroupId),
     GetGroup(GroupId),
     DeleteGroup(GroupId),
     /// With, from the query string, whether to list the failed parts' ids
@@ -59,6 +61,7 @@ impl Route {
             Route::DeleteTask(_) => "DeleteTask",
             Route::BatchGet => "BatchGet",
             Route::PutGroup(_) => "PutGroup",
+            Route::UploadGroup(_) => "UploadGroup",
             Route::GetGroup(_) => "GetGroup",
             Route::DeleteGroup(_) => "DeleteGroup",
             Route::GetChord(..) => "GetChord",
@@ -78,6 +81,7 @@ impl Route {
             Route::DeleteTask(id) => ("DELETE", format!("/v1/tasks/{id}")),
             Route::BatchGet => ("POST", "/v1/tasks/batch-get".to_owned()),
             Route::PutGroup(id) => ("PUT", format!("/v1/groups/{id}")),
+            Route::UploadGroup(id) => ("POST", format!("/v1/groups/{id}/upload")),
             Route::GetGroup(id) => ("GET", format!("/v1/groups/{id}")),
             Route::DeleteGroup(id) => ("DELETE", format!("/v1/groups/{id}")),
             Route::GetChord(id, _) => ("GET", format!("/v1/chords/{id}")),
@@ -130,6 +134,7 @@ pub fn route(method: &str, path: &str, wait: Option<&str>, max_wait: Duration) -
         }
         ("DELETE", ["", "v1", "tasks", id]) => Ok(Route::DeleteTask(task(id)?)),
         ("PUT", ["", "v1", "groups", id]) => Ok(Route::PutGroup(group(id)?)),
+        ("POST", ["", "v1", "groups", id, "upload"]) => Ok(Route::UploadGroup(group(id)?)),
         ("GET", ["", "v1", "groups", id]) => Ok(Route::GetGroup(group(id)?)),
         ("DELETE", ["", "v1", "groups", id]) => Ok(Route::DeleteGroup(group(id)?)),
         ("GET", ["", "v1", "chords", id]) => Ok(Route::GetChord(group(id)?, false)),
@@ -412,6 +417,7 @@ mod tests {
         );
         assert!(matches!(route("PUT", "/v1/groups/g1", None, MAX), Ok(Route::PutGroup(_))));
         assert!(matches!(route("POST", "/v1/tasks/t1/upload", None, MAX), Ok(Route::UploadTask(_))));
+        assert!(matches!(route("POST", "/v1/groups/g1/upload", None, MAX), Ok(Route::UploadGroup(_))));
         assert!(matches!(route("POST", "/v1/tasks/batch-get/upload", None, MAX), Err(ApiError::NoRoute { .. })));
         // No method reaches a task named batch-get (nor its escaped spelling).
         for method in ["PUT", "GET", "DELETE"] {

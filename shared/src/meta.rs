@@ -192,11 +192,28 @@ pub struct ClaimSpec {
 /// well within it, and a dead one holds the task no longer than this.
 pub const MAX_CLAIM_LEASE_SECONDS: u64 = 3600;
 
-/// An uploaded result: the SHA-256 (lowercase hex) of the object as uploaded.
+/// An uploaded result: the SHA-256 (lowercase hex) of the object as
+/// uploaded, and what the object holds: the result alone, or with
+/// `fields`, a JSON object of the meta's large fields (`result`, `args`,
+/// `kwargs`), for a meta too large to send even without its result
+/// (`result_extended` arguments of megabytes).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UploadSpec {
     pub sha256: String,
+    #[serde(default)]
+    pub fields: bool,
+}
+
+impl UploadSpec {
+    /// What the uploaded object must hold.
+    pub fn shape(&self) -> crate::store::Shape {
+        if self.fields {
+            crate::store::Shape::Fields
+        } else {
+            crate::store::Shape::Result
+        }
+    }
 }
 
 /// Largest chord accepted.
@@ -251,6 +268,11 @@ impl TaskMeta {
             }
             if !crate::ids::is_sha256_hex(&upload.sha256) {
                 return Err(MetaError::BadUpload("sha256 must be 64 lowercase hex digits".into()));
+            }
+            if upload.fields && (meta.args.is_some() || meta.kwargs.is_some()) {
+                return Err(MetaError::BadUpload(
+                    "with fields, args and kwargs are in the uploaded object, not in the body".into(),
+                ));
             }
         }
         if let Some(claim) = &meta.claim {
@@ -374,6 +396,45 @@ pub fn with_result_ref(meta: &str, status: &str, reference: &str) -> Option<Stri
     Some(format!(r#"{head},"result_ref":{reference}{rest}"#))
 }
 
+/// The large fields of a meta as a fields upload holds them
+/// ([`crate::store::Shape::Fields`]).
+#[derive(Deserialize)]
+struct LargeFields {
+    #[serde(default)]
+    result: Option<Box<RawValue>>,
+    #[serde(default)]
+    args: Option<Box<RawValue>>,
+    #[serde(default)]
+    kwargs: Option<Box<RawValue>>,
+}
+
+/// A meta stored without its large fields, with them put back from the
+/// object of a fields upload (`fields`), in Celery's field order.
+pub fn join_fields(meta: &str, fields: &str) -> Option<String> {
+    let mut whole: TaskMeta = serde_json::from_str(meta).ok()?;
+    let large: LargeFields = serde_json::from_str(fields).ok()?;
+    whole.result = large.result;
+    whole.args = large.args.or(whole.args);
+    whole.kwargs = large.kwargs.or(whole.kwargs);
+    Some(whole.to_json())
+}
+
+/// The result in the object of a fields upload (`null` when it has none).
+pub fn result_of_fields(fields: &str) -> Option<String> {
+    let large: LargeFields = serde_json::from_str(fields).ok()?;
+    Some(large.result.map_or_else(|| "null".to_owned(), |r| r.get().to_owned()))
+}
+
+/// A meta whose result is in S3, with the object's text put back: the
+/// result alone ([`join_result`]), or the large fields ([`join_fields`]).
+pub fn join_object(meta: &str, status: &str, object: &str, fields: bool) -> Option<String> {
+    if fields {
+        join_fields(meta, object)
+    } else {
+        join_result(meta, status, object)
+    }
+}
+
 /// What a task that was never stored, or has expired, reads as (Celery's
 /// PENDING meta): never an error.
 pub fn pending_json(task_id: &TaskId) -> String {
@@ -396,6 +457,29 @@ mod tests {
         let body = r#"{"status":"SUCCESS","result":{"big":123456789012345678901234567890,"f":1.0e3,"u":"\u00e9☃","e":"","n":[null,true,{}]},"traceback":null,"children":[],"date_done":"2026-11-22T23:15:35.403592+00:00","task_id":"t1"}"#;
         let meta = TaskMeta::parse(body.as_bytes(), &tid("t1")).unwrap();
         assert_eq!(meta.to_json(), body);
+    }
+
+    #[test]
+    fn a_fields_upload_is_put_back_in_celerys_field_order() {
+        let body = r#"{"status":"SUCCESS","name":"big","worker":"w1","result_upload":{"sha256":"SHA","fields":true}}"#
+            .replace("SHA", &"a".repeat(64));
+        let stored = TaskMeta::parse(body.as_bytes(), &tid("t1")).unwrap().to_json();
+        let object = r#"{"args":[[1,2],"x"],"kwargs":{"k":{"n":null}},"result":{"r":1.0e3}}"#;
+        let whole = join_object(&stored, "SUCCESS", object, true).unwrap();
+        let served: serde_json::Value = serde_json::from_str(&whole).unwrap();
+        assert_eq!(served["result"], serde_json::json!({"r": 1000.0}));
+        assert_eq!(served["args"], serde_json::json!([[1, 2], "x"]));
+        assert_eq!(served["kwargs"], serde_json::json!({"k": {"n": null}}));
+        assert_eq!(served["name"], "big");
+        assert!(whole.starts_with(r#"{"status":"SUCCESS","result":{"r":1.0e3},"traceback":null"#), "{whole}");
+        assert!(whole.find(r#""args""#) < whole.find(r#""worker""#), "{whole}");
+        assert_eq!(result_of_fields(object).unwrap(), r#"{"r":1.0e3}"#);
+        assert_eq!(result_of_fields(r#"{"args":[]}"#).unwrap(), "null");
+        // A body with fields carries neither args nor kwargs itself.
+        for also in [r#","args":[1]"#, r#","kwargs":{}"#] {
+            let twice = body.replacen(r#","worker""#, &format!(r#"{also},"worker""#), 1);
+            assert!(matches!(TaskMeta::parse(twice.as_bytes(), &tid("t1")), Err(MetaError::BadUpload(_))), "{twice}");
+        }
     }
 
     #[test]

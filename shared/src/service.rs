@@ -12,9 +12,12 @@ use crate::chord::{ChordPhase, ChordState, ChordStore, RedriveTo};
 use crate::config::Config;
 use crate::error::{ApiError, StoreError};
 use crate::ids::{GroupId, Namespace, TaskId};
-use crate::meta::{join_result, pending_json, with_result_ref, TaskMeta};
+use crate::meta::{pending_json, with_result_ref, TaskMeta, UploadSpec};
 use crate::metrics::{self, Point};
-use crate::store::{Claim, PartOf, PutOutcome, ResultStore, Stored, TaskRecord, Within};
+use crate::store::{
+    group_key, task_key, BlobRef, Claim, GroupRecord, PartOf, Payload, PutOutcome, ResultStore, Stored, TaskRecord,
+    Upload, Within,
+};
 use crate::time::now_epoch;
 
 /// What a function holds for its lifetime: configuration and the store.
@@ -96,7 +99,7 @@ pub async fn store_task<S: ResultStore>(
         group_id: meta.group_id.clone(),
         group_index: meta.group_index,
         chord: meta.chord.as_ref().map(|c| PartOf { size: c.size, callback: c.callback.get().to_owned() }),
-        upload: meta.result_upload.as_ref().map(|u| u.sha256.clone()),
+        upload: meta.result_upload.as_ref().map(|u| Upload { sha256: u.sha256.clone(), shape: u.shape() }),
         claim: meta.claim.as_ref().map(|c| Claim {
             token: c.token.clone(),
             until_ms: crate::time::now_millis() + (c.lease_seconds * 1000) as i64,
@@ -151,6 +154,29 @@ pub async fn upload_task<S: ResultStore>(
     id: &TaskId,
     body: &[u8],
 ) -> Result<Reply, ApiError> {
+    presign_upload(app, &task_key(ns, id), ("task_id", id.as_str()), body).await
+}
+
+/// `POST /v1/groups/{group_id}/upload`: as [`upload_task`], for a saved
+/// group's result (`GroupResult.as_tuple()` of a large group), committed by
+/// `PUT /v1/groups/{group_id}` with `"result_upload": {"sha256": ...}`.
+pub async fn upload_group<S: ResultStore>(
+    app: &App<S>,
+    ns: &Namespace,
+    id: &GroupId,
+    body: &[u8],
+) -> Result<Reply, ApiError> {
+    presign_upload(app, &group_key(ns, id), ("group_id", id.as_str()), body).await
+}
+
+/// A presigned PUT for an object of the item keyed `item_key`, named in
+/// the answer as `owner` (`task_id` or `group_id` and its value).
+async fn presign_upload<S: ResultStore>(
+    app: &App<S>,
+    item_key: &str,
+    owner: (&str, &str),
+    body: &[u8],
+) -> Result<Reply, ApiError> {
     let request: UploadRequest = parse_body(body, "an upload request")?;
     if !crate::ids::is_sha256_hex(&request.sha256) {
         return Err(ApiError::BadBody("sha256 must be 64 lowercase hex digits".into()));
@@ -160,12 +186,12 @@ pub async fn upload_task<S: ResultStore>(
         return Err(ApiError::UploadTooLarge { limit });
     }
     let lifetime = expires_at(&app.config, request.expires_in)? - now_epoch();
-    let presigned = app.store.upload_url(ns, id, &request.sha256, request.bytes, lifetime).await?;
+    let presigned = app.store.upload_url(item_key, &request.sha256, request.bytes, lifetime).await?;
     let headers: serde_json::Map<String, serde_json::Value> =
         presigned.headers.into_iter().map(|(name, value)| (name, value.into())).collect();
     Ok(Reply::ok(
         serde_json::json!({
-            "task_id": id.as_str(),
+            owner.0: owner.1,
             "method": "PUT",
             "url": presigned.url,
             "headers": headers,
@@ -185,8 +211,8 @@ async fn answered<S: ResultStore>(app: &App<S>, stored: Stored) -> Result<Option
     let Some(blob) = &stored.blob else { return Ok(Some(stored.json)) };
     let status = stored.status.as_str();
     if blob.bytes <= app.config.results.inline_bytes as u64 {
-        let Some(result) = app.store.read_blob(blob).await? else { return Ok(None) };
-        let json = join_result(&stored.json, status, &result)
+        let Some(object) = app.store.read_blob(blob).await? else { return Ok(None) };
+        let json = crate::meta::join_object(&stored.json, status, &object, blob.fields)
             .ok_or_else(|| ApiError::Internal(format!("stored meta of {} has no result to fill", blob.key)))?;
         if escaped_len(&json) <= app.config.batch_response_bytes {
             return Ok(Some(json));
@@ -196,18 +222,29 @@ async fn answered<S: ResultStore>(app: &App<S>, stored: Stored) -> Result<Option
 }
 
 /// A result in S3 as a reference: the meta with `"result":null` and
-/// `"result_ref": {"url", "bytes", "encoding", "expires_in"}`.
+/// `"result_ref": {"url", "bytes", "encoding", "expires_in"}`, and
+/// `"fields": true` when the object holds the meta's large fields (an
+/// object of `result`, `args`, `kwargs`) rather than the result alone.
 async fn result_ref<S: ResultStore>(app: &App<S>, stored: &Stored) -> Result<String, ApiError> {
     let blob = stored.blob.as_ref().expect("only a result in S3 has a reference");
-    let url = app.store.blob_url(blob).await?;
-    let reference = serde_json::json!({
-        "url": url,
+    let reference = blob_reference(app, blob).await?;
+    with_result_ref(&stored.json, stored.status.as_str(), &reference.to_string())
+        .ok_or_else(|| ApiError::Internal(format!("stored meta of {} has no result to refer to", blob.key)))
+}
+
+/// What a reference to an object in S3 says: its presigned URL, size,
+/// encoding, how long the URL lives, and whether it holds large fields.
+async fn blob_reference<S: ResultStore>(app: &App<S>, blob: &BlobRef) -> Result<serde_json::Value, ApiError> {
+    let mut reference = serde_json::json!({
+        "url": app.store.blob_url(blob).await?,
         "bytes": blob.bytes,
         "encoding": "gzip",
         "expires_in": app.config.results.presign.as_secs(),
     });
-    with_result_ref(&stored.json, stored.status.as_str(), &reference.to_string())
-        .ok_or_else(|| ApiError::Internal(format!("stored meta of {} has no result to refer to", blob.key)))
+    if blob.fields {
+        reference["fields"] = true.into();
+    }
+    Ok(reference)
 }
 
 /// A request body: a JSON object read as `T`, or 400 `invalid_body` saying
@@ -427,8 +464,9 @@ async fn batch_pieces<S: ResultStore>(
     let read: Vec<(usize, Option<String>)> = futures::stream::iter(reads)
         .map(|(i, stored)| async move {
             let blob = stored.blob.as_ref().expect("only results in S3 are read");
-            let result = app.store.read_blob(blob).await?;
-            Ok::<_, ApiError>((i, result.and_then(|r| join_result(&stored.json, stored.status.as_str(), &r))))
+            let object = app.store.read_blob(blob).await?;
+            let status = stored.status.as_str();
+            Ok::<_, ApiError>((i, object.and_then(|o| crate::meta::join_object(&stored.json, status, &o, blob.fields))))
         })
         .buffer_unordered(8)
         .collect::<Vec<_>>()
@@ -534,13 +572,19 @@ pub async fn forget_task<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Task
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GroupRequest {
-    result: Box<RawValue>,
+    #[serde(default)]
+    result: Option<Box<RawValue>>,
+    /// The result was uploaded (`POST /v1/groups/{group_id}/upload`).
+    #[serde(default)]
+    result_upload: Option<UploadSpec>,
     #[serde(default, deserialize_with = "crate::whole::optional")]
     expires_in: Option<u64>,
 }
 
 /// `PUT /v1/groups/{group_id}`: `GroupResult.save`, the body Celery stores
-/// (`{"result": <GroupResult.as_tuple()>}`). A later save replaces it.
+/// (`{"result": <GroupResult.as_tuple()>}`), or, for a group too large to
+/// send, `{"result_upload": {"sha256": ...}}` after its upload. A later
+/// save replaces it.
 pub async fn save_group<S: ResultStore>(
     app: &App<S>,
     ns: &Namespace,
@@ -548,18 +592,40 @@ pub async fn save_group<S: ResultStore>(
     body: &[u8],
 ) -> Result<Reply, ApiError> {
     let request: GroupRequest = parse_body(body, "a saved group")?;
+    let result = match (request.result, request.result_upload) {
+        (Some(result), None) => Payload::Json(result.get().to_owned()),
+        (None, Some(upload)) if upload.fields => {
+            return Err(ApiError::BadBody("result_upload: a saved group's upload holds its result, not fields".into()))
+        }
+        (None, Some(upload)) if !crate::ids::is_sha256_hex(&upload.sha256) => {
+            return Err(ApiError::BadBody("result_upload: sha256 must be 64 lowercase hex digits".into()))
+        }
+        (None, Some(upload)) => Payload::Uploaded { sha256: upload.sha256 },
+        _ => return Err(ApiError::BadBody("a saved group carries result or result_upload (exactly one)".into())),
+    };
     let expires_at = expires_at(&app.config, request.expires_in)?;
-    let doc = format!(r#"{{"result":{}}}"#, request.result.get());
-    app.store.put_group(ns, id, &doc, expires_at).await?;
+    app.store.put_group(ns, id, &GroupRecord { result, expires_at }).await?;
     Ok(Reply::ok(serde_json::json!({"group_id": id.as_str(), "expires_at": expires_at}).to_string()))
 }
 
-/// `GET /v1/groups/{group_id}`: the saved group, or 404 (Celery's restore gives None).
+/// `GET /v1/groups/{group_id}`: the saved group, or 404 (Celery's restore
+/// gives None). A result in S3 is put back when it is at most
+/// `INLINE_RESULT_BYTES`, else answered as `"result":null` with a
+/// `result_ref`, as a task's is.
 pub async fn restore_group<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &GroupId) -> Result<Reply, ApiError> {
-    match app.store.get_group(ns, id).await? {
-        Some(doc) => Ok(Reply::ok(doc)),
-        None => Err(ApiError::GroupNotFound(id.to_string())),
+    for _ in 0..REREADS {
+        let Some(saved) = app.store.get_group(ns, id).await? else { break };
+        let Some(blob) = &saved.blob else { return Ok(Reply::ok(saved.json)) };
+        if blob.bytes > app.config.results.inline_bytes as u64 {
+            let reference = blob_reference(app, blob).await?;
+            return Ok(Reply::ok(format!(r#"{{"result":null,"result_ref":{reference}}}"#)));
+        }
+        // Gone since the item was read: saved again or deleted; read again.
+        if let Some(result) = app.store.read_blob(blob).await? {
+            return Ok(Reply::ok(crate::store::dynamo::group_doc(&result)));
+        }
     }
+    Err(ApiError::GroupNotFound(id.to_string()))
 }
 
 /// The most failed parts' ids a chord's status lists.
@@ -702,7 +768,11 @@ async fn check_redrivable<S: ChordStore>(
         let why = format!("part {}'s result expired or was forgotten; it cannot be sent again", part.task_id);
         return Err(ApiError::RedriveRefused(why));
     };
-    let (sig, _) = crate::chord::part_message(&stored.json, &part, id, &state.callback, to, state.redrives + 1)
+    let Some(json) = crate::chord::with_arguments(&app.store, stored).await? else {
+        let why = format!("part {}'s result was forgotten; it cannot be sent again", part.task_id);
+        return Err(ApiError::RedriveRefused(why));
+    };
+    let (sig, _) = crate::chord::part_message(&json, &part, id, &state.callback, to, state.redrives + 1)
         .map_err(|why| ApiError::RedriveRefused(format!("chord {id} cannot be redriven: {why}")))?;
     if let Some(queue) = sig.queue() {
         if app.config.callbacks.queue_url(ns, queue).is_none() {
@@ -1031,5 +1101,37 @@ mod tests {
         }
         let err = batch_fetch(&app, &ns, br#"[["a"], null]"#).await.unwrap_err();
         assert!(err.to_string().contains("expected a JSON object"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_large_saved_group_is_kept_as_an_object_and_read_back_whole_and_follows_its_group() {
+        let app = app();
+        app.store.spill_above.store(100, std::sync::atomic::Ordering::SeqCst);
+        let (ns, g) = (Namespace::default(), GroupId::parse("g1").unwrap());
+        let members: Vec<String> = (0..20).map(|i| format!(r#"[["t{i}",null],null]"#)).collect();
+        let result = format!(r#"[["g1",null],[{}]]"#, members.join(","));
+        let saved = format!(r#"{{"result":{result}}}"#);
+        save_group(&app, &ns, &g, saved.as_bytes()).await.unwrap();
+        assert_eq!(app.store.blobs.lock().unwrap().len(), 1, "spilled");
+        assert_eq!(restore_group(&app, &ns, &g).await.unwrap().body, saved, "read back whole");
+        // An upload: committed under its SHA-256, the spilled object replaced.
+        let uploaded = r#"[["g1",null],[]]"#;
+        let sha = crate::store::blobs::sha256_hex(uploaded.as_bytes());
+        let key = crate::store::blobs::object_key_under(&group_key(&ns, &g), &sha);
+        app.store.blobs.lock().unwrap().insert(key.clone(), uploaded.to_owned());
+        let commit = format!(r#"{{"result_upload":{{"sha256":"{sha}"}}}}"#);
+        save_group(&app, &ns, &g, commit.as_bytes()).await.unwrap();
+        assert_eq!(app.store.blobs.lock().unwrap().keys().collect::<Vec<_>>(), [&key], "the old object went");
+        assert_eq!(restore_group(&app, &ns, &g).await.unwrap().body, format!(r#"{{"result":{uploaded}}}"#));
+        for bad in [
+            format!(r#"{{"result":1,"result_upload":{{"sha256":"{sha}"}}}}"#),
+            format!(r#"{{"result_upload":{{"sha256":"{sha}","fields":true}}}}"#),
+            r#"{"result_upload":{"sha256":"abc"}}"#.to_owned(),
+            "{}".to_owned(),
+        ] {
+            assert!(matches!(save_group(&app, &ns, &g, bad.as_bytes()).await, Err(ApiError::BadBody(_))), "{bad}");
+        }
+        delete_group(&app, &ns, &g).await.unwrap();
+        assert!(app.store.blobs.lock().unwrap().is_empty(), "deleted with its group");
     }
 }

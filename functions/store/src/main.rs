@@ -3,6 +3,7 @@
 //! - `POST /v1/tasks/{task_id}/upload`: a presigned URL to upload a large result
 //! - `DELETE /v1/tasks/{task_id}`: forget a result
 //! - `PUT /v1/groups/{group_id}`: save a group
+//! - `POST /v1/groups/{group_id}/upload`: a presigned URL to upload a large saved group
 //! - `DELETE /v1/groups/{group_id}`: delete a group
 //! - `POST /v1/chords/{group_id}/redrive`: send a chord's failed parts again
 //! - `POST /v1/cache/get-or-delegate`, `/v1/cache/entry`, `/v1/cache/invalidate`:
@@ -31,6 +32,7 @@ async fn main() -> Result<(), Error> {
                 Route::UploadTask(id) => service::upload_task(app, ns, &id, &incoming.body).await,
                 Route::DeleteTask(id) => service::forget_task(app, ns, &id).await,
                 Route::PutGroup(id) => service::save_group(app, ns, &id, &incoming.body).await,
+                Route::UploadGroup(id) => service::upload_group(app, ns, &id, &incoming.body).await,
                 Route::DeleteGroup(id) => service::delete_group(app, ns, &id).await,
                 Route::RedriveChord(id) => service::redrive_chord(app, ns, &id, &incoming.body).await,
                 Route::CacheGetOrDelegate => cache::get_or_delegate(app, sink, ns, &incoming.body).await,

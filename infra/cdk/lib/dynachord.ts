@@ -73,6 +73,7 @@ const ROUTES: [string, string, string, string][] = [
   ["UploadTask", "POST", "/v1/tasks/{task_id}/upload", "Store"],
   ["DeleteTask", "DELETE", "/v1/tasks/{task_id}", "Store"],
   ["PutGroup", "PUT", "/v1/groups/{group_id}", "Store"],
+  ["UploadGroup", "POST", "/v1/groups/{group_id}/upload", "Store"],
   ["DeleteGroup", "DELETE", "/v1/groups/{group_id}", "Store"],
   ["RedriveChord", "POST", "/v1/chords/{group_id}/redrive", "Store"],
   ["CacheGetOrDelegate", "POST", "/v1/cache/get-or-delegate", "Store"],

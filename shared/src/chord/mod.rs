@@ -57,7 +57,7 @@ use crate::store::DynamoStore;
 use crate::stream::Image;
 pub use deadline::{wake_of, Wake};
 use fail::OnTransient;
-pub use redrive::{part_message, redrive_of, Redrive, REDRIVE_WINDOW_PARTS};
+pub use redrive::{part_message, redrive_of, with_arguments, Redrive, REDRIVE_WINDOW_PARTS};
 use results::{args_with_results, lambda_event};
 pub use results::{result_of, results_id};
 pub use store::{chord_key, ChordPart, ChordPhase, ChordRegistration, ChordState, ChordStore, RedriveTo, Sending};

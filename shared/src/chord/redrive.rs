@@ -82,6 +82,22 @@ enum Resent {
 /// A failed part, its message, and the message's arguments (JSON text).
 type PartMessage = (ChordPart, Signature, String);
 
+/// A stored part's meta with its arguments, read from S3 when they were
+/// uploaded with its result (a meta too large to send: the object holds
+/// the large fields); `None` when that object is gone (forgotten since).
+pub async fn with_arguments<S: crate::store::ResultStore>(
+    store: &S,
+    stored: Stored,
+) -> Result<Option<String>, crate::error::StoreError> {
+    match &stored.blob {
+        Some(blob) if blob.fields => Ok(store
+            .read_blob(blob)
+            .await?
+            .map(|object| crate::meta::join_fields(&stored.json, &object).unwrap_or(stored.json))),
+        _ => Ok(Some(stored.json)),
+    }
+}
+
 /// The task message that runs a failed part again, from its stored result:
 /// its task, arguments and keyword arguments (kept with `result_extended`),
 /// carrying the chord (`callback`) as `chord.run` sent it; `Err` says why
@@ -286,7 +302,15 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 },
                 None => return Ok(Err(format!("part {}'s result expired or was forgotten", part.task_id))),
             };
-            match part_message(&stored.json, &part, gid, &state.callback, &state.redrive_to, state.redrives) {
+            // Arguments too large for the item are in S3 with the result:
+            // that part is read alone, in a window of its own.
+            if stored.blob.as_ref().is_some_and(|b| b.fields) && !window.is_empty() {
+                break;
+            }
+            let Some(json) = with_arguments(&self.store, stored).await? else {
+                return Ok(Err(format!("part {}'s result was forgotten", part.task_id)));
+            };
+            match part_message(&json, &part, gid, &state.callback, &state.redrive_to, state.redrives) {
                 Ok((sig, args)) => window.push((part, sig, args)),
                 Err(why) => return Ok(Err(why)),
             }

@@ -142,6 +142,13 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             // A part in S3; its object is gone only if it was forgotten.
             Some(blob) => match self.store.read_blob(blob).await? {
                 None => return Ok(Err(gone(id))),
+                // The object holds the result, with its arguments too for a
+                // meta that was too large to send.
+                Some(object) if blob.fields => {
+                    let result = crate::meta::result_of_fields(&object).unwrap_or_else(|| "null".to_owned());
+                    let meta = crate::meta::join_fields(&stored.json, &object);
+                    (meta.unwrap_or(stored.json), result)
+                }
                 Some(result) => {
                     let meta = crate::meta::join_result(&stored.json, stored.status.as_str(), &result);
                     (meta.unwrap_or(stored.json), result)

@@ -45,15 +45,80 @@ fn class_days(class: &str) -> u64 {
 
 /// Where a task's object lives: `{ns}/task/{id}/{sha256}`.
 pub fn object_key(ns: &Namespace, id: &TaskId, sha256: &str) -> String {
-    format!("{}/{sha256}", super::task_key(ns, id))
+    object_key_under(&super::task_key(ns, id), sha256)
+}
+
+/// Where the object of the item keyed `item_key` (a task's or a saved
+/// group's) lives: `{item_key}/{sha256}`.
+pub fn object_key_under(item_key: &str, sha256: &str) -> String {
+    format!("{item_key}/{sha256}")
 }
 
 /// A stored result's object, as its item points to it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlobRef {
     pub key: String,
-    /// The result's JSON text, uncompressed, in bytes.
+    /// The object's JSON text, uncompressed, in bytes.
     pub bytes: u64,
+    /// The object is a JSON object of the meta's large fields (`result`,
+    /// `args`, `kwargs`: [`Shape::Fields`]), not the result alone.
+    pub fields: bool,
+}
+
+impl BlobRef {
+    /// An object that holds a result alone.
+    pub fn result(key: String, bytes: u64) -> Self {
+        Self { key, bytes, fields: false }
+    }
+}
+
+/// What an uploaded object must hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Any JSON value: a result, or a saved group's result.
+    Result,
+    /// A JSON object of a task meta's large fields: any of `result`,
+    /// `args` (a list) and `kwargs` (an object), nothing else. A worker
+    /// uploads one when the meta is too large to send even without its
+    /// result (`result_extended` arguments of megabytes).
+    Fields,
+}
+
+/// The large fields of a meta, as [`Shape::Fields`] uploads hold them;
+/// checked as they stream, nothing of them kept.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FieldsShape {
+    #[serde(default)]
+    #[allow(dead_code)]
+    result: Option<serde::de::IgnoredAny>,
+    /// A vector of a zero-sized type holds no memory, however long.
+    #[serde(default)]
+    #[allow(dead_code)]
+    args: Option<Vec<serde::de::IgnoredAny>>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    kwargs: Option<AnyObject>,
+}
+
+/// Any JSON object, its members skipped.
+struct AnyObject;
+
+impl<'de> serde::Deserialize<'de> for AnyObject {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = AnyObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<AnyObject, A::Error> {
+                while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+                Ok(AnyObject)
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// A presigned request: the URL, and the headers the caller must send with it.
@@ -94,7 +159,7 @@ pub enum UploadError {
     Missing(String),
     #[error("the uploaded object's sha256 is {found}, not {expected}")]
     Mismatch { expected: String, found: String },
-    #[error("the uploaded object is not gzip-compressed JSON: {0}")]
+    #[error("the uploaded object is not gzip-compressed JSON of what it must hold: {0}")]
     NotJson(String),
     #[error("the uploaded result is more than {limit} bytes uncompressed (MAX_RESULT_BYTES)")]
     TooLarge { limit: u64 },
@@ -113,9 +178,9 @@ impl From<UploadError> for StoreError {
 }
 
 /// Reads an object's bytes as they come, checking on the way that they are
-/// gzip-compressed JSON of at most `limit` bytes; returns the uncompressed
-/// size. Memory stays bounded whatever the object's size.
-pub fn check_upload(reader: impl Read, limit: u64) -> Result<u64, UploadError> {
+/// gzip-compressed JSON of `shape` of at most `limit` bytes; returns the
+/// uncompressed size. Memory stays bounded whatever the object's size.
+pub fn check_upload(reader: impl Read, limit: u64, shape: Shape) -> Result<u64, UploadError> {
     struct Counting<R> {
         inner: R,
         count: u64,
@@ -134,7 +199,10 @@ pub fn check_upload(reader: impl Read, limit: u64) -> Result<u64, UploadError> {
     let mut counting = Counting { inner: flate2::read::GzDecoder::new(reader), count: 0, limit };
     let parsed = {
         let buffered = std::io::BufReader::with_capacity(64 << 10, &mut counting);
-        serde_json::from_reader::<_, serde::de::IgnoredAny>(buffered)
+        match shape {
+            Shape::Result => serde_json::from_reader::<_, serde::de::IgnoredAny>(buffered).map(drop),
+            Shape::Fields => serde_json::from_reader::<_, FieldsShape>(buffered).map(drop),
+        }
     };
     match parsed {
         Ok(_) => Ok(counting.count),
@@ -347,9 +415,9 @@ impl Blobs {
     }
 
     /// Checks an uploaded object as it streams in: its SHA-256 is `sha256`,
-    /// and it is gzip-compressed JSON of at most `limit` bytes. Returns the
-    /// uncompressed size.
-    pub async fn verify(&self, key: &str, sha256: &str, limit: u64) -> Result<u64, UploadError> {
+    /// and it is gzip-compressed JSON of `shape` of at most `limit` bytes.
+    /// Returns the uncompressed size.
+    pub async fn verify(&self, key: &str, sha256: &str, limit: u64, shape: Shape) -> Result<u64, UploadError> {
         let out = match self.client.get_object().bucket(&self.bucket).key(key).send().await {
             Ok(out) => out,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
@@ -360,7 +428,7 @@ impl Blobs {
         };
         let (sender, chunks) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
         let check = tokio::task::spawn_blocking(move || {
-            check_upload(ChunkReader { chunks, current: std::io::Cursor::new(Vec::new()) }, limit)
+            check_upload(ChunkReader { chunks, current: std::io::Cursor::new(Vec::new()) }, limit, shape)
         });
         let mut body = out.body;
         let mut hasher = Sha256::new();
@@ -409,14 +477,17 @@ mod tests {
     #[test]
     fn an_upload_is_checked_as_it_streams() {
         let ok = gzip(br#"{"a":[1,2,3],"s":"x"}"#);
-        assert_eq!(check_upload(&ok[..], 1000).unwrap(), 21);
-        assert_eq!(check_upload(&ok[..], 21).unwrap(), 21, "at the limit");
-        assert!(matches!(check_upload(&ok[..], 20), Err(UploadError::TooLarge { limit: 20 })), "one past it");
+        assert_eq!(check_upload(&ok[..], 1000, Shape::Result).unwrap(), 21);
+        assert_eq!(check_upload(&ok[..], 21, Shape::Result).unwrap(), 21, "at the limit");
+        assert!(
+            matches!(check_upload(&ok[..], 20, Shape::Result), Err(UploadError::TooLarge { limit: 20 })),
+            "one past it"
+        );
         let bad = gzip(br#"{"a":[1,2,"#);
-        assert!(matches!(check_upload(&bad[..], 1000), Err(UploadError::NotJson(_))));
-        assert!(matches!(check_upload(&b"plain"[..], 1000), Err(UploadError::NotJson(_))));
+        assert!(matches!(check_upload(&bad[..], 1000, Shape::Result), Err(UploadError::NotJson(_))));
+        assert!(matches!(check_upload(&b"plain"[..], 1000, Shape::Result), Err(UploadError::NotJson(_))));
         let trailing = gzip(b"1 2");
-        assert!(matches!(check_upload(&trailing[..], 1000), Err(UploadError::NotJson(_))));
+        assert!(matches!(check_upload(&trailing[..], 1000, Shape::Result), Err(UploadError::NotJson(_))));
         let reader = {
             let (sender, chunks) = tokio::sync::mpsc::channel(64);
             for piece in ok.chunks(3) {
@@ -424,7 +495,31 @@ mod tests {
             }
             ChunkReader { chunks, current: std::io::Cursor::new(Vec::new()) }
         };
-        assert_eq!(check_upload(reader, 1000).unwrap(), 21, "read across chunks");
+        assert_eq!(check_upload(reader, 1000, Shape::Result).unwrap(), 21, "read across chunks");
         assert!(is_sha256_hex(&sha256_hex(b"x")) && !is_sha256_hex("abc"));
+    }
+
+    #[test]
+    fn a_fields_upload_holds_only_the_large_fields_in_their_shapes() {
+        let fields = |text: &str| check_upload(&gzip(text.as_bytes())[..], 1000, Shape::Fields);
+        for ok in [
+            r#"{"result":{"any":[1]},"args":[1,"x",{}],"kwargs":{"a":[2]}}"#,
+            r#"{"args":[],"kwargs":{}}"#,
+            r#"{"result":null}"#,
+            "{}",
+        ] {
+            assert_eq!(fields(ok).unwrap(), ok.len() as u64, "{ok}");
+        }
+        for bad in [
+            r#"{"result":1,"status":"SUCCESS"}"#,
+            r#"{"args":{"a":1}}"#,
+            r#"{"kwargs":[1]}"#,
+            r#"[1,2]"#,
+            r#""result""#,
+        ] {
+            assert!(matches!(fields(bad), Err(UploadError::NotJson(_))), "{bad}");
+        }
+        // A result upload may be any JSON.
+        assert!(check_upload(&gzip(b"[1,2]")[..], 1000, Shape::Result).is_ok());
     }
 }

@@ -20,11 +20,13 @@ use futures::future::try_join_all;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 
-use super::blobs::{expiry_class, gzip, object_key, sha256_hex, BlobRef, Blobs, Presigned};
+use super::blobs::{expiry_class, gzip, object_key, object_key_under, sha256_hex, BlobRef, Blobs, Presigned, Shape};
 pub use super::retry::classify;
 use super::retry::Backoff;
 use super::schema::{attr, SK_ITEM};
-use super::{group_key, task_key, Claim, PutOutcome, ResultStore, Stored, TaskRecord, Within};
+use super::{
+    group_key, task_key, Claim, GroupRecord, Payload, PutOutcome, ResultStore, SavedGroup, Stored, TaskRecord, Within,
+};
 use crate::config::Config;
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
@@ -201,33 +203,25 @@ impl DynamoStore {
     /// result is large: written to S3 here, before the item (see
     /// [`super::blobs`]), or, for an upload, checked there.
     async fn place_result(&self, ns: &Namespace, record: &TaskRecord, lifetime: i64) -> Result<Placed, StoreError> {
-        if let Some(sha256) = &record.upload {
+        if let Some(upload) = &record.upload {
             let large = self.large()?;
-            let key = object_key(ns, &record.task_id, sha256);
-            let bytes = large.blobs.verify(&key, sha256, large.max_result_bytes).await?;
-            let (name, doc, _) = encode_doc(&record.json)?;
-            // Tagged for its item once the item is written.
-            return Ok((name, doc, Some(BlobRef { key, bytes }), false));
-        }
-        // Larger than a read answers whole: to S3 whatever it compresses to,
-        // so it is not compressed just to tell (a chord's results may be 100 MB).
-        let must_spill = self.large.as_ref().is_some_and(|large| record.json.len() > large.inline_bytes);
-        let encoded = if must_spill { None } else { Some(encode_doc(&record.json)?) };
-        let spill = self
-            .large
-            .as_ref()
-            .filter(|large| must_spill || encoded.as_ref().is_some_and(|(_, _, size)| *size > large.spill_above));
-        let split =
-            spill.and_then(|large| Some((large, crate::meta::split_result(&record.json, record.status.as_str())?)));
-        let Some((large, (meta, result))) = split else {
-            let (name, doc, size) = match encoded {
-                Some(encoded) => encoded,
-                None => encode_doc(&record.json)?,
-            };
+            let key = object_key(ns, &record.task_id, &upload.sha256);
+            let bytes = large.blobs.verify(&key, &upload.sha256, large.max_result_bytes, upload.shape).await?;
+            let (name, doc, size) = encode_doc(&record.json)?;
             if size > MAX_ITEM_DOC {
                 return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
             }
-            return Ok((name, doc, None, false));
+            // Tagged for its item once the item is written.
+            let blob = BlobRef { key, bytes, fields: upload.shape == Shape::Fields };
+            return Ok((name, doc, Some(blob), false));
+        }
+        let split = match self.keep(&record.json)? {
+            Keep::Item(name, doc, size) => return in_item(name, doc, size),
+            Keep::Spill(large) => crate::meta::split_result(&record.json, record.status.as_str()).map(|s| (large, s)),
+        };
+        let Some((large, (meta, result))) = split else {
+            let (name, doc, size) = encode_doc(&record.json)?;
+            return in_item(name, doc, size);
         };
         let object = gzip(result.as_bytes());
         let key = object_key(ns, &record.task_id, &sha256_hex(&object));
@@ -241,7 +235,63 @@ impl DynamoStore {
             }
             return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
         }
-        Ok((name, doc, Some(BlobRef { key, bytes: result.len() as u64 }), written))
+        Ok((name, doc, Some(BlobRef::result(key, result.len() as u64)), written))
+    }
+
+    /// A saved group's document and its result's object, as for a task's
+    /// ([`DynamoStore::place_result`]): an uploaded object checked, or a
+    /// result too large for an item written to S3 first. The document is
+    /// `{"result":...}`, or `{"result":null}` when the result is in S3.
+    async fn place_group(&self, pk: &str, record: &GroupRecord, lifetime: i64) -> Result<Placed, StoreError> {
+        let result = match &record.result {
+            Payload::Uploaded { sha256 } => {
+                let large = self.large()?;
+                let key = object_key_under(pk, sha256);
+                let bytes = large.blobs.verify(&key, sha256, large.max_result_bytes, Shape::Result).await?;
+                let (name, doc, _) = encode_doc(GROUP_IN_S3)?;
+                return Ok((name, doc, Some(BlobRef::result(key, bytes)), false));
+            }
+            Payload::Json(result) => result,
+        };
+        let large = match self.keep(&group_doc(result))? {
+            Keep::Item(name, doc, size) => return in_item(name, doc, size),
+            Keep::Spill(large) => large,
+        };
+        let object = gzip(result.as_bytes());
+        let key = object_key_under(pk, &sha256_hex(&object));
+        let written = large.blobs.put(&key, object, &expiry_class(lifetime)).await?;
+        let (name, doc, _) = encode_doc(GROUP_IN_S3)?;
+        Ok((name, doc, Some(BlobRef::result(key, result.len() as u64)), written))
+    }
+
+    /// Where a document goes: in its item, or, with a bucket, its result to
+    /// S3 when it is longer than a read answers whole (whatever it
+    /// compresses to, so it is not compressed just to tell: a chord's
+    /// results may be 100 MB) or compresses past `SPILL_ABOVE_BYTES`.
+    fn keep(&self, json: &str) -> Result<Keep<'_>, StoreError> {
+        if let Some(large) = self.large.as_ref().filter(|large| json.len() > large.inline_bytes) {
+            return Ok(Keep::Spill(large));
+        }
+        let (name, doc, size) = encode_doc(json)?;
+        Ok(match self.large.as_ref().filter(|large| size > large.spill_above) {
+            Some(large) => Keep::Spill(large),
+            None => Keep::Item(name, doc, size),
+        })
+    }
+
+    /// After an item that points to `ours` (if any) replaced `replaced`:
+    /// the replaced item's object is deleted unless it is ours, and ours,
+    /// unless this write put it there, now lives as long as the item
+    /// (invariant S8).
+    async fn settle_objects(&self, replaced: Option<&Item>, ours: Option<&str>, fresh: bool, lifetime: i64) {
+        if let Some(old) = replaced.and_then(blob_of).filter(|old| Some(old.key.as_str()) != ours) {
+            self.delete_object(&old.key, "its result was replaced").await;
+        }
+        if let (Some(key), false, Some(large)) = (ours, fresh, &self.large) {
+            if let Err(err) = large.blobs.set_class(key, &expiry_class(lifetime)).await {
+                tracing::error!(key, error = %err, "the result's object keeps its earlier lifetime tag");
+            }
+        }
     }
 
     /// The items of `ids`' results, read consistently in chunks of `chunk`
@@ -324,8 +374,7 @@ fn task_item(ns: &Namespace, record: &TaskRecord, doc_attr: &str, doc: Attribute
     item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
     item.insert(attr::STORED_AT.into(), AttributeValue::N(crate::time::now_millis().to_string()));
     if let Some(blob) = blob {
-        item.insert(attr::BLOB_KEY.into(), AttributeValue::S(blob.key.clone()));
-        item.insert(attr::BLOB_BYTES.into(), AttributeValue::N(blob.bytes.to_string()));
+        insert_blob(&mut item, blob);
     }
     if let Some(group_id) = &record.group_id {
         item.insert(attr::GROUP_ID.into(), AttributeValue::S(group_id.to_string()));
@@ -402,14 +451,48 @@ fn encode_doc(json: &str) -> Result<(&'static str, AttributeValue, usize), Store
 /// and its lifetime tag is set once the item is written).
 type Placed = (&'static str, AttributeValue, Option<BlobRef>, bool);
 
+/// Where a document goes ([`DynamoStore::keep`]): its attribute (name,
+/// value, size), or its result to S3.
+enum Keep<'a> {
+    Item(&'static str, AttributeValue, usize),
+    Spill(&'a Large),
+}
+
+/// A document kept whole in its item, if it fits one.
+fn in_item(name: &'static str, doc: AttributeValue, size: usize) -> Result<Placed, StoreError> {
+    if size > MAX_ITEM_DOC {
+        return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
+    }
+    Ok((name, doc, None, false))
+}
+
 /// The object a result item points to.
 fn blob_of(item: &Item) -> Option<BlobRef> {
     match (item.get(attr::BLOB_KEY), item.get(attr::BLOB_BYTES)) {
-        (Some(AttributeValue::S(key)), Some(AttributeValue::N(bytes))) => {
-            Some(BlobRef { key: key.clone(), bytes: bytes.parse().ok()? })
-        }
+        (Some(AttributeValue::S(key)), Some(AttributeValue::N(bytes))) => Some(BlobRef {
+            key: key.clone(),
+            bytes: bytes.parse().ok()?,
+            fields: matches!(item.get(attr::BLOB_FIELDS), Some(AttributeValue::Bool(true))),
+        }),
         _ => None,
     }
+}
+
+/// Points an item to its object.
+fn insert_blob(item: &mut Item, blob: &BlobRef) {
+    item.insert(attr::BLOB_KEY.into(), AttributeValue::S(blob.key.clone()));
+    item.insert(attr::BLOB_BYTES.into(), AttributeValue::N(blob.bytes.to_string()));
+    if blob.fields {
+        item.insert(attr::BLOB_FIELDS.into(), AttributeValue::Bool(true));
+    }
+}
+
+/// A saved group's document whose result is in S3.
+const GROUP_IN_S3: &str = r#"{"result":null}"#;
+
+/// A saved group's document: Celery's `{"result": <GroupResult.as_tuple()>}`.
+pub fn group_doc(result: &str) -> String {
+    format!(r#"{{"result":{result}}}"#)
 }
 
 fn decode_doc(item: &Item) -> Option<String> {
@@ -520,16 +603,7 @@ impl ResultStore for DynamoStore {
         let ours = blob.as_ref().map(|b| b.key.as_str());
         match result {
             Ok(out) => {
-                let replaced = out.attributes.as_ref().and_then(blob_of);
-                if let Some(old) = replaced.filter(|old| Some(old.key.as_str()) != ours) {
-                    self.delete_object(&old.key, "its result was replaced").await;
-                }
-                // The object now lives as long as this item (invariant S8).
-                if let (Some(key), false, Some(large)) = (ours, fresh, &self.large) {
-                    if let Err(err) = large.blobs.set_class(key, &expiry_class(lifetime)).await {
-                        tracing::error!(key, error = %err, "the result's object keeps its earlier lifetime tag");
-                    }
-                }
+                self.settle_objects(out.attributes.as_ref(), ours, fresh, lifetime).await;
                 Ok(PutOutcome::Stored)
             }
             Err(err) => match err.as_service_error() {
@@ -606,41 +680,58 @@ impl ResultStore for DynamoStore {
 
     async fn upload_url(
         &self,
-        ns: &Namespace,
-        id: &TaskId,
+        item_key: &str,
         sha256: &str,
         bytes: u64,
         lifetime: i64,
     ) -> Result<Presigned, StoreError> {
-        self.large()?.blobs.presign_put(&object_key(ns, id, sha256), &expiry_class(lifetime), bytes).await
+        self.large()?.blobs.presign_put(&object_key_under(item_key, sha256), &expiry_class(lifetime), bytes).await
     }
 
-    async fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> Result<(), StoreError> {
-        let (doc_attr, doc, size) = encode_doc(json)?;
-        if size > MAX_ITEM_DOC {
-            return Err(StoreError::TooLarge { size, limit: MAX_ITEM_DOC });
-        }
-        let mut item = Self::key(group_key(ns, id));
+    async fn put_group(&self, ns: &Namespace, id: &GroupId, record: &GroupRecord) -> Result<(), StoreError> {
+        let pk = group_key(ns, id);
+        let lifetime = record.expires_at - now_epoch();
+        let (doc_attr, doc, blob, fresh) = self.place_group(&pk, record, lifetime).await?;
+        let mut item = Self::key(pk);
         item.insert(doc_attr.into(), doc);
-        item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(expires_at.to_string()));
-        self.client
+        item.insert(attr::EXPIRES_AT.into(), AttributeValue::N(record.expires_at.to_string()));
+        if let Some(blob) = &blob {
+            insert_blob(&mut item, blob);
+        }
+        let ours = blob.as_ref().map(|b| b.key.as_str());
+        let written = self
+            .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
+            // The group saved before, whose object (if any) is no longer served.
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
             .send()
-            .await
-            .map_err(|e| classify(e, self.backoff.max_attempts))?;
-        Ok(())
+            .await;
+        match written {
+            Ok(out) => {
+                self.settle_objects(out.attributes.as_ref(), ours, fresh, lifetime).await;
+                Ok(())
+            }
+            // Whether the write happened is unknown: the object stays (see put_task).
+            Err(err) => Err(classify(err, self.backoff.max_attempts)),
+        }
     }
 
-    async fn get_group(&self, ns: &Namespace, id: &GroupId) -> Result<Option<String>, StoreError> {
+    async fn get_group(&self, ns: &Namespace, id: &GroupId) -> Result<Option<SavedGroup>, StoreError> {
         let now = now_epoch();
         let item = self.get_item(group_key(ns, id)).await?;
-        Ok(item.filter(|item| expires_at(item).is_none_or(|at| at > now)).and_then(|item| decode_doc(&item)))
+        Ok(item
+            .filter(|item| expires_at(item).is_none_or(|at| at > now))
+            .and_then(|item| Some(SavedGroup { json: decode_doc(&item)?, blob: blob_of(&item) })))
     }
 
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
-        self.delete_item(group_key(ns, id)).await.map(drop)
+        let old = self.delete_item(group_key(ns, id)).await?;
+        if let Some(blob) = old.as_ref().and_then(blob_of) {
+            self.delete_object(&blob.key, "its group was forgotten").await;
+        }
+        Ok(())
     }
 }
 

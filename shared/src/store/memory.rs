@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{group_key, task_key, BlobRef, Claim, Presigned, PutOutcome, ResultStore, Stored, TaskRecord, Within};
+use super::{
+    group_key, task_key, BlobRef, Claim, GroupRecord, Payload, Presigned, PutOutcome, ResultStore, SavedGroup, Shape,
+    Stored, TaskRecord, Within,
+};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::time::now_epoch;
@@ -32,6 +35,8 @@ pub struct MemoryStore<X = ()> {
     pub largest_read: AtomicUsize,
     /// Claims on tasks' runs, by task key (invariant S10).
     claims: Mutex<HashMap<String, Claim>>,
+    /// The objects of saved groups whose result is a blob, by group key.
+    group_blobs: Mutex<HashMap<String, BlobRef>>,
     /// The items of the chord join or the cache, and their faults.
     pub ext: X,
 }
@@ -76,20 +81,18 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
             None => self.claims.lock().unwrap().remove(&key),
         };
         let spill_above = self.spill_above.load(Ordering::SeqCst);
-        let stored = if let Some(sha) = &r.upload {
-            let key = super::blobs::object_key(ns, &r.task_id, sha);
+        let stored = if let Some(upload) = &r.upload {
+            let key = super::blobs::object_key(ns, &r.task_id, &upload.sha256);
             let blobs = self.blobs.lock().unwrap();
+            let sha = &upload.sha256;
             let result = blobs.get(&key).ok_or_else(|| StoreError::BadUpload(format!("no upload {sha}")))?;
-            Stored {
-                status: r.status.clone(),
-                json: r.json.clone(),
-                blob: Some(BlobRef { key, bytes: result.len() as u64 }),
-            }
+            let blob = BlobRef { key, bytes: result.len() as u64, fields: upload.shape == Shape::Fields };
+            Stored { status: r.status.clone(), json: r.json.clone(), blob: Some(blob) }
         } else if spill_above > 0 && r.json.len() > spill_above {
             let (meta, result) = crate::meta::split_result(&r.json, r.status.as_str()).expect("a meta as served");
             let key = super::blobs::object_key(ns, &r.task_id, &super::blobs::sha256_hex(result.as_bytes()));
             self.blobs.lock().unwrap().insert(key.clone(), result.to_owned());
-            Stored { status: r.status.clone(), json: meta, blob: Some(BlobRef { key, bytes: result.len() as u64 }) }
+            Stored { status: r.status.clone(), json: meta, blob: Some(BlobRef::result(key, result.len() as u64)) }
         } else {
             Stored::new(r.status.clone(), r.json.clone())
         };
@@ -149,27 +152,59 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
 
     async fn upload_url(
         &self,
-        ns: &Namespace,
-        id: &TaskId,
+        item_key: &str,
         sha256: &str,
         _bytes: u64,
         _lifetime: i64,
     ) -> Result<Presigned, StoreError> {
-        let key = super::blobs::object_key(ns, id, sha256);
+        let key = super::blobs::object_key_under(item_key, sha256);
         Ok(Presigned { url: format!("memory:///{key}"), headers: vec![] })
     }
 
-    async fn put_group(&self, ns: &Namespace, id: &GroupId, json: &str, expires_at: i64) -> Result<(), StoreError> {
-        self.items.lock().unwrap().insert(group_key(ns, id), (None, json.to_owned(), expires_at));
+    async fn put_group(&self, ns: &Namespace, id: &GroupId, record: &GroupRecord) -> Result<(), StoreError> {
+        let pk = group_key(ns, id);
+        let spill_above = self.spill_above.load(Ordering::SeqCst);
+        let blob = match &record.result {
+            Payload::Uploaded { sha256 } => {
+                let key = super::blobs::object_key_under(&pk, sha256);
+                let blobs = self.blobs.lock().unwrap();
+                let result = blobs.get(&key).ok_or_else(|| StoreError::BadUpload(format!("no upload {sha256}")))?;
+                Some(BlobRef::result(key, result.len() as u64))
+            }
+            Payload::Json(result) if spill_above > 0 && result.len() > spill_above => {
+                let key = super::blobs::object_key_under(&pk, &super::blobs::sha256_hex(result.as_bytes()));
+                self.blobs.lock().unwrap().insert(key.clone(), result.clone());
+                Some(BlobRef::result(key, result.len() as u64))
+            }
+            Payload::Json(_) => None,
+        };
+        let doc = match (&record.result, &blob) {
+            (Payload::Json(result), None) => super::dynamo::group_doc(result),
+            _ => super::dynamo::group_doc("null"),
+        };
+        self.items.lock().unwrap().insert(pk.clone(), (None, doc, record.expires_at));
+        let old = match blob {
+            Some(blob) => self.group_blobs.lock().unwrap().insert(pk, blob.clone()).filter(|old| old.key != blob.key),
+            None => self.group_blobs.lock().unwrap().remove(&pk),
+        };
+        if let Some(old) = old {
+            self.blobs.lock().unwrap().remove(&old.key);
+        }
         Ok(())
     }
 
-    async fn get_group(&self, ns: &Namespace, id: &GroupId) -> Result<Option<String>, StoreError> {
-        Ok(self.live(&group_key(ns, id)).map(|(_, doc)| doc))
+    async fn get_group(&self, ns: &Namespace, id: &GroupId) -> Result<Option<SavedGroup>, StoreError> {
+        let pk = group_key(ns, id);
+        let blob = self.group_blobs.lock().unwrap().get(&pk).cloned();
+        Ok(self.live(&pk).map(|(_, json)| SavedGroup { json, blob }))
     }
 
     async fn delete_group(&self, ns: &Namespace, id: &GroupId) -> Result<(), StoreError> {
-        self.items.lock().unwrap().remove(&group_key(ns, id));
+        let pk = group_key(ns, id);
+        self.items.lock().unwrap().remove(&pk);
+        if let Some(old) = self.group_blobs.lock().unwrap().remove(&pk) {
+            self.blobs.lock().unwrap().remove(&old.key);
+        }
         Ok(())
     }
 }

@@ -19,7 +19,7 @@ use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
 use crate::meta::State;
 
-pub use blobs::{BlobRef, Presigned};
+pub use blobs::{BlobRef, Presigned, Shape};
 pub use dynamo::DynamoStore;
 
 /// A task result as stored: its status (for readiness) and the meta JSON as
@@ -69,12 +69,47 @@ pub struct TaskRecord {
     pub group_index: Option<u32>,
     /// A chord part's chord: its size and callback.
     pub chord: Option<PartOf>,
-    /// The SHA-256 of the result's uploaded object, when the worker
-    /// uploaded it (then `json` has `"result":null`).
-    pub upload: Option<String>,
+    /// The result's uploaded object, when the worker uploaded it (then
+    /// `json` has `"result":null`, and no `args` or `kwargs` when the
+    /// object holds them too).
+    pub upload: Option<Upload>,
     /// A claim on the task's run: written only if the task is not ready and
     /// no other live claim holds it (invariant S10).
     pub claim: Option<Claim>,
+}
+
+/// An object a worker uploaded through a presigned URL, to commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upload {
+    /// The SHA-256 of the object as uploaded (lowercase hex).
+    pub sha256: String,
+    /// What it must hold (see [`blobs::Shape`]).
+    pub shape: blobs::Shape,
+}
+
+/// A group saved with `GroupResult.save`: its result and when it expires.
+#[derive(Debug, Clone)]
+pub struct GroupRecord {
+    pub result: Payload,
+    /// Epoch seconds after which the item reads as missing.
+    pub expires_at: i64,
+}
+
+/// A saved group's result (`GroupResult.as_tuple()`): sent in the request
+/// as JSON text, or uploaded through a presigned URL (gzip-compressed JSON
+/// whose SHA-256 is named).
+#[derive(Debug, Clone)]
+pub enum Payload {
+    Json(String),
+    Uploaded { sha256: String },
+}
+
+/// A saved group as read: its document, and its result's object when the
+/// result is in S3 (then the document is `{"result":null}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedGroup {
+    pub json: String,
+    pub blob: Option<BlobRef>,
 }
 
 /// A claim on a task's run, as stored: its token and when it lapses.
@@ -152,29 +187,31 @@ pub trait ResultStore: Send + Sync {
     fn read_blob(&self, blob: &BlobRef) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
     /// A presigned URL that reads a result's object (gzip-compressed JSON).
     fn blob_url(&self, blob: &BlobRef) -> impl Future<Output = Result<String, StoreError>> + Send;
-    /// A presigned PUT for the result of `id`, an object of `bytes` bytes
-    /// whose SHA-256 is `sha256`, kept at least `lifetime` seconds if never
-    /// committed.
+    /// A presigned PUT for an object of the item keyed `item_key` (a task's
+    /// result, [`task_key`], or a saved group's, [`group_key`]): `bytes`
+    /// bytes whose SHA-256 is `sha256`, kept at least `lifetime` seconds if
+    /// never committed.
     fn upload_url(
         &self,
-        ns: &Namespace,
-        id: &TaskId,
+        item_key: &str,
         sha256: &str,
         bytes: u64,
         lifetime: i64,
     ) -> impl Future<Output = Result<Presigned, StoreError>> + Send;
+    /// Saves a group, replacing any saved before (and its object). A
+    /// result too large for an item goes to S3, as a task's does.
     fn put_group(
         &self,
         ns: &Namespace,
         id: &GroupId,
-        json: &str,
-        expires_at: i64,
+        record: &GroupRecord,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn get_group(
         &self,
         ns: &Namespace,
         id: &GroupId,
-    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<SavedGroup>, StoreError>> + Send;
+    /// Forgets a saved group, its object in S3 too.
     fn delete_group(&self, ns: &Namespace, id: &GroupId) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 

@@ -30,6 +30,9 @@ pub mod attr {
     /// On a result kept in S3: its object's key, and the result's size.
     pub const BLOB_KEY: &str = "blob_key";
     pub const BLOB_BYTES: &str = "blob_bytes";
+    /// On a result whose object holds the meta's large fields (`result`,
+    /// `args`, `kwargs`), not the result alone: `true`.
+    pub const BLOB_FIELDS: &str = "blob_fields";
     /// On a claimed task (invariant S10): the claimer's token, and when
     /// its claim lapses (epoch milliseconds).
     pub const CLAIM_TOKEN: &str = "claim_token";

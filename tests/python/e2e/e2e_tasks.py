@@ -18,7 +18,9 @@ if not os.environ.get("E2E_WITHOUT_SQS_FIX"):
 
 app = Celery("e2e_tasks")
 app.conf.update(
-    broker_url="sqs://local:local@",
+    # E2E_BROKER: test_large.py's arguments of megabytes go through a Redis
+    # broker (a queue message of SQS holds at most 1 MiB); SQS otherwise.
+    broker_url=os.environ.get("E2E_BROKER") or "sqs://local:local@",
     broker_transport_options={"region": "us-east-1", "polling_interval": 0.1, "wait_time_seconds": 1},
     # E2E_RESULT_BACKEND: the reference run of test_canvas.py uses Celery's
     # own Redis backend, everything else dynachord.

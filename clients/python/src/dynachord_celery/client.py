@@ -369,14 +369,15 @@ class Client:
 
     # -- large results (S3) -------------------------------------------------
 
-    def _upload(self, task_id: str, result_json: bytes, expires_in: Any = None) -> str:
-        """Uploads a result's JSON, gzip-compressed, through a presigned URL
-        the service hands out; returns its SHA-256 for the store's
-        ``result_upload``. The URL never replaces an object: a 412 means an
-        earlier attempt's upload is there already."""
+    def _upload(self, owner_path: str, result_json: bytes, expires_in: Any = None) -> str:
+        """Uploads JSON (a result, a meta's large fields, or a saved group's
+        result), gzip-compressed, through a presigned URL the service hands
+        out for the task or group at ``owner_path``; returns its SHA-256 for
+        the store's ``result_upload``. The URL never replaces an object: a
+        412 means an earlier attempt's upload is there already."""
         data = gzip.compress(result_json, compresslevel=1)
         sha256 = hashlib.sha256(data).hexdigest()
-        path = _task_path(task_id) + "/upload"
+        path = owner_path + "/upload"
         ask: dict[str, Any] = {"sha256": sha256, "bytes": len(data)}
         if isinstance(expires_in, int) and (self._max_expires_in is None or expires_in <= self._max_expires_in):
             ask["expires_in"] = expires_in
@@ -394,29 +395,35 @@ class Client:
             return self._session().put(url, data=data, headers=headers, timeout=timeout)
 
         self._with_retries("PUT", path + " (S3)", send, self.options.transfer_timeout, frozenset({200, 412}), None)
-        logger.debug("dynachord uploaded %s's result: %d bytes, %d compressed", task_id, len(result_json), len(data))
+        logger.debug("dynachord uploaded %s: %d bytes, %d compressed", owner_path, len(result_json), len(data))
         return sha256
 
-    def _download(self, reference: Mapping[str, Any], task_id: str, deadline: float | None) -> Any:
-        """A result the service answered by reference (``result_ref``): read
+    def _download(self, reference: Mapping[str, Any], owner_path: str, deadline: float | None) -> Any:
+        """What the service answered by reference (``result_ref``): read
         from its presigned URL, gunzipped and decoded."""
         url = str(reference["url"])
 
         def send(timeout: tuple[float, float]) -> requests.Response:
             return self._session().get(url, timeout=timeout)
 
-        what = _task_path(task_id) + " (S3)"
+        what = owner_path + " (S3)"
         response = self._with_retries("GET", what, send, self.options.transfer_timeout, frozenset({200}), deadline)
         data = response.content
         if reference.get("encoding", "gzip") == "gzip":
             data = gzip.decompress(data)
         return _loads(data.decode("utf-8"))
 
-    def _whole(self, task_id: str, meta: dict[str, Any], deadline: float | None) -> dict[str, Any]:
-        """The meta with its result read in, when the service answered it by reference."""
+    def _whole(self, owner_path: str, meta: dict[str, Any], deadline: float | None) -> dict[str, Any]:
+        """The meta (or saved group) with its result read in, when the
+        service answered it by reference; with its arguments too when the
+        reference holds the meta's large fields (``"fields": true``)."""
         reference = meta.pop("result_ref", None)
         if isinstance(reference, dict):
-            meta["result"] = self._download(reference, task_id, deadline)
+            downloaded = self._download(reference, owner_path, deadline)
+            if reference.get("fields"):
+                meta.update(dict(downloaded))
+            else:
+                meta["result"] = downloaded
         return meta
 
     # -- the v1 API ---------------------------------------------------------
@@ -427,12 +434,20 @@ class Client:
         be replaced (409: e.g. SUCCESS is never overwritten)."""
         body = self._clamp_expiry(meta)
         encoded = _dumps(body).encode("utf-8")
-        upload = len(encoded) > self.options.upload_above and body.get("result") is not None
-        if upload:
-            # Too large for a request: the result goes to S3 first, then the store commits it.
-            result_json = _dumps(body.pop("result")).encode("utf-8")
-            body["result_upload"] = {"sha256": self._upload(task_id, result_json, body.get("expires_in"))}
         path = _task_path(task_id)
+        upload = len(encoded) > self.options.upload_above
+        if upload:
+            # Too large for a request: the result goes to S3 first, then the
+            # store commits it. When the meta is too large even without its
+            # result (result_extended arguments of megabytes), its large
+            # fields go together, as one object.
+            rest = {name: value for name, value in body.items() if name != "result"}
+            fields = len(_dumps(rest).encode("utf-8")) > self.options.upload_above
+            large = {name: body.pop(name) for name in (_LARGE_FIELDS if fields else ("result",)) if name in body}
+            uploaded = _dumps(large if fields else large.get("result")).encode("utf-8")
+            body["result_upload"] = {"sha256": self._upload(path, uploaded, body.get("expires_in"))}
+            if fields:
+                body["result_upload"]["fields"] = True
         response = self._put_expiring(path, body, ok=(200, 409), encoded=None if upload else encoded)
         if response.status_code == 409:
             logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
@@ -465,8 +480,9 @@ class Client:
         ``deadline`` bounds the call, retries included (see :meth:`request`)."""
         wait = self._clamp_wait(wait)
         params = {"wait": _seconds(wait)} if wait > 0 else None
-        response = self.request("GET", _task_path(task_id), params=params, extra_read_timeout=wait, deadline=deadline)
-        return self._whole(task_id, dict(_loads(response.text)), deadline)
+        path = _task_path(task_id)
+        response = self.request("GET", path, params=params, extra_read_timeout=wait, deadline=deadline)
+        return self._whole(path, dict(_loads(response.text)), deadline)
 
     def batch_get(self, task_ids: list[str], wait: float = 0.0, deadline: float | None = None) -> list[dict[str, Any]]:
         """Metas of ``task_ids`` in request order (one call, at most the
@@ -484,17 +500,28 @@ class Client:
             if isinstance(item, dict) and "ref" in item:
                 results[i] = self.get_task(str(item["task_id"]), deadline=deadline)
             elif isinstance(item, dict):
-                results[i] = self._whole(str(item.get("task_id")), item, deadline)
+                results[i] = self._whole(_task_path(str(item.get("task_id"))), item, deadline)
         return results
 
     def forget(self, task_id: str) -> None:
         self.request("DELETE", _task_path(task_id))
 
     def save_group(self, group_id: str, result: Any, expires_in: int | None = None) -> None:
+        """Saves a group's result (``GroupResult.as_tuple()``); one too
+        large for a request (a group of tens of thousands) is uploaded to
+        S3 first, as a large task result is."""
+        path = _group_path(group_id)
         body: dict[str, Any] = {"result": result}
         if expires_in is not None:
             body["expires_in"] = expires_in
-        self._put_expiring(_group_path(group_id), body)
+        body = self._clamp_expiry(body)
+        encoded = _dumps(body).encode("utf-8")
+        if len(encoded) <= self.options.upload_above:
+            self._put_expiring(path, body, encoded=encoded)
+            return
+        uploaded = _dumps(body.pop("result")).encode("utf-8")
+        body["result_upload"] = {"sha256": self._upload(path, uploaded, body.get("expires_in"))}
+        self._put_expiring(path, body)
 
     def _clamp_expiry(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """The body with an ``expires_in`` past the service's known maximum cut to it."""
@@ -532,8 +559,9 @@ class Client:
 
     def get_group(self, group_id: str) -> dict[str, Any] | None:
         """The saved group (``{"result": ...}``), or ``None`` if there is none."""
-        response = self._get_or_none(_group_path(group_id), "group_not_found")
-        return None if response is None else dict(_loads(response.text))
+        path = _group_path(group_id)
+        response = self._get_or_none(path, "group_not_found")
+        return None if response is None else self._whole(path, dict(_loads(response.text)), None)
 
     def delete_group(self, group_id: str) -> None:
         self.request("DELETE", _group_path(group_id))
@@ -585,6 +613,11 @@ def _loads(text: str) -> Any:
 
 def _seconds(wait: float) -> str:
     return f"{wait:.3f}".rstrip("0").rstrip(".")
+
+
+#: The fields of a task meta that may be large; a meta too large to send
+#: even without its result has them uploaded together (see put_task).
+_LARGE_FIELDS = ("result", "args", "kwargs")
 
 
 def _task_path(task_id: str) -> str:
