@@ -92,14 +92,15 @@ def test_a_saved_group_of_fifty_thousand_tasks_restores_whole(worker):
 
 
 @pytest.fixture(scope="module")
-def redis_broker(request):
+def redis_broker(request, worker):
     """An app and a worker of the e2e tasks on a Redis broker of this
-    module's own, with the dynachord backend (the app's result_extended)."""
+    module's own, with the dynachord backend (the app's result_extended),
+    on a queue of the same name as the SQS worker's: chord-join sends a
+    chord's callback to that queue on SQS, where the SQS worker runs it."""
     with redis_server() as url:
-        queue = f"large-redis-{RUN}"
-        env = dict(os.environ, E2E_BROKER=url, E2E_QUEUE=queue)
+        env = dict(os.environ, E2E_BROKER=url)
         client = Celery("e2e_tasks", set_as_current=False)
-        client.conf.update(app.conf, broker_url=url, task_default_queue=queue)
+        client.conf.update(app.conf, broker_url=url)
         with celery_worker(request, f"large-redis-{RUN}", env):
             assert client.signature("e2e_tasks.add", (1, 1)).delay().get(timeout=120) == 2
             yield client
