@@ -19,7 +19,7 @@ use_local_stack(RUN)
 
 from celery import chord  # noqa: E402
 from celery.result import AsyncResult  # noqa: E402
-from e2e_tasks import add, app, collect_once, once  # noqa: E402
+from e2e_tasks import add, app, collect_once, once, replaced, replaced_once  # noqa: E402
 
 TIMEOUT = 60
 #: The queues' visibility timeout: a message a dead worker held comes back
@@ -157,3 +157,22 @@ def test_a_task_whose_worker_was_killed_runs_on_the_next_delivery_after_its_leas
         result = AsyncResult(task_id, app=app).get(timeout=TIMEOUT)
         assert lines(tmp_path, "k") == ["start", lines(tmp_path, "k")[1], "start", result, "done", result]
         wait_until(lambda: queue_is_empty(url), "the message to be acknowledged", context=second.text)
+
+
+@pytest.mark.parametrize("kind", ["task", "group", "chord"])
+def test_a_task_under_the_guard_that_replaces_itself_gives_its_replacements_result(worker, queues, kind):
+    """Task.replace hands the task's id to the replacement: the guard gives
+    its claim up first, so the replacement (a callback the service sends,
+    under the guard, for a group or a chord) can claim the same id."""
+    expected = {"task": 4, "group": [4, 5], "chord": 9}[kind]
+    result = replaced_once.s(3, kind).apply_async(queue=queues["work"][0])
+    assert result.get(timeout=TIMEOUT) == expected
+
+
+def test_a_chord_callback_that_replaces_itself_with_a_group_gives_the_groups_results(worker, queues):
+    """Celery's test_single_task_header: the callback, under the guard
+    because the service sends it, replaces itself with a group, which
+    becomes a chord whose own callback has the same id."""
+    work = queues["work"][0]
+    result = chord([add.s(2, 5).set(queue=work)])(replaced.s("a group of each").set(queue=work))
+    assert result.get(timeout=TIMEOUT) == [8]

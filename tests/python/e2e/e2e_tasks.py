@@ -117,6 +117,17 @@ def progress(self, steps):
 def replaced(self, x, kind):
     """Replaces itself (Task.replace) with a task, chain, group or chord
     of its own, which gives the result in its place."""
+    return self.replace(replacement(x, kind))
+
+
+@app.task(bind=True, run_once=True)
+def replaced_once(self, x, kind):
+    """`replaced`, under dynachord's run-once guard."""
+    return self.replace(replacement(x, kind))
+
+
+def replacement(x, kind):
+    """What `replaced` replaces itself with."""
     from celery import chord, group
 
     by = {
@@ -126,8 +137,10 @@ def replaced(self, x, kind):
         "chord": lambda: chord([add.s(x, 1), add.s(x, 2)], tsum.s()),
         "sum, then add": lambda: tsum.s(x) | add.s(1),
         "a failure": lambda: fail.si(f"replaced {x}"),
+        # As a chord's callback, `x` is the header's results.
+        "a group of each": lambda: group(add.s(v, 1) for v in x),
     }
-    return self.replace(by[kind]())
+    return by[kind]()
 
 
 @app.task(bind=True)

@@ -180,6 +180,17 @@ class Run:
             self.lease,
         )
 
+    def release(self) -> None:
+        """Gives the claim up, the task still STARTED: a task that replaces
+        itself (``Task.replace``) hands its id to the replacement, which
+        must be able to claim it (a group's or chord's replacement runs as
+        a callback the service sends, under the guard, with this very id).
+        A plain store without a claim clears the claim."""
+        with self._lock:
+            self._stop.set()
+            if self.refusal is None and self.body:
+                self.backend.client.put_task(self.task_id, self.body)
+
     def start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renewing, name=f"dynachord-claim-{self.task_id}", daemon=True)
         self._thread.start()
@@ -295,16 +306,25 @@ def deferring(base: type) -> type:
 
 def guard(task: Any) -> None:
     """Hooks one task into the guard: its ``before_start`` refuses a run
-    whose claim was refused, and its ``Request`` defers such a message."""
+    whose claim was refused, its ``on_replace`` gives the claim up before
+    the replacement is sent, and its ``Request`` defers such a message."""
     cls = type(task)
     if "_dynachord_guarded" not in cls.__dict__:
         own = cls.before_start
+        own_replace = cls.on_replace
 
         def before_start(self: Any, task_id: str, args: Any, kwargs: Any) -> Any:
             refuse_unclaimed(self)
             return own(self, task_id, args, kwargs)
 
+        def on_replace(self: Any, sig: Any) -> Any:
+            run = getattr(self.request, RUN_ATTR, None)
+            if isinstance(run, Run):
+                run.release()
+            return own_replace(self, sig)
+
         cls.before_start = before_start
+        cls.on_replace = on_replace
         cls._dynachord_guarded = True
     task.Request = deferring(symbol_by_name(task.Request))
 
