@@ -301,7 +301,8 @@ def test_the_functions_routes_and_permissions_are_spelled_out(templates):
     )
     assert ("PUT /v1/tasks/{task_id}", "integrations/${StoreIntegration}") in routes
     assert ("POST /v1/tasks/batch-get", "integrations/${BatchFetchIntegration}") in routes
-    assert len(routes) == 13
+    assert ("POST /v1/groups/{group_id}/upload", "integrations/${StoreIntegration}") in routes
+    assert len(routes) == 14
     join = cdk_r.render(mine["ChordJoinFunctionRole"]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"])
     assert {
         "Effect": "Allow",
