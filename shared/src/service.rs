@@ -616,14 +616,16 @@ pub async fn restore_group<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Gr
     for _ in 0..REREADS {
         let Some(saved) = app.store.get_group(ns, id).await? else { break };
         let Some(blob) = &saved.blob else { return Ok(Reply::ok(saved.json)) };
-        if blob.bytes > app.config.results.inline_bytes as u64 {
-            let reference = blob_reference(app, blob).await?;
-            return Ok(Reply::ok(format!(r#"{{"result":null,"result_ref":{reference}}}"#)));
+        if blob.bytes <= app.config.results.inline_bytes as u64 {
+            // Gone since the item was read (saved again or deleted): read again.
+            let Some(result) = app.store.read_blob(blob).await? else { continue };
+            let json = crate::store::dynamo::group_doc(&result);
+            if escaped_len(&json) <= app.config.batch_response_bytes {
+                return Ok(Reply::ok(json));
+            }
         }
-        // Gone since the item was read: saved again or deleted; read again.
-        if let Some(result) = app.store.read_blob(blob).await? {
-            return Ok(Reply::ok(crate::store::dynamo::group_doc(&result)));
-        }
+        let reference = blob_reference(app, blob).await?;
+        return Ok(Reply::ok(format!(r#"{{"result":null,"result_ref":{reference}}}"#)));
     }
     Err(ApiError::GroupNotFound(id.to_string()))
 }
@@ -1133,5 +1135,21 @@ mod tests {
         }
         delete_group(&app, &ns, &g).await.unwrap();
         assert!(app.store.blobs.lock().unwrap().is_empty(), "deleted with its group");
+    }
+
+    #[tokio::test]
+    async fn a_saved_group_in_s3_past_what_an_answer_holds_is_answered_by_reference() {
+        let mut config = Config::for_table("t");
+        config.batch_response_bytes = 100;
+        let app = App { config, store: MemoryStore::<()>::default() };
+        app.store.spill_above.store(10, std::sync::atomic::Ordering::SeqCst);
+        let (ns, g) = (Namespace::default(), GroupId::parse("g1").unwrap());
+        let saved = format!(r#"{{"result":[["g1",null],[[["{}",null],null]]]}}"#, "t".repeat(100));
+        save_group(&app, &ns, &g, saved.as_bytes()).await.unwrap();
+        let answer: serde_json::Value =
+            serde_json::from_str(&restore_group(&app, &ns, &g).await.unwrap().body).unwrap();
+        assert_eq!(answer["result"], serde_json::Value::Null);
+        assert!(answer["result_ref"]["url"].as_str().unwrap().contains("/group/g1/"), "{answer}");
+        assert_eq!(answer["result_ref"]["bytes"], saved.len() - r#"{"result":}"#.len());
     }
 }
