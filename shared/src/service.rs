@@ -619,7 +619,7 @@ pub async fn restore_group<S: ResultStore>(app: &App<S>, ns: &Namespace, id: &Gr
         if blob.bytes <= app.config.results.inline_bytes as u64 {
             // Gone since the item was read (saved again or deleted): read again.
             let Some(result) = app.store.read_blob(blob).await? else { continue };
-            let json = crate::store::dynamo::group_doc(&result);
+            let json = crate::store::group_doc(&result);
             if escaped_len(&json) <= app.config.batch_response_bytes {
                 return Ok(Reply::ok(json));
             }

@@ -144,11 +144,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                 None => return Ok(Err(gone(id))),
                 // The object holds the result, with its arguments too for a
                 // meta that was too large to send.
-                Some(object) if blob.fields => {
-                    let result = crate::meta::result_of_fields(&object).unwrap_or_else(|| "null".to_owned());
-                    let meta = crate::meta::join_fields(&stored.json, &object);
-                    (meta.unwrap_or(stored.json), result)
-                }
+                Some(object) if blob.fields => match crate::meta::join_fields_and_result(&stored.json, &object) {
+                    Some(joined) => joined,
+                    None => (stored.json, "null".to_owned()),
+                },
                 Some(result) => {
                     let meta = crate::meta::join_result(&stored.json, stored.status.as_str(), &result);
                     (meta.unwrap_or(stored.json), result)

@@ -25,7 +25,8 @@ pub use super::retry::classify;
 use super::retry::Backoff;
 use super::schema::{attr, SK_ITEM};
 use super::{
-    group_key, task_key, Claim, GroupRecord, Payload, PutOutcome, ResultStore, SavedGroup, Stored, TaskRecord, Within,
+    group_doc, group_key, task_key, Claim, GroupRecord, Payload, PutOutcome, ResultStore, SavedGroup, Stored,
+    TaskRecord, Within,
 };
 use crate::config::Config;
 use crate::error::StoreError;
@@ -248,7 +249,7 @@ impl DynamoStore {
                 let large = self.large()?;
                 let key = object_key_under(pk, sha256);
                 let bytes = large.blobs.verify(&key, sha256, large.max_result_bytes, Shape::Result).await?;
-                let (name, doc, _) = encode_doc(GROUP_IN_S3)?;
+                let (name, doc, _) = encode_doc(&group_doc("null"))?;
                 return Ok((name, doc, Some(BlobRef::result(key, bytes)), false));
             }
             Payload::Json(result) => result,
@@ -260,7 +261,7 @@ impl DynamoStore {
         let object = gzip(result.as_bytes());
         let key = object_key_under(pk, &sha256_hex(&object));
         let written = large.blobs.put(&key, object, &expiry_class(lifetime)).await?;
-        let (name, doc, _) = encode_doc(GROUP_IN_S3)?;
+        let (name, doc, _) = encode_doc(&group_doc("null"))?;
         Ok((name, doc, Some(BlobRef::result(key, result.len() as u64)), written))
     }
 
@@ -485,14 +486,6 @@ fn insert_blob(item: &mut Item, blob: &BlobRef) {
     if blob.fields {
         item.insert(attr::BLOB_FIELDS.into(), AttributeValue::Bool(true));
     }
-}
-
-/// A saved group's document whose result is in S3.
-const GROUP_IN_S3: &str = r#"{"result":null}"#;
-
-/// A saved group's document: Celery's `{"result": <GroupResult.as_tuple()>}`.
-pub fn group_doc(result: &str) -> String {
-    format!(r#"{{"result":{result}}}"#)
 }
 
 fn decode_doc(item: &Item) -> Option<String> {

@@ -179,8 +179,8 @@ impl<X: Send + Sync> ResultStore for MemoryStore<X> {
             Payload::Json(_) => None,
         };
         let doc = match (&record.result, &blob) {
-            (Payload::Json(result), None) => super::dynamo::group_doc(result),
-            _ => super::dynamo::group_doc("null"),
+            (Payload::Json(result), None) => super::group_doc(result),
+            _ => super::group_doc("null"),
         };
         self.items.lock().unwrap().insert(pk.clone(), (None, doc, record.expires_at));
         let old = match blob {

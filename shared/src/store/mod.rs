@@ -226,6 +226,12 @@ pub fn parse_task_key(pk: &str) -> Option<(Namespace, TaskId)> {
     Some((Namespace::parse(ns).ok()?, TaskId::parse(id).ok()?))
 }
 
+/// A saved group's document: Celery's `{"result": <GroupResult.as_tuple()>}`
+/// (`{"result":null}` when the result is in S3).
+pub fn group_doc(result: &str) -> String {
+    format!(r#"{{"result":{result}}}"#)
+}
+
 /// The partition key of a saved group.
 pub fn group_key(ns: &Namespace, id: &GroupId) -> String {
     format!("{}/group/{}", ns.as_str(), id)
