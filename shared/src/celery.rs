@@ -35,6 +35,75 @@ pub const FAIL_AT_DEADLINE: &str = "fail_at_deadline";
 /// The longest deadline a chord may carry: 7 days.
 pub const MAX_DEADLINE_SECONDS: u64 = 7 * 24 * 3600;
 
+/// The option of a chord's body that nests its results as its header
+/// nests them, for a header with a chain that ends in a group
+/// (`chord([a, b | group(c, d)], body)` calls back with `[ra, [rc, rd]]`):
+/// a JSON array whose items are `null` (one part) or an array of the same
+/// kind (a group), the parts in slot order. Set by the Celery package.
+pub const HEADER_SHAPE: &str = "dynachord_header_shape";
+/// How deep a header shape may nest.
+pub const MAX_HEADER_SHAPE_DEPTH: usize = 32;
+
+/// How a chord's results are laid out in its callback's first argument:
+/// the text that goes before each part's result, in slot order, and after
+/// the last ([`Signature::results_layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResultsLayout {
+    /// One list: `[r0,r1,...]`.
+    Flat,
+    /// Nested as the body's [`HEADER_SHAPE`] says.
+    Nested { before: Vec<String>, after: String },
+}
+
+impl ResultsLayout {
+    /// What goes before the result in `slot`.
+    pub fn before(&self, slot: usize) -> &str {
+        match self {
+            Self::Flat if slot == 0 => "[",
+            Self::Flat => ",",
+            Self::Nested { before, .. } => before.get(slot).map_or(",", String::as_str),
+        }
+    }
+
+    /// What closes the results, after the last part's.
+    pub fn after(&self) -> &str {
+        match self {
+            Self::Flat => "]",
+            Self::Nested { after, .. } => after,
+        }
+    }
+
+    /// Reads a header shape of `size` parts.
+    fn nested(shape: &Value, size: u32) -> Result<Self, String> {
+        fn walk(shape: &Value, depth: usize, pending: &mut String, before: &mut Vec<String>) -> Result<(), String> {
+            let Value::Array(items) = shape else {
+                return Err(format!("{HEADER_SHAPE} holds arrays and nulls only, not {shape}"));
+            };
+            if depth > MAX_HEADER_SHAPE_DEPTH {
+                return Err(format!("{HEADER_SHAPE} nests deeper than {MAX_HEADER_SHAPE_DEPTH}"));
+            }
+            pending.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    pending.push(',');
+                }
+                match item {
+                    Value::Null => before.push(std::mem::take(pending)),
+                    group => walk(group, depth + 1, pending, before)?,
+                }
+            }
+            pending.push(']');
+            Ok(())
+        }
+        let (mut pending, mut before) = (String::new(), Vec::new());
+        walk(shape, 1, &mut pending, &mut before)?;
+        if before.len() != size as usize {
+            return Err(format!("{HEADER_SHAPE} has {} parts, but the chord has {size}", before.len()));
+        }
+        Ok(Self::Nested { before, after: pending })
+    }
+}
+
 /// A chord's deadline, from its body's options ([`Signature::deadline`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deadline {
@@ -314,6 +383,16 @@ impl Signature {
             None | Some(Value::Null) => Ok(false),
             Some(Value::Bool(yes)) => Ok(*yes),
             Some(v) => Err(format!("{FORGET_PARTS} must be true or false, not {v}")),
+        }
+    }
+
+    /// How the results of a chord of `size` parts whose body this is are
+    /// laid out: one list, or nested as `options.dynachord_header_shape`
+    /// says ([`HEADER_SHAPE`]). An `Err` says how the shape is malformed.
+    pub fn results_layout(&self, size: u32) -> Result<ResultsLayout, String> {
+        match self.options.get(HEADER_SHAPE) {
+            None | Some(Value::Null) => Ok(ResultsLayout::Flat),
+            Some(shape) => ResultsLayout::nested(shape, size),
         }
     }
 
@@ -625,6 +704,42 @@ pub fn kombu_queue_name(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    fn layout(shape: &str, size: u32) -> Result<ResultsLayout, String> {
+        let shape = if shape.is_empty() { String::new() } else { format!(r#","{HEADER_SHAPE}":{shape}"#) };
+        let options = format!(r#"{{"task_id":"cb"{shape}}}"#);
+        Signature::parse(&format!(r#"{{"task":"t.cb","options":{options}}}"#)).unwrap().results_layout(size)
+    }
+
+    /// Joins results 0..n as a layout lays them out.
+    fn laid_out(layout: &ResultsLayout, n: usize) -> String {
+        let mut out: String = (0..n).map(|i| format!("{}{i}", layout.before(i))).collect();
+        out.push_str(layout.after());
+        out
+    }
+
+    #[test]
+    fn a_header_shape_nests_the_results_and_a_malformed_one_is_refused() {
+        assert_eq!(layout("", 3).unwrap(), ResultsLayout::Flat);
+        assert_eq!(laid_out(&layout("null", 3).unwrap(), 3), "[0,1,2]");
+        assert_eq!(laid_out(&layout("[null,[null,null],null]", 4).unwrap(), 4), "[0,[1,2],3]");
+        assert_eq!(laid_out(&layout("[[null,[null,null]]]", 3).unwrap(), 3), "[[0,[1,2]]]");
+        // An empty group keeps its place.
+        assert_eq!(laid_out(&layout("[null,[],[null]]", 2).unwrap(), 2), "[0,[],[1]]");
+        let deep = format!("{}null{}", "[".repeat(MAX_HEADER_SHAPE_DEPTH), "]".repeat(MAX_HEADER_SHAPE_DEPTH));
+        assert_eq!(laid_out(&layout(&deep, 1).unwrap(), 1), deep.replace("null", "0"));
+        for (shape, size, why) in [
+            ("[null,[null,null]]", 2, "has 3 parts, but the chord has 2"),
+            ("[null,1]", 2, "arrays and nulls only, not 1"),
+            ("{}", 1, "arrays and nulls only"),
+            ("[]", 1, "has 0 parts"),
+        ] {
+            let err = layout(shape, size).unwrap_err();
+            assert!(err.contains(why), "{shape}: {err}");
+        }
+        let deeper = format!("[{deep}]");
+        assert!(layout(&deeper, 1).unwrap_err().contains("nests deeper than 32"));
+    }
     use super::*;
 
     #[test]

@@ -335,6 +335,7 @@ fn check_chord(chord: &ChordSpec, has_group: bool, index: Option<u32>) -> Result
     }
     let callback = crate::celery::Signature::parse(chord.callback.get()).map_err(MetaError::BadChord)?;
     callback.check_sendable().map_err(MetaError::BadChord)?;
+    callback.results_layout(chord.size).map_err(MetaError::BadChord)?;
     Ok(())
 }
 

@@ -305,6 +305,35 @@ async fn a_body_that_tolerates_failed_parts_is_called_back_with_their_exceptions
 }
 
 #[tokio::test]
+async fn a_header_shape_nests_the_results_the_callback_gets_and_a_malformed_one_is_refused() {
+    let api = Api::new();
+    let queue = Queue::new(&api.id("q")).await;
+    // chord([a, b | group(c, d), e | group(f, g | group(h))], cb): five parts.
+    let shape = json!([null, [null, null], [null, [null]]]);
+    let chord = Chord::new(&api, &queue, json!({"dynachord_header_shape": shape}));
+    let ids: Vec<String> = (0..5).map(|i| api.id(&format!("p{i}"))).collect();
+    for (i, id) in ids.iter().enumerate().rev() {
+        api.put_task(id, chord.part(id, i, 5, "SUCCESS", json!(i))).await.expect(200);
+    }
+    let messages = queue.expect(Duration::from_secs(60), Duration::from_secs(2)).await;
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0].body[0], json!([[0, [1, 2], [3, [4]]]]));
+    // A shape that does not hold the chord's parts, or is not arrays of
+    // nulls, is refused when the part is stored, and nothing is stored.
+    for (bad_shape, why) in [
+        (json!([null, [null]]), "has 2 parts, but the chord has 3"),
+        (json!([null, "x", null]), "arrays and nulls only"),
+    ] {
+        let bad = Chord::new(&api, &queue, json!({"dynachord_header_shape": bad_shape}));
+        let id = api.id("bad-p0");
+        let refused = api.put_task(&id, bad.part(&id, 0, 3, "SUCCESS", json!(0))).await.expect(400);
+        assert_eq!(refused.json["error"]["code"], "invalid_meta", "{}", refused.json);
+        assert!(refused.json["error"]["message"].as_str().unwrap().contains(why), "{}", refused.json);
+        assert_eq!(api.get_task(&id).await.expect(200).json["status"], "PENDING", "nothing stored");
+    }
+}
+
+#[tokio::test]
 async fn a_body_that_asks_forgets_its_parts_results_once_it_is_sent() {
     let api = Api::new();
     let queue = Queue::new(&api.id("q")).await;

@@ -372,7 +372,12 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         }
         // Within what the body tolerates, failed parts' exceptions take their slots.
         let tolerated = sig.tolerated_failures(state.size).unwrap_or(0);
-        let results = match self.read_results(ns, &ids, tolerated).await? {
+        let layout = match sig.results_layout(state.size) {
+            Ok(layout) => layout,
+            // Checked at store time, so only a damaged item gets here.
+            Err(e) => return self.fail(claim, &sig, format!("ChordError: {e}"), OnTransient::Retry).await,
+        };
+        let results = match self.read_results(ns, &ids, tolerated, &layout).await? {
             Ok(results) => results,
             Err(message) => return self.fail(claim, &sig, message, OnTransient::Retry).await,
         };

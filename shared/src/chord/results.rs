@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use super::{ChordStore, Claim, JoinError, Joiner};
-use crate::celery::{chord_error_message, Signature};
+use crate::celery::{chord_error_message, ResultsLayout, Signature};
 use crate::dispatch::{CallbackSink, Outgoing};
 use crate::error::StoreError;
 use crate::ids::{GroupId, Namespace, TaskId};
@@ -53,7 +53,8 @@ fn gone(id: &TaskId) -> Failure {
 }
 
 impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
-    /// The parts' results as one JSON array (text), in order; or, as the
+    /// The parts' results as one JSON array (text), in order, nested as
+    /// `layout` says (a header with a chain that ends in a group); or, as the
     /// inner `Err`, the ChordError message of the first part that failed,
     /// has no result, or makes the results larger than chord-join holds
     /// (`CHORD_MAX_RESULTS_BYTES`). Results kept in S3 are read from there.
@@ -70,9 +71,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         ns: &Namespace,
         ids: &[TaskId],
         tolerated: u32,
+        layout: &ResultsLayout,
     ) -> Result<Result<String, Failure>, JoinError> {
         let limit = self.config.max_results_bytes;
-        let mut results = String::from("[");
+        let mut results = String::new();
         let (mut start, mut failures) = (0, Failures { tolerated, seen: 0 });
         while start < ids.len() {
             let window = &ids[start..(start + READ_WINDOW_PARTS).min(ids.len())];
@@ -90,14 +92,18 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
                     },
                     None => return Ok(Err(gone(id))),
                 };
+                let before = layout.before(start + read);
                 read += 1;
-                if let Err(failure) = self.append(&mut results, id, stored, &mut failures).await? {
+                if let Err(failure) = self.append(&mut results, before, id, stored, &mut failures).await? {
                     return Ok(Err(failure));
                 }
             }
             start += read;
         }
-        results.push(']');
+        results.push_str(layout.after());
+        if results.len() > limit {
+            return Ok(Err(too_many_bytes(limit).into()));
+        }
         if failures.seen > 0 {
             metrics::emit(&[], &[metrics::Point::count(metrics::CHORD_FAILURES_TOLERATED, failures.seen.into())]);
             tracing::info!(
@@ -120,12 +126,13 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
         })
     }
 
-    /// Appends one part's result to `results`; the inner `Err` fails the
+    /// Appends `before` and one part's result to `results`; the inner `Err` fails the
     /// chord: the part failed, its object is gone, or the results pass
     /// `CHORD_MAX_RESULTS_BYTES`.
     async fn append(
         &self,
         results: &mut String,
+        before: &str,
         id: &TaskId,
         stored: Stored,
         failures: &mut Failures,
@@ -161,11 +168,10 @@ impl<S: ChordStore, T: CallbackSink> Joiner<S, T> {
             }
             failures.seen += 1;
         }
-        if results.len() > 1 {
-            results.push(',');
-        }
+        results.push_str(before);
         results.push_str(&result);
-        // With the closing bracket still to come.
+        // With a closing bracket still to come (nested results may close
+        // more: checked again once they are all read).
         if results.len() + 1 > limit {
             return Ok(Err(too_many_bytes(limit).into()));
         }

@@ -116,6 +116,22 @@ async fn a_complete_chord_calls_back_once_with_results_in_order_and_a_replay_cha
     assert_eq!(phase(&j).await.done, 3);
 }
 
+#[tokio::test]
+async fn a_header_whose_chain_ends_in_a_group_calls_back_with_that_groups_results_nested() {
+    // chord([a, b | group(c, d), e], cb) as the Celery package sends it:
+    // four parts in slot order, the shape nesting c's and d's results.
+    let callback =
+        r#"{"task":"t.sum","args":[],"options":{"task_id":"cb","dynachord_header_shape":[null,[null,null],null]}}"#;
+    let j = joiner(FakeSink::default());
+    let mut parts = Vec::new();
+    for i in 0..4 {
+        parts.push(part_with(&j, i, 4, "SUCCESS", callback).await);
+    }
+    parts.reverse();
+    assert!(j.handle_parts(parts).await.is_empty());
+    assert_eq!(j.sink.sent(), [("t.sum".into(), "cb".into(), "[[0,[1,2],3]]".into())]);
+}
+
 /// A group as the body, as Celery freezes it: three tasks, one immutable.
 const GROUP_BODY: &str = r#"{"task":"celery.group","kwargs":{"tasks":[
     {"task":"t.a","args":[],"options":{"task_id":"g0","group_index":0}},
