@@ -167,6 +167,20 @@ CANVASES: dict[str, Recipe] = {
     "a task, two groups, two tasks": lambda s: chain(
         s("add", 1, 0), group(s("add", 1), s("add", 2)), group(s("tsum"), s("tsum")), s("tsum"), s("add", 1)
     ),
+    # From Celery's own suite (test_nested_chord_group_chain_group_tail): a
+    # chain that ends in a group, in the header, gives a list in its slot.
+    "a chain ending in a group as the header": lambda s: chord(
+        group(chain(s("add", 40, 2), group(s("add", 0), s("add", 1)))), s("collect", "tail")
+    ),
+    "chains ending in groups beside tasks in the header": lambda s: chord(
+        [
+            s("add", 1, 1),
+            chain(s("add", 2, 2), group(s("add", 1), s("mul", 2), s("add", 3))),
+            s("add", 3, 3),
+            chain(s("add", 5, 5), group(s("add", 1), chain(s("mul", 2), group(s("add", 1), s("add", 2))))),
+        ],
+        s("collect", "mixed"),
+    ),
     "two groups, then a task": lambda s: chain(
         group(s("add", 1, 1), s("add", 2, 2)), group(s("tsum"), s("collect", "2nd")), s("collect", "after")
     ),
@@ -248,6 +262,26 @@ def test_a_failed_part_fails_the_chord_as_on_redis(apps):
         with pytest.raises(ChordError, match=r"Dependency .* raised ValueError"):
             AsyncResult(result.id, app=each).get(timeout=TIMEOUT)
         assert AsyncResult(result.id, app=each).state == "FAILURE"
+
+
+def test_a_group_after_a_failing_task_in_a_chain_fails_instead_of_waiting(apps):
+    """`a | fail | group(b, c)`: Celery stores the failure under the group's
+    own id only, so its tasks, which never run, stay PENDING and get()
+    waits out its timeout on Redis (Celery's issue #6437, xfail in Celery's
+    own suite). On dynachord each task of that group reads as failed."""
+    app, _ = apps
+    s = t(app)
+    result = (s("add", 1, 1) | s("fail", "midway").set(immutable=True) | group(s("add", 1), s("add", 2))).apply_async()
+    with pytest.raises(ValueError, match="midway"):
+        result.get(timeout=TIMEOUT)
+    assert [child.state for child in result.results] == ["FAILURE", "FAILURE"]
+    assert [type(v).__name__ for v in result.get(timeout=TIMEOUT, propagate=False)] == ["ValueError"] * 2
+    # In a chord's header, the group's tasks report their slots as failed:
+    # the chord fails instead of waiting for them.
+    header = [s("add", 5, 5), s("add", 1, 1) | s("fail", "in the header").set(immutable=True) | group(s("add", 1), s("add", 2))]
+    result = chord(header, s("tsum")).apply_async()
+    with pytest.raises(ChordError, match="in the header"):
+        AsyncResult(result.id, app=app).get(timeout=TIMEOUT)
 
 
 def test_propagate_false_gives_the_error_as_on_redis(apps):

@@ -432,6 +432,60 @@ def test_what_the_service_sends_is_routed_to_the_sqs_queue_name_kombu_uses() -> 
     assert chain_body["kwargs"]["tasks"][1]["options"]["queue"] == "work"
 
 
+def test_a_header_whose_chains_end_in_groups_gives_each_part_a_slot_and_the_service_a_shape() -> None:
+    from celery import chain, group
+    from celery.canvas import _chain
+    from celery.exceptions import ChordError
+
+    app = Celery("t", set_as_current=False)
+    app.conf.update(result_backend="dynachord+http://127.0.0.1:9", broker_url="memory://")
+    s = lambda name: app.signature(f"t.{name}")  # noqa: E731
+    backend = app.backend
+
+    def frozen(header: Any, body: Any) -> list[dict[str, Any]]:
+        """Freezes the header as chord.run does and hands it to apply_chord;
+        the leaves' frozen options, in the order Celery froze them."""
+        args = header._freeze_group_tasks(group_id="g", chord=body)
+        backend.apply_chord(args, body)
+        leaves: list[dict[str, Any]] = []
+
+        def walk(sig: Any) -> None:
+            if isinstance(sig, group):
+                for t in sig.tasks:
+                    walk(t)
+            elif isinstance(sig, _chain):
+                walk(sig.tasks[-1])
+            else:
+                leaves.append(sig)
+
+        walk(header)
+        return leaves
+
+    # A flat header keeps Celery's group_index as the slot, and no shape.
+    body = s("cb")
+    leaves = frozen(group(s("a"), s("b")), body)
+    assert body["chord_size"] == 2 and "dynachord_header_shape" not in body.options
+    # chord([a, b | group(c, d | group(e, f))], cb): four parts, nested.
+    body = s("cb")
+    leaves = frozen(group(s("a"), chain(s("b"), group(s("c"), chain(s("d"), group(s("e"), s("f")))))), body)
+    assert body["chord_size"] == 4
+    assert body.options["dynachord_header_shape"] == [None, [None, [None, None]]]
+    # Celery gives c, e and f their index in their own group (0, 0, 1), and
+    # the chord's id; each reports the slot its task id has.
+    for slot, leaf in enumerate(leaves):
+        options = leaf.options
+        request = Context(id=options["task_id"], group="g", group_index=options.get("group_index"), chord=body)
+        stored = backend._store_body(request.id, slot, "SUCCESS", request=request)
+        assert stored["group_index"] == slot
+        assert stored["chord"]["size"] == 4
+        # The service gets the shape, not every part's slot.
+        assert "dynachord_header_slots" not in stored["chord"]["callback"]["options"]
+        assert stored["chord"]["callback"]["options"]["dynachord_header_shape"] == [None, [None, [None, None]]]
+    # Every part's message carries the slots: past their bound, refused before anything is sent.
+    with pytest.raises(ChordError, match="make the inner groups chords of their own"):
+        frozen(group(chain(s("a"), group([s("b") for _ in range(2000)]))), s("cb"))
+
+
 def test_the_callers_timeout_bounds_every_call_retries_included() -> None:
     """A service that never answers: each attempt would wait its own read
     timeout (30 s, then 8 retries); the caller's 1.5 s bounds them all."""

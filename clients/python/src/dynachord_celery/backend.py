@@ -37,7 +37,7 @@ from celery import signals, states
 from celery.app.task import Context
 from celery.backends.base import BaseBackend, compress_payload, decompress_payload
 from celery.exceptions import ChordError, ImproperlyConfigured
-from celery.result import result_from_tuple
+from celery.result import GroupResult, result_from_tuple
 from celery.utils.functional import arity_greater
 from kombu.serialization import loads
 from kombu.utils.json import dumps as json_dumps
@@ -68,8 +68,54 @@ META_FIELDS = (
     "task_id",
 )
 
+#: The options of a chord's body for a header with a chain that ends in a
+#: group (``chord([a, b | group(c, d)], body)``, whose results nest:
+#: ``[ra, [rc, rd]]``). Celery gives such a group's tasks the chord's id and
+#: their index within their own group, so the package gives each part a
+#: slot of its own, by task id, and the service nests the results by the
+#: shape: ``null`` for a part, a list for a group (docs/CELERY.md).
+HEADER_SHAPE = "dynachord_header_shape"
+HEADER_SLOTS = "dynachord_header_slots"
+#: The slots travel in every part's message (``request.chord``): at most
+#: this many bytes of them, a few thousand parts.
+MAX_HEADER_SLOTS_BYTES = 64 << 10
+
 #: Refusals of a chord part's chord at store time (see _refuse_chord).
 REFUSED_CHORD_CODES = frozenset({"invalid_meta", "callback_not_allowed", "callback_too_large"})
+
+
+def _header_layout(results: Any) -> tuple[list[Any], dict[str, int]] | None:
+    """For a chord header whose results nest (a chain that ends in a group
+    freezes to a ``GroupResult``): the shape of its results and each part's
+    slot, by task id, in order. ``None`` for a flat header."""
+    if not any(isinstance(r, GroupResult) for r in results):
+        return None
+    slots: dict[str, int] = {}
+
+    def shape_of(items: Any) -> list[Any]:
+        shape: list[Any] = []
+        for r in items:
+            if isinstance(r, GroupResult):
+                shape.append(shape_of(r.results))
+            elif r.id in slots:
+                raise ChordError(f"task {r.id} is in the chord's header twice")
+            else:
+                slots[r.id] = len(slots)
+                shape.append(None)
+        return shape
+
+    return shape_of(results), slots
+
+
+def _slot_of(request: Any) -> int | None:
+    """A chord part's slot: its ``group_index``, or, in a header whose
+    results nest, the slot its chord's body gives its task id."""
+    chord = getattr(request, "chord", None)
+    options = chord.get("options") if isinstance(chord, Mapping) else None
+    slots = options.get(HEADER_SLOTS) if isinstance(options, Mapping) else None
+    if isinstance(slots, Mapping) and request.id in slots:
+        return int(slots[request.id])
+    return getattr(request, "group_index", None)
 
 
 def _signatures(items: Any) -> list[dict[str, Any]]:
@@ -213,8 +259,9 @@ class DynachordBackend(BaseBackend):
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
         body = {k: meta[k] for k in META_FIELDS if k in meta}
         if request is not None:
-            if getattr(request, "group", None) and getattr(request, "group_index", None) is not None:
-                body["group_index"] = request.group_index
+            slot = _slot_of(request)
+            if getattr(request, "group", None) and slot is not None:
+                body["group_index"] = slot
             chord = self._chord_of(request, state)
             if chord is not None:
                 body["chord"] = chord
@@ -275,6 +322,44 @@ class DynachordBackend(BaseBackend):
             return [self.from_opaque(item) for item in value]
         return value
 
+    def mark_as_failure(
+        self,
+        task_id: str,
+        exc: Any,
+        traceback: str | None = None,
+        request: Any = None,
+        store_result: bool = True,
+        call_errbacks: bool = True,
+        state: str = states.FAILURE,
+    ) -> None:
+        """As Celery's, which stores the failure for each task of the rest
+        of the failed task's chain, and also for the tasks of a group in it:
+        Celery stores it under the group's own id only, so
+        ``(a | fail | group(b, c)).get()`` waits for ``b`` and ``c``, which
+        never run, until it times out (Celery's issue #6437, xfail on
+        Redis). Each such task now reads as failed with the exception, and
+        one that is part of a chord reports its slot, so the chord fails
+        instead of waiting for it."""
+        super().mark_as_failure(
+            task_id, exc, traceback=traceback, request=request, store_result=store_result,
+            call_errbacks=call_errbacks, state=state,
+        )  # fmt: skip
+        if not store_result or request is None or state not in states.PROPAGATE_STATES:
+            return
+        rest = getattr(request, "chain", None)
+        for elem in _signatures(rest if isinstance(rest, list) else None):
+            if elem.get("task") != "celery.group":
+                continue
+            for sig in _nested(elem)[1:]:
+                options = sig.get("options") or {}
+                if not options.get("task_id") or sig.get("task") in ("celery.group", "celery.chain"):
+                    continue
+                # As Celery builds each chain element's context.
+                ctx = Context(sig)
+                ctx.update(options)
+                ctx.id, ctx.group = options.get("task_id"), options.get("group_id")
+                self.store_result(ctx.id, exc, state, traceback=traceback, request=ctx)
+
     def _refuse_chord(self, task_id: str, body: dict[str, Any], exc: DynachordError) -> None:
         """The service refused a part's chord (a body it cannot send, a queue
         the tenant may not use, a callback too large): keep the part's own
@@ -301,7 +386,7 @@ class DynachordBackend(BaseBackend):
         callback = getattr(request, "chord", None)
         if not callback or state not in states.READY_STATES:
             return None
-        if not getattr(request, "group", None) or getattr(request, "group_index", None) is None:
+        if not getattr(request, "group", None) or _slot_of(request) is None:
             raise ImproperlyConfigured(
                 f"task {request.id} is a chord part without group_id/group_index; "
                 "dynachord joins chords of flat groups sent by Celery 5.1 or later"
@@ -310,6 +395,8 @@ class DynachordBackend(BaseBackend):
         if size is None:
             raise ImproperlyConfigured(f"task {request.id}'s chord has no chord_size (Celery 5.1 or later sets it)")
         callback = copy.deepcopy(dict(callback))
+        # Each part's slot is its own to report; the service needs only the shape.
+        (callback.get("options") or {}).pop(HEADER_SLOTS, None)
         self._route(callback)
         return {"size": size, "callback": callback}
 
@@ -519,7 +606,20 @@ class DynachordBackend(BaseBackend):
         joins and sends the callback (no chord_unlock task)."""
         self.ensure_chords_allowed()
         _group_id, results = header_result_args
-        body["chord_size"] = len(results)
+        layout = _header_layout(results) if isinstance(results, (list, tuple)) else None
+        if layout is None:
+            body["chord_size"] = len(results)
+            return
+        shape, slots = layout
+        if len(json_dumps(slots)) > MAX_HEADER_SLOTS_BYTES:  # type: ignore[no-untyped-call]
+            raise ChordError(
+                f"a chord header whose chains end in groups is joined by each part's task id, which every part's "
+                f"message carries: {len(slots)} parts are more than {MAX_HEADER_SLOTS_BYTES} bytes of ids; "
+                "make the inner groups chords of their own, or the header one flat group"
+            )
+        body["chord_size"] = len(slots)
+        body.options[HEADER_SHAPE] = shape
+        body.options[HEADER_SLOTS] = slots
 
     def set_chord_size(self, group_id: str, chord_size: int) -> None:
         """Not needed: the size travels with each part (see :meth:`apply_chord`);
