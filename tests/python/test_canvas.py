@@ -278,7 +278,8 @@ def test_a_group_after_a_failing_task_in_a_chain_fails_instead_of_waiting(apps):
     assert [type(v).__name__ for v in result.get(timeout=TIMEOUT, propagate=False)] == ["ValueError"] * 2
     # In a chord's header, the group's tasks report their slots as failed:
     # the chord fails instead of waiting for them.
-    header = [s("add", 5, 5), s("add", 1, 1) | s("fail", "in the header").set(immutable=True) | group(s("add", 1), s("add", 2))]
+    broken = s("add", 1, 1) | s("fail", "in the header").set(immutable=True) | group(s("add", 1), s("add", 2))
+    header = [s("add", 5, 5), broken]
     result = chord(header, s("tsum")).apply_async()
     with pytest.raises(ChordError, match="in the header"):
         AsyncResult(result.id, app=app).get(timeout=TIMEOUT)
