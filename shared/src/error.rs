@@ -22,7 +22,7 @@ pub enum ApiError {
     BodyTooLarge { size: usize, limit: usize },
     #[error("batch has {count} ids; the limit is {limit}")]
     BatchTooLarge { count: usize, limit: usize },
-    #[error("stored result would be {size} bytes after compression; the limit is {limit}")]
+    #[error("stored result would be {size} bytes after compression; the limit is {limit} (upload the large fields first: POST .../upload, then result_upload; see docs/LARGE_RESULTS.md)")]
     ResultTooLarge { size: usize, limit: usize },
     #[error("{0}")]
     BadUpload(String),

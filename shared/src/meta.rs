@@ -195,8 +195,9 @@ pub const MAX_CLAIM_LEASE_SECONDS: u64 = 3600;
 /// An uploaded result: the SHA-256 (lowercase hex) of the object as
 /// uploaded, and what the object holds: the result alone, or with
 /// `fields`, a JSON object of the meta's large fields (`result`, `args`,
-/// `kwargs`), for a meta too large to send even without its result
-/// (`result_extended` arguments of megabytes).
+/// `kwargs`, `traceback`), for a meta too large to send even without its
+/// result (`result_extended` arguments of megabytes, a traceback of
+/// megabytes).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UploadSpec {
@@ -407,6 +408,8 @@ struct LargeFields {
     args: Option<Box<RawValue>>,
     #[serde(default)]
     kwargs: Option<Box<RawValue>>,
+    #[serde(default)]
+    traceback: Option<String>,
 }
 
 /// A meta stored without its large fields, with them put back from the
@@ -416,12 +419,6 @@ pub fn join_fields(meta: &str, fields: &str) -> Option<String> {
     let large: LargeFields = serde_json::from_str(fields).ok()?;
     put_back(&mut whole, large);
     Some(whole.to_json())
-}
-
-/// The result in the object of a fields upload (`null` when it has none).
-pub fn result_of_fields(fields: &str) -> Option<String> {
-    let large: LargeFields = serde_json::from_str(fields).ok()?;
-    Some(raw_or_null(&large.result))
 }
 
 /// As [`join_fields`], with the result alone too, from one read of each.
@@ -441,6 +438,7 @@ fn put_back(whole: &mut TaskMeta, large: LargeFields) {
     whole.result = large.result;
     whole.args = large.args.or(whole.args.take());
     whole.kwargs = large.kwargs.or(whole.kwargs.take());
+    whole.traceback = large.traceback.or(whole.traceback.take());
 }
 
 /// A meta whose result is in S3, with the object's text put back: the
@@ -491,8 +489,19 @@ mod tests {
         assert_eq!(served["name"], "big");
         assert!(whole.starts_with(r#"{"status":"SUCCESS","result":{"r":1.0e3},"traceback":null"#), "{whole}");
         assert!(whole.find(r#""args""#) < whole.find(r#""worker""#), "{whole}");
-        assert_eq!(result_of_fields(object).unwrap(), r#"{"r":1.0e3}"#);
-        assert_eq!(result_of_fields(r#"{"args":[]}"#).unwrap(), "null");
+        assert_eq!(join_fields_and_result(&stored, object).unwrap(), (whole.clone(), r#"{"r":1.0e3}"#.to_owned()));
+        assert_eq!(join_fields_and_result(&stored, r#"{"args":[]}"#).unwrap().1, "null");
+        // A failure's traceback of megabytes travels in the object too.
+        let failed = body.replace("SUCCESS", "FAILURE");
+        let stored = TaskMeta::parse(failed.as_bytes(), &tid("t1")).unwrap().to_json();
+        let object = r#"{"result":{"exc_type":"ValueError"},"traceback":"Traceback (most recent call last):\n"}"#;
+        let whole = join_object(&stored, "FAILURE", object, true).unwrap();
+        assert!(
+            whole.starts_with(
+                r#"{"status":"FAILURE","result":{"exc_type":"ValueError"},"traceback":"Traceback (most recent call last):\n""#
+            ),
+            "{whole}"
+        );
         // A body with fields carries neither args nor kwargs itself.
         for also in [r#","args":[1]"#, r#","kwargs":{}"#] {
             let twice = body.replacen(r#","worker""#, &format!(r#"{also},"worker""#), 1);

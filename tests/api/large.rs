@@ -280,14 +280,25 @@ async fn an_object_no_item_points_to_is_never_served() {
 }
 
 #[tokio::test]
-async fn a_meta_past_the_item_limit_without_its_result_is_refused_clearly() {
+async fn a_meta_past_the_item_limit_without_its_result_is_refused_clearly_and_stored_whole_as_a_fields_upload() {
     let (api, bucket) = (Api::new(), Bucket::local().await);
     let id = api.id("huge-traceback");
-    // The result goes to S3; a traceback of 900 KB of random hex does not.
-    let meta = json!({"status": "FAILURE", "result": {"exc_type": "E", "exc_message": [], "exc_module": "m"}, "traceback": random_hex(900_000)});
-    api.put_task(&id, meta).await.expect_error(413, "result_too_large");
+    // The result goes to S3; a traceback of 900 KB of random hex sent in the body does not.
+    let exc = json!({"exc_type": "E", "exc_message": [], "exc_module": "m"});
+    let traceback = random_hex(900_000);
+    let meta = json!({"status": "FAILURE", "result": exc, "traceback": traceback});
+    let refused = api.put_task(&id, meta).await.expect_error(413, "result_too_large");
+    assert!(refused.json["error"]["message"].as_str().unwrap().contains("upload"), "{}", refused.json);
     assert_eq!(api.get_task(&id).await.json["status"], "PENDING");
     assert!(bucket.objects_of(&id).await.is_empty(), "the result's object went with the refusal");
+    // Uploaded with the result as the meta's large fields, it is stored and read back whole.
+    let fields = json!({"result": exc, "traceback": traceback});
+    let sha = upload(&api, &id, &gzip(fields.to_string().as_bytes())).await;
+    let commit = json!({"status": "FAILURE", "result_upload": {"sha256": sha, "fields": true}});
+    api.put_task(&id, commit).await.expect(200);
+    let got = api.get_task(&id).await.expect(200).json;
+    assert_eq!((&got["status"], &got["result"]), (&json!("FAILURE"), &exc));
+    assert_eq!(got["traceback"], traceback);
 }
 
 /// `result_extended` arguments of megabytes: the meta is too large to send

@@ -6,7 +6,8 @@ although they pass a queue message's limit (the callback carries a
 reference; the package's worker hook puts the results back). Where Redis
 has no limit either: `GroupResult.save()` of 50,000 tasks, and tasks called
 with arguments of 2 MB under `result_extended` (through a Redis broker: an
-SQS message holds at most 1 MiB), alone and as a chord's parts.
+SQS message holds at most 1 MiB), alone and as a chord's parts; and a
+failure whose exception and traceback are 1.5 MB each.
 """
 
 import hashlib
@@ -23,7 +24,7 @@ use_local_stack(RUN)
 
 from celery import Celery, chord, group  # noqa: E402
 from celery.result import AsyncResult, GroupResult  # noqa: E402
-from e2e_tasks import add, app, blob, digest  # noqa: E402
+from e2e_tasks import add, app, blob, digest, fail_loudly  # noqa: E402
 
 TIMEOUT = 300
 MB = 1_000_000
@@ -89,6 +90,20 @@ def test_a_saved_group_of_fifty_thousand_tasks_restores_whole(worker):
     assert [r.get(timeout=TIMEOUT) for r in restored.results[:10]] == [2 * i for i in range(10)]
     restored.delete()
     assert GroupResult.restore(saved.id, app=app) is None
+
+
+def test_a_failure_with_a_traceback_of_megabytes_is_stored_and_raised_whole(worker):
+    """An exception and a traceback of 1.5 MB each: the package uploads the
+    traceback with the result (the exception), as one object; get() raises
+    the whole exception and AsyncResult.traceback reads back whole."""
+    size = 1_500_000
+    result = fail_loudly.delay(size, 7)
+    with pytest.raises(ValueError) as err:
+        result.get(timeout=TIMEOUT)
+    message = expected_blob(size, 7)
+    assert err.value.args[0] == message
+    assert result.traceback is not None and message in result.traceback
+    assert len(result.traceback) > size
 
 
 @pytest.fixture(scope="module")

@@ -590,6 +590,41 @@ def test_a_meta_too_large_without_its_result_uploads_its_large_fields_together(s
     assert client.get_task("t") == meta, "read back whole, arguments too"
 
 
+def test_a_failure_with_a_traceback_of_megabytes_uploads_it_with_the_large_fields(
+    server: tuple[str, Script],
+) -> None:
+    """A traceback too large to send goes to S3 with the result (the
+    exception), as one object, rather than being refused with 413."""
+    import gzip
+
+    url, script = server
+    exc = {"exc_type": "RecursionError", "exc_message": ["deep"], "exc_module": "builtins"}
+    meta = {"status": "FAILURE", "result": exc, "traceback": "  File x, line 1\n" * 200}
+    grant = {"task_id": "t", "method": "PUT", "url": f"{url}/bucket/key", "headers": {}}
+    script.answers = [
+        (200, {}, grant),
+        (200, {}, None),
+        (200, {}, {"task_id": "t", "status": "FAILURE", "date_done": None, "expires_at": 1}),
+    ]
+    client = Client(url, ClientOptions(upload_above=1000, **FAST))
+    assert client.put_task("t", meta) is not None
+    put, commit = script.seen[1:3]
+    assert json.loads(gzip.decompress(put["body"])) == {"result": exc, "traceback": meta["traceback"]}
+    committed = json.loads(commit["body"])
+    assert "traceback" not in committed and committed["result_upload"]["fields"] is True
+    # A deployment without a results bucket still takes a meta that fits a request.
+    script.answers = [
+        (400, {}, {"error": {"code": "large_results_disabled", "message": "no results bucket (RESULTS_BUCKET)"}}),
+        (200, {}, {"task_id": "t", "status": "FAILURE", "date_done": None, "expires_at": 1}),
+    ]
+    client = Client(url, ClientOptions(**FAST))
+    # Past the 256 KB that fit the item however they compress, under the request's limit.
+    meta = dict(meta, traceback="  File x, line 1\n" * 20_000)
+    assert client.put_task("t", meta) is not None
+    sent = json.loads(script.seen[-1]["body"])
+    assert sent["traceback"] == meta["traceback"] and "result_upload" not in sent
+
+
 def test_a_large_result_with_small_arguments_uploads_the_result_alone(server: tuple[str, Script]) -> None:
     import gzip
 

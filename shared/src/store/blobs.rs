@@ -61,7 +61,7 @@ pub struct BlobRef {
     /// The object's JSON text, uncompressed, in bytes.
     pub bytes: u64,
     /// The object is a JSON object of the meta's large fields (`result`,
-    /// `args`, `kwargs`: [`Shape::Fields`]), not the result alone.
+    /// `args`, `kwargs`, `traceback`: [`Shape::Fields`]), not the result alone.
     pub fields: bool,
 }
 
@@ -78,9 +78,10 @@ pub enum Shape {
     /// Any JSON value: a result, or a saved group's result.
     Result,
     /// A JSON object of a task meta's large fields: any of `result`,
-    /// `args` (a list) and `kwargs` (an object), nothing else. A worker
-    /// uploads one when the meta is too large to send even without its
-    /// result (`result_extended` arguments of megabytes).
+    /// `args` (a list), `kwargs` (an object) and `traceback` (a string),
+    /// nothing else. A worker uploads one when the meta is too large to
+    /// send even without its result (`result_extended` arguments of
+    /// megabytes, a traceback of megabytes).
     Fields,
 }
 
@@ -99,6 +100,28 @@ struct FieldsShape {
     #[serde(default)]
     #[allow(dead_code)]
     kwargs: Option<AnyObject>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    traceback: Option<AnyString>,
+}
+
+/// Any JSON string (or null, read as `None`), its text not kept.
+struct AnyString;
+
+impl<'de> serde::Deserialize<'de> for AnyString {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = AnyString;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<AnyString, E> {
+                Ok(AnyString)
+            }
+        }
+        deserializer.deserialize_str(Visit)
+    }
 }
 
 /// Any JSON object, its members skipped.
@@ -506,6 +529,8 @@ mod tests {
             r#"{"result":{"any":[1]},"args":[1,"x",{}],"kwargs":{"a":[2]}}"#,
             r#"{"args":[],"kwargs":{}}"#,
             r#"{"result":null}"#,
+            r#"{"result":{"exc_type":"E"},"traceback":"Traceback (most recent call last):\n"}"#,
+            r#"{"traceback":null}"#,
             "{}",
         ] {
             assert_eq!(fields(ok).unwrap(), ok.len() as u64, "{ok}");
@@ -514,6 +539,8 @@ mod tests {
             r#"{"result":1,"status":"SUCCESS"}"#,
             r#"{"args":{"a":1}}"#,
             r#"{"kwargs":[1]}"#,
+            r#"{"traceback":["a"]}"#,
+            r#"{"traceback":1}"#,
             r#"[1,2]"#,
             r#""result""#,
         ] {

@@ -161,6 +161,15 @@ def get_inside(task_id):
 
 
 @app.task
+def fail_loudly(size, seed):
+    """Fails with a message of `size` hex characters (as `blob` makes them):
+    its exception and its traceback are each that large."""
+    import random
+
+    raise ValueError(random.Random(seed).randbytes(size // 2 + 1).hex()[:size])
+
+
+@app.task
 def blob(size, seed):
     """`size` hex characters from a seeded generator: a large result that
     barely compresses, which the test can compute too."""

@@ -436,18 +436,29 @@ class Client:
         encoded = _dumps(body).encode("utf-8")
         path = _task_path(task_id)
         upload = len(encoded) > self.options.upload_above
-        if upload:
-            # Too large for a request: the result goes to S3 first, then the
-            # store commits it. When the meta is too large even without its
-            # result (result_extended arguments of megabytes), its large
-            # fields go together, as one object.
+        # When the meta is too large for the item even without its result
+        # (result_extended arguments or a traceback of hundreds of KB), its
+        # large fields go to S3 together, as one object.
+        fields, fields_above = False, min(self.options.upload_above, _FIELDS_ABOVE)
+        if len(encoded) > fields_above:
             rest = {name: value for name, value in body.items() if name != "result"}
-            fields = len(_dumps(rest).encode("utf-8")) > self.options.upload_above
-            large = {name: body.pop(name) for name in (_LARGE_FIELDS if fields else ("result",)) if name in body}
+            fields = len(_dumps(rest).encode("utf-8")) > fields_above
+        if upload or fields:
+            # The result (or the large fields) goes to S3 first, then the
+            # store commits it.
+            large = {name: body[name] for name in (_LARGE_FIELDS if fields else ("result",)) if name in body}
             uploaded = _dumps(large if fields else large.get("result")).encode("utf-8")
-            body["result_upload"] = {"sha256": self._upload(path, uploaded, body.get("expires_in"))}
-            if fields:
-                body["result_upload"]["fields"] = True
+            try:
+                sha256 = self._upload(path, uploaded, body.get("expires_in"))
+            except DynachordError as exc:
+                # A deployment without a results bucket still takes a meta
+                # that fits a request and compresses under the item limit.
+                if upload or exc.code != "large_results_disabled":
+                    raise
+            else:
+                body = {name: value for name, value in body.items() if name not in large}
+                body["result_upload"] = {"sha256": sha256, **({"fields": True} if fields else {})}
+                upload = True
         response = self._put_expiring(path, body, ok=(200, 409), encoded=None if upload else encoded)
         if response.status_code == 409:
             logger.debug("dynachord kept the stored state of %s: %s", task_id, response.text)
@@ -617,7 +628,12 @@ def _seconds(wait: float) -> str:
 
 #: The fields of a task meta that may be large; a meta too large to send
 #: even without its result has them uploaded together (see put_task).
-_LARGE_FIELDS = ("result", "args", "kwargs")
+_LARGE_FIELDS = ("result", "args", "kwargs", "traceback")
+
+#: A meta whose fields other than its result are larger than this (JSON,
+#: uncompressed) has them uploaded: under it, they fit DynamoDB's 400 KB
+#: item however they compress.
+_FIELDS_ABOVE = 256_000
 
 
 def _task_path(task_id: str) -> str:
