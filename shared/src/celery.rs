@@ -187,9 +187,14 @@ impl Signature {
     ///   `chord.run` sends them; the worker reports each part, and the
     ///   inner chord is joined like any other.
     ///
-    /// Anything deeper (a group or a chord inside a group or a header, a
-    /// chain that starts with one) is refused here, so a chord part naming
-    /// it is refused when first stored, never left to hang.
+    /// Members nest as Celery sends them: a chord inside a group or a
+    /// header sends its own header's tasks (its body carries the outer
+    /// group's id and index, or the outer chord); a chain that starts with a
+    /// chord sends that chord, the rest going on from its body. What Celery
+    /// never sends (a group inside a group or a header, which it flattens; a
+    /// chain that starts with a group, which it makes a chord; an empty
+    /// header) is refused here, so a chord part naming it is refused when
+    /// first stored, never left to hang.
     pub fn body_messages(&self) -> Result<Vec<Signature>, String> {
         match self.task.as_str() {
             GROUP => {
@@ -200,7 +205,7 @@ impl Signature {
                     let mut member = member(task).map_err(|e| format!("the group's task {i}: {e}"))?;
                     member.set_on_result_task("group_id", group_id.clone(), false);
                     member.set_on_result_task("group_index", json!(i), false);
-                    messages.push(member.one_message()?);
+                    messages.extend(member.messages()?);
                 }
                 if messages.is_empty() {
                     return Err("an empty group as a chord's body is not supported".into());
@@ -243,18 +248,19 @@ impl Signature {
                     member.set_on_result_task("group_id", Value::String(header_id.clone()), false);
                     member.set_on_result_task("group_index", json!(i), true);
                     member.set_on_result_task("chord", body.clone(), true);
-                    let mut message = member.one_message()?;
-                    for (k, v) in &extra {
-                        message.kwargs.insert(k.clone(), v.clone());
+                    for mut message in member.messages()? {
+                        for (k, v) in &extra {
+                            message.kwargs.insert(k.clone(), v.clone());
+                        }
+                        messages.push(message);
                     }
-                    messages.push(message);
                 }
                 if messages.is_empty() {
                     return Err("a chord with an empty header as a chord's body is not supported".into());
                 }
                 Ok(messages)
             }
-            _ => Ok(vec![self.clone().one_message()?]),
+            _ => self.clone().messages(),
         }
     }
 
@@ -264,15 +270,23 @@ impl Signature {
         self.body_messages().map(|_| ())
     }
 
-    /// A task, or a chain sent as its first task carrying the rest.
-    fn one_message(self) -> Result<Signature, String> {
+    /// The messages of a member of a body: a task; a chain sent as its
+    /// first task carrying the rest, or, when it starts with a chord, as
+    /// that chord with the rest going on from its body (`chord.run`); a
+    /// chord inside a group or a header, as a chord body is sent. A group
+    /// inside one is refused (Celery flattens those before they get here).
+    fn messages(self) -> Result<Vec<Signature>, String> {
         match self.task.as_str() {
             CHAIN => {
                 let tasks = list_of(&self.kwargs, "tasks", "a chain")?;
                 let (first, rest) = tasks.split_first().ok_or("a chain needs at least one task")?;
                 let mut first =
                     Signature::from_value(first.clone(), None).map_err(|e| format!("the chain's first task: {e}"))?;
-                if [CHAIN, GROUP, CHORD].contains(&first.task.as_str()) {
+                if [CHAIN, GROUP].contains(&first.task.as_str())
+                    || (first.task == CHORD
+                        && !rest.is_empty()
+                        && first.options.get("chain").is_some_and(|c| !c.is_null()))
+                {
                     return Err(format!(
                         "a chain that starts with a {} is not supported in a chord's body",
                         first.task
@@ -281,12 +295,14 @@ impl Signature {
                 if !rest.is_empty() {
                     first.options.insert("chain".into(), Value::Array(rest.iter().rev().cloned().collect()));
                 }
-                Ok(first)
+                if first.task == CHORD {
+                    return first.body_messages();
+                }
+                Ok(vec![first])
             }
-            GROUP | CHORD => {
-                Err(format!("a {} inside a group or a chord's header is not supported in a chord's body", self.task))
-            }
-            _ => Ok(self),
+            CHORD => self.body_messages(),
+            GROUP => Err(format!("a {GROUP} inside a group or a chord's header is not supported in a chord's body")),
+            _ => Ok(vec![self]),
         }
     }
 
@@ -294,16 +310,25 @@ impl Signature {
     /// the task itself, or a chain's last task (Celery's `prepare_steps`
     /// gives `group_id`, `group_index` and `chord` to the last task only).
     fn set_on_result_task(&mut self, key: &str, value: Value, overwrite: bool) {
-        let options = if self.task == CHAIN {
-            self.kwargs
-                .get_mut("tasks")
-                .and_then(Value::as_array_mut)
-                .and_then(|tasks| tasks.last_mut())
+        fn options_of(sig: &mut Value) -> Option<&mut Map<String, Value>> {
+            sig.as_object_mut()
+                .map(|sig| sig.entry("options").or_insert_with(|| json!({})))
                 .and_then(Value::as_object_mut)
-                .map(|last| last.entry("options").or_insert_with(|| json!({})))
-                .and_then(Value::as_object_mut)
-        } else {
-            Some(&mut self.options)
+        }
+        fn last(tasks: Option<&mut Value>) -> Option<&mut Value> {
+            tasks.and_then(Value::as_array_mut).and_then(|tasks| tasks.last_mut())
+        }
+        let options = match self.task.as_str() {
+            CHAIN => last(self.kwargs.get_mut("tasks")).and_then(options_of),
+            // A chord's result is its body's (a chain body's last task's), as
+            // Celery's chord.freeze gives the body the group id and index.
+            CHORD => match self.kwargs.get_mut("body") {
+                Some(body) if body.get("task").and_then(Value::as_str) == Some(CHAIN) => {
+                    last(body.pointer_mut("/kwargs/tasks")).and_then(options_of)
+                }
+                body => body.and_then(options_of),
+            },
+            _ => Some(&mut self.options),
         };
         if let Some(options) = options {
             if overwrite || options.get(key).is_none_or(Value::is_null) {
@@ -1050,7 +1075,6 @@ mod tests {
         for (refused, why) in [
             (group(""), "empty group"),
             (group(&group(&task("a"))), "celery.group inside a group"),
-            (group(&chord(&task("a"), &task("b"))), "celery.chord inside a group"),
             (chord(&group(&task("a")), &task("b")), "celery.group inside a group or a chord's header"),
             (chord("", &task("b")), "empty header"),
             (chord(&task("a"), "null"), "needs kwargs.body"),
@@ -1071,6 +1095,34 @@ mod tests {
         // A chord as the body of a chord's body: each level is joined in turn.
         let nested = chord(&task("a"), &chord(&task("b"), &group(&task("c"))));
         assert!(Signature::parse(&nested).unwrap().check_sendable().is_ok());
+        // A chord in a group body: its header's tasks go out, its body
+        // carrying the group's id and index as Celery's chord.freeze sets them.
+        let body = group(&format!("{},{}", chord(&task("a"), &task("b")), task("t")));
+        let messages = Signature::parse(&body).unwrap().body_messages().unwrap();
+        let ids: Vec<&str> = messages.iter().map(|m| m.task_id.as_str()).collect();
+        assert_eq!(ids, ["a", "t"]);
+        let inner = &messages[0].options["chord"]["options"];
+        assert_eq!(
+            (&inner["task_id"], &inner["group_id"], &inner["group_index"]),
+            (&json!("b"), &json!("g"), &json!(0))
+        );
+        assert_eq!((&messages[0].options["group_id"], &messages[1].options["group_index"]), (&json!("c"), &json!(1)));
+        // A chain that starts with a chord: the rest goes on from the chord's body.
+        let chain = format!(
+            r#"{{"task":"celery.chain","kwargs":{{"tasks":[{},{},{}]}},"options":{{"task_id":"x"}}}}"#,
+            chord(&task("a"), &task("b")),
+            task("c"),
+            task("d")
+        );
+        let messages = Signature::parse(&chain).unwrap().body_messages().unwrap();
+        assert_eq!(messages.len(), 1);
+        let rest: Vec<&str> = messages[0].options["chord"]["options"]["chain"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["options"]["task_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(rest, ["d", "c"], "last task first, as the worker pops it");
     }
 
     #[test]
