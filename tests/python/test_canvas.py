@@ -208,6 +208,21 @@ CANVASES: dict[str, Recipe] = {
     "a chord whose header holds a chord, as the body": lambda s: chord(
         [s("add", 1, 1)], chord([chord([s("tsum"), s("tsum")], s("tsum")), s("collect", "h")], s("collect", "o"))
     ),
+    "a chain ending in a chord in the header": lambda s: chord(
+        [chain(s("add", 1, 1), chord([s("add", 1), s("add", 2)], s("tsum"))), s("add", 5, 5)], s("collect", "h")
+    ),
+    "a chain with a group in the middle as the body": lambda s: chord(
+        [s("add", 1, 1), s("add", 2, 2)], chain(s("tsum"), group(s("add", 1), s("add", 2)), s("tsum"))
+    ),
+    "a chord with a chain body in the header": lambda s: chord(
+        [chord([s("add", 1, 1), s("add", 2, 2)], s("tsum") | s("add", 1)), s("add", 3, 3)], s("collect", "x")
+    ),
+    "a chain of a chord and a group body": lambda s: chain(
+        chord([s("add", 1, 1)], s("tsum")), group(s("add", 1), s("add", 2)), s("tsum")
+    ),
+    "a group with a chain ending in a group, then a task": lambda s: chain(
+        group(s("add", 1, 1), chain(s("add", 2, 2), group(s("add", 1), s("add", 2)))), s("collect", "gg")
+    ),
     "two groups, then a task": lambda s: chain(
         group(s("add", 1, 1), s("add", 2, 2)), group(s("tsum"), s("collect", "2nd")), s("collect", "after")
     ),
