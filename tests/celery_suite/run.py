@@ -187,8 +187,9 @@ class Run:
             if not died.exists():
                 self.complete = junit.exists()
                 return
-            self.deaths.append(died.read_text())
-            why = next((line for line in died.read_text().splitlines() if " CRITICAL " in line), "")
+            death = died.read_text()
+            self.deaths.append(death)
+            why = next((line for line in death.splitlines() if " CRITICAL " in line), "")
             say(f"{self.name}: the session worker died after {len(self.outcomes)} tests ({why}); the rest go on afresh")
 
 
